@@ -1,0 +1,16 @@
+//! The registry of passes: one explicit list of names, one constructor. The YAML `passes:` list
+//! names passes from here; an unknown name is an error that lists these.
+
+mod eliminate_identity;
+
+use crate::pipeline::Pass;
+
+/// Every pass onnxq has, by the name the config uses.
+pub const NAMES: &[&str] = &["eliminate_identity"];
+
+pub fn create(name: &str) -> Option<Box<dyn Pass>> {
+    Some(match name {
+        "eliminate_identity" => Box::new(eliminate_identity::EliminateIdentity),
+        _ => return None,
+    })
+}

@@ -1,0 +1,354 @@
+//! Input data in the shared convention: a `.npz` whose arrays are named after model inputs,
+//! each with a leading *sample* axis (sample `i` is `arr[i]`, which carries the model's own batch
+//! dimension); arrays whose names start with `_` are labels or metadata and are ignored. A `.npy`
+//! holds one array and feeds a single-input model.
+
+use std::path::{Path, PathBuf};
+
+use tract_onnx::prelude::{DatumType, IntoTValue, TValue, Tensor};
+
+use crate::error::{Error, Result};
+use crate::ir::Graph;
+use crate::onnx::tensor::dtype_name;
+use crate::proto::tensor_proto::DataType;
+
+/// One array of a data file: all samples of one model input.
+#[derive(Debug)]
+pub struct DataArray {
+    /// The model input it feeds ("" for a bare .npy).
+    pub name: String,
+    /// Shape `[samples, ...input shape]`.
+    pub tensor: Tensor,
+}
+
+#[derive(Debug)]
+pub struct Dataset {
+    pub path: PathBuf,
+    pub arrays: Vec<DataArray>,
+}
+
+/// What a model input accepts: dtype and dims (None where the model leaves a dim free).
+#[derive(Clone, Debug)]
+pub struct InputSpec {
+    pub name: String,
+    pub elem_type: i32,
+    pub dims: Option<Vec<Option<u64>>>,
+}
+
+impl InputSpec {
+    pub fn of_graph(graph: &Graph) -> Vec<InputSpec> {
+        use crate::proto::tensor_shape_proto::dimension::Value as Dim;
+        use crate::proto::type_proto::Value;
+        graph
+            .runtime_inputs()
+            .map(|v| {
+                let tt = match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+                    Some(Value::TensorType(tt)) => Some(tt),
+                    _ => None,
+                };
+                let dims = tt.and_then(|tt| tt.shape.as_ref()).map(|s| {
+                    s.dim
+                        .iter()
+                        .map(|d| match d.value {
+                            Some(Dim::DimValue(v)) if v >= 0 => Some(v as u64),
+                            _ => None,
+                        })
+                        .collect()
+                });
+                InputSpec {
+                    name: v.name().to_string(),
+                    elem_type: tt.map(|t| t.elem_type()).unwrap_or(0),
+                    dims,
+                }
+            })
+            .collect()
+    }
+
+    pub fn describe(&self) -> String {
+        let dims = match &self.dims {
+            None => "?".to_string(),
+            Some(d) => d
+                .iter()
+                .map(|d| d.map(|v| v.to_string()).unwrap_or_else(|| "?".into()))
+                .collect::<Vec<_>>()
+                .join(","),
+        };
+        format!("{}[{dims}]", dtype_name(self.elem_type))
+    }
+}
+
+fn onnx_type_of(dt: DatumType) -> i32 {
+    (match dt {
+        DatumType::F32 => DataType::Float,
+        DatumType::F64 => DataType::Double,
+        DatumType::F16 => DataType::Float16,
+        DatumType::I64 => DataType::Int64,
+        DatumType::I32 => DataType::Int32,
+        DatumType::I16 => DataType::Int16,
+        DatumType::I8 => DataType::Int8,
+        DatumType::U8 => DataType::Uint8,
+        DatumType::U16 => DataType::Uint16,
+        DatumType::U32 => DataType::Uint32,
+        DatumType::U64 => DataType::Uint64,
+        DatumType::Bool => DataType::Bool,
+        _ => DataType::Undefined,
+    }) as i32
+}
+
+fn read_npy<R: std::io::Read>(path: &Path, name: &str, npy: npyz::NpyFile<R>) -> Result<Tensor> {
+    let bad = |m: String| Error::data(path, format!("array '{name}': {m}"));
+    if npy.order() == npyz::Order::Fortran {
+        return Err(bad(
+            "is stored in Fortran order; save it C-contiguous (np.ascontiguousarray)".into(),
+        ));
+    }
+    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    let npyz::DType::Plain(ts) = npy.dtype() else {
+        return Err(bad("structured arrays are not model inputs".into()));
+    };
+    let type_str = ts.to_string();
+    let code = type_str.trim_start_matches(['<', '>', '|', '=']);
+    let io = |e: std::io::Error| bad(format!("cannot read values: {e}"));
+    macro_rules! read {
+        ($t:ty) => {
+            Tensor::from_shape::<$t>(&shape, &npy.into_vec::<$t>().map_err(io)?).map_err(|e| bad(e.to_string()))?
+        };
+    }
+    Ok(match code {
+        "f4" => read!(f32),
+        "f8" => read!(f64),
+        "i8" => read!(i64),
+        "i4" => read!(i32),
+        "i2" => read!(i16),
+        "i1" => read!(i8),
+        "u1" => read!(u8),
+        "u2" => read!(u16),
+        "u4" => read!(u32),
+        "u8" => read!(u64),
+        "b1" => read!(bool),
+        other => {
+            return Err(bad(format!(
+                "dtype '{other}' is not supported (use float32, float64, int*, uint* or bool)"
+            )))
+        }
+    })
+}
+
+impl Dataset {
+    /// Reads every model-input array of a `.npz` or the one array of a `.npy`.
+    pub fn load(path: &Path) -> Result<Dataset> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() {
+            return Err(Error::data(path, "is a directory; expected a .npz or .npy file"));
+        }
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let arrays = match ext.as_str() {
+            "npz" => {
+                let mut archive = npyz::npz::NpzArchive::open(path)
+                    .map_err(|e| Error::data(path, format!("not a readable .npz archive: {e}")))?;
+                let mut names: Vec<String> = archive
+                    .array_names()
+                    .filter(|n| !n.starts_with('_'))
+                    .map(String::from)
+                    .collect();
+                names.sort();
+                let mut arrays = Vec::new();
+                for name in names {
+                    let npy = archive
+                        .by_name(&name)
+                        .map_err(|e| Error::data(path, format!("array '{name}': {e}")))?
+                        .ok_or_else(|| Error::data(path, format!("array '{name}' vanished from the archive")))?;
+                    let tensor = read_npy(path, &name, npy)?;
+                    arrays.push(DataArray { name, tensor });
+                }
+                arrays
+            }
+            "npy" => {
+                let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+                let npy = npyz::NpyFile::new(std::io::BufReader::new(file))
+                    .map_err(|e| Error::data(path, format!("not a readable .npy file: {e}")))?;
+                vec![DataArray {
+                    name: String::new(),
+                    tensor: read_npy(path, "", npy)?,
+                }]
+            }
+            _ => return Err(Error::data(path, "unknown data format: expected a .npz or .npy file")),
+        };
+        if arrays.is_empty() {
+            return Err(Error::data(
+                path,
+                "holds no model-input arrays (names starting with '_' are ignored)",
+            ));
+        }
+        Ok(Dataset {
+            path: path.to_path_buf(),
+            arrays,
+        })
+    }
+
+    /// Matches the arrays to the model's inputs, checking names, dtypes, ranks, fixed dims and
+    /// sample counts. Returns the arrays in model-input order.
+    pub fn bind(&self, inputs: &[InputSpec]) -> Result<BoundData<'_>> {
+        let err = |m: String| Error::data(&self.path, m);
+        let available = || {
+            self.arrays
+                .iter()
+                .map(|a| format!("'{}'", a.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut bound = Vec::new();
+        for spec in inputs {
+            let array = if self.arrays.len() == 1 && self.arrays[0].name.is_empty() && inputs.len() == 1 {
+                &self.arrays[0]
+            } else {
+                self.arrays.iter().find(|a| a.name == spec.name).ok_or_else(|| {
+                    err(format!(
+                        "no array for model input '{}' (the file has {}); arrays must be named after model inputs",
+                        spec.name,
+                        available()
+                    ))
+                })?
+            };
+            let dt = array.tensor.datum_type();
+            if onnx_type_of(dt) != spec.elem_type {
+                return Err(err(format!(
+                    "array '{}' is {:?} but model input '{}' is {}",
+                    array.name,
+                    dt,
+                    spec.name,
+                    dtype_name(spec.elem_type)
+                )));
+            }
+            let shape = array.tensor.shape();
+            if shape.is_empty() {
+                return Err(err(format!(
+                    "array '{}' is a scalar; it needs a leading sample axis",
+                    array.name
+                )));
+            }
+            if let Some(dims) = &spec.dims {
+                let sample = &shape[1..];
+                let fits = sample.len() == dims.len()
+                    && sample.iter().zip(dims).all(|(&s, d)| d.is_none_or(|d| d == s as u64));
+                if !fits {
+                    return Err(err(format!(
+                        "array '{}' has samples of shape {:?} (after the leading sample axis of {}), which does not fit model input '{}': {}",
+                        array.name, sample, shape[0], spec.name, spec.describe()
+                    )));
+                }
+            }
+            bound.push((spec.name.clone(), array));
+        }
+        for a in &self.arrays {
+            if !a.name.is_empty() && !inputs.iter().any(|s| s.name == a.name) {
+                let names = inputs
+                    .iter()
+                    .map(|s| format!("'{}'", s.name))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(err(format!(
+                    "array '{}' is not a model input (inputs: {names}); prefix labels with '_'",
+                    a.name
+                )));
+            }
+        }
+        let counts: Vec<usize> = bound.iter().map(|(_, a)| a.tensor.shape()[0]).collect();
+        if counts.windows(2).any(|w| w[0] != w[1]) {
+            let detail = bound
+                .iter()
+                .map(|(n, a)| format!("'{n}': {}", a.tensor.shape()[0]))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(err(format!("arrays disagree on the number of samples ({detail})")));
+        }
+        let samples = counts.first().copied().unwrap_or(0);
+        if samples == 0 {
+            return Err(err("holds no samples".into()));
+        }
+        Ok(BoundData { arrays: bound, samples })
+    }
+}
+
+/// Data matched to a model's inputs.
+#[derive(Debug)]
+pub struct BoundData<'a> {
+    arrays: Vec<(String, &'a DataArray)>,
+    pub samples: usize,
+}
+
+impl BoundData<'_> {
+    /// The input shapes of one sample, in model-input order (what tract's plan is fixed to).
+    pub fn sample_shapes(&self) -> Vec<(String, DatumType, Vec<usize>)> {
+        self.arrays
+            .iter()
+            .map(|(n, a)| (n.clone(), a.tensor.datum_type(), a.tensor.shape()[1..].to_vec()))
+            .collect()
+    }
+
+    /// The inputs of sample `i`, in model-input order.
+    pub fn sample(&self, i: usize) -> Result<Vec<TValue>> {
+        self.arrays
+            .iter()
+            .map(|(_, a)| {
+                let t = a
+                    .tensor
+                    .slice(0, i, i + 1)
+                    .and_then(|t| t.into_shape(&a.tensor.shape()[1..]));
+                t.map(|t| t.into_tvalue()).map_err(crate::error::tract_error)
+            })
+            .collect()
+    }
+}
+
+/// Writes arrays to a `.npz` atomically: each is `[samples, ...]`, stacked from per-sample
+/// tensors. f32 and i64 are kept; other numeric types are written as f32.
+pub fn write_npz(path: &Path, arrays: &[(String, Vec<Tensor>)]) -> Result<()> {
+    use npyz::WriterBuilder;
+    let err = |e: String| Error::data(path, e);
+    let mut buf = std::io::Cursor::new(Vec::new());
+    {
+        let mut npz = npyz::npz::NpzWriter::new(&mut buf);
+        let options =
+            npyz::zip::write::FileOptions::default().compression_method(npyz::zip::CompressionMethod::Deflated);
+        for (name, samples) in arrays {
+            let Some(first) = samples.first() else { continue };
+            let mut shape = vec![samples.len() as u64];
+            shape.extend(first.shape().iter().map(|&d| d as u64));
+            if samples.iter().any(|s| s.shape() != first.shape()) {
+                return Err(err(format!("'{name}': samples have different shapes, cannot stack")));
+            }
+            macro_rules! write {
+                ($t:ty) => {{
+                    let mut w = npz
+                        .array::<$t>(name, options)
+                        .and_then(|b| b.default_dtype().shape(&shape).begin_nd())
+                        .map_err(|e| err(e.to_string()))?;
+                    for s in samples {
+                        let s = s.cast_to::<$t>().map_err(tract_to_string).map_err(err)?;
+                        let view = s
+                            .to_plain_array_view::<$t>()
+                            .map_err(tract_to_string)
+                            .map_err(err)?;
+                        w.extend(view.iter().copied()).map_err(|e| err(e.to_string()))?;
+                    }
+                    w.finish().map_err(|e| err(e.to_string()))?;
+                }};
+            }
+            match first.datum_type() {
+                DatumType::I64 => write!(i64),
+                _ => write!(f32),
+            }
+        }
+        npz.zip_writer().finish().map_err(|e| err(e.to_string()))?;
+    }
+    crate::onnx::write_atomic(path, &buf.into_inner())
+}
+
+fn tract_to_string(e: tract_onnx::prelude::TractError) -> String {
+    e.to_string()
+}

@@ -1,0 +1,273 @@
+//! The `onnxq` command line. Exit codes: 0 ok, 1 usage or config error, 2 bad model or data,
+//! 3 verification failed.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use tract_onnx::prelude::IntoTensor;
+
+use onnxq::calib::data::{write_npz, Dataset, InputSpec};
+use onnxq::error::{Error, Result};
+use onnxq::ir::Model;
+use onnxq::onnx::{self, SaveOptions};
+use onnxq::pipeline::{self, config::Config, Context, DebugOptions};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "onnxq",
+    version,
+    about = "Post-training quantization compiler for ONNX models",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = "Exit codes: 0 ok, 1 usage or config error, 2 bad model or data, 3 verification failed."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    main: MainArgs,
+}
+
+/// The main job: `onnxq MODEL --config quant.yaml`.
+#[derive(clap::Args, Debug)]
+struct MainArgs {
+    /// The ONNX model to read (never modified).
+    #[arg(required = true)]
+    model: Option<PathBuf>,
+    /// The YAML configuration (see README "Configuration").
+    #[arg(short, long, required = true)]
+    config: Option<PathBuf>,
+    /// Where to write the model [default: ./<model stem>.onnxq.onnx].
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Write a JSON report of the run here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Store initializers of 1 KiB and more in `<output>.data` beside the model (done anyway
+    /// when the model would exceed protobuf's 2 GiB limit).
+    #[arg(long)]
+    external_data: bool,
+    /// Dump the graph before and after this pass ("all" for every pass) into --dump-dir.
+    #[arg(long, value_name = "PASS|all")]
+    dump_after: Option<String>,
+    /// Folder for --dump-after files [default: ./onnxq-dumps].
+    #[arg(long, value_name = "DIR")]
+    dump_dir: Option<PathBuf>,
+    /// Stop the pipeline after this pass (to bisect a misbehaving pipeline).
+    #[arg(long, value_name = "PASS")]
+    stop_after: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show opsets, inputs and outputs, op histogram, parameters, weighted nodes and anything
+    /// onnxq cannot handle.
+    Inspect {
+        model: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the stable text dump of a model's graph (the format of snapshots and --dump-after).
+    Dump { model: PathBuf },
+    /// Run a model in tract on every sample of a .npz/.npy and write the outputs as .npz.
+    Run {
+        model: PathBuf,
+        /// Input data: arrays named after model inputs, leading sample axis.
+        #[arg(long)]
+        data: PathBuf,
+        /// Where to write the outputs (.npz, arrays named after model outputs).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Also return these intermediate tensors, by ONNX name.
+        #[arg(long = "tensor", value_name = "NAME")]
+        tensors: Vec<String>,
+    },
+    /// List the passes the config's `passes:` list can name.
+    Passes,
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    if let Err(e) = dispatch(cli) {
+        eprintln!("error: {e}");
+        std::process::exit(e.exit_code());
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Some(Command::Inspect { model, json }) => {
+            let m = onnx::load_model(&model)?;
+            let inspection = onnxq::inspect::inspect(&m);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&inspection).expect("inspection serialises")
+                );
+            } else {
+                println!("{}", model.display());
+                print!("{inspection}");
+            }
+            Ok(())
+        }
+        Some(Command::Dump { model }) => {
+            let m = onnx::load_model(&model)?;
+            print!("{m}");
+            Ok(())
+        }
+        Some(Command::Run {
+            model,
+            data,
+            output,
+            tensors,
+        }) => run_model(&model, &data, output.as_deref(), &tensors),
+        Some(Command::Passes) => {
+            for name in onnxq::passes::NAMES {
+                println!("{name}");
+            }
+            Ok(())
+        }
+        None => main_job(cli.main),
+    }
+}
+
+fn main_job(args: MainArgs) -> Result<()> {
+    let model_path = args.model.expect("clap requires MODEL");
+    let config_path = args.config.expect("clap requires --config");
+    // The config first: a bad config fails before any model or data is read.
+    let config = Config::load(&config_path)?;
+    for (flag, value) in [("--dump-after", &args.dump_after), ("--stop-after", &args.stop_after)] {
+        if let Some(pass) = value {
+            if !(pass == "all" && flag == "--dump-after") && !config.passes.contains(pass) {
+                return Err(Error::Usage(format!(
+                    "{flag} {pass}: the config does not run that pass (it runs: {})",
+                    config.passes.join(", ")
+                )));
+            }
+        }
+    }
+    let output = match args.output {
+        Some(o) => o,
+        None => {
+            let stem = model_path
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_else(|| "model".into());
+            PathBuf::from(format!("{stem}.onnxq.onnx"))
+        }
+    };
+    if same_file(&model_path, &output) {
+        return Err(Error::Usage(format!(
+            "{}: the output would overwrite the input model; choose another -o",
+            output.display()
+        )));
+    }
+
+    let t0 = Instant::now();
+    let mut model = onnx::load_model(&model_path)?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+    let t1 = Instant::now();
+    let mut ctx = Context::default();
+    let debug = DebugOptions {
+        dump_dir: args
+            .dump_after
+            .as_ref()
+            .map(|_| args.dump_dir.clone().unwrap_or_else(|| PathBuf::from("onnxq-dumps"))),
+        dump_after: args.dump_after,
+        stop_after: args.stop_after,
+    };
+    pipeline::run_passes(&mut model, &config.passes, &mut ctx, &debug).map_err(|e| match e {
+        Error::Graph(m) => Error::model(&model_path, m),
+        other => other,
+    })?;
+    let passes_ms = t1.elapsed().as_secs_f64() * 1e3;
+
+    let t2 = Instant::now();
+    let options = SaveOptions {
+        external_data_threshold: args.external_data.then_some(1024),
+    };
+    onnx::save_model(&model, &output, &options)?;
+    let write_ms = t2.elapsed().as_secs_f64() * 1e3;
+
+    eprintln!(
+        "onnxq: wrote {} ({} nodes) in {:.0} ms: load {load_ms:.0} ms, passes {passes_ms:.0} ms, write {write_ms:.0} ms",
+        output.display(),
+        model.graph.nodes.node_count(),
+        load_ms + passes_ms + write_ms
+    );
+    for r in &ctx.pass_reports {
+        eprintln!("  {}: {} -> {} nodes", r.pass, r.nodes_before, r.nodes_after);
+    }
+    if let Some(report_path) = args.report {
+        let report = serde_json::json!({
+            "onnxq_version": env!("CARGO_PKG_VERSION"),
+            "input": model_path,
+            "config": config_path,
+            "output": output,
+            "quantize": config.quantize,
+            "passes": ctx.pass_reports,
+            "timings_ms": { "load": load_ms, "passes": passes_ms, "write": write_ms },
+        });
+        let text = serde_json::to_string_pretty(&report).expect("report serialises");
+        onnx::write_atomic(&report_path, text.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+fn run_model(model_path: &Path, data_path: &Path, output: Option<&Path>, tensors: &[String]) -> Result<()> {
+    let model: Model = onnx::load_model(model_path)?;
+    let dataset = Dataset::load(data_path)?;
+    let bound = dataset.bind(&InputSpec::of_graph(&model.graph))?;
+    let runner = onnxq::runtime::Runner::new(&model, &bound.sample_shapes(), tensors)
+        .map_err(|e| Error::model(model_path, e.to_string()))?;
+    let t = Instant::now();
+    let results = runner.run_all(
+        bound.samples,
+        |i| bound.sample(i),
+        |_, outs| Ok(outs.into_iter().map(|v| v.into_tensor()).collect::<Vec<_>>()),
+    )?;
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "onnxq: ran {} samples in {:.2} s ({:.1} samples/s)",
+        bound.samples,
+        secs,
+        bound.samples as f64 / secs
+    );
+    let mut columns: Vec<(String, Vec<tract_onnx::prelude::Tensor>)> =
+        runner.outputs.iter().map(|n| (n.clone(), Vec::new())).collect();
+    for sample in results {
+        for (col, t) in columns.iter_mut().zip(sample) {
+            col.1.push(t);
+        }
+    }
+    for (name, samples) in &columns {
+        let first = &samples[0];
+        println!(
+            "{name}: {:?} {:?} x {} samples",
+            first.datum_type(),
+            first.shape(),
+            samples.len()
+        );
+    }
+    if let Some(out) = output {
+        write_npz(out, &columns)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,373 @@
+//! Reading and writing ONNX files: protobuf decoding with clear errors, external data,
+//! opset and operator validation, atomic deterministic output.
+
+pub mod schemas;
+pub mod tensor;
+
+use std::path::{Component, Path, PathBuf};
+
+use prost::Message;
+
+use crate::error::{Error, Result};
+use crate::ir::Model;
+use crate::proto::tensor_proto::DataLocation;
+use crate::proto::{GraphProto, ModelProto, StringStringEntryProto, TensorProto};
+
+/// Protobuf cannot serialise a message of 2 GiB or more.
+pub const PROTOBUF_LIMIT: u64 = (1 << 31) - 1;
+
+/// Reads a model file, resolving external data relative to its directory, and builds the IR.
+/// Rejects what onnxq cannot handle with an error naming the file.
+pub fn load_model(path: &Path) -> Result<Model> {
+    let bytes = read_model_bytes(path)?;
+    let mut proto = decode_model(path, &bytes)?;
+    drop(bytes);
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    if let Some(graph) = proto.graph.as_mut() {
+        resolve_external_graph(graph, &dir, path)?;
+    }
+    validate(path, &proto)?;
+    Model::from_proto(proto).map_err(|e| Error::model(path, e.to_string()))
+}
+
+fn read_model_bytes(path: &Path) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return Err(Error::model(path, "is a directory, not an ONNX model file"));
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if bytes.is_empty() {
+        return Err(Error::model(path, "is empty, not an ONNX model"));
+    }
+    Ok(bytes)
+}
+
+/// Decodes a ModelProto; a file that decodes to no graph is not a model either (protobuf
+/// decodes many random byte strings "successfully").
+pub fn decode_model(path: &Path, bytes: &[u8]) -> Result<ModelProto> {
+    let proto = ModelProto::decode(bytes).map_err(|e| {
+        Error::model(
+            path,
+            format!("not a valid ONNX protobuf (truncated or not a model?): {e}"),
+        )
+    })?;
+    let graph = proto.graph.as_ref();
+    if graph.is_none() || proto.ir_version.is_none() {
+        return Err(Error::model(
+            path,
+            "not an ONNX model: no graph or no IR version (truncated, or another file type?)",
+        ));
+    }
+    Ok(proto)
+}
+
+fn is_external(t: &TensorProto) -> bool {
+    t.data_location == Some(DataLocation::External as i32)
+}
+
+fn visit_graph_tensors(g: &mut GraphProto, f: &mut dyn FnMut(&mut TensorProto) -> Result<()>) -> Result<()> {
+    for t in &mut g.initializer {
+        f(t)?;
+    }
+    for s in &mut g.sparse_initializer {
+        if let Some(v) = s.values.as_mut() {
+            f(v)?;
+        }
+        if let Some(i) = s.indices.as_mut() {
+            f(i)?;
+        }
+    }
+    for n in &mut g.node {
+        for a in &mut n.attribute {
+            if let Some(t) = a.t.as_mut() {
+                f(t)?;
+            }
+            for t in &mut a.tensors {
+                f(t)?;
+            }
+            if let Some(sg) = a.g.as_mut() {
+                visit_graph_tensors(sg, f)?;
+            }
+            for sg in &mut a.graphs {
+                visit_graph_tensors(sg, f)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Loads every externally stored tensor into `raw_data`, so the IR always holds the weights.
+fn resolve_external_graph(g: &mut GraphProto, dir: &Path, model_path: &Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    visit_graph_tensors(g, &mut |t| {
+        if !is_external(t) {
+            return Ok(());
+        }
+        let field = |key: &str| {
+            t.external_data
+                .iter()
+                .find(|e| e.key() == key)
+                .map(|e| e.value().to_string())
+        };
+        let name = t.name().to_string();
+        let location = field("location")
+            .ok_or_else(|| Error::model(model_path, format!("tensor '{name}': external data without a location")))?;
+        let rel = Path::new(&location);
+        if rel.is_absolute() || rel.components().any(|c| matches!(c, Component::ParentDir)) {
+            return Err(Error::model(
+                model_path,
+                format!("tensor '{name}': external data location '{location}' must be relative and inside the model's folder"),
+            ));
+        }
+        let number = |key: &str| -> Result<Option<u64>> {
+            field(key)
+                .map(|v| {
+                    v.parse::<u64>().map_err(|_| {
+                        Error::model(
+                            model_path,
+                            format!("tensor '{name}': external {key} '{v}' is not a number"),
+                        )
+                    })
+                })
+                .transpose()
+        };
+        let offset = number("offset")?.unwrap_or(0);
+        let expected = tensor::byte_size(t);
+        let length = number("length")?.unwrap_or(expected);
+        if length != expected {
+            return Err(Error::model(
+                model_path,
+                format!(
+                    "tensor '{name}': external length {length} but dims {:?} of {} need {expected} bytes",
+                    t.dims,
+                    tensor::dtype_name(t.data_type())
+                ),
+            ));
+        }
+        let data_path = dir.join(rel);
+        let mut file = std::fs::File::open(&data_path).map_err(|e| Error::io(&data_path, e))?;
+        let file_len = file.metadata().map_err(|e| Error::io(&data_path, e))?.len();
+        if offset.checked_add(length).is_none_or(|end| end > file_len) {
+            return Err(Error::data(
+                &data_path,
+                format!(
+                    "tensor '{name}': bytes {offset}..{} are past the end of the file ({file_len} bytes)",
+                    offset.saturating_add(length)
+                ),
+            ));
+        }
+        let mut buf = vec![0u8; length as usize];
+        file.seek(SeekFrom::Start(offset))
+            .and_then(|_| file.read_exact(&mut buf))
+            .map_err(|e| Error::io(&data_path, e))?;
+        t.raw_data = Some(buf);
+        t.external_data.clear();
+        t.data_location = None;
+        Ok(())
+    })
+}
+
+/// Rejects models onnxq cannot handle: opsets it does not know, default-domain ops that do not
+/// exist at the imported opset, nodes of a domain the model does not import.
+pub fn validate(path: &Path, proto: &ModelProto) -> Result<()> {
+    let mut seen_domains = std::collections::BTreeSet::new();
+    for o in &proto.opset_import {
+        let domain = o.domain();
+        if !seen_domains.insert(domain) {
+            return Err(Error::model(path, format!("opset domain '{domain}' is imported twice")));
+        }
+        let max = match domain {
+            "" | "ai.onnx" => Some(schemas::MAX_ONNX_OPSET),
+            "ai.onnx.ml" => Some(schemas::MAX_ONNX_ML_OPSET),
+            _ => None,
+        };
+        if let Some(max) = max {
+            if o.version() < 1 || o.version() > max {
+                let shown = if domain.is_empty() { "ai.onnx" } else { domain };
+                return Err(Error::model(
+                    path,
+                    format!(
+                        "opset {shown} {} is not supported: onnxq knows opsets 1 to {max}",
+                        o.version()
+                    ),
+                ));
+            }
+        }
+    }
+    let function_domains: std::collections::BTreeSet<(&str, &str)> =
+        proto.functions.iter().map(|f| (f.domain(), f.name())).collect();
+    let graph = proto.graph.as_ref().expect("checked by decode_model");
+    let imported = |domain: &str| -> Option<i64> {
+        let is_default = |d: &str| d.is_empty() || d == "ai.onnx";
+        proto
+            .opset_import
+            .iter()
+            .find(|o| o.domain() == domain || (is_default(domain) && is_default(o.domain())))
+            .map(|o| o.version())
+    };
+    for n in &graph.node {
+        let label = if n.name().is_empty() {
+            format!("{} node -> {:?}", n.op_type(), n.output)
+        } else {
+            format!("node '{}'", n.name())
+        };
+        let domain = n.domain();
+        let Some(version) = imported(domain) else {
+            return Err(Error::model(
+                path,
+                format!("{label} uses domain '{domain}', which the model does not import"),
+            ));
+        };
+        if function_domains.contains(&(domain, n.op_type())) {
+            continue;
+        }
+        if let Some(since) = schema_since(domain, n.op_type()) {
+            if !since.iter().any(|&s| s <= version) {
+                return Err(Error::model(
+                    path,
+                    format!(
+                        "{label}: {} exists from opset {} on, the model imports opset {version}",
+                        n.op_type(),
+                        since[0]
+                    ),
+                ));
+            }
+        } else if matches!(domain, "" | "ai.onnx" | "ai.onnx.ml") {
+            return Err(Error::model(
+                path,
+                format!(
+                    "{label}: unknown op '{}' in ONNX domain '{}'",
+                    n.op_type(),
+                    if domain.is_empty() { "ai.onnx" } else { domain }
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Opset versions that (re)defined an op, or None if the op is not an ONNX op.
+pub fn schema_since(domain: &str, op_type: &str) -> Option<&'static [i64]> {
+    let domain = if domain == "ai.onnx" { "" } else { domain };
+    schemas::SCHEMAS
+        .binary_search_by(|(d, o, _)| (*d, *o).cmp(&(domain, op_type)))
+        .ok()
+        .map(|i| schemas::SCHEMAS[i].2)
+}
+
+/// How to write the weights.
+#[derive(Clone, Debug, Default)]
+pub struct SaveOptions {
+    /// Store initializers of at least this many bytes in `<model file name>.data` beside the
+    /// model. None: inline, unless the model would exceed protobuf's 2 GiB limit, in which
+    /// case tensors of 1 KiB and more go external.
+    pub external_data_threshold: Option<u64>,
+}
+
+/// Serialises the model; deterministic for a given IR.
+pub fn model_bytes(model: &Model) -> Result<Vec<u8>> {
+    Ok(model.to_proto()?.encode_to_vec())
+}
+
+/// Writes the model atomically (temporary file in the same folder, then rename), with its
+/// external data file when needed. Never leaves a half-written output.
+pub fn save_model(model: &Model, path: &Path, options: &SaveOptions) -> Result<()> {
+    let mut proto = model.to_proto()?;
+    let threshold = match options.external_data_threshold {
+        Some(t) => Some(t),
+        None if proto.encoded_len() as u64 > PROTOBUF_LIMIT => Some(1024),
+        None => None,
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Error::Usage(format!("{}: output path has no file name", path.display())))?
+        .to_string_lossy()
+        .to_string();
+    let data_name = format!("{file_name}.data");
+    let data = match threshold {
+        Some(threshold) => Some(externalise(&mut proto, &data_name, threshold)),
+        None => None,
+    };
+    if proto.encoded_len() as u64 > PROTOBUF_LIMIT {
+        return Err(Error::model(
+            path,
+            "the model exceeds protobuf's 2 GiB limit even with its weights stored externally",
+        ));
+    }
+    if let Some(data) = data {
+        write_atomic(&path.with_file_name(&data_name), &data)?;
+    }
+    write_atomic(path, &proto.encode_to_vec())
+}
+
+/// Moves the bytes of large top-level initializers into one buffer, 64-byte aligned (what
+/// memory-mapping loaders expect), and points the tensors at it.
+fn externalise(proto: &mut ModelProto, location: &str, threshold: u64) -> Vec<u8> {
+    let mut data = Vec::new();
+    let Some(graph) = proto.graph.as_mut() else { return data };
+    for t in &mut graph.initializer {
+        let Some(bytes) = tensor::raw_bytes(t).map(|b| b.into_owned()) else {
+            continue;
+        };
+        if (bytes.len() as u64) < threshold {
+            continue;
+        }
+        data.resize(data.len().next_multiple_of(64), 0);
+        let offset = data.len();
+        data.extend_from_slice(&bytes);
+        let entry = |k: &str, v: String| StringStringEntryProto {
+            key: Some(k.into()),
+            value: Some(v),
+        };
+        t.raw_data = None;
+        t.float_data.clear();
+        t.int32_data.clear();
+        t.int64_data.clear();
+        t.double_data.clear();
+        t.uint64_data.clear();
+        t.data_location = Some(DataLocation::External as i32);
+        t.external_data = vec![
+            entry("location", location.to_string()),
+            entry("offset", offset.to_string()),
+            entry("length", bytes.len().to_string()),
+        ];
+    }
+    data
+}
+
+/// Writes a file via a temporary file in the same directory and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(
+            ".{}.",
+            path.file_name()
+                .map(|f| f.to_string_lossy().to_string())
+                .unwrap_or_default()
+        ))
+        .suffix(".tmp")
+        .tempfile_in(&dir)
+        .map_err(|e| Error::io(&dir, e))?;
+    tmp.write_all(bytes)
+        .and_then(|_| tmp.as_file().sync_all())
+        .map_err(|e| Error::io(tmp.path(), e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_lookup_knows_ops_and_versions() {
+        assert!(schema_since("", "Conv").unwrap().contains(&11));
+        assert_eq!(schema_since("", "LayerNormalization").unwrap()[0], 17);
+        assert!(schema_since("", "NoSuchOp").is_none());
+        assert!(schema_since("ai.onnx.ml", "TreeEnsembleClassifier").is_some());
+    }
+}

@@ -1,0 +1,269 @@
+//! TensorProto helpers: dtype names and sizes, decoding the values of any numeric tensor,
+//! and a stable content hash for dumps.
+
+use crate::proto::tensor_proto::DataType;
+use crate::proto::TensorProto;
+
+/// Short dtype name used in dumps, reports and error messages (`f32`, `i64`, ...).
+pub fn dtype_name(data_type: i32) -> &'static str {
+    match DataType::try_from(data_type) {
+        Ok(DataType::Float) => "f32",
+        Ok(DataType::Uint8) => "u8",
+        Ok(DataType::Int8) => "i8",
+        Ok(DataType::Uint16) => "u16",
+        Ok(DataType::Int16) => "i16",
+        Ok(DataType::Int32) => "i32",
+        Ok(DataType::Int64) => "i64",
+        Ok(DataType::String) => "string",
+        Ok(DataType::Bool) => "bool",
+        Ok(DataType::Float16) => "f16",
+        Ok(DataType::Double) => "f64",
+        Ok(DataType::Uint32) => "u32",
+        Ok(DataType::Uint64) => "u64",
+        Ok(DataType::Complex64) => "c64",
+        Ok(DataType::Complex128) => "c128",
+        Ok(DataType::Bfloat16) => "bf16",
+        Ok(DataType::Float8e4m3fn) => "f8e4m3fn",
+        Ok(DataType::Float8e4m3fnuz) => "f8e4m3fnuz",
+        Ok(DataType::Float8e5m2) => "f8e5m2",
+        Ok(DataType::Float8e5m2fnuz) => "f8e5m2fnuz",
+        Ok(DataType::Uint4) => "u4",
+        Ok(DataType::Int4) => "i4",
+        Ok(DataType::Float4e2m1) => "f4e2m1",
+        Ok(DataType::Undefined) => "undefined",
+        _ => "unknown",
+    }
+}
+
+/// Bits per element, or None for strings and unknown types.
+pub fn dtype_bits(data_type: i32) -> Option<usize> {
+    Some(match DataType::try_from(data_type).ok()? {
+        DataType::Uint4 | DataType::Int4 | DataType::Float4e2m1 => 4,
+        DataType::Uint8
+        | DataType::Int8
+        | DataType::Bool
+        | DataType::Float8e4m3fn
+        | DataType::Float8e4m3fnuz
+        | DataType::Float8e5m2
+        | DataType::Float8e5m2fnuz => 8,
+        DataType::Uint16 | DataType::Int16 | DataType::Float16 | DataType::Bfloat16 => 16,
+        DataType::Float | DataType::Int32 | DataType::Uint32 => 32,
+        DataType::Double | DataType::Int64 | DataType::Uint64 | DataType::Complex64 => 64,
+        DataType::Complex128 => 128,
+        _ => return None,
+    })
+}
+
+pub fn is_float(data_type: i32) -> bool {
+    matches!(
+        DataType::try_from(data_type),
+        Ok(DataType::Float | DataType::Double | DataType::Float16 | DataType::Bfloat16)
+    )
+}
+
+/// Number of elements from the dims (1 for a scalar).
+pub fn element_count(t: &TensorProto) -> u64 {
+    t.dims.iter().map(|&d| d.max(0) as u64).product()
+}
+
+/// Storage size of the values in bytes (strings: their total length).
+pub fn byte_size(t: &TensorProto) -> u64 {
+    match dtype_bits(t.data_type()) {
+        Some(bits) => (element_count(t) * bits as u64).div_ceil(8),
+        None => t.string_data.iter().map(|s| s.len() as u64).sum(),
+    }
+}
+
+/// The values as little-endian bytes, the layout of `raw_data`, whichever field holds them.
+/// Strings are not representable: None.
+pub fn raw_bytes(t: &TensorProto) -> Option<std::borrow::Cow<'_, [u8]>> {
+    use std::borrow::Cow;
+    if let Some(raw) = &t.raw_data {
+        return Some(Cow::Borrowed(raw));
+    }
+    let dt = DataType::try_from(t.data_type()).ok()?;
+    let mut out = Vec::new();
+    match dt {
+        DataType::Float => t.float_data.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        DataType::Complex64 => t.float_data.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        DataType::Double | DataType::Complex128 => t.double_data.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        DataType::Int64 => t.int64_data.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        DataType::Uint64 | DataType::Uint32 => {
+            // uint32 values are stored widened in uint64_data.
+            let width = if dt == DataType::Uint32 { 4 } else { 8 };
+            t.uint64_data.iter().for_each(|v| out.extend(&v.to_le_bytes()[..width]))
+        }
+        DataType::Int32 => t.int32_data.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        DataType::Int16 | DataType::Uint16 | DataType::Float16 | DataType::Bfloat16 => {
+            t.int32_data.iter().for_each(|v| out.extend(&(*v as u16).to_le_bytes()))
+        }
+        DataType::Int8
+        | DataType::Uint8
+        | DataType::Bool
+        | DataType::Float8e4m3fn
+        | DataType::Float8e4m3fnuz
+        | DataType::Float8e5m2
+        | DataType::Float8e5m2fnuz => t.int32_data.iter().for_each(|v| out.push(*v as u8)),
+        DataType::Int4 | DataType::Uint4 | DataType::Float4e2m1 => {
+            // Packed two per int32 entry already (low nibble first).
+            t.int32_data.iter().for_each(|v| out.push(*v as u8))
+        }
+        _ => return None,
+    }
+    Some(Cow::Owned(out))
+}
+
+/// IEEE half to f32.
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let frac = (h & 0x3ff) as u32;
+    let bits = match (exp, frac) {
+        (0, 0) => sign,
+        (0, _) => {
+            // Subnormal: normalise.
+            let mut e = 127 - 15 + 1;
+            let mut f = frac;
+            while f & 0x400 == 0 {
+                f <<= 1;
+                e -= 1;
+            }
+            sign | (e << 23) | ((f & 0x3ff) << 13)
+        }
+        (0x1f, _) => sign | 0x7f80_0000 | (frac << 13),
+        _ => sign | ((exp + 127 - 15) << 23) | (frac << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// The values widened to f64, for statistics in dumps and inspection. None for strings,
+/// complex, sub-byte and 8-bit float types (shown by hash only).
+pub fn values_f64(t: &TensorProto) -> Option<Vec<f64>> {
+    let dt = DataType::try_from(t.data_type()).ok()?;
+    let raw = raw_bytes(t)?;
+    let v: Vec<f64> = match dt {
+        DataType::Float => raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        DataType::Double => raw
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        DataType::Float16 => raw
+            .chunks_exact(2)
+            .map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])) as f64)
+            .collect(),
+        DataType::Bfloat16 => raw
+            .chunks_exact(2)
+            .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16) as f64)
+            .collect(),
+        DataType::Int8 => raw.iter().map(|&b| b as i8 as f64).collect(),
+        DataType::Uint8 | DataType::Bool => raw.iter().map(|&b| b as f64).collect(),
+        DataType::Int16 => raw
+            .chunks_exact(2)
+            .map(|c| i16::from_le_bytes([c[0], c[1]]) as f64)
+            .collect(),
+        DataType::Uint16 => raw
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]) as f64)
+            .collect(),
+        DataType::Int32 => raw
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        DataType::Uint32 => raw
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        DataType::Int64 => raw
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        DataType::Uint64 => raw
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        _ => return None,
+    };
+    Some(v)
+}
+
+/// The values as f32, for float tensors (f32/f64/f16/bf16) only.
+pub fn values_f32(t: &TensorProto) -> Option<Vec<f32>> {
+    if !is_float(t.data_type()) {
+        return None;
+    }
+    values_f64(t).map(|v| v.into_iter().map(|x| x as f32).collect())
+}
+
+/// FNV-1a 64 over dtype, dims and value bytes: stable across runs, platforms and storage field.
+pub fn content_hash(t: &TensorProto) -> u64 {
+    let mut h = Fnv64::default();
+    h.write(&t.data_type().to_le_bytes());
+    for d in &t.dims {
+        h.write(&d.to_le_bytes());
+    }
+    match raw_bytes(t) {
+        Some(bytes) => h.write(&bytes),
+        None => t.string_data.iter().for_each(|s| {
+            h.write(&(s.len() as u64).to_le_bytes());
+            h.write(s)
+        }),
+    }
+    h.finish()
+}
+
+/// FNV-1a, 64 bit: tiny, dependency-free, and stable (std's hashers are not guaranteed to be).
+pub struct Fnv64(u64);
+
+impl Default for Fnv64 {
+    fn default() -> Self {
+        Fnv64(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv64 {
+    pub fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= b as u64;
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_conversion_matches_known_values() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x7bff), 65504.0);
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+        assert!(f16_to_f32(0x7e00).is_nan());
+        assert_eq!(f16_to_f32(0x7c00), f32::INFINITY);
+    }
+
+    #[test]
+    fn hash_does_not_depend_on_storage_field() {
+        let typed = TensorProto {
+            dims: vec![2],
+            data_type: Some(DataType::Float as i32),
+            float_data: vec![1.5, -2.0],
+            ..Default::default()
+        };
+        let mut raw = typed.clone();
+        raw.float_data.clear();
+        raw.raw_data = Some([1.5f32.to_le_bytes(), (-2.0f32).to_le_bytes()].concat());
+        assert_eq!(content_hash(&typed), content_hash(&raw));
+        let mut other = raw.clone();
+        other.dims = vec![1, 2];
+        assert_ne!(content_hash(&raw), content_hash(&other));
+        assert_eq!(values_f32(&typed), Some(vec![1.5, -2.0]));
+    }
+}
