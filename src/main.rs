@@ -148,10 +148,12 @@ fn main_job(args: MainArgs) -> Result<()> {
     for (flag, value) in [("--dump-after", &args.dump_after), ("--stop-after", &args.stop_after)] {
         if let Some(pass) = value {
             if !(pass == "all" && flag == "--dump-after") && !config.passes.contains(pass) {
-                return Err(Error::Usage(format!(
-                    "{flag} {pass}: the config does not run that pass (it runs: {})",
-                    config.passes.join(", ")
-                )));
+                let runs = if config.passes.is_empty() {
+                    "it runs no passes".to_string()
+                } else {
+                    format!("it runs: {}", config.passes.join(", "))
+                };
+                return Err(Error::Usage(format!("{flag} {pass}: the config does not run that pass ({runs})")));
             }
         }
     }

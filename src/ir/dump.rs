@@ -102,6 +102,15 @@ pub fn fmt_tensor(t: &TensorProto) -> String {
             .collect();
         return format!("{head} = [{}]", strings.join(", "));
     }
+    if let Some(v) = tensor::values_i128(t) {
+        return match (v.iter().min(), v.iter().max()) {
+            _ if n <= INLINE_ELEMENTS => {
+                format!("{head} = [{}]", v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", "))
+            }
+            (Some(min), Some(max)) => format!("{head} min={min} max={max} #{:016x}", tensor::content_hash(t)),
+            _ => format!("{head} #{:016x}", tensor::content_hash(t)),
+        };
+    }
     match tensor::values_f64(t) {
         Some(v) if n <= INLINE_ELEMENTS => {
             let vals: Vec<String> = v.iter().map(|x| fmt_float(*x)).collect();
@@ -110,12 +119,7 @@ pub fn fmt_tensor(t: &TensorProto) -> String {
         Some(v) => {
             let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
             let max = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            format!(
-                "{head} min={} max={} #{:016x}",
-                fmt_float(min),
-                fmt_float(max),
-                tensor::content_hash(t)
-            )
+            format!("{head} min={} max={} #{:016x}", fmt_float(min), fmt_float(max), tensor::content_hash(t))
         }
         None => format!("{head} #{:016x}", tensor::content_hash(t)),
     }

@@ -78,7 +78,8 @@ pub struct Node {
     pub attributes: Vec<AttributeProto>,
     /// Outer-scope tensors read inside subgraph attributes, sorted.
     pub implicit_inputs: Vec<String>,
-    /// The NodeProto fields not above (doc string, overload, metadata, device configurations).
+    /// The NodeProto as read, for the fields not above (doc string, overload, metadata, device
+    /// configurations); inputs, outputs and attributes are moved out of it.
     pub extra: NodeProto,
     /// Position key: the original node order, so export and dumps break topological ties the
     /// same way every time. Nodes created by passes take the key of the node they belong to.
@@ -86,7 +87,7 @@ pub struct Node {
 }
 
 /// An edge from a producer to a consumer of `tensor`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Edge {
     pub tensor: String,
     pub from_slot: usize,
@@ -319,9 +320,9 @@ impl Graph {
             }
             let implicit = implicit_inputs(&n);
             let node = Node {
-                name: n.name.take().unwrap_or_default(),
-                domain: n.domain.take().unwrap_or_default(),
-                op_type: n.op_type.take().unwrap_or_default(),
+                name: n.name.clone().unwrap_or_default(),
+                domain: n.domain.clone().unwrap_or_default(),
+                op_type: n.op_type.clone().unwrap_or_default(),
                 inputs: std::mem::take(&mut n.input),
                 outputs: std::mem::take(&mut n.output),
                 attributes: std::mem::take(&mut n.attribute),
@@ -359,17 +360,21 @@ impl Graph {
     /// Recomputes all edges from the tensor names nodes read and write. Passes that rename
     /// inputs or add nodes call this (the pass manager does after every pass).
     pub fn rebuild_edges(&mut self) -> Result<()> {
+        let edges = self.edges_from_names()?;
         self.nodes.clear_edges();
-        let mut producers: HashMap<String, (NodeIndex, usize)> = HashMap::new();
+        for (a, b, e) in edges {
+            self.nodes.add_edge(a, b, e);
+        }
+        Ok(())
+    }
+
+    /// The edges the node inputs and outputs call for (producer, consumer, edge).
+    fn edges_from_names(&self) -> Result<Vec<(NodeIndex, NodeIndex, Edge)>> {
+        let mut producers: HashMap<&str, (NodeIndex, usize)> = HashMap::new();
         for ix in self.nodes.node_indices() {
             for (slot, out) in self.nodes[ix].outputs.iter().enumerate() {
-                if out.is_empty() {
-                    continue;
-                }
-                if producers.insert(out.clone(), (ix, slot)).is_some() {
-                    return Err(Error::Graph(format!(
-                        "tensor '{out}' is produced by more than one node"
-                    )));
+                if !out.is_empty() && producers.insert(out, (ix, slot)).is_some() {
+                    return Err(Error::Graph(format!("tensor '{out}' is produced by more than one node")));
                 }
             }
         }
@@ -380,22 +385,11 @@ impl Graph {
             let implicit = node.implicit_inputs.iter().map(|t| (t, None));
             for (tensor, to_slot) in explicit.chain(implicit) {
                 if let Some(&(from, from_slot)) = producers.get(tensor.as_str()) {
-                    edges.push((
-                        from,
-                        ix,
-                        Edge {
-                            tensor: tensor.clone(),
-                            from_slot,
-                            to_slot,
-                        },
-                    ));
+                    edges.push((from, ix, Edge { tensor: tensor.clone(), from_slot, to_slot }));
                 }
             }
         }
-        for (a, b, e) in edges {
-            self.nodes.add_edge(a, b, e);
-        }
-        Ok(())
+        Ok(edges)
     }
 
     /// Consumers of a tensor: (node, input slot), in node order.
@@ -515,9 +509,12 @@ impl Graph {
                 )));
             }
         }
-        let mut rebuilt = self.clone();
-        rebuilt.rebuild_edges()?;
-        if edge_set(&rebuilt) != edge_set(self) {
+        use petgraph::visit::{EdgeRef, IntoEdgeReferences};
+        let wanted = self.edges_from_names()?;
+        let expected: BTreeSet<(NodeIndex, NodeIndex, &Edge)> = wanted.iter().map(|(a, b, e)| (*a, *b, e)).collect();
+        let actual: BTreeSet<(NodeIndex, NodeIndex, &Edge)> =
+            (&self.nodes).edge_references().map(|e| (e.source(), e.target(), e.weight())).collect();
+        if expected != actual {
             return Err(Error::Graph(
                 "edges are out of date with node inputs (call rebuild_edges)".into(),
             ));
@@ -578,17 +575,16 @@ impl Graph {
                 node_protos.push(c);
             }
             let mut p = n.extra.clone();
-            p.name = if n.name.is_empty() && n.extra.name.is_none() {
-                None
-            } else {
-                Some(n.name.clone())
-            };
-            p.domain = if n.domain.is_empty() && n.extra.domain.is_none() {
-                None
-            } else {
-                Some(n.domain.clone())
-            };
-            p.op_type = Some(n.op_type.clone());
+            // Keep an absent field absent when a pass left its value alone (byte-exact round trip).
+            if p.name.as_deref().unwrap_or("") != n.name {
+                p.name = Some(n.name.clone());
+            }
+            if p.domain.as_deref().unwrap_or("") != n.domain {
+                p.domain = Some(n.domain.clone());
+            }
+            if p.op_type.as_deref() != Some(n.op_type.as_str()) {
+                p.op_type = Some(n.op_type.clone());
+            }
             p.input = n.inputs.clone();
             p.output = n.outputs.clone();
             p.attribute = n.attributes.clone();
@@ -598,22 +594,6 @@ impl Graph {
         g.node = node_protos;
         Ok(g)
     }
-}
-
-fn edge_set(g: &Graph) -> BTreeSet<(String, String, usize, Option<usize>)> {
-    use petgraph::visit::{EdgeRef, IntoEdgeReferences};
-    (&g.nodes)
-        .edge_references()
-        .map(|e| {
-            let w = e.weight();
-            let consumer = g.nodes[e.target()]
-                .outputs
-                .first()
-                .cloned()
-                .unwrap_or_else(|| g.nodes[e.target()].name.clone());
-            (w.tensor.clone(), consumer, w.from_slot, w.to_slot)
-        })
-        .collect()
 }
 
 /// True when the value info is a tensor whose every dimension is a known non-negative number.

@@ -25,7 +25,7 @@ fn default_true() -> bool {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::config(path, format!("cannot read the config: {e}")))?;
         Config::parse(&text, path)
     }
 

@@ -1,0 +1,123 @@
+//! Builders for small hand-made ONNX models, and paths of the shipped ones.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use onnxq::proto::attribute_proto::AttributeType;
+use onnxq::proto::tensor_proto::DataType;
+use onnxq::proto::tensor_shape_proto::{dimension, Dimension};
+use onnxq::proto::type_proto::{self, Value};
+use onnxq::proto::*;
+
+pub fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+pub fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
+    NodeProto {
+        op_type: Some(op.into()),
+        name: Some(name.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+pub fn with_attr(mut n: NodeProto, a: AttributeProto) -> NodeProto {
+    n.attribute.push(a);
+    n
+}
+
+pub fn attr_int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Int as i32), i: Some(v), ..Default::default() }
+}
+
+pub fn attr_graph(name: &str, g: GraphProto) -> AttributeProto {
+    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Graph as i32), g: Some(g), ..Default::default() }
+}
+
+pub fn attr_tensor(name: &str, t: TensorProto) -> AttributeProto {
+    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Tensor as i32), t: Some(t), ..Default::default() }
+}
+
+pub fn tensor_f32(name: &str, dims: &[i64], values: &[f32]) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(DataType::Float as i32),
+        raw_data: Some(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        ..Default::default()
+    }
+}
+
+/// Deterministic pseudo-random values in [-1, 1).
+pub fn seeded(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// A tensor value info; a dim < 0 is symbolic ("n").
+pub fn value_info(name: &str, elem: DataType, dims: &[i64]) -> ValueInfoProto {
+    let dim = dims
+        .iter()
+        .map(|&d| Dimension {
+            value: Some(if d >= 0 { dimension::Value::DimValue(d) } else { dimension::Value::DimParam("n".into()) }),
+            ..Default::default()
+        })
+        .collect();
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(Value::TensorType(type_proto::Tensor {
+                elem_type: Some(elem as i32),
+                shape: Some(TensorShapeProto { dim }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn graph(
+    nodes: Vec<NodeProto>,
+    initializers: Vec<TensorProto>,
+    inputs: Vec<ValueInfoProto>,
+    outputs: Vec<ValueInfoProto>,
+) -> GraphProto {
+    GraphProto {
+        name: Some("test".into()),
+        node: nodes,
+        initializer: initializers,
+        input: inputs,
+        output: outputs,
+        ..Default::default()
+    }
+}
+
+pub fn model(graph: GraphProto, opset: i64) -> ModelProto {
+    ModelProto {
+        ir_version: Some(8),
+        producer_name: Some("onnxq-tests".into()),
+        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(opset) }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+}
+
+pub fn encode(m: &ModelProto) -> Vec<u8> {
+    use prost::Message;
+    m.encode_to_vec()
+}
+
+/// Writes a model into a fresh temporary folder and returns (folder guard, path).
+pub fn write_temp(m: &ModelProto, file: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(file);
+    std::fs::write(&path, encode(m)).unwrap();
+    (dir, path)
+}

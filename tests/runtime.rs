@@ -1,0 +1,88 @@
+//! tract runs the shipped real models on their eval data and matches ONNX Runtime's outputs
+//! (stored in models/*.eval.ort.npz); intermediate tensors come out by ONNX name; parallel runs
+//! give the same results in the same order whatever the thread count.
+
+mod common;
+
+use common::repo;
+use onnxq::calib::data::{Dataset, InputSpec};
+use onnxq::onnx;
+use onnxq::runtime::{to_f32_vec, Runner};
+
+fn run_eval(model: &str, extra: &[String]) -> (Vec<String>, Vec<Vec<Vec<f32>>>) {
+    let m = onnx::load_model(&repo(&format!("models/{model}.onnx"))).unwrap();
+    let data = Dataset::load(&repo(&format!("models/{model}.eval.npz"))).unwrap();
+    let bound = data.bind(&InputSpec::of_graph(&m.graph)).unwrap();
+    let runner = Runner::new(&m, &bound.sample_shapes(), extra).unwrap();
+    let per_sample = runner
+        .run_all(bound.samples, |i| bound.sample(i), |_, outs| outs.iter().map(|t| to_f32_vec(t)).collect())
+        .unwrap();
+    (runner.outputs.clone(), per_sample)
+}
+
+fn max_relative_error(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-12);
+    got.iter().zip(want).fold(0f64, |m, (g, w)| m.max((*g as f64 - *w as f64).abs())) / scale
+}
+
+#[test]
+fn tract_matches_onnx_runtime_on_shipped_models() {
+    for model in ["ppocr_mobile_v2_cls", "crepe_tiny"] {
+        let (names, samples) = run_eval(model, &[]);
+        let reference = Dataset::load(&repo(&format!("models/{model}.eval.ort.npz"))).unwrap();
+        for (o, name) in names.iter().enumerate() {
+            let want = reference.arrays.iter().find(|a| &a.name == name).unwrap();
+            let want = to_f32_vec(&want.tensor).unwrap();
+            let got: Vec<f32> = samples.iter().flat_map(|s| s[o].iter().copied()).collect();
+            let err = max_relative_error(&got, &want);
+            assert!(err < 1e-5, "{model} output {name}: tract vs ONNX Runtime relative error {err:e}");
+        }
+    }
+}
+
+#[test]
+fn intermediate_tensors_are_exposed_by_onnx_name() {
+    let m = onnx::load_model(&repo("models/crepe_tiny.onnx")).unwrap();
+    let conv = m.graph.nodes.node_weights().find(|n| n.op_type == "Conv").unwrap();
+    let relu = m.graph.nodes.node_weights().find(|n| n.op_type == "Relu").unwrap();
+    let wanted = vec![conv.outputs[0].clone(), relu.outputs[0].clone()];
+    let (names, samples) = run_eval("crepe_tiny", &wanted);
+    assert_eq!(&names[1..], wanted.as_slice());
+    for s in &samples {
+        // conv1 has 128 channels; ReLU output is non-negative and not all zero.
+        assert_eq!(s[1].len() % 128, 0);
+        assert!(s[2].iter().all(|v| *v >= 0.0) && s[2].iter().any(|v| *v > 0.0));
+    }
+    // Asking for intermediates does not change the model's outputs.
+    let (_, plain) = run_eval("crepe_tiny", &[]);
+    for (a, b) in samples.iter().zip(&plain) {
+        assert_eq!(a[0], b[0]);
+    }
+}
+
+#[test]
+fn results_do_not_depend_on_thread_count() {
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let (_, serial) = one.install(|| run_eval("ppocr_mobile_v2_cls", &[]));
+    let (_, parallel) = run_eval("ppocr_mobile_v2_cls", &[]);
+    assert_eq!(serial, parallel);
+    assert_eq!(serial.len(), 8);
+}
+
+#[test]
+fn a_round_trip_leaves_tract_outputs_bit_identical() {
+    let m = onnx::load_model(&repo("models/ppocr_mobile_v2_cls.onnx")).unwrap();
+    let bytes = onnx::model_bytes(&m).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let written = dir.path().join("rt.onnx");
+    std::fs::write(&written, bytes).unwrap();
+    let back = onnx::load_model(&written).unwrap();
+    let data = Dataset::load(&repo("models/ppocr_mobile_v2_cls.eval.npz")).unwrap();
+    let bound = data.bind(&InputSpec::of_graph(&m.graph)).unwrap();
+    let run = |model| {
+        let r = Runner::new(model, &bound.sample_shapes(), &[]).unwrap();
+        r.run_all(bound.samples, |i| bound.sample(i), |_, o| to_f32_vec(&o[0])).unwrap()
+    };
+    assert_eq!(run(&m), run(&back));
+}
