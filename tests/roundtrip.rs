@@ -36,7 +36,11 @@ fn shipped_models_round_trip_exactly() {
         let model = onnx::load_model(&path).unwrap();
         model.graph.check().unwrap();
         let exported = model.to_proto().unwrap();
-        assert!(exported == expected_proto(original), "{}: the exported proto differs from the original", path.display());
+        assert!(
+            exported == expected_proto(original),
+            "{}: the exported proto differs from the original",
+            path.display()
+        );
     }
 }
 
@@ -47,7 +51,12 @@ fn export_is_deterministic_and_idempotent() {
         let first = onnx::model_bytes(&model).unwrap();
         assert_eq!(first, onnx::model_bytes(&model).unwrap());
         let again = Model::from_proto(ModelProto::decode(first.as_slice()).unwrap()).unwrap();
-        assert_eq!(first, onnx::model_bytes(&again).unwrap(), "{}: re-import changes the bytes", path.display());
+        assert_eq!(
+            first,
+            onnx::model_bytes(&again).unwrap(),
+            "{}: re-import changes the bytes",
+            path.display()
+        );
         assert_eq!(model.to_string(), again.to_string());
     }
 }
@@ -83,7 +92,10 @@ fn if_model() -> ModelProto {
         vec![value_info("else_out", DataType::Float, &[2])],
     );
     let iff = with_attr(
-        with_attr(node("If", "branch", &["cond"], &["y"]), attr_graph("then_branch", then_branch)),
+        with_attr(
+            node("If", "branch", &["cond"], &["y"]),
+            attr_graph("then_branch", then_branch),
+        ),
         attr_graph("else_branch", else_branch),
     );
     let value_floats = onnxq::proto::AttributeProto {
@@ -101,13 +113,19 @@ fn if_model() -> ModelProto {
     let mut g = graph(
         nodes,
         vec![],
-        vec![value_info("cond", DataType::Bool, &[]), value_info("x", DataType::Float, &[2])],
+        vec![
+            value_info("cond", DataType::Bool, &[]),
+            value_info("x", DataType::Float, &[2]),
+        ],
         vec![value_info("y", DataType::Float, &[2])],
     );
     g.value_info.push(value_info("h", DataType::Float, &[-1]));
     g.value_info.push(value_info("y", DataType::Float, &[2]));
     let mut m = model(g, 17);
-    m.metadata_props.push(onnxq::proto::StringStringEntryProto { key: Some("k".into()), value: Some("v".into()) });
+    m.metadata_props.push(onnxq::proto::StringStringEntryProto {
+        key: Some("k".into()),
+        value: Some("v".into()),
+    });
     m.functions.push(onnxq::proto::FunctionProto {
         name: Some("Twice".into()),
         domain: Some("custom".into()),
@@ -129,10 +147,20 @@ fn subgraph_captures_order_the_export_and_bodies_survive() {
     let exported = model.to_proto().unwrap();
     let g = exported.graph.as_ref().unwrap();
     let names: Vec<&str> = g.node.iter().map(|n| n.name()).collect();
-    assert_eq!(names, vec!["k", "make_h", "branch"], "the If must follow the producer of what it captures");
+    assert_eq!(
+        names,
+        vec!["k", "make_h", "branch"],
+        "the If must follow the producer of what it captures"
+    );
     let original_g = original.graph.as_ref().unwrap();
-    assert_eq!(g.node[2].attribute, original_g.node[0].attribute, "subgraph bodies change");
-    assert_eq!(g.node[0], original_g.node[1], "the Constant node (value_floats form) changes");
+    assert_eq!(
+        g.node[2].attribute, original_g.node[0].attribute,
+        "subgraph bodies change"
+    );
+    assert_eq!(
+        g.node[0], original_g.node[1],
+        "the Constant node (value_floats form) changes"
+    );
     assert_eq!(exported.functions, original.functions);
     assert_eq!(exported.metadata_props, original.metadata_props);
     let kept: Vec<&str> = g.value_info.iter().map(|v| v.name()).collect();
@@ -153,7 +181,14 @@ fn external_data_is_read_and_written() {
     );
     let model = Model::from_proto(model(g, 17)).unwrap();
     let path = dir.path().join("m.onnx");
-    onnx::save_model(&model, &path, &SaveOptions { external_data_threshold: Some(1024) }).unwrap();
+    onnx::save_model(
+        &model,
+        &path,
+        &SaveOptions {
+            external_data_threshold: Some(1024),
+        },
+    )
+    .unwrap();
     let data = std::fs::read(dir.path().join("m.onnx.data")).unwrap();
     assert_eq!(data.len(), 2400);
     let proto = ModelProto::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
@@ -162,7 +197,10 @@ fn external_data_is_read_and_written() {
     assert_eq!(w.data_location, Some(1));
 
     let back = onnx::load_model(&path).unwrap();
-    assert_eq!(onnxq::onnx::tensor::values_f32(&back.graph.constants["w"].tensor).unwrap(), weights);
+    assert_eq!(
+        onnxq::onnx::tensor::values_f32(&back.graph.constants["w"].tensor).unwrap(),
+        weights
+    );
     assert_eq!(back.to_string(), model.to_string());
 
     // Saving inline again gives the original bytes.
@@ -172,4 +210,46 @@ fn external_data_is_read_and_written() {
     std::fs::write(dir.path().join("m.onnx.data"), &data[..100]).unwrap();
     let err = onnx::load_model(&path).unwrap_err().to_string();
     assert!(err.contains("past the end"), "{err}");
+}
+
+#[test]
+fn a_changed_constant_node_is_written_with_its_new_value() {
+    let mut model = onnx::load_model(&repo("models/ppocr_mobile_v2_cls.onnx")).unwrap();
+    let conv = model.graph.nodes.node_weights().find(|n| n.op_type == "Conv").unwrap();
+    let name = conv.inputs[1].clone();
+    let mut t = model.graph.constants[&name].tensor.clone();
+    let doubled: Vec<f32> = onnxq::onnx::tensor::values_f32(&t)
+        .unwrap()
+        .iter()
+        .map(|v| v * 2.0)
+        .collect();
+    t.raw_data = Some(doubled.iter().flat_map(|v| v.to_le_bytes()).collect());
+    t.float_data.clear();
+    model.graph.set_constant(&name, t).unwrap();
+    let proto = model.to_proto().unwrap();
+    let node = proto
+        .graph
+        .unwrap()
+        .node
+        .into_iter()
+        .find(|n| n.output == [name.clone()])
+        .unwrap();
+    assert_eq!(node.op_type(), "Constant");
+    let value = node.attribute[0].t.as_ref().unwrap();
+    assert_eq!(node.attribute[0].name(), "value");
+    assert_eq!(onnxq::onnx::tensor::values_f32(value).unwrap(), doubled);
+    assert!(model.graph.set_constant("no such weight", value.clone()).is_err());
+}
+
+#[test]
+fn a_dangling_input_is_rejected_at_load() {
+    let g = graph(
+        vec![node("Add", "add", &["x", "ghost"], &["y"])],
+        vec![],
+        vec![value_info("x", DataType::Float, &[2])],
+        vec![value_info("y", DataType::Float, &[2])],
+    );
+    let (_dir, path) = write_temp(&model(g, 17), "m.onnx");
+    let err = onnx::load_model(&path).unwrap_err().to_string();
+    assert!(err.contains("reads 'ghost', which nothing defines"), "{err}");
 }

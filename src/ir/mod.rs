@@ -374,7 +374,9 @@ impl Graph {
         for ix in self.nodes.node_indices() {
             for (slot, out) in self.nodes[ix].outputs.iter().enumerate() {
                 if !out.is_empty() && producers.insert(out, (ix, slot)).is_some() {
-                    return Err(Error::Graph(format!("tensor '{out}' is produced by more than one node")));
+                    return Err(Error::Graph(format!(
+                        "tensor '{out}' is produced by more than one node"
+                    )));
                 }
             }
         }
@@ -385,7 +387,15 @@ impl Graph {
             let implicit = node.implicit_inputs.iter().map(|t| (t, None));
             for (tensor, to_slot) in explicit.chain(implicit) {
                 if let Some(&(from, from_slot)) = producers.get(tensor.as_str()) {
-                    edges.push((from, ix, Edge { tensor: tensor.clone(), from_slot, to_slot }));
+                    edges.push((
+                        from,
+                        ix,
+                        Edge {
+                            tensor: tensor.clone(),
+                            from_slot,
+                            to_slot,
+                        },
+                    ));
                 }
             }
         }
@@ -459,6 +469,21 @@ impl Graph {
         Ok(order)
     }
 
+    /// Replaces the value of an existing constant (a weight rewritten by a pass), keeping its
+    /// name and origin; a `Constant` node is then written back with the new value.
+    pub fn set_constant(&mut self, name: &str, mut tensor: TensorProto) -> Result<()> {
+        let c = self
+            .constants
+            .get_mut(name)
+            .ok_or_else(|| Error::Graph(format!("no constant named '{name}'")))?;
+        tensor.name = Some(name.to_string());
+        if let ConstantOrigin::ConstantNode { modified, .. } = &mut c.origin {
+            *modified = true;
+        }
+        c.tensor = tensor;
+        Ok(())
+    }
+
     /// Inputs a runtime must feed: declared inputs without an initializer.
     pub fn runtime_inputs(&self) -> impl Iterator<Item = &ValueInfoProto> {
         self.inputs.iter().filter(|i| !self.constants.contains_key(i.name()))
@@ -512,8 +537,10 @@ impl Graph {
         use petgraph::visit::{EdgeRef, IntoEdgeReferences};
         let wanted = self.edges_from_names()?;
         let expected: BTreeSet<(NodeIndex, NodeIndex, &Edge)> = wanted.iter().map(|(a, b, e)| (*a, *b, e)).collect();
-        let actual: BTreeSet<(NodeIndex, NodeIndex, &Edge)> =
-            (&self.nodes).edge_references().map(|e| (e.source(), e.target(), e.weight())).collect();
+        let actual: BTreeSet<(NodeIndex, NodeIndex, &Edge)> = (&self.nodes)
+            .edge_references()
+            .map(|e| (e.source(), e.target(), e.weight()))
+            .collect();
         if expected != actual {
             return Err(Error::Graph(
                 "edges are out of date with node inputs (call rebuild_edges)".into(),

@@ -27,7 +27,10 @@ pub fn load_model(path: &Path) -> Result<Model> {
         resolve_external_graph(graph, &dir, path)?;
     }
     validate(path, &proto)?;
-    Model::from_proto(proto).map_err(|e| Error::model(path, e.to_string()))
+    let model = Model::from_proto(proto).map_err(|e| Error::model(path, e.to_string()))?;
+    // Dangling inputs, duplicate names, cycles: reject at the door, not deep inside a pass.
+    model.graph.check().map_err(|e| Error::model(path, e.to_string()))?;
+    Ok(model)
 }
 
 fn read_model_bytes(path: &Path) -> Result<Vec<u8>> {
