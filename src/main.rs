@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 use tract_onnx::prelude::IntoTensor;
 
 use onnxq::calib::data::{write_npz, Dataset, InputSpec};
+use onnxq::calib::source::DataSource;
+use onnxq::calib::stats::{self, CalibrationStats, Fingerprint};
 use onnxq::error::{Error, Result};
 use onnxq::ir::Model;
 use onnxq::onnx::{self, SaveOptions};
@@ -84,6 +86,29 @@ enum Command {
         #[arg(long = "tensor", value_name = "NAME")]
         tensors: Vec<String>,
     },
+    /// Calibrate: run the configured passes, then the float model over the calibration data,
+    /// and write (or reuse) activation statistics.
+    Calibrate {
+        model: PathBuf,
+        /// The YAML configuration; its `calibration:` section says which data and method.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Statistics file: written after calibrating, reused when it exists and matches the
+        /// model and data (a mismatch is an error that says what changed).
+        #[arg(long)]
+        stats: PathBuf,
+        /// Write a JSON report: per tensor, the range each method chooses and what it clips.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Join statistics taken on disjoint shards of the data (in sample order).
+    MergeStats {
+        /// Statistics files, in the order of their shards.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// List the passes the config's `passes:` list can name.
     Passes,
 }
@@ -130,6 +155,27 @@ fn dispatch(cli: Cli) -> Result<()> {
             output,
             tensors,
         }) => run_model(&model, &data, output.as_deref(), &tensors),
+        Some(Command::Calibrate {
+            model,
+            config,
+            stats,
+            report,
+        }) => calibrate(&model, &config, &stats, report.as_deref()),
+        Some(Command::MergeStats { inputs, output }) => {
+            let parts = inputs
+                .iter()
+                .map(|p| CalibrationStats::load(p).map(|s| (p.clone(), s)))
+                .collect::<Result<Vec<_>>>()?;
+            let merged = CalibrationStats::merge_shards(parts)?;
+            merged.save(&output)?;
+            eprintln!(
+                "onnxq: wrote {} ({} samples, {} tensors)",
+                output.display(),
+                merged.samples,
+                merged.tensors.len()
+            );
+            Ok(())
+        }
         Some(Command::Passes) => {
             for name in onnxq::passes::NAMES {
                 println!("{name}");
@@ -145,6 +191,12 @@ fn main_job(args: MainArgs) -> Result<()> {
     let config_path = args.config.expect("clap requires --config");
     // The config first: a bad config fails before any model or data is read.
     let config = Config::load(&config_path)?;
+    if config.quantize {
+        return Err(Error::config(
+            &config_path,
+            "`quantize: true` (the default) is not available yet in this version of onnxq; set `quantize: false` to run the passes and write the model back",
+        ));
+    }
     for (flag, value) in [("--dump-after", &args.dump_after), ("--stop-after", &args.stop_after)] {
         if let Some(pass) = value {
             if !(pass == "all" && flag == "--dump-after") && !config.passes.contains(pass) {
@@ -153,7 +205,9 @@ fn main_job(args: MainArgs) -> Result<()> {
                 } else {
                     format!("it runs: {}", config.passes.join(", "))
                 };
-                return Err(Error::Usage(format!("{flag} {pass}: the config does not run that pass ({runs})")));
+                return Err(Error::Usage(format!(
+                    "{flag} {pass}: the config does not run that pass ({runs})"
+                )));
             }
         }
     }
@@ -222,6 +276,115 @@ fn main_job(args: MainArgs) -> Result<()> {
         });
         let text = serde_json::to_string_pretty(&report).expect("report serialises");
         onnx::write_atomic(&report_path, text.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Samples below which calibration ranges are unreliable.
+const FEW_SAMPLES: usize = 16;
+
+fn calibrate(model_path: &Path, config_path: &Path, stats_path: &Path, report: Option<&Path>) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let calibration = config
+        .calibration
+        .clone()
+        .ok_or_else(|| Error::config(config_path, "has no `calibration:` section (data, method, ...)"))?;
+    let started = Instant::now();
+    let mut model = onnx::load_model(model_path)?;
+    let mut ctx = Context::default();
+    pipeline::run_passes(&mut model, &config.passes, &mut ctx, &DebugOptions::default()).map_err(|e| match e {
+        Error::Graph(m) => Error::model(model_path, m),
+        other => other,
+    })?;
+    let source = DataSource::open(&calibration, &InputSpec::of_graph(&model.graph))?;
+    if source.len() < FEW_SAMPLES {
+        eprintln!(
+            "warning: calibrating on {} samples; ranges from fewer than {FEW_SAMPLES} are unreliable",
+            source.len()
+        );
+    }
+    let (graph, weights) = stats::model_fingerprint(&model);
+    let fingerprint = Fingerprint {
+        graph,
+        weights,
+        data: source.fingerprints()?,
+    };
+    let collected = if stats_path.exists() {
+        let s = CalibrationStats::load(stats_path)?;
+        s.check_fingerprint(&fingerprint, stats_path)?;
+        eprintln!(
+            "onnxq: reusing statistics from {} ({} samples)",
+            stats_path.display(),
+            s.samples
+        );
+        s
+    } else {
+        let t = Instant::now();
+        let s = stats::collect(&model, &source, fingerprint.data.clone())?;
+        let secs = t.elapsed().as_secs_f64();
+        s.save(stats_path)?;
+        eprintln!(
+            "onnxq: calibrated {} tensors on {} samples in {secs:.2} s ({:.1} samples/s); wrote {}",
+            s.tensors.len(),
+            s.samples,
+            s.samples as f64 / secs.max(1e-9),
+            stats_path.display()
+        );
+        s
+    };
+    let method = calibration.method();
+    let ranges = collected.ranges(&method);
+    let clipping = ranges.iter().filter(|r| r.clipped_values > 0.0).count();
+    eprintln!(
+        "onnxq: method {:?}: {clipping} of {} tensors clipped; total {:.2} s",
+        method,
+        ranges.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(report_path) = report {
+        use onnxq::calib::observers::Method;
+        let methods = [
+            ("minmax", Method::MinMax),
+            (
+                "ema",
+                Method::Ema {
+                    constant: calibration.ema_constant,
+                },
+            ),
+            (
+                "percentile",
+                Method::Percentile {
+                    percentile: calibration.percentile,
+                },
+            ),
+            ("entropy", Method::Entropy { bits: calibration.bits }),
+            ("mse", Method::Mse { bits: calibration.bits }),
+        ];
+        let all: serde_json::Map<String, serde_json::Value> = methods
+            .iter()
+            .map(|(name, m)| {
+                (
+                    name.to_string(),
+                    serde_json::to_value(collected.ranges(m)).expect("ranges serialise"),
+                )
+            })
+            .collect();
+        let report = serde_json::json!({
+            "onnxq_version": env!("CARGO_PKG_VERSION"),
+            "model": model_path,
+            "config": config_path,
+            "stats": stats_path,
+            "samples": collected.samples,
+            "method": calibration.method,
+            "ranges": ranges,
+            "ranges_by_method": all,
+        });
+        onnx::write_atomic(
+            report_path,
+            serde_json::to_string_pretty(&report)
+                .expect("report serialises")
+                .as_bytes(),
+        )?;
     }
     Ok(())
 }

@@ -14,7 +14,11 @@ fn onnxq(args: &[&str]) -> Output {
 }
 
 fn onnxq_env(args: &[&str], key: &str, value: &str) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_onnxq")).args(args).env(key, value).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_onnxq"))
+        .args(args)
+        .env(key, value)
+        .output()
+        .unwrap()
 }
 
 /// Asserts a failure with `code`, a single `error:` line on stderr that contains every needle,
@@ -91,7 +95,10 @@ fn unsupported_ops_and_opsets_are_clear_errors() {
     let cases = [
         (tiny("Frobnicate", 17), "node 'n0': unknown op 'Frobnicate'"),
         (tiny("Relu", 99), "opset ai.onnx 99 is not supported"),
-        (tiny("LayerNormalization", 11), "node 'n0': LayerNormalization exists from opset 17 on"),
+        (
+            tiny("LayerNormalization", 11),
+            "node 'n0': LayerNormalization exists from opset 17 on",
+        ),
     ];
     for (m, needle) in cases {
         let (_dir, path) = write_temp(&m, "m.onnx");
@@ -103,7 +110,10 @@ fn unsupported_ops_and_opsets_are_clear_errors() {
     let (_dir, path) = write_temp(&m, "m.onnx");
     assert_fails(&onnxq(&["inspect", s(&path)]), 2, &["com.example", "does not import"]);
     // Imported, it passes through (and inspect says tract cannot run it).
-    m.opset_import.push(onnxq::proto::OperatorSetIdProto { domain: Some("com.example".into()), version: Some(1) });
+    m.opset_import.push(onnxq::proto::OperatorSetIdProto {
+        domain: Some("com.example".into()),
+        version: Some(1),
+    });
     let (_dir, path) = write_temp(&m, "m.onnx");
     let o = onnxq(&["inspect", s(&path)]);
     assert_eq!(o.status.code(), Some(0));
@@ -117,8 +127,14 @@ fn bad_configs_are_usage_errors() {
     let model = repo("models/crepe_tiny.onnx");
     let out = dir.path().join("out.onnx");
     let cases = [
-        ("quantize: false\npases: []\n", vec!["unknown field `pases`", "did you mean `passes`?"]),
-        ("quantize: false\npasses: [eliminate_identiy]\n", vec!["unknown pass `eliminate_identiy`", "did you mean `eliminate_identity`?"]),
+        (
+            "quantize: false\npases: []\n",
+            vec!["unknown field `pases`", "did you mean `passes`?"],
+        ),
+        (
+            "quantize: false\npasses: [eliminate_identiy]\n",
+            vec!["unknown pass `eliminate_identiy`", "did you mean `eliminate_identity`?"],
+        ),
         ("quantize: false\npasses: [\n", vec!["q.yaml"]),
         ("quantize: maybe\n", vec!["q.yaml", "quantize"]),
     ];
@@ -133,7 +149,10 @@ fn bad_configs_are_usage_errors() {
     assert_fails(&onnxq(&[s(&model), "--config", s(&missing)]), 1, &[s(&missing)]);
     // Missing --config, unknown flag: usage errors, exit 1.
     assert_eq!(onnxq(&[s(&model)]).status.code(), Some(1));
-    assert_eq!(onnxq(&[s(&model), "--config", "x", "--frobnicate"]).status.code(), Some(1));
+    assert_eq!(
+        onnxq(&[s(&model), "--config", "x", "--frobnicate"]).status.code(),
+        Some(1)
+    );
 }
 
 #[test]
@@ -142,7 +161,11 @@ fn bad_data_is_a_clear_error() {
     let model = repo("models/crepe_tiny.onnx");
     let ppocr_data = repo("models/ppocr_mobile_v2_cls.eval.npz");
     // ppocr's data for crepe: the array is named for another model's input.
-    assert_fails(&onnxq(&["run", s(&model), "--data", s(&ppocr_data)]), 2, &[s(&ppocr_data), "no array for model input 'frames'"]);
+    assert_fails(
+        &onnxq(&["run", s(&model), "--data", s(&ppocr_data)]),
+        2,
+        &[s(&ppocr_data), "no array for model input 'frames'"],
+    );
 
     // Right name, wrong dtype / wrong shape: write .npz files with the library's writer.
     use tract_onnx::prelude::Tensor;
@@ -151,13 +174,31 @@ fn bad_data_is_a_clear_error() {
         onnxq::calib::data::write_npz(&p, &[("frames".to_string(), vec![t])]).unwrap();
         p
     };
-    let wrong_dtype = write("i64.npz", Tensor::from_shape::<i64>(&[4, 1024], &vec![0; 4096]).unwrap());
-    assert_fails(&onnxq(&["run", s(&model), "--data", s(&wrong_dtype)]), 2, &[s(&wrong_dtype), "is I64 but model input 'frames' is f32"]);
-    let wrong_shape = write("shape.npz", Tensor::from_shape::<f32>(&[4, 1000], &vec![0.0; 4000]).unwrap());
-    assert_fails(&onnxq(&["run", s(&model), "--data", s(&wrong_shape)]), 2, &[s(&wrong_shape), "does not fit model input 'frames'"]);
+    let wrong_dtype = write(
+        "i64.npz",
+        Tensor::from_shape::<i64>(&[4, 1024], &vec![0; 4096]).unwrap(),
+    );
+    assert_fails(
+        &onnxq(&["run", s(&model), "--data", s(&wrong_dtype)]),
+        2,
+        &[s(&wrong_dtype), "is I64 but model input 'frames' is f32"],
+    );
+    let wrong_shape = write(
+        "shape.npz",
+        Tensor::from_shape::<f32>(&[4, 1000], &vec![0.0; 4000]).unwrap(),
+    );
+    assert_fails(
+        &onnxq(&["run", s(&model), "--data", s(&wrong_shape)]),
+        2,
+        &[s(&wrong_shape), "does not fit model input 'frames'"],
+    );
     let not_npz = dir.path().join("x.npz");
     std::fs::write(&not_npz, b"garbage").unwrap();
-    assert_fails(&onnxq(&["run", s(&model), "--data", s(&not_npz)]), 2, &[s(&not_npz), "not a readable .npz"]);
+    assert_fails(
+        &onnxq(&["run", s(&model), "--data", s(&not_npz)]),
+        2,
+        &[s(&not_npz), "not a readable .npz"],
+    );
 }
 
 #[test]
@@ -174,19 +215,44 @@ fn main_job_writes_atomically_and_deterministically() {
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     let o = onnxq_env(&[s(&input), "--config", s(&cfg), "-o", s(&b)], "RAYON_NUM_THREADS", "1");
     assert_eq!(o.status.code(), Some(0));
-    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "same input and config must give the same bytes");
-    assert_eq!(std::fs::read(&input).unwrap(), before, "the input model must not change");
-    let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
-    assert!(names.iter().all(|n| !n.ends_with(".tmp")), "temporary files left behind: {names:?}");
+    assert_eq!(
+        std::fs::read(&a).unwrap(),
+        std::fs::read(&b).unwrap(),
+        "same input and config must give the same bytes"
+    );
+    assert_eq!(
+        std::fs::read(&input).unwrap(),
+        before,
+        "the input model must not change"
+    );
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.ends_with(".tmp")),
+        "temporary files left behind: {names:?}"
+    );
 
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(report["passes"][0]["pass"], "eliminate_identity");
-    assert_eq!(report["passes"][0]["nodes_before"].as_u64().unwrap(), report["passes"][0]["nodes_after"].as_u64().unwrap() + 1);
+    assert_eq!(
+        report["passes"][0]["nodes_before"].as_u64().unwrap(),
+        report["passes"][0]["nodes_after"].as_u64().unwrap() + 1
+    );
 
     // Writing over the input is refused; writing into a missing folder fails cleanly.
-    assert_fails(&onnxq(&[s(&input), "--config", s(&cfg), "-o", s(&input)]), 1, &["overwrite the input"]);
+    assert_fails(
+        &onnxq(&[s(&input), "--config", s(&cfg), "-o", s(&input)]),
+        1,
+        &["overwrite the input"],
+    );
     let nowhere = dir.path().join("no/such/dir/out.onnx");
-    assert_fails(&onnxq(&[s(&input), "--config", s(&cfg), "-o", s(&nowhere)]), 2, &["no/such/dir"]);
+    assert_fails(
+        &onnxq(&[s(&input), "--config", s(&cfg), "-o", s(&nowhere)]),
+        2,
+        &["no/such/dir"],
+    );
     assert_eq!(std::fs::read(&input).unwrap(), before);
 }
 
@@ -197,12 +263,34 @@ fn dump_after_and_stop_after_help_bisect() {
     let dumps = dir.path().join("dumps");
     let out = dir.path().join("out.onnx");
     let model = repo("models/ppocr_mobile_v2_cls.onnx");
-    let o = onnxq(&[s(&model), "--config", s(&cfg), "-o", s(&out), "--dump-after", "all", "--dump-dir", s(&dumps), "--stop-after", "eliminate_identity"]);
+    let o = onnxq(&[
+        s(&model),
+        "--config",
+        s(&cfg),
+        "-o",
+        s(&out),
+        "--dump-after",
+        "all",
+        "--dump-dir",
+        s(&dumps),
+        "--stop-after",
+        "eliminate_identity",
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     let diff = std::fs::read_to_string(dumps.join("01-eliminate_identity.diff")).unwrap();
-    assert!(diff.contains("-node   Identity@0 = Identity(softmax_0.tmp_0)"), "{diff}");
-    assert!(dumps.join("01-eliminate_identity.before.txt").exists() && dumps.join("01-eliminate_identity.after.txt").exists());
-    assert_fails(&onnxq(&[s(&model), "--config", s(&cfg), "--stop-after", "fold_batchnorm"]), 1, &["does not run that pass"]);
+    assert!(
+        diff.contains("-node   Identity@0 = Identity(softmax_0.tmp_0)"),
+        "{diff}"
+    );
+    assert!(
+        dumps.join("01-eliminate_identity.before.txt").exists()
+            && dumps.join("01-eliminate_identity.after.txt").exists()
+    );
+    assert_fails(
+        &onnxq(&[s(&model), "--config", s(&cfg), "--stop-after", "fold_batchnorm"]),
+        1,
+        &["does not run that pass"],
+    );
 }
 
 #[test]
@@ -210,13 +298,25 @@ fn inspect_reports_what_the_model_is_made_of() {
     let o = onnxq(&["inspect", s(&repo("models/ppocr_mobile_v2_cls.onnx"))]);
     assert_eq!(o.status.code(), Some(0));
     let text = String::from_utf8_lossy(&o.stdout);
-    for needle in ["opsets       ai.onnx 11", "input        x: f32[-1,3,?,?]", "BatchNormalization", "weighted nodes (", "limitations  none"] {
+    for needle in [
+        "opsets       ai.onnx 11",
+        "input        x: f32[-1,3,?,?]",
+        "BatchNormalization",
+        "weighted nodes (",
+        "limitations  none",
+    ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
     let o = onnxq(&["inspect", "--json", s(&repo("models/crepe_tiny.onnx"))]);
     let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(json["opsets"][0][1], 17);
-    let conv_count = json["op_histogram"].as_array().unwrap().iter().find(|e| e[0] == "Conv").unwrap()[1].as_u64();
+    let conv_count = json["op_histogram"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e[0] == "Conv")
+        .unwrap()[1]
+        .as_u64();
     assert_eq!(conv_count, Some(6));
     assert_eq!(json["weighted_nodes"].as_array().unwrap().len(), 13);
 }

@@ -28,10 +28,20 @@ fn run_one(pass: &str, model: Model) -> (String, Model) {
 /// The outputs on seeded inputs, for a model with one f32 input of shape `shape`.
 fn outputs(model: &Model, shape: &[usize]) -> Vec<Vec<f32>> {
     let input = model.graph.runtime_inputs().next().unwrap().name().to_string();
-    let runner = Runner::new(model, &[(input, tract_onnx::prelude::DatumType::F32, shape.to_vec())], &[]).unwrap();
+    let runner = Runner::new(
+        model,
+        &[(input, tract_onnx::prelude::DatumType::F32, shape.to_vec())],
+        &[],
+    )
+    .unwrap();
     let n = shape.iter().product();
     let x = Tensor::from_shape::<f32>(shape, &seeded(n, 42)).unwrap();
-    runner.run(vec![x.into_tvalue()]).unwrap().iter().map(|t| to_f32_vec(t).unwrap()).collect()
+    runner
+        .run(vec![x.into_tvalue()])
+        .unwrap()
+        .iter()
+        .map(|t| to_f32_vec(t).unwrap())
+        .collect()
 }
 
 fn f32_info(name: &str) -> onnxq::proto::ValueInfoProto {
@@ -60,7 +70,11 @@ fn eliminate_identity_inside_the_graph() {
 #[test]
 fn eliminate_identity_keeps_the_graph_output_name() {
     let g = graph(
-        vec![node("Relu", "relu", &["x"], &["a"]), node("Sigmoid", "sig", &["a"], &["z"]), node("Identity", "copy", &["a"], &["y"])],
+        vec![
+            node("Relu", "relu", &["x"], &["a"]),
+            node("Sigmoid", "sig", &["a"], &["z"]),
+            node("Identity", "copy", &["a"], &["y"]),
+        ],
         vec![],
         vec![f32_info("x")],
         vec![f32_info("y"), f32_info("z")],
@@ -77,8 +91,18 @@ fn eliminate_identity_keeps_the_graph_output_name() {
 fn eliminate_identity_must_not_fire() {
     // An input copied to an output, a constant copied to an output, two outputs that would
     // merge, and a copy read inside a subgraph: all four stay, each with its reason.
-    let then_branch = graph(vec![node("Neg", "inner", &["s"], &["t"])], vec![], vec![], vec![f32_info("t")]);
-    let else_branch = graph(vec![node("Abs", "inner2", &["s"], &["e"])], vec![], vec![], vec![f32_info("e")]);
+    let then_branch = graph(
+        vec![node("Neg", "inner", &["s"], &["t"])],
+        vec![],
+        vec![],
+        vec![f32_info("t")],
+    );
+    let else_branch = graph(
+        vec![node("Abs", "inner2", &["s"], &["e"])],
+        vec![],
+        vec![],
+        vec![f32_info("e")],
+    );
     let mut iff = node("If", "branch", &["cond"], &["w"]);
     iff.attribute.push(attr_graph("then_branch", then_branch));
     iff.attribute.push(attr_graph("else_branch", else_branch));
@@ -93,7 +117,13 @@ fn eliminate_identity_must_not_fire() {
         ],
         vec![tensor_f32("k", &[1, 4], &[1.0, 2.0, 3.0, 4.0])],
         vec![f32_info("x"), value_info("cond", DataType::Bool, &[])],
-        vec![f32_info("y"), f32_info("kc"), f32_info("r"), f32_info("r2"), f32_info("w")],
+        vec![
+            f32_info("y"),
+            f32_info("kc"),
+            f32_info("r"),
+            f32_info("r2"),
+            f32_info("w"),
+        ],
     );
     let model = Model::from_proto(model(g, 17)).unwrap();
     let (diff, after) = run_one("eliminate_identity", model.clone());

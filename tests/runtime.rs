@@ -15,7 +15,11 @@ fn run_eval(model: &str, extra: &[String]) -> (Vec<String>, Vec<Vec<Vec<f32>>>) 
     let bound = data.bind(&InputSpec::of_graph(&m.graph)).unwrap();
     let runner = Runner::new(&m, &bound.sample_shapes(), extra).unwrap();
     let per_sample = runner
-        .run_all(bound.samples, |i| bound.sample(i), |_, outs| outs.iter().map(|t| to_f32_vec(t)).collect())
+        .run_all(
+            bound.samples,
+            |i| bound.sample(i),
+            |_, outs| outs.iter().map(|t| to_f32_vec(t)).collect(),
+        )
         .unwrap();
     (runner.outputs.clone(), per_sample)
 }
@@ -23,7 +27,10 @@ fn run_eval(model: &str, extra: &[String]) -> (Vec<String>, Vec<Vec<Vec<f32>>>) 
 fn max_relative_error(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-12);
-    got.iter().zip(want).fold(0f64, |m, (g, w)| m.max((*g as f64 - *w as f64).abs())) / scale
+    got.iter()
+        .zip(want)
+        .fold(0f64, |m, (g, w)| m.max((*g as f64 - *w as f64).abs()))
+        / scale
 }
 
 #[test]
@@ -36,7 +43,10 @@ fn tract_matches_onnx_runtime_on_shipped_models() {
             let want = to_f32_vec(&want.tensor).unwrap();
             let got: Vec<f32> = samples.iter().flat_map(|s| s[o].iter().copied()).collect();
             let err = max_relative_error(&got, &want);
-            assert!(err < 1e-5, "{model} output {name}: tract vs ONNX Runtime relative error {err:e}");
+            assert!(
+                err < 1e-5,
+                "{model} output {name}: tract vs ONNX Runtime relative error {err:e}"
+            );
         }
     }
 }
@@ -82,7 +92,8 @@ fn a_round_trip_leaves_tract_outputs_bit_identical() {
     let bound = data.bind(&InputSpec::of_graph(&m.graph)).unwrap();
     let run = |model| {
         let r = Runner::new(model, &bound.sample_shapes(), &[]).unwrap();
-        r.run_all(bound.samples, |i| bound.sample(i), |_, o| to_f32_vec(&o[0])).unwrap()
+        r.run_all(bound.samples, |i| bound.sample(i), |_, o| to_f32_vec(&o[0]))
+            .unwrap()
     };
     assert_eq!(run(&m), run(&back));
 }

@@ -105,7 +105,10 @@ pub fn fmt_tensor(t: &TensorProto) -> String {
     if let Some(v) = tensor::values_i128(t) {
         return match (v.iter().min(), v.iter().max()) {
             _ if n <= INLINE_ELEMENTS => {
-                format!("{head} = [{}]", v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", "))
+                format!(
+                    "{head} = [{}]",
+                    v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
+                )
             }
             (Some(min), Some(max)) => format!("{head} min={min} max={max} #{:016x}", tensor::content_hash(t)),
             _ => format!("{head} #{:016x}", tensor::content_hash(t)),
@@ -119,7 +122,12 @@ pub fn fmt_tensor(t: &TensorProto) -> String {
         Some(v) => {
             let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
             let max = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            format!("{head} min={} max={} #{:016x}", fmt_float(min), fmt_float(max), tensor::content_hash(t))
+            format!(
+                "{head} min={} max={} #{:016x}",
+                fmt_float(min),
+                fmt_float(max),
+                tensor::content_hash(t)
+            )
         }
         None => format!("{head} #{:016x}", tensor::content_hash(t)),
     }

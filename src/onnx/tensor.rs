@@ -196,12 +196,30 @@ pub fn values_i128(t: &TensorProto) -> Option<Vec<i128>> {
     let v: Vec<i128> = match dt {
         DataType::Int8 => raw.iter().map(|&b| b as i8 as i128).collect(),
         DataType::Uint8 | DataType::Bool => raw.iter().map(|&b| b as i128).collect(),
-        DataType::Int16 => raw.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]]) as i128).collect(),
-        DataType::Uint16 => raw.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as i128).collect(),
-        DataType::Int32 => raw.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i128).collect(),
-        DataType::Uint32 => raw.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap()) as i128).collect(),
-        DataType::Int64 => raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as i128).collect(),
-        DataType::Uint64 => raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap()) as i128).collect(),
+        DataType::Int16 => raw
+            .chunks_exact(2)
+            .map(|c| i16::from_le_bytes([c[0], c[1]]) as i128)
+            .collect(),
+        DataType::Uint16 => raw
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]) as i128)
+            .collect(),
+        DataType::Int32 => raw
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i128)
+            .collect(),
+        DataType::Uint32 => raw
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as i128)
+            .collect(),
+        DataType::Int64 => raw
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as i128)
+            .collect(),
+        DataType::Uint64 => raw
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()) as i128)
+            .collect(),
         _ => return None,
     };
     Some(v)

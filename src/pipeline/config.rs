@@ -1,7 +1,7 @@
 //! The YAML configuration. Unknown keys are errors that name the closest valid key; the whole
 //! pipeline is validated when the config is loaded, before any model or data is read.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -17,6 +17,128 @@ pub struct Config {
     /// Graph passes to run, in order, by name (see `onnxq passes`).
     #[serde(default)]
     pub passes: Vec<String>,
+    /// Activation statistics from real inputs.
+    #[serde(default)]
+    pub calibration: Option<CalibrationConfig>,
+}
+
+/// `calibration:` — where the data comes from and how ranges are chosen from the statistics.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationConfig {
+    /// A `.npz`/`.npy` file, a list of them (shards, read in order), or a folder of images.
+    /// Relative paths are relative to the config file.
+    pub data: DataPaths,
+    /// Use at most this many samples (in file order).
+    #[serde(default)]
+    pub samples: Option<usize>,
+    /// How a tensor's range is chosen from its statistics.
+    #[serde(default)]
+    pub method: MethodName,
+    /// `ema`: the moving-average constant.
+    #[serde(default = "default_ema_constant")]
+    pub ema_constant: f64,
+    /// `percentile`: the percentile of |x| kept.
+    #[serde(default = "default_percentile")]
+    pub percentile: f64,
+    /// `entropy` and `mse`: the bit width the search optimises for.
+    #[serde(default = "default_bits")]
+    pub bits: u32,
+    /// Preprocessing of a folder of images (required when `data` is a folder).
+    #[serde(default)]
+    pub images: Option<crate::calib::images::ImagePreprocess>,
+    /// The model input images feed (default: the model's only input).
+    #[serde(default)]
+    pub input: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum DataPaths {
+    One(PathBuf),
+    Many(Vec<PathBuf>),
+}
+
+impl DataPaths {
+    pub fn paths(&self) -> Vec<PathBuf> {
+        match self {
+            DataPaths::One(p) => vec![p.clone()],
+            DataPaths::Many(v) => v.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MethodName {
+    #[default]
+    Minmax,
+    Ema,
+    Percentile,
+    Entropy,
+    Mse,
+}
+
+fn default_ema_constant() -> f64 {
+    0.01
+}
+fn default_percentile() -> f64 {
+    99.99
+}
+fn default_bits() -> u32 {
+    8
+}
+
+impl CalibrationConfig {
+    /// The observer method with its parameters.
+    pub fn method(&self) -> crate::calib::observers::Method {
+        use crate::calib::observers::Method;
+        match self.method {
+            MethodName::Minmax => Method::MinMax,
+            MethodName::Ema => Method::Ema {
+                constant: self.ema_constant,
+            },
+            MethodName::Percentile => Method::Percentile {
+                percentile: self.percentile,
+            },
+            MethodName::Entropy => Method::Entropy { bits: self.bits },
+            MethodName::Mse => Method::Mse { bits: self.bits },
+        }
+    }
+
+    fn validate(&mut self, path: &Path) -> Result<()> {
+        let bad = |m: String| Err(Error::config(path, format!("calibration: {m}")));
+        if !(self.ema_constant > 0.0 && self.ema_constant <= 1.0) {
+            return bad(format!("ema_constant must be in (0, 1], got {}", self.ema_constant));
+        }
+        if !(self.percentile > 0.0 && self.percentile <= 100.0) {
+            return bad(format!("percentile must be in (0, 100], got {}", self.percentile));
+        }
+        if !(2..=16).contains(&self.bits) {
+            return bad(format!("bits must be between 2 and 16, got {}", self.bits));
+        }
+        if self.samples == Some(0) {
+            return bad("samples must be at least 1".into());
+        }
+        if let Some(images) = &self.images {
+            if let Err(m) = images.validate() {
+                return bad(format!("images: {m}"));
+            }
+        }
+        // Relative data paths are relative to the config file.
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let resolve = |p: &PathBuf| if p.is_absolute() { p.clone() } else { base.join(p) };
+        self.data = match &self.data {
+            DataPaths::One(p) => DataPaths::One(resolve(p)),
+            DataPaths::Many(v) => {
+                if v.is_empty() {
+                    return bad("data: the list of files is empty".into());
+                }
+                DataPaths::Many(v.iter().map(resolve).collect())
+            }
+        };
+        Ok(())
+    }
 }
 
 fn default_true() -> bool {
@@ -25,12 +147,13 @@ fn default_true() -> bool {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::config(path, format!("cannot read the config: {e}")))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::config(path, format!("cannot read the config: {e}")))?;
         Config::parse(&text, path)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config> {
-        let config: Config = if text.trim().is_empty() {
+        let mut config: Config = if text.trim().is_empty() {
             serde_yaml::from_str("{}")
         } else {
             serde_yaml::from_str(text)
@@ -40,12 +163,9 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self, path: &Path) -> Result<()> {
-        if self.quantize {
-            return Err(Error::config(
-                path,
-                "`quantize: true` (the default) is not available yet in this version of onnxq; set `quantize: false` to run the passes and write the model back",
-            ));
+    fn validate(&mut self, path: &Path) -> Result<()> {
+        if let Some(c) = self.calibration.as_mut() {
+            c.validate(path)?;
         }
         for name in &self.passes {
             if crate::passes::create(name).is_none() {
@@ -65,7 +185,7 @@ impl Config {
 
 /// Adds "did you mean" to serde's unknown-field message, which already lists the valid keys.
 fn explain_yaml_error(message: &str) -> String {
-    let Some(rest) = message.strip_prefix("unknown field `") else {
+    let Some((_, rest)) = message.split_once("unknown field `") else {
         return message.to_string();
     };
     let Some((field, rest)) = rest.split_once('`') else {
@@ -127,10 +247,33 @@ mod tests {
     }
 
     #[test]
-    fn quantize_must_be_false_for_now() {
-        assert!(parse("").is_err());
-        let c = parse("quantize: false").unwrap();
-        assert!(c.passes.is_empty());
+    fn defaults() {
+        let c = parse("").unwrap();
+        assert!(c.quantize && c.passes.is_empty() && c.calibration.is_none());
+    }
+
+    #[test]
+    fn calibration_section_is_checked_and_paths_resolve_against_the_config() {
+        let c = Config::parse(
+            "quantize: false\ncalibration: {data: d.npz, method: entropy}\n",
+            Path::new("cfg/q.yaml"),
+        )
+        .unwrap();
+        let cal = c.calibration.unwrap();
+        assert_eq!(cal.data.paths(), vec![PathBuf::from("cfg/d.npz")]);
+        assert_eq!(cal.method(), crate::calib::observers::Method::Entropy { bits: 8 });
+        let err = parse("quantize: false\ncalibration: {data: d.npz, methd: mse}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did you mean `method`?"), "{err}");
+        let err = parse("quantize: false\ncalibration: {data: d.npz, percentile: 120}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("percentile must be in (0, 100]"), "{err}");
+        let err = parse("quantize: false\ncalibration: {data: d.npz, method: kl}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown variant `kl`"), "{err}");
     }
 
     #[test]

@@ -29,15 +29,30 @@ pub fn with_attr(mut n: NodeProto, a: AttributeProto) -> NodeProto {
 }
 
 pub fn attr_int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Int as i32), i: Some(v), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(v),
+        ..Default::default()
+    }
 }
 
 pub fn attr_graph(name: &str, g: GraphProto) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Graph as i32), g: Some(g), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Graph as i32),
+        g: Some(g),
+        ..Default::default()
+    }
 }
 
 pub fn attr_tensor(name: &str, t: TensorProto) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Tensor as i32), t: Some(t), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Tensor as i32),
+        t: Some(t),
+        ..Default::default()
+    }
 }
 
 pub fn tensor_f32(name: &str, dims: &[i64], values: &[f32]) -> TensorProto {
@@ -66,7 +81,11 @@ pub fn value_info(name: &str, elem: DataType, dims: &[i64]) -> ValueInfoProto {
     let dim = dims
         .iter()
         .map(|&d| Dimension {
-            value: Some(if d >= 0 { dimension::Value::DimValue(d) } else { dimension::Value::DimParam("n".into()) }),
+            value: Some(if d >= 0 {
+                dimension::Value::DimValue(d)
+            } else {
+                dimension::Value::DimParam("n".into())
+            }),
             ..Default::default()
         })
         .collect();
@@ -103,7 +122,10 @@ pub fn model(graph: GraphProto, opset: i64) -> ModelProto {
     ModelProto {
         ir_version: Some(8),
         producer_name: Some("onnxq-tests".into()),
-        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(opset) }],
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(opset),
+        }],
         graph: Some(graph),
         ..Default::default()
     }
