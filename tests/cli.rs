@@ -320,3 +320,15 @@ fn inspect_reports_what_the_model_is_made_of() {
     assert_eq!(conv_count, Some(6));
     assert_eq!(json["weighted_nodes"].as_array().unwrap().len(), 13);
 }
+
+#[cfg(unix)]
+#[test]
+fn outputs_are_ordinary_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), ROUNDTRIP);
+    let out = dir.path().join("out.onnx");
+    let o = onnxq(&[s(&repo("models/crepe_tiny.onnx")), "--config", s(&cfg), "-o", s(&out)]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o644);
+}
