@@ -9,7 +9,9 @@ pub mod inspect;
 pub mod ir;
 pub mod onnx;
 pub mod pipeline;
+pub mod quant;
 pub mod runtime;
+pub mod verify;
 
 #[path = "../passes/mod.rs"]
 pub mod passes;

@@ -1,6 +1,7 @@
 //! Reading and writing ONNX files: protobuf decoding with clear errors, external data,
 //! opset and operator validation, atomic deterministic output.
 
+pub mod opset;
 pub mod schemas;
 pub mod tensor;
 

@@ -1,0 +1,4 @@
+//! Quantization: scale/zero-point maths, the plan (what gets Q/DQ with which parameters), and
+//! its materialisation into QuantizeLinear/DequantizeLinear nodes.
+
+pub mod params;
