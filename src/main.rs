@@ -59,6 +59,13 @@ struct MainArgs {
     /// Stop the pipeline after this pass (to bisect a misbehaving pipeline).
     #[arg(long, value_name = "PASS")]
     stop_after: Option<String>,
+    /// Calibration statistics file: reused when it matches the model and data, written otherwise.
+    #[arg(long)]
+    stats: Option<PathBuf>,
+    /// Print the quantization plan (what gets Q/DQ, with which parameters, what stays float and
+    /// why) and write nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -191,10 +198,10 @@ fn main_job(args: MainArgs) -> Result<()> {
     let config_path = args.config.expect("clap requires --config");
     // The config first: a bad config fails before any model or data is read.
     let config = Config::load(&config_path)?;
-    if config.quantize {
+    if config.quantize && config.calibration.is_none() {
         return Err(Error::config(
             &config_path,
-            "`quantize: true` (the default) is not available yet in this version of onnxq; set `quantize: false` to run the passes and write the model back",
+            "quantizing needs calibration data: set `calibration: {data: calib.npz}` (or `quantize: false` to only run the passes)",
         ));
     }
     for (flag, value) in [("--dump-after", &args.dump_after), ("--stop-after", &args.stop_after)] {
@@ -248,6 +255,71 @@ fn main_job(args: MainArgs) -> Result<()> {
     })?;
     let passes_ms = t1.elapsed().as_secs_f64() * 1e3;
 
+    let mut quantization = serde_json::Value::Null;
+    let mut verification: Option<onnxq::verify::VerifyReport> = None;
+    let mut calibrate_ms = 0.0;
+    let float_model = config.quantize.then(|| model.clone());
+    if let Some(float_model) = &float_model {
+        let calibration = config.calibration.as_ref().expect("checked above");
+        check_overrides(&config, &config_path, &model)?;
+        let inputs = InputSpec::of_graph(&model.graph);
+        let source = DataSource::open(calibration, &inputs)?;
+        // Held-out data: the same source kinds as calibration, all of it.
+        let verify_data = match &config.verify {
+            Some(v) => {
+                let cfg = onnxq::pipeline::config::CalibrationConfig {
+                    data: onnxq::pipeline::config::DataPaths::One(v.data.clone()),
+                    samples: None,
+                    ..calibration.clone()
+                };
+                Some(DataSource::open(&cfg, &inputs)?)
+            }
+            None => None,
+        };
+        let t = Instant::now();
+        let stats = calibration_stats(&model, &source, args.stats.as_deref())?;
+        calibrate_ms = t.elapsed().as_secs_f64() * 1e3;
+        let options = onnxq::quant::plan::PlanOptions {
+            target: config.target,
+            rules: config.target_rules(),
+            method: calibration.method(),
+            exclude: config.exclusions(),
+        };
+        let as_model_error = |e: Error| match e {
+            Error::Graph(m) => Error::model(&model_path, m),
+            other => other,
+        };
+        let plan = onnxq::quant::plan::build_plan(&model, &stats, &options).map_err(as_model_error)?;
+        if args.dry_run {
+            println!("{}", serde_json::to_string_pretty(&plan).expect("plan serialises"));
+            eprintln!("onnxq: plan: {} (dry run: nothing written)", plan.summary());
+            return Ok(());
+        }
+        let notes = onnxq::quant::materialize::materialize(&mut model, &plan).map_err(as_model_error)?;
+        eprintln!("onnxq: plan: {}", plan.summary());
+        for n in &notes {
+            eprintln!("  {n}");
+        }
+        quantization = serde_json::json!({
+            "target": config.target,
+            "method": calibration.method(),
+            "calibration_samples": stats.samples,
+            "plan": plan,
+            "notes": notes,
+        });
+        if let (Some(v), Some(data)) = (&config.verify, &verify_data) {
+            if data.fingerprints()? == source.fingerprints()? {
+                eprintln!("warning: verifying on the calibration data: the figures are optimistic; use held-out data");
+            }
+            let options = onnxq::verify::VerifyOptions {
+                min_sqnr_db: v.min_sqnr_db,
+                min_cosine: v.min_cosine,
+                ..Default::default()
+            };
+            verification = Some(onnxq::verify::verify(float_model, &model, data, &options)?);
+        }
+    }
+
     let t2 = Instant::now();
     let options = SaveOptions {
         external_data_threshold: args.external_data.then_some(1024),
@@ -256,13 +328,16 @@ fn main_job(args: MainArgs) -> Result<()> {
     let write_ms = t2.elapsed().as_secs_f64() * 1e3;
 
     eprintln!(
-        "onnxq: wrote {} ({} nodes) in {:.0} ms: load {load_ms:.0} ms, passes {passes_ms:.0} ms, write {write_ms:.0} ms",
+        "onnxq: wrote {} ({} nodes) in {:.0} ms: load {load_ms:.0} ms, passes {passes_ms:.0} ms, calibration {calibrate_ms:.0} ms, write {write_ms:.0} ms",
         output.display(),
         model.graph.nodes.node_count(),
-        load_ms + passes_ms + write_ms
+        load_ms + passes_ms + calibrate_ms + write_ms
     );
     for r in &ctx.pass_reports {
         eprintln!("  {}: {} -> {} nodes", r.pass, r.nodes_before, r.nodes_after);
+    }
+    if let Some(v) = &verification {
+        println!("{v}");
     }
     if let Some(report_path) = args.report {
         let report = serde_json::json!({
@@ -272,12 +347,86 @@ fn main_job(args: MainArgs) -> Result<()> {
             "output": output,
             "quantize": config.quantize,
             "passes": ctx.pass_reports,
-            "timings_ms": { "load": load_ms, "passes": passes_ms, "write": write_ms },
+            "quantization": quantization,
+            "verification": verification,
+            "timings_ms": { "load": load_ms, "passes": passes_ms, "calibration": calibrate_ms, "write": write_ms },
         });
         let text = serde_json::to_string_pretty(&report).expect("report serialises");
         onnx::write_atomic(&report_path, text.as_bytes())?;
     }
+    if let Some(v) = &verification {
+        if !v.passed() {
+            let failed: Vec<String> = v.failures().iter().map(|f| f.to_string()).collect();
+            return Err(Error::Verification(failed.join("; ")));
+        }
+    }
     Ok(())
+}
+
+/// Every override must match something in the model: a typo would silently do nothing.
+fn check_overrides(config: &Config, config_path: &Path, model: &Model) -> Result<()> {
+    use onnxq::quant::plan::ExcludeKind;
+    let g = &model.graph;
+    for (kind, re) in &config.exclusions().patterns {
+        let hit = match kind {
+            ExcludeKind::Tensor => {
+                g.constants.keys().any(|t| re.is_match(t))
+                    || g.inputs.iter().any(|i| re.is_match(i.name()))
+                    || g.nodes.node_weights().any(|n| n.outputs.iter().any(|o| re.is_match(o)))
+            }
+            ExcludeKind::Node => g.nodes.node_weights().any(|n| re.is_match(&n.name)),
+            ExcludeKind::OpType => g.nodes.node_weights().any(|n| re.is_match(&n.op_type)),
+        };
+        if !hit {
+            let pattern = re.as_str().trim_start_matches("^(?:").trim_end_matches(")$");
+            return Err(Error::config(
+                config_path,
+                format!("override {kind:?} `{pattern}` matches nothing in the model"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Statistics for `model` on `source`: reused from `stats_path` when it matches, else collected
+/// (and saved there when a path is given).
+fn calibration_stats(model: &Model, source: &DataSource, stats_path: Option<&Path>) -> Result<CalibrationStats> {
+    if source.len() < FEW_SAMPLES {
+        eprintln!(
+            "warning: calibrating on {} samples; ranges from fewer than {FEW_SAMPLES} are unreliable",
+            source.len()
+        );
+    }
+    let (graph, weights) = stats::model_fingerprint(model);
+    let fingerprint = Fingerprint {
+        graph,
+        weights,
+        data: source.fingerprints()?,
+    };
+    if let Some(path) = stats_path.filter(|p| p.exists()) {
+        let s = CalibrationStats::load(path)?;
+        s.check_fingerprint(&fingerprint, path)?;
+        eprintln!(
+            "onnxq: reusing statistics from {} ({} samples)",
+            path.display(),
+            s.samples
+        );
+        return Ok(s);
+    }
+    let t = Instant::now();
+    let s = stats::collect(model, source, fingerprint.data.clone())?;
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "onnxq: calibrated {} tensors on {} samples in {secs:.2} s ({:.1} samples/s)",
+        s.tensors.len(),
+        s.samples,
+        s.samples as f64 / secs.max(1e-9)
+    );
+    if let Some(path) = stats_path {
+        s.save(path)?;
+        eprintln!("onnxq: wrote statistics to {}", path.display());
+    }
+    Ok(s)
 }
 
 /// Samples below which calibration ranges are unreliable.
@@ -297,41 +446,7 @@ fn calibrate(model_path: &Path, config_path: &Path, stats_path: &Path, report: O
         other => other,
     })?;
     let source = DataSource::open(&calibration, &InputSpec::of_graph(&model.graph))?;
-    if source.len() < FEW_SAMPLES {
-        eprintln!(
-            "warning: calibrating on {} samples; ranges from fewer than {FEW_SAMPLES} are unreliable",
-            source.len()
-        );
-    }
-    let (graph, weights) = stats::model_fingerprint(&model);
-    let fingerprint = Fingerprint {
-        graph,
-        weights,
-        data: source.fingerprints()?,
-    };
-    let collected = if stats_path.exists() {
-        let s = CalibrationStats::load(stats_path)?;
-        s.check_fingerprint(&fingerprint, stats_path)?;
-        eprintln!(
-            "onnxq: reusing statistics from {} ({} samples)",
-            stats_path.display(),
-            s.samples
-        );
-        s
-    } else {
-        let t = Instant::now();
-        let s = stats::collect(&model, &source, fingerprint.data.clone())?;
-        let secs = t.elapsed().as_secs_f64();
-        s.save(stats_path)?;
-        eprintln!(
-            "onnxq: calibrated {} tensors on {} samples in {secs:.2} s ({:.1} samples/s); wrote {}",
-            s.tensors.len(),
-            s.samples,
-            s.samples as f64 / secs.max(1e-9),
-            stats_path.display()
-        );
-        s
-    };
+    let collected = calibration_stats(&model, &source, Some(stats_path))?;
     let method = calibration.method();
     let ranges = collected.ranges(&method);
     let clipping = ranges.iter().filter(|r| r.clipped_values > 0.0).count();

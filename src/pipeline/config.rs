@@ -20,6 +20,69 @@ pub struct Config {
     /// Activation statistics from real inputs.
     #[serde(default)]
     pub calibration: Option<CalibrationConfig>,
+    /// The backend the model is for: `generic` (default), `tensorrt`, `openvino`, `onnxruntime`.
+    #[serde(default)]
+    pub target: crate::quant::rules::Target,
+    /// Weight quantization, where the target allows a choice.
+    #[serde(default)]
+    pub weights: WeightsConfig,
+    /// Activation quantization, where the target allows a choice.
+    #[serde(default)]
+    pub activations: ActivationsConfig,
+    /// Per-tensor, per-node or per-op-type exceptions.
+    #[serde(default)]
+    pub overrides: Vec<Override>,
+    /// Prove the quantized model against the float one on held-out data.
+    #[serde(default)]
+    pub verify: Option<VerifyConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightsConfig {
+    pub dtype: Option<crate::quant::params::QuantDtype>,
+    pub granularity: Option<Granularity>,
+    pub symmetric: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Granularity {
+    PerTensor,
+    PerChannel,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActivationsConfig {
+    pub dtype: Option<crate::quant::params::QuantDtype>,
+    pub symmetric: Option<bool>,
+}
+
+/// `overrides:` entry: what it matches (exactly one of tensor, node, op_type: a regular
+/// expression matched against the whole name) and what it does.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Override {
+    pub tensor: Option<String>,
+    pub node: Option<String>,
+    pub op_type: Option<String>,
+    /// Keep the match float.
+    #[serde(default)]
+    pub exclude: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyConfig {
+    /// Held-out data (`.npz`/`.npy`, relative to the config file).
+    pub data: PathBuf,
+    /// Fail (exit code 3) when any output's SQNR is below this.
+    #[serde(default)]
+    pub min_sqnr_db: Option<f64>,
+    /// Fail (exit code 3) when any output's cosine similarity is below this.
+    #[serde(default)]
+    pub min_cosine: Option<f64>,
 }
 
 /// `calibration:` — where the data comes from and how ranges are chosen from the statistics.
@@ -146,6 +209,48 @@ fn default_true() -> bool {
 }
 
 impl Config {
+    /// The target's rules with the config's choices applied.
+    pub fn target_rules(&self) -> crate::quant::rules::TargetRules {
+        let mut rules = self.target.rules();
+        if let Some(d) = self.weights.dtype {
+            rules.weights.dtype = d;
+        }
+        if let Some(s) = self.weights.symmetric {
+            rules.weights.symmetric = s;
+            rules.weights.narrow_range &= s;
+        }
+        if let Some(g) = self.weights.granularity {
+            rules.per_channel_weights = g == Granularity::PerChannel;
+        }
+        if let Some(d) = self.activations.dtype {
+            rules.activations.dtype = d;
+        }
+        if let Some(s) = self.activations.symmetric {
+            rules.activations.symmetric = s;
+        }
+        rules
+    }
+
+    /// The exclusions of `overrides:`, compiled (anchored: a pattern matches the whole name).
+    pub fn exclusions(&self) -> crate::quant::plan::Exclusions {
+        use crate::quant::plan::ExcludeKind;
+        let patterns = self
+            .overrides
+            .iter()
+            .filter(|o| o.exclude)
+            .map(|o| {
+                let (kind, p) = match (&o.tensor, &o.node, &o.op_type) {
+                    (Some(p), _, _) => (ExcludeKind::Tensor, p),
+                    (_, Some(p), _) => (ExcludeKind::Node, p),
+                    (_, _, Some(p)) => (ExcludeKind::OpType, p),
+                    _ => unreachable!("validated: exactly one is set"),
+                };
+                (kind, regex::Regex::new(&format!("^(?:{p})$")).expect("validated"))
+            })
+            .collect();
+        crate::quant::plan::Exclusions { patterns }
+    }
+
     pub fn load(path: &Path) -> Result<Config> {
         let text =
             std::fs::read_to_string(path).map_err(|e| Error::config(path, format!("cannot read the config: {e}")))?;
@@ -166,6 +271,59 @@ impl Config {
     fn validate(&mut self, path: &Path) -> Result<()> {
         if let Some(c) = self.calibration.as_mut() {
             c.validate(path)?;
+        }
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        if let Some(v) = self.verify.as_mut() {
+            if v.data.is_relative() {
+                v.data = base.join(&v.data);
+            }
+        }
+        if self.target == crate::quant::rules::Target::Tensorrt {
+            if self.weights.symmetric == Some(false) || self.activations.symmetric == Some(false) {
+                return Err(Error::config(
+                    path,
+                    "target tensorrt is symmetric only (zero point 0): remove `symmetric: false`",
+                ));
+            }
+            let unsigned = |d: Option<crate::quant::params::QuantDtype>| {
+                matches!(
+                    d,
+                    Some(crate::quant::params::QuantDtype::Uint8 | crate::quant::params::QuantDtype::Uint16)
+                )
+            };
+            if unsigned(self.weights.dtype) || unsigned(self.activations.dtype) {
+                return Err(Error::config(
+                    path,
+                    "target tensorrt takes signed types only (int8, int16)",
+                ));
+            }
+        }
+        for (i, o) in self.overrides.iter().enumerate() {
+            let set = [&o.tensor, &o.node, &o.op_type].iter().filter(|x| x.is_some()).count();
+            if set != 1 {
+                return Err(Error::config(
+                    path,
+                    format!("overrides[{i}]: give exactly one of `tensor`, `node`, `op_type`"),
+                ));
+            }
+            let pattern = o
+                .tensor
+                .as_ref()
+                .or(o.node.as_ref())
+                .or(o.op_type.as_ref())
+                .expect("one is set");
+            if let Err(e) = regex::Regex::new(&format!("^(?:{pattern})$")) {
+                return Err(Error::config(
+                    path,
+                    format!("overrides[{i}]: `{pattern}` is not a valid regular expression: {e}"),
+                ));
+            }
+            if !o.exclude {
+                return Err(Error::config(
+                    path,
+                    format!("overrides[{i}]: say what it does (`exclude: true`)"),
+                ));
+            }
         }
         for name in &self.passes {
             if crate::passes::create(name).is_none() {

@@ -1,1 +1,1077 @@
-//! Placeholder: being written.
+//! Scale / zero-point maths of ONNX QDQ quantization, as ONNX Runtime, TensorRT and OpenVINO
+//! execute it.
+//!
+//! The runtime contract is the ONNX operator spec (QuantizeLinear / DequantizeLinear):
+//!
+//! ```text
+//! q = saturate(round_half_to_even(x / scale) + zero_point)      saturate: the dtype's full range
+//! x̂ = (q − zero_point) · scale
+//! ```
+//!
+//! Choosing `scale` and `zero_point` for a real range [lo, hi] follows Jacob et al. 2018
+//! ("Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
+//! Inference") and Nagel et al. 2021 ("A White Paper on Neural Network Quantization"), with the
+//! integer ranges of ONNX Runtime's `quant_utils.get_qmin_qmax_for_qType`:
+//!
+//! - the range is first widened to contain 0, so that 0 (padding, ReLU) is exact;
+//! - asymmetric: `scale = (hi − lo) / (qmax − qmin)`, `zero_point = round(qmin − lo / scale)`;
+//! - symmetric, signed: `scale = amax / qmax`, `zero_point = 0`, with `amax = max(|lo|, |hi|)`
+//!   and the narrow range (int8: −127..127) so that ±amax are both exact;
+//! - symmetric, unsigned: `zero_point = (qmin + qmax + 1) / 2` (uint8: 128, uint16: 32768),
+//!   `scale = amax / (qmax − zero_point)`: ±amax are both exact and the grid is the symmetric
+//!   signed one shifted by the zero point;
+//! - narrow range drops the signed minimum (int8: −127..127), reduce range uses ORT's 7-bit
+//!   tables (int8 −64..64, uint8 0..127) for VNNI-less x86 kernels whose u8·s8 pair sums
+//!   saturate int16;
+//! - per-channel: one (scale, zero point) per slice along an axis, each from its own range;
+//! - bias: int32 with `scale = s_in · s_w[c]`, zero point 0, so that the integer accumulator
+//!   of Conv/Gemm can add it directly.
+//!
+//! Nothing here panics on any input, and no scale written is zero, negative, subnormal, NaN or
+//! infinite.
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::proto::tensor_proto::DataType;
+use crate::proto::TensorProto;
+
+/// Integer type of a quantized tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantDtype {
+    Int8,
+    Uint8,
+    Int16,
+    Uint16,
+}
+
+impl QuantDtype {
+    /// The TensorProto `DataType`.
+    pub fn onnx_type(self) -> i32 {
+        (match self {
+            QuantDtype::Int8 => DataType::Int8,
+            QuantDtype::Uint8 => DataType::Uint8,
+            QuantDtype::Int16 => DataType::Int16,
+            QuantDtype::Uint16 => DataType::Uint16,
+        }) as i32
+    }
+
+    /// The inverse of [`QuantDtype::onnx_type`] (None for any other type).
+    pub fn from_onnx_type(data_type: i32) -> Option<Self> {
+        match DataType::try_from(data_type).ok()? {
+            DataType::Int8 => Some(QuantDtype::Int8),
+            DataType::Uint8 => Some(QuantDtype::Uint8),
+            DataType::Int16 => Some(QuantDtype::Int16),
+            DataType::Uint16 => Some(QuantDtype::Uint16),
+            _ => None,
+        }
+    }
+
+    pub fn is_signed(self) -> bool {
+        matches!(self, QuantDtype::Int8 | QuantDtype::Int16)
+    }
+
+    pub fn bits(self) -> u32 {
+        match self {
+            QuantDtype::Int8 | QuantDtype::Uint8 => 8,
+            QuantDtype::Int16 | QuantDtype::Uint16 => 16,
+        }
+    }
+
+    /// (qmin, qmax) of the dtype; with `narrow` the signed minimum is dropped (int8: −127..127).
+    /// Narrow range only applies to signed types (an unsigned range has no lone extra value).
+    pub fn range(self, narrow: bool) -> (i32, i32) {
+        let n = narrow as i32;
+        match self {
+            QuantDtype::Int8 => (-128 + n, 127),
+            QuantDtype::Uint8 => (0, 255),
+            QuantDtype::Int16 => (-32768 + n, 32767),
+            QuantDtype::Uint16 => (0, 65535),
+        }
+    }
+
+    /// ONNX Runtime's reduce_range table (`ONNX_INT_TYPE_REDUCED_RANGE`): one bit less of
+    /// magnitude. Signed keeps ±2^(b−2) (int8 −64..64, not −64..63): |w| ≤ 64 already keeps
+    /// 2·255·|w| within int16, and the symmetric range wastes nothing.
+    pub fn reduced_range(self) -> (i32, i32) {
+        match self {
+            QuantDtype::Int8 => (-64, 64),
+            QuantDtype::Uint8 => (0, 127),
+            QuantDtype::Int16 => (-16384, 16384),
+            QuantDtype::Uint16 => (0, 32767),
+        }
+    }
+
+    /// Short name (`i8`, `u8`, `i16`, `u16`), as in dumps.
+    pub fn name(self) -> &'static str {
+        crate::onnx::tensor::dtype_name(self.onnx_type())
+    }
+}
+
+impl std::fmt::Display for QuantDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Everything that decides parameters for one tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Scheme {
+    pub dtype: QuantDtype,
+    /// Range symmetric around 0: zero point 0 (signed) or the midpoint (unsigned).
+    #[serde(default)]
+    pub symmetric: bool,
+    /// Signed only: drop the minimum (int8 −127..127). Implied by `symmetric` for signed types.
+    #[serde(default)]
+    pub narrow_range: bool,
+    /// One bit less, as ORT's reduce_range (int8 −64..64, uint8 0..127), for x86 kernels
+    /// without VNNI whose u8·s8 pair sums saturate int16. Overrides `narrow_range`.
+    #[serde(default)]
+    pub reduce_range: bool,
+}
+
+impl Scheme {
+    /// The integer range parameters are computed for, and weights are clamped to.
+    /// Runtime QuantizeLinear still saturates to the dtype's full range ([`quantize`]).
+    pub fn qrange(&self) -> (i32, i32) {
+        if self.reduce_range {
+            self.dtype.reduced_range()
+        } else {
+            // Symmetric signed: −qmax..qmax, so that −amax is exact as well (ORT does the same).
+            self.dtype
+                .range(self.narrow_range || (self.symmetric && self.dtype.is_signed()))
+        }
+    }
+}
+
+/// Scale and zero point of one tensor or one channel.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QParams {
+    pub scale: f32,
+    pub zero_point: i32,
+}
+
+impl QParams {
+    /// Usable by a runtime: a finite, normal, positive scale.
+    pub fn is_valid(&self) -> bool {
+        self.scale.is_finite() && self.scale >= f32::MIN_POSITIVE
+    }
+}
+
+/// Minimum width of a range, applied before computing the scale: a zero-width range (an
+/// all-zero tensor) or a narrower one is widened to `[lo, lo + MIN_RANGE]`, as ORT's
+/// `min_real_range`. Fixed rather than relative: after 0 is included, only ranges within
+/// 1e-5 of 0 are affected, so a constant `c` still lies inside its (widened) range and
+/// round-trips within scale/2, while scales stay ≥ 1e-5 / 65535 ≈ 1.5e-10 — far from f32
+/// underflow even in a bias scale `s_in · s_w` (≥ 2e-20), and large enough that the bias of
+/// a layer fed by an all-zero tensor usually still fits int32.
+pub const MIN_RANGE: f32 = 1e-5;
+
+/// Round half to even, as ONNX QuantizeLinear (and IEEE `nearbyint` under default rounding).
+pub fn round_half_even(x: f64) -> f64 {
+    x.round_ties_even()
+}
+
+/// The f32 scale actually stored: never 0, subnormal, NaN or infinite. Subnormal scales
+/// (ranges below ~1e-36) become the smallest normal f32 — unreachable from ranges floored at
+/// MIN_RANGE, but kept so no caller can write a scale that runtimes flush to zero.
+fn stored_scale(scale: f64) -> f32 {
+    let s = scale as f32;
+    if s.is_infinite() {
+        f32::MAX
+    } else if s >= f32::MIN_POSITIVE {
+        s
+    } else {
+        f32::MIN_POSITIVE // also NaN and ≤ 0
+    }
+}
+
+/// The caller guarantees finite bounds; still, NaN counts as 0 and ±inf as ±f32::MAX/2, so the
+/// width (≤ f32::MAX) and hence the scale stay finite.
+fn sanitize(x: f32) -> f64 {
+    const LIMIT: f64 = f32::MAX as f64 / 2.0;
+    if x.is_nan() {
+        0.0
+    } else {
+        (x as f64).clamp(-LIMIT, LIMIT)
+    }
+}
+
+/// Parameters for a range [lo, hi] (from calibration or weights).
+///
+/// The range is widened to contain 0 and to be at least [`MIN_RANGE`] wide; an inverted range
+/// (empty statistics, lo = +inf, hi = −inf) thus becomes [0, MIN_RANGE].
+pub fn params_for_range(lo: f32, hi: f32, scheme: &Scheme) -> QParams {
+    let lo = sanitize(lo).min(0.0);
+    let mut hi = sanitize(hi).max(0.0);
+    if hi - lo < MIN_RANGE as f64 {
+        hi = lo + MIN_RANGE as f64;
+    }
+    let (qmin, qmax) = scheme.qrange();
+    if scheme.symmetric {
+        let amax = hi.max(-lo);
+        if scheme.dtype.is_signed() {
+            return QParams {
+                scale: stored_scale(amax / qmax as f64),
+                zero_point: 0,
+            };
+        }
+        // Midpoint, rounded up: 128 / 64 / 32768, the values ORT's kernels expect; −amax then
+        // maps to qmin + 1, +amax to qmax.
+        let zero_point = (qmin + qmax + 1) / 2;
+        return QParams {
+            scale: stored_scale(amax / (qmax - zero_point) as f64),
+            zero_point,
+        };
+    }
+    let scale = stored_scale((hi - lo) / (qmax - qmin) as f64);
+    // With the scale as stored, so that lo quantizes to qmin in the runtime's own arithmetic.
+    let zp = round_half_even(qmin as f64 - lo / scale as f64).clamp(qmin as f64, qmax as f64);
+    QParams {
+        scale,
+        zero_point: zp as i32,
+    }
+}
+
+/// ONNX QuantizeLinear, in f32 as runtimes compute it: `x / scale` in f32, rounded half to
+/// even, plus the zero point, saturated to the dtype's FULL range (the spec's, whatever the
+/// scheme's narrow or reduced range). NaN quantizes to the zero point.
+pub fn quantize(x: f32, p: QParams, dtype: QuantDtype) -> i32 {
+    let (qmin, qmax) = dtype.range(false);
+    let r = (x / p.scale).round_ties_even();
+    if r.is_nan() {
+        return p.zero_point.clamp(qmin, qmax);
+    }
+    (r as f64 + p.zero_point as f64).clamp(qmin as f64, qmax as f64) as i32
+}
+
+/// ONNX DequantizeLinear: `(q − zero_point) · scale` in f32.
+pub fn dequantize(q: i32, p: QParams) -> f32 {
+    (q as i64 - p.zero_point as i64) as f32 * p.scale
+}
+
+/// (outer, channels, inner) of a tensor split along `axis`; element i is in channel
+/// `(i / inner) % channels`.
+fn channel_layout(dims: &[i64], axis: usize) -> Option<(usize, usize, usize)> {
+    let size = |ds: &[i64]| {
+        ds.iter().try_fold(1usize, |acc, &d| {
+            usize::try_from(d).ok().and_then(|d| acc.checked_mul(d))
+        })
+    };
+    let channels = usize::try_from(*dims.get(axis)?).ok()?;
+    Some((size(&dims[..axis])?, channels, size(&dims[axis + 1..])?))
+}
+
+/// A quantized weight: values as i32 (to be packed by dtype), and per-tensor (len 1) or
+/// per-channel (len = channels) parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizedTensor {
+    pub dims: Vec<i64>,
+    pub values: Vec<i32>,
+    pub params: Vec<QParams>,
+    pub axis: Option<usize>,
+    pub dtype: QuantDtype,
+}
+
+/// Below this many elements rayon's task overhead outweighs the work.
+const PAR_MIN_LEN: usize = 1 << 14;
+
+/// Quantizes a weight: per-tensor when `axis` is None, else per-channel along `axis` (Conv
+/// weights axis 0, ConvTranspose 1, Gemm by transB, MatMul the last axis). Each channel's
+/// [min, max] goes through [`params_for_range`]; values are quantized as QuantizeLinear would
+/// and clamped to the scheme's range (f32 rounding could otherwise step one past a narrow or
+/// reduced bound).
+pub fn quantize_weights(values: &[f32], dims: &[i64], axis: Option<usize>, scheme: &Scheme) -> Result<QuantizedTensor> {
+    let count = channel_layout(dims, 0).map(|(_, c, inner)| c.checked_mul(inner));
+    let count = if dims.is_empty() { Some(Some(1)) } else { count };
+    if count != Some(Some(values.len())) {
+        return Err(Error::Graph(format!(
+            "weight of shape {dims:?} has {} values",
+            values.len()
+        )));
+    }
+    let (qmin, qmax) = scheme.qrange();
+    let minmax = |acc: (f32, f32), &v: &f32| (acc.0.min(v), acc.1.max(v)); // f32::min/max skip NaN
+    let merge = |a: (f32, f32), b: (f32, f32)| (a.0.min(b.0), a.1.max(b.1));
+
+    let (params, inner, channels) = match axis {
+        None => {
+            let (lo, hi) = values
+                .par_iter()
+                .with_min_len(PAR_MIN_LEN)
+                .fold(|| (0.0, 0.0), minmax)
+                .reduce(|| (0.0, 0.0), merge);
+            (vec![params_for_range(lo, hi, scheme)], 1, 1)
+        }
+        Some(axis) => {
+            let (outer, channels, inner) = channel_layout(dims, axis).ok_or_else(|| {
+                Error::Graph(format!(
+                    "per-channel axis {axis} is out of range for weight of shape {dims:?}"
+                ))
+            })?;
+            let params = (0..channels)
+                .into_par_iter()
+                .map(|c| {
+                    let (lo, hi) = (0..outer)
+                        .map(|o| &values[(o * channels + c) * inner..][..inner])
+                        .fold((0.0, 0.0), |acc, slice| {
+                            merge(acc, slice.iter().fold((0.0, 0.0), minmax))
+                        });
+                    params_for_range(lo, hi, scheme)
+                })
+                .collect();
+            (params, inner, channels)
+        }
+    };
+
+    let quantized = values
+        .par_iter()
+        .with_min_len(PAR_MIN_LEN)
+        .enumerate()
+        .map(|(i, &v)| quantize(v, params[(i / inner) % channels], scheme.dtype).clamp(qmin, qmax))
+        .collect();
+    Ok(QuantizedTensor {
+        dims: dims.to_vec(),
+        values: quantized,
+        params,
+        axis,
+        dtype: scheme.dtype,
+    })
+}
+
+impl QuantizedTensor {
+    /// The TensorProtos a DequantizeLinear needs: data in the dtype (raw little-endian bytes),
+    /// scale (f32, shape [] per-tensor or [C] per-channel) and zero point (the dtype, same shape).
+    pub fn to_protos(
+        &self,
+        data_name: &str,
+        scale_name: &str,
+        zero_point_name: &str,
+    ) -> (TensorProto, TensorProto, TensorProto) {
+        let param_dims = match self.axis {
+            None => vec![],
+            Some(_) => vec![self.params.len() as i64],
+        };
+        let scales: Vec<f32> = self.params.iter().map(|p| p.scale).collect();
+        let zero_points: Vec<i32> = self.params.iter().map(|p| p.zero_point).collect();
+        (
+            raw_tensor(
+                data_name,
+                self.dims.clone(),
+                self.dtype.onnx_type(),
+                pack(&self.values, self.dtype),
+            ),
+            raw_tensor(
+                scale_name,
+                param_dims.clone(),
+                DataType::Float as i32,
+                f32_bytes(&scales),
+            ),
+            raw_tensor(
+                zero_point_name,
+                param_dims,
+                self.dtype.onnx_type(),
+                pack(&zero_points, self.dtype),
+            ),
+        )
+    }
+
+    /// The dequantized values (what the quantized model computes with), for error measurement
+    /// and bias correction. A hand-built, inconsistent tensor falls back to its first
+    /// parameters (or scale 1, zero point 0 without any) rather than panicking.
+    pub fn dequantized(&self) -> Vec<f32> {
+        let fallback = self.params.first().copied().unwrap_or(QParams {
+            scale: 1.0,
+            zero_point: 0,
+        });
+        let layout = self
+            .axis
+            .and_then(|a| channel_layout(&self.dims, a))
+            .filter(|&(_, c, inner)| c > 0 && inner > 0 && c == self.params.len());
+        self.values
+            .par_iter()
+            .with_min_len(PAR_MIN_LEN)
+            .enumerate()
+            .map(|(i, &q)| {
+                let p = match layout {
+                    Some((_, c, inner)) => self.params[(i / inner) % c],
+                    None => fallback,
+                };
+                dequantize(q, p)
+            })
+            .collect()
+    }
+}
+
+/// Packs integer values into the dtype's little-endian bytes (values outside the dtype's range
+/// saturate rather than wrap).
+pub fn pack(values: &[i32], dtype: QuantDtype) -> Vec<u8> {
+    let (qmin, qmax) = dtype.range(false);
+    let mut out = Vec::with_capacity(values.len() * dtype.bits() as usize / 8);
+    for &v in values {
+        let v = v.clamp(qmin, qmax);
+        match dtype {
+            QuantDtype::Int8 => out.push(v as i8 as u8),
+            QuantDtype::Uint8 => out.push(v as u8),
+            QuantDtype::Int16 => out.extend((v as i16).to_le_bytes()),
+            QuantDtype::Uint16 => out.extend((v as u16).to_le_bytes()),
+        }
+    }
+    out
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn raw_tensor(name: &str, dims: Vec<i64>, data_type: i32, raw: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: Some(name.to_string()),
+        dims,
+        data_type: Some(data_type),
+        raw_data: Some(raw),
+        ..Default::default()
+    }
+}
+
+/// Scale and zero-point TensorProtos of an activation Q/DQ pair: scalar f32 scale and scalar
+/// zero point of `dtype`.
+pub fn scalar_params_protos(
+    p: QParams,
+    dtype: QuantDtype,
+    scale_name: &str,
+    zero_point_name: &str,
+) -> (TensorProto, TensorProto) {
+    (
+        raw_tensor(scale_name, vec![], DataType::Float as i32, f32_bytes(&[p.scale])),
+        raw_tensor(zero_point_name, vec![], dtype.onnx_type(), pack(&[p.zero_point], dtype)),
+    )
+}
+
+/// Outcome of quantizing a bias.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BiasQuantization {
+    /// int32 values with scale `s_in · s_w` (per-tensor: 1 scale; per-channel: one per value),
+    /// zero point 0.
+    Int32 { values: Vec<i32>, scales: Vec<f32> },
+    /// Would overflow int32 (or the scale underflows): keep the bias float.
+    KeepFloat { reason: String },
+}
+
+/// Quantizes a bias to int32 with scale `s_in · s_w[c]` and zero point 0, the layout integer
+/// Conv/Gemm kernels add straight into their int32 accumulators.
+///
+/// `weight_scales` has 1 (per-tensor) or `bias.len()` (per-channel) entries. The bias scale is
+/// the f32 product (what runtimes compare against `s_in · s_w` when fusing); the division and
+/// rounding (half to even) are in f64. When any |q| > 2^31 − 1, the scale is 0, subnormal or
+/// not finite, or a bias value is not finite, the bias stays float: an int32 accumulator cannot
+/// hold it, and a float bias is always correct (TensorRT keeps bias float anyway).
+pub fn quantize_bias(bias: &[f32], input_scale: f32, weight_scales: &[f32]) -> BiasQuantization {
+    if weight_scales.len() != 1 && weight_scales.len() != bias.len() {
+        return BiasQuantization::KeepFloat {
+            reason: format!("{} weight scales for {} bias values", weight_scales.len(), bias.len()),
+        };
+    }
+    let scales: Vec<f32> = weight_scales
+        .iter()
+        .map(|&w| ((input_scale as f64) * (w as f64)) as f32)
+        .collect();
+    for (c, &s) in scales.iter().enumerate() {
+        if !(s.is_finite() && s >= f32::MIN_POSITIVE) {
+            let w = weight_scales[c];
+            return BiasQuantization::KeepFloat {
+                reason: format!("channel {c}: bias scale {input_scale:e} · {w:e} = {s:e} is not a normal positive f32"),
+            };
+        }
+    }
+    let mut values = Vec::with_capacity(bias.len());
+    for (c, &b) in bias.iter().enumerate() {
+        let s = scales[if scales.len() == 1 { 0 } else { c }];
+        let q = round_half_even(b as f64 / s as f64);
+        if q.is_nan() || q.abs() > i32::MAX as f64 {
+            return BiasQuantization::KeepFloat {
+                reason: format!("channel {c}: bias {b:e} / scale {s:e} = {q:e} does not fit int32"),
+            };
+        }
+        values.push(q as i32);
+    }
+    BiasQuantization::Int32 { values, scales }
+}
+
+/// The TensorProtos of a quantized bias's DequantizeLinear: int32 data of shape [len], f32
+/// scale and int32 zero points (all 0), shape [] for one scale or [C] for per-channel (then the
+/// DequantizeLinear needs axis 0). Errors on KeepFloat or a length mismatch (caller bugs).
+pub fn bias_protos(
+    bias: &BiasQuantization,
+    len: usize,
+    data_name: &str,
+    scale_name: &str,
+    zero_point_name: &str,
+) -> Result<(TensorProto, TensorProto, TensorProto)> {
+    let BiasQuantization::Int32 { values, scales } = bias else {
+        return Err(Error::Graph(format!("bias '{data_name}' was not quantized")));
+    };
+    if values.len() != len || (scales.len() != 1 && scales.len() != len) {
+        return Err(Error::Graph(format!(
+            "bias '{data_name}': {} values and {} scales for length {len}",
+            values.len(),
+            scales.len()
+        )));
+    }
+    let param_dims = if scales.len() == 1 {
+        vec![]
+    } else {
+        vec![scales.len() as i64]
+    };
+    let i32_bytes = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    Ok((
+        raw_tensor(data_name, vec![len as i64], DataType::Int32 as i32, i32_bytes(values)),
+        raw_tensor(
+            scale_name,
+            param_dims.clone(),
+            DataType::Float as i32,
+            f32_bytes(scales),
+        ),
+        raw_tensor(
+            zero_point_name,
+            param_dims,
+            DataType::Int32 as i32,
+            i32_bytes(&vec![0; scales.len()]),
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::tensor::{values_f32, values_i128};
+
+    fn scheme(dtype: QuantDtype, symmetric: bool) -> Scheme {
+        Scheme {
+            dtype,
+            symmetric,
+            narrow_range: false,
+            reduce_range: false,
+        }
+    }
+
+    fn f32_of(x: f64) -> f32 {
+        x as f32
+    }
+
+    #[test]
+    fn round_half_even_ties() {
+        assert_eq!(round_half_even(0.5), 0.0);
+        assert_eq!(round_half_even(1.5), 2.0);
+        assert_eq!(round_half_even(2.5), 2.0);
+        assert_eq!(round_half_even(-0.5), 0.0); // −0 == 0
+        assert_eq!(round_half_even(-1.5), -2.0);
+        assert_eq!(round_half_even(-2.5), -2.0);
+        assert_eq!(round_half_even(2.6), 3.0);
+    }
+
+    #[test]
+    fn quantize_like_quantize_linear() {
+        let p = QParams {
+            scale: 0.5,
+            zero_point: 0,
+        };
+        assert_eq!(quantize(0.25, p, QuantDtype::Int8), 0); // 0.5 → 0
+        assert_eq!(quantize(0.75, p, QuantDtype::Int8), 2); // 1.5 → 2
+        assert_eq!(quantize(-0.75, p, QuantDtype::Int8), -2);
+        assert_eq!(quantize(1.25, p, QuantDtype::Int8), 2); // 2.5 → 2
+        assert_eq!(quantize(100.0, p, QuantDtype::Int8), 127);
+        assert_eq!(quantize(-100.0, p, QuantDtype::Int8), -128); // full range, not narrow
+        assert_eq!(quantize(f32::INFINITY, p, QuantDtype::Int16), 32767);
+        let u = QParams {
+            scale: 0.5,
+            zero_point: 128,
+        };
+        assert_eq!(quantize(-1.0, u, QuantDtype::Uint8), 126);
+        assert_eq!(quantize(1.0, u, QuantDtype::Uint8), 130);
+        assert_eq!(quantize(1000.0, u, QuantDtype::Uint8), 255);
+        assert_eq!(quantize(-1000.0, u, QuantDtype::Uint8), 0);
+        assert_eq!(quantize(f32::NAN, u, QuantDtype::Uint8), 128);
+        assert_eq!(
+            quantize(
+                1.0,
+                QParams {
+                    scale: 0.0,
+                    zero_point: 3
+                },
+                QuantDtype::Uint16
+            ),
+            65535
+        );
+        assert_eq!(dequantize(126, u), -1.0);
+        assert_eq!(
+            dequantize(
+                i32::MIN,
+                QParams {
+                    scale: 1.0,
+                    zero_point: i32::MAX
+                }
+            ),
+            -(2f32.powi(32))
+        );
+    }
+
+    #[test]
+    fn dtype_ranges() {
+        assert_eq!(QuantDtype::Int8.range(false), (-128, 127));
+        assert_eq!(QuantDtype::Int8.range(true), (-127, 127));
+        assert_eq!(QuantDtype::Uint8.range(true), (0, 255));
+        assert_eq!(QuantDtype::Int16.range(true), (-32767, 32767));
+        assert_eq!(QuantDtype::Uint16.range(false), (0, 65535));
+        assert_eq!(QuantDtype::Int8.reduced_range(), (-64, 64));
+        assert_eq!(QuantDtype::Uint8.reduced_range(), (0, 127));
+        assert_eq!(QuantDtype::Int8.onnx_type(), DataType::Int8 as i32);
+        assert_eq!(
+            QuantDtype::from_onnx_type(DataType::Uint16 as i32),
+            Some(QuantDtype::Uint16)
+        );
+        assert_eq!(QuantDtype::from_onnx_type(DataType::Float as i32), None);
+        assert_eq!(QuantDtype::Int16.bits(), 16);
+        assert!(!QuantDtype::Uint8.is_signed());
+        assert_eq!(scheme(QuantDtype::Int8, true).qrange(), (-127, 127));
+        assert_eq!(scheme(QuantDtype::Int8, false).qrange(), (-128, 127));
+        let json = serde_json::to_string(&scheme(QuantDtype::Uint16, false)).unwrap();
+        assert!(json.contains("\"uint16\""), "{json}");
+        let back: Scheme = serde_json::from_str(r#"{"dtype":"int8","symmetric":true}"#).unwrap();
+        assert_eq!(back, scheme(QuantDtype::Int8, true));
+    }
+
+    #[test]
+    fn asymmetric_uint8() {
+        // [−1, 3]: scale 4/255; zp = round(1 / (4/255)) = round(63.75) = 64.
+        let p = params_for_range(-1.0, 3.0, &scheme(QuantDtype::Uint8, false));
+        assert_eq!(
+            p,
+            QParams {
+                scale: f32_of(4.0 / 255.0),
+                zero_point: 64
+            }
+        );
+        // [0.5, 2] is widened to [0, 2].
+        let p = params_for_range(0.5, 2.0, &scheme(QuantDtype::Uint8, false));
+        assert_eq!(
+            p,
+            QParams {
+                scale: f32_of(2.0 / 255.0),
+                zero_point: 0
+            }
+        );
+        // All negative [−2, −1] → [−2, 0]: zp at the top.
+        let p = params_for_range(-2.0, -1.0, &scheme(QuantDtype::Uint8, false));
+        assert_eq!(
+            p,
+            QParams {
+                scale: f32_of(2.0 / 255.0),
+                zero_point: 255
+            }
+        );
+        // Asymmetric int8 [−1, 3]: zp = round(−128 + 63.75) = −64.
+        let p = params_for_range(-1.0, 3.0, &scheme(QuantDtype::Int8, false));
+        assert_eq!(
+            p,
+            QParams {
+                scale: f32_of(4.0 / 255.0),
+                zero_point: -64
+            }
+        );
+        // Narrow int8 [−1, 4]: scale 5/254, zp = round(−127 + 50.8) = −76.
+        let narrow = Scheme {
+            narrow_range: true,
+            ..scheme(QuantDtype::Int8, false)
+        };
+        assert_eq!(
+            params_for_range(-1.0, 4.0, &narrow),
+            QParams {
+                scale: f32_of(5.0 / 254.0),
+                zero_point: -76
+            }
+        );
+        // The ends land on qmin / qmax in the runtime's arithmetic.
+        let p = params_for_range(-1.0, 3.0, &scheme(QuantDtype::Uint8, false));
+        assert_eq!(quantize(-1.0, p, QuantDtype::Uint8), 0);
+        assert_eq!(quantize(3.0, p, QuantDtype::Uint8), 255);
+        assert_eq!(quantize(0.0, p, QuantDtype::Uint8), 64);
+    }
+
+    #[test]
+    fn symmetric_and_reduced() {
+        // Symmetric int8 [−2, 1]: amax 2, scale 2/127, zp 0; narrow changes nothing.
+        let p = params_for_range(-2.0, 1.0, &scheme(QuantDtype::Int8, true));
+        assert_eq!(
+            p,
+            QParams {
+                scale: f32_of(2.0 / 127.0),
+                zero_point: 0
+            }
+        );
+        let narrow = Scheme {
+            narrow_range: true,
+            ..scheme(QuantDtype::Int8, true)
+        };
+        assert_eq!(params_for_range(-2.0, 1.0, &narrow), p);
+        assert_eq!(quantize(-2.0, p, QuantDtype::Int8), -127);
+        // Reduce range int8 (ORT: −64..64): scale 2/64.
+        let reduced = Scheme {
+            reduce_range: true,
+            ..scheme(QuantDtype::Int8, true)
+        };
+        assert_eq!(reduced.qrange(), (-64, 64));
+        assert_eq!(
+            params_for_range(-2.0, 1.0, &reduced),
+            QParams {
+                scale: 2.0 / 64.0,
+                zero_point: 0
+            }
+        );
+        // Reduce range uint8 asymmetric [−1, 3]: 0..127, scale 4/127, zp round(31.75) = 32.
+        let reduced_u8 = Scheme {
+            reduce_range: true,
+            ..scheme(QuantDtype::Uint8, false)
+        };
+        assert_eq!(
+            params_for_range(-1.0, 3.0, &reduced_u8),
+            QParams {
+                scale: f32_of(4.0 / 127.0),
+                zero_point: 32
+            }
+        );
+        // Symmetric uint8: zp 128, scale amax/127, both ends exact.
+        let p = params_for_range(-2.0, 1.0, &scheme(QuantDtype::Uint8, true));
+        assert_eq!(
+            p,
+            QParams {
+                scale: f32_of(2.0 / 127.0),
+                zero_point: 128
+            }
+        );
+        assert_eq!(quantize(2.0, p, QuantDtype::Uint8), 255);
+        assert_eq!(quantize(-2.0, p, QuantDtype::Uint8), 1);
+        let reduced_su8 = Scheme {
+            reduce_range: true,
+            ..scheme(QuantDtype::Uint8, true)
+        };
+        assert_eq!(
+            params_for_range(-2.0, 1.0, &reduced_su8),
+            QParams {
+                scale: f32_of(2.0 / 63.0),
+                zero_point: 64
+            }
+        );
+    }
+
+    #[test]
+    fn sixteen_bit() {
+        let p = params_for_range(-3.0, 1.0, &scheme(QuantDtype::Int16, true));
+        assert_eq!(
+            p,
+            QParams {
+                scale: f32_of(3.0 / 32767.0),
+                zero_point: 0
+            }
+        );
+        // uint16 [−1, 3]: scale 4/65535, zp = round(65535/4) = round(16383.75) = 16384.
+        let p = params_for_range(-1.0, 3.0, &scheme(QuantDtype::Uint16, false));
+        assert_eq!(
+            p,
+            QParams {
+                scale: f32_of(4.0 / 65535.0),
+                zero_point: 16384
+            }
+        );
+        let p = params_for_range(-1.0, 3.0, &scheme(QuantDtype::Uint16, true));
+        assert_eq!(
+            p,
+            QParams {
+                scale: f32_of(3.0 / 32767.0),
+                zero_point: 32768
+            }
+        );
+    }
+
+    #[test]
+    fn degenerate_ranges() {
+        for s in [
+            scheme(QuantDtype::Uint8, false),
+            scheme(QuantDtype::Int8, true),
+            scheme(QuantDtype::Uint16, true),
+            scheme(QuantDtype::Int16, false),
+        ] {
+            // Constant 3.0: finite positive scale, 3.0 round-trips within scale/2.
+            let p = params_for_range(3.0, 3.0, &s);
+            assert!(p.is_valid(), "{p:?}");
+            let back = dequantize(quantize(3.0, p, s.dtype), p);
+            assert!((back - 3.0).abs() <= p.scale / 2.0, "{s:?} {p:?} {back}");
+            // All zero: widened to MIN_RANGE, 0 exact.
+            let p = params_for_range(0.0, 0.0, &s);
+            assert!(p.is_valid(), "{p:?}");
+            assert_eq!(dequantize(quantize(0.0, p, s.dtype), p), 0.0);
+            // Tiny constant: still inside the widened range.
+            let p = params_for_range(1e-7, 1e-7, &s);
+            let back = dequantize(quantize(1e-7, p, s.dtype), p);
+            assert!((back - 1e-7).abs() <= p.scale / 2.0, "{s:?} {p:?} {back}");
+            // Garbage bounds never give a bad scale.
+            for (lo, hi) in [
+                (f32::NAN, f32::NAN),
+                (f32::NEG_INFINITY, f32::INFINITY),
+                (f32::INFINITY, f32::NEG_INFINITY),
+                (-f32::MAX, f32::MAX),
+                (-1e-40, 1e-40),
+                (5.0, -5.0),
+            ] {
+                let p = params_for_range(lo, hi, &s);
+                assert!(p.is_valid(), "{lo} {hi} {p:?}");
+                let (qmin, qmax) = s.qrange();
+                assert!((qmin..=qmax).contains(&p.zero_point), "{lo} {hi} {p:?}");
+            }
+        }
+        let p = params_for_range(0.0, 0.0, &scheme(QuantDtype::Uint8, false));
+        assert_eq!(
+            p,
+            QParams {
+                scale: f32_of(MIN_RANGE as f64 / 255.0),
+                zero_point: 0
+            }
+        );
+        // Empty statistics (lo = +inf, hi = −inf) mean nothing observed: [0, MIN_RANGE].
+        assert_eq!(
+            params_for_range(f32::INFINITY, f32::NEG_INFINITY, &scheme(QuantDtype::Uint8, false)),
+            p
+        );
+        assert_eq!(stored_scale(0.0), f32::MIN_POSITIVE);
+        assert_eq!(stored_scale(1e-40), f32::MIN_POSITIVE);
+        assert_eq!(stored_scale(f64::NAN), f32::MIN_POSITIVE);
+        assert_eq!(stored_scale(1e300), f32::MAX);
+    }
+
+    fn assert_within_half_step(q: &QuantizedTensor, original: &[f32], channel_of: impl Fn(usize) -> usize) {
+        let deq = q.dequantized();
+        assert_eq!(deq.len(), original.len());
+        for (i, (&d, &x)) in deq.iter().zip(original).enumerate() {
+            let s = q.params[channel_of(i)].scale;
+            assert!((d - x).abs() <= s / 2.0, "element {i}: {x} → {d} (scale {s})");
+        }
+    }
+
+    #[test]
+    fn per_channel_weights() {
+        let s8 = scheme(QuantDtype::Int8, true);
+        // [2, 3] on axis 0: channel 0 amax 1, channel 1 amax 0.4.
+        let w = [-1.0, 0.3, 0.6, 0.1, -0.3, 0.4];
+        let q = quantize_weights(&w, &[2, 3], Some(0), &s8).unwrap();
+        let scales = [f32_of(1.0 / 127.0), f32_of(0.4f32 as f64 / 127.0)];
+        assert_eq!(q.params.iter().map(|p| p.scale).collect::<Vec<_>>(), scales);
+        assert!(q.params.iter().all(|p| p.zero_point == 0));
+        // 0.3·127 = 38.1, 0.6·127 = 76.2; 0.1/0.4·127 = 31.75, −95.25, 127.
+        assert_eq!(q.values, [-127, 38, 76, 32, -95, 127]);
+        assert_within_half_step(&q, &w, |i| i / 3);
+
+        // The same channels as columns of a [3, 2] tensor, axis 1.
+        let wt = [-1.0, 0.1, 0.3, -0.3, 0.6, 0.4];
+        let qt = quantize_weights(&wt, &[3, 2], Some(1), &s8).unwrap();
+        assert_eq!(qt.params, q.params);
+        assert_eq!(qt.values, [-127, 32, 38, -95, 76, 127]);
+        assert_within_half_step(&qt, &wt, |i| i % 2);
+
+        // Per-tensor: one scale 1/127.
+        let qp = quantize_weights(&w, &[2, 3], None, &s8).unwrap();
+        assert_eq!(
+            qp.params,
+            [QParams {
+                scale: f32_of(1.0 / 127.0),
+                zero_point: 0
+            }]
+        );
+        assert_eq!(qp.values, [-127, 38, 76, 13, -38, 51]);
+        assert_within_half_step(&qp, &w, |_| 0);
+
+        // Asymmetric uint8 per channel: channel 1 [−0.3, 0.4] → scale 0.7/255, zp round(109.28...) = 109.
+        let u8a = scheme(QuantDtype::Uint8, false);
+        let qa = quantize_weights(&w, &[2, 3], Some(0), &u8a).unwrap();
+        assert_eq!(qa.params[1].zero_point, 109);
+        assert_eq!(qa.values[4], 0);
+        assert_eq!(qa.values[5], 255);
+        assert_within_half_step(&qa, &w, |i| i / 3);
+
+        // Middle axis of a [2, 2, 2] tensor.
+        let w3 = [1.0, 2.0, -4.0, 8.0, 0.5, -1.0, 2.0, 3.0];
+        let q3 = quantize_weights(&w3, &[2, 2, 2], Some(1), &s8).unwrap();
+        assert_eq!(q3.params[0].scale, f32_of(2.0 / 127.0));
+        assert_eq!(q3.params[1].scale, f32_of(8.0 / 127.0));
+        assert_within_half_step(&q3, &w3, |i| (i / 2) % 2);
+    }
+
+    #[test]
+    fn weight_errors_and_edges() {
+        let s8 = scheme(QuantDtype::Int8, true);
+        assert!(quantize_weights(&[1.0, 2.0], &[3], None, &s8).is_err());
+        assert!(quantize_weights(&[1.0, 2.0], &[2], Some(1), &s8).is_err());
+        assert!(quantize_weights(&[1.0], &[-1], None, &s8).is_err());
+        let scalar = quantize_weights(&[0.5], &[], None, &s8).unwrap();
+        assert_eq!(scalar.values, [127]);
+        let empty = quantize_weights(&[], &[0, 3], Some(0), &s8).unwrap();
+        assert!(empty.params.is_empty() && empty.values.is_empty());
+        // NaN weights neither panic nor poison the scale.
+        let nan = quantize_weights(&[f32::NAN, 1.0], &[2], None, &s8).unwrap();
+        assert_eq!(nan.values, [0, 127]);
+        // Reduced range weights never exceed 64 in magnitude.
+        let reduced = Scheme {
+            reduce_range: true,
+            ..scheme(QuantDtype::Int8, false)
+        };
+        let r = quantize_weights(&[-1.0, 0.3, 1.0], &[3], None, &reduced).unwrap();
+        assert!(r.values.iter().all(|v| (-64..=64).contains(v)), "{:?}", r.values);
+        // Reduced uint8 [−15.75, 47.75]: scale 63.5/127 = 0.5 exactly, zp = round(31.5) = 32, and
+        // 47.75 → round(95.5) + 32 = 128, one past 0..127: clamped.
+        let reduced_u8 = Scheme {
+            reduce_range: true,
+            ..scheme(QuantDtype::Uint8, false)
+        };
+        let r = quantize_weights(&[-15.75, 47.75], &[2], None, &reduced_u8).unwrap();
+        assert_eq!(
+            r.params,
+            [QParams {
+                scale: 0.5,
+                zero_point: 32
+            }]
+        );
+        assert_eq!(r.values, [0, 127]);
+        // A hand-built inconsistent tensor dequantizes without panicking.
+        let broken = QuantizedTensor {
+            dims: vec![5],
+            values: vec![1, 2],
+            params: vec![],
+            axis: Some(3),
+            dtype: QuantDtype::Int8,
+        };
+        assert_eq!(broken.dequantized(), [1.0, 2.0]);
+    }
+
+    #[test]
+    fn large_weight_parallel_path() {
+        let n = 3 * PAR_MIN_LEN + 7;
+        let w: Vec<f32> = (0..n).map(|i| ((i % 1000) as f32 - 500.0) / 100.0).collect();
+        let q = quantize_weights(&w, &[n as i64], None, &scheme(QuantDtype::Uint8, false)).unwrap();
+        assert_eq!(q.params[0].scale, f32_of(((499.0f32 / 100.0) as f64 + 5.0) / 255.0));
+        assert_within_half_step(&q, &w, |_| 0);
+    }
+
+    #[test]
+    fn bias() {
+        match quantize_bias(&[1.0, -0.5], 0.1, &[0.01, 0.02]) {
+            BiasQuantization::Int32 { values, scales } => {
+                assert_eq!(values, [1000, -250]);
+                assert_eq!(scales, [0.1f32 * 0.01f32, 0.1f32 * 0.02f32]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Per-tensor weight scale: one bias scale for all values.
+        match quantize_bias(&[0.5, 0.25], 0.5, &[0.5]) {
+            BiasQuantization::Int32 { values, scales } => {
+                assert_eq!(values, [2, 1]);
+                assert_eq!(scales, [0.25]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let overflow = quantize_bias(&[0.0, 1e9], 1e-3, &[1e-3, 1e-3]);
+        let BiasQuantization::KeepFloat { reason } = overflow else {
+            panic!("{overflow:?}")
+        };
+        assert!(reason.contains("channel 1") && reason.contains("1e9"), "{reason}");
+        let underflow = quantize_bias(&[1.0], 1e-30, &[1e-20]);
+        assert!(matches!(underflow, BiasQuantization::KeepFloat { .. }), "{underflow:?}");
+        assert!(matches!(
+            quantize_bias(&[f32::NAN], 1.0, &[1.0]),
+            BiasQuantization::KeepFloat { .. }
+        ));
+        assert!(matches!(
+            quantize_bias(&[1.0, 2.0, 3.0], 1.0, &[1.0, 1.0]),
+            BiasQuantization::KeepFloat { .. }
+        ));
+
+        let q = quantize_bias(&[1.0, -0.5], 0.1, &[0.01, 0.02]);
+        let (data, scale, zp) = bias_protos(&q, 2, "b::q", "b::s", "b::zp").unwrap();
+        assert_eq!(data.dims, [2]);
+        assert_eq!(data.data_type, Some(DataType::Int32 as i32));
+        assert_eq!(values_i128(&data).unwrap(), [1000, -250]);
+        assert_eq!(scale.dims, [2]);
+        assert_eq!(zp.dims, [2]);
+        assert_eq!(values_i128(&zp).unwrap(), [0, 0]);
+        assert!(bias_protos(&q, 3, "b::q", "b::s", "b::zp").is_err());
+        assert!(bias_protos(&underflow, 1, "b::q", "b::s", "b::zp").is_err());
+        let one = quantize_bias(&[0.5, 0.25], 0.5, &[0.5]);
+        let (_, scale, zp) = bias_protos(&one, 2, "b::q", "b::s", "b::zp").unwrap();
+        assert!(scale.dims.is_empty() && zp.dims.is_empty());
+    }
+
+    #[test]
+    fn protos() {
+        let t = QuantizedTensor {
+            dims: vec![2, 2],
+            values: vec![-1, 127, -128, 5],
+            params: vec![
+                QParams {
+                    scale: 0.5,
+                    zero_point: 0,
+                },
+                QParams {
+                    scale: 0.25,
+                    zero_point: -1,
+                },
+            ],
+            axis: Some(0),
+            dtype: QuantDtype::Int8,
+        };
+        let (data, scale, zp) = t.to_protos("w::q", "w::s", "w::zp");
+        assert_eq!(data.name.as_deref(), Some("w::q"));
+        assert_eq!(data.dims, [2, 2]);
+        assert_eq!(data.data_type, Some(DataType::Int8 as i32));
+        assert_eq!(data.raw_data.as_deref(), Some(&[0xFF, 0x7F, 0x80, 0x05][..]));
+        assert_eq!(scale.dims, [2]);
+        assert_eq!(scale.data_type, Some(DataType::Float as i32));
+        assert_eq!(values_f32(&scale).unwrap(), [0.5, 0.25]);
+        assert_eq!(zp.dims, [2]);
+        assert_eq!(zp.data_type, Some(DataType::Int8 as i32));
+        assert_eq!(zp.raw_data.as_deref(), Some(&[0x00, 0xFF][..]));
+        assert_eq!(t.dequantized(), [-0.5, 63.5, -31.75, 1.5]);
+
+        let u = QuantizedTensor {
+            dims: vec![2],
+            values: vec![1, 258],
+            params: vec![QParams {
+                scale: 2.0,
+                zero_point: 32768,
+            }],
+            axis: None,
+            dtype: QuantDtype::Uint16,
+        };
+        let (data, scale, zp) = u.to_protos("u::q", "u::s", "u::zp");
+        assert_eq!(data.data_type, Some(DataType::Uint16 as i32));
+        assert_eq!(data.raw_data.as_deref(), Some(&[1, 0, 2, 1][..]));
+        assert!(scale.dims.is_empty() && zp.dims.is_empty());
+        assert_eq!(zp.data_type, Some(DataType::Uint16 as i32));
+        assert_eq!(zp.raw_data.as_deref(), Some(&[0x00, 0x80][..]));
+        assert_eq!(pack(&[-40000, 40000], QuantDtype::Int16), [0x00, 0x80, 0xFF, 0x7F]);
+
+        let (s, z) = scalar_params_protos(
+            QParams {
+                scale: 0.1,
+                zero_point: 200,
+            },
+            QuantDtype::Uint8,
+            "a::s",
+            "a::zp",
+        );
+        assert!(s.dims.is_empty() && z.dims.is_empty());
+        assert_eq!(s.raw_data.as_deref(), Some(&0.1f32.to_le_bytes()[..]));
+        assert_eq!(z.data_type, Some(DataType::Uint8 as i32));
+        assert_eq!(z.raw_data.as_deref(), Some(&[200][..]));
+        assert_eq!(z.name.as_deref(), Some("a::zp"));
+    }
+}

@@ -1,0 +1,254 @@
+//! Turns a plan into QuantizeLinear/DequantizeLinear nodes: the only place Q/DQ nodes are made.
+//!
+//! - An activation `t` gets `t::q = QuantizeLinear(t, t::scale, t::zero_point)` and
+//!   `t::dq = DequantizeLinear(t::q, ...)`; the consumer inputs the plan lists read `t::dq`, the
+//!   others (and graph outputs) keep reading `t`.
+//! - A weight `w` is stored quantized as `w::quantized` (per-channel on the plan's axis) and read
+//!   through `w::dq = DequantizeLinear(w::quantized, w::scale, w::zero_point, axis)`; the float
+//!   weight goes when nothing else reads it.
+//! - A bias `b` becomes int32 with scale `s_in·s_w[c]` (zero point 0) behind `b::dq`, unless it
+//!   would overflow int32, in which case it stays float and the notes say so.
+//! The default-domain opset is raised first when the plan needs it (per-axis DequantizeLinear:
+//! 13; 16-bit Q/DQ: 21).
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+use crate::ir::{Constant, ConstantOrigin, Model, Node};
+use crate::onnx::tensor;
+use crate::proto::attribute_proto::AttributeType;
+use crate::proto::{AttributeProto, TensorProto};
+use crate::quant::params::{self, BiasQuantization, QuantDtype};
+use crate::quant::plan::{InputRef, Plan};
+
+fn is_16bit(d: QuantDtype) -> bool {
+    matches!(d, QuantDtype::Int16 | QuantDtype::Uint16)
+}
+
+/// The opset the plan needs.
+pub fn required_opset(plan: &Plan) -> i64 {
+    let wide = plan.activations.values().any(|a| is_16bit(a.scheme.dtype))
+        || plan.weights.values().any(|w| is_16bit(w.scheme.dtype));
+    if wide {
+        21
+    } else if plan.weights.values().any(|w| w.axis.is_some()) || !plan.biases.is_empty() {
+        13
+    } else {
+        10
+    }
+}
+
+fn axis_attr(axis: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some("axis".into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(axis),
+        ..Default::default()
+    }
+}
+
+fn new_node(name: &str, op: &str, inputs: Vec<String>, output: &str, order: u64) -> Node {
+    Node {
+        name: name.to_string(),
+        domain: String::new(),
+        op_type: op.to_string(),
+        inputs,
+        outputs: vec![output.to_string()],
+        attributes: vec![],
+        implicit_inputs: vec![],
+        extra: Default::default(),
+        order,
+    }
+}
+
+struct Builder<'a> {
+    model: &'a mut Model,
+    taken: std::collections::BTreeSet<String>,
+}
+
+impl Builder<'_> {
+    /// Reserves a generated name, refusing a clash with an existing tensor.
+    fn name(&mut self, name: String) -> Result<String> {
+        if !self.taken.insert(name.clone()) {
+            return Err(Error::Graph(format!(
+                "generated name '{name}' already exists in the model"
+            )));
+        }
+        Ok(name)
+    }
+
+    fn constant(&mut self, mut t: TensorProto, name: String) -> Result<String> {
+        let name = self.name(name)?;
+        t.name = Some(name.clone());
+        self.model.graph.constants.insert(
+            name.clone(),
+            Constant {
+                tensor: t,
+                origin: ConstantOrigin::Created,
+            },
+        );
+        Ok(name)
+    }
+
+    fn rewire(&mut self, consumers: &[InputRef], to: &str) -> Result<()> {
+        for (key, slot) in consumers {
+            let node = self
+                .model
+                .graph
+                .nodes
+                .node_weights_mut()
+                .find(|n| n.outputs.first().is_some_and(|o| o == key) || (n.outputs.is_empty() && &n.name == key))
+                .ok_or_else(|| Error::Graph(format!("plan names a consumer '{key}' that is not in the graph")))?;
+            let input = node
+                .inputs
+                .get_mut(*slot)
+                .ok_or_else(|| Error::Graph(format!("consumer '{key}' has no input {slot}")))?;
+            *input = to.to_string();
+        }
+        Ok(())
+    }
+
+    fn order_of_consumers(&self, consumers: &[InputRef]) -> u64 {
+        let g = &self.model.graph;
+        consumers
+            .iter()
+            .filter_map(|(key, _)| {
+                g.nodes
+                    .node_weights()
+                    .find(|n| n.outputs.first() == Some(key))
+                    .map(|n| n.order)
+            })
+            .min()
+            .unwrap_or(0)
+    }
+}
+
+/// Writes the plan into the model. Returns notes (biases kept float and why, opset raised).
+pub fn materialize(model: &mut Model, plan: &Plan) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
+    let needed = required_opset(plan);
+    let current = model.opset("").unwrap_or(1);
+    if current < needed {
+        notes.extend(crate::onnx::opset::upgrade_opset(model, needed)?);
+        notes.push(format!(
+            "default-domain opset raised from {current} to {needed} for the Q/DQ nodes"
+        ));
+    }
+    let mut taken: std::collections::BTreeSet<String> = model.graph.constants.keys().cloned().collect();
+    taken.extend(model.graph.inputs.iter().map(|i| i.name().to_string()));
+    for n in model.graph.nodes.node_weights() {
+        taken.extend(n.outputs.iter().cloned());
+        taken.insert(n.name.clone());
+    }
+    let mut b = Builder { model, taken };
+    let producers: BTreeMap<String, u64> = b
+        .model
+        .graph
+        .nodes
+        .node_weights()
+        .flat_map(|n| n.outputs.iter().map(move |o| (o.clone(), n.order)))
+        .collect();
+
+    for (t, a) in &plan.activations {
+        let (scale, zero_point) = params::scalar_params_protos(
+            a.params,
+            a.scheme.dtype,
+            &format!("{t}::scale"),
+            &format!("{t}::zero_point"),
+        );
+        let scale = b.constant(scale, format!("{t}::scale"))?;
+        let zero_point = b.constant(zero_point, format!("{t}::zero_point"))?;
+        let (q, dq) = (b.name(format!("{t}::q"))?, b.name(format!("{t}::dq"))?);
+        let order = match producers.get(t) {
+            Some(o) => o + 1,
+            None => b.order_of_consumers(&a.consumers).saturating_sub(2),
+        };
+        let inputs = vec![t.clone(), scale.clone(), zero_point.clone()];
+        b.model
+            .graph
+            .nodes
+            .add_node(new_node(&q, "QuantizeLinear", inputs, &q, order));
+        b.model.graph.nodes.add_node(new_node(
+            &dq,
+            "DequantizeLinear",
+            vec![q.clone(), scale, zero_point],
+            &dq,
+            order + 1,
+        ));
+        b.rewire(&a.consumers, &dq)?;
+    }
+
+    let mut weight_scales: BTreeMap<&str, Vec<f32>> = BTreeMap::new();
+    for (w, wq) in &plan.weights {
+        let original = &b.model.graph.constants[w].tensor;
+        let values =
+            tensor::values_f32(original).ok_or_else(|| Error::Graph(format!("weight '{w}' is not a float tensor")))?;
+        let dims = original.dims.clone();
+        let quantized = params::quantize_weights(&values, &dims, wq.axis, &wq.scheme)?;
+        let (data, scale, zero_point) = quantized.to_protos(
+            &format!("{w}::quantized"),
+            &format!("{w}::scale"),
+            &format!("{w}::zero_point"),
+        );
+        weight_scales.insert(w.as_str(), quantized.params.iter().map(|p| p.scale).collect());
+        let data = b.constant(data, format!("{w}::quantized"))?;
+        let scale = b.constant(scale, format!("{w}::scale"))?;
+        let zero_point = b.constant(zero_point, format!("{w}::zero_point"))?;
+        let dq = b.name(format!("{w}::dq"))?;
+        let order = b.order_of_consumers(&wq.consumers).saturating_sub(1);
+        let mut node = new_node(&dq, "DequantizeLinear", vec![data, scale, zero_point], &dq, order);
+        if let Some(axis) = wq.axis {
+            node.attributes.push(axis_attr(axis as i64));
+        }
+        b.model.graph.nodes.add_node(node);
+        b.rewire(&wq.consumers, &dq)?;
+    }
+
+    for (bias, bq) in &plan.biases {
+        let input_scale = plan.activations[&bq.input].params.scale;
+        let w_scales = &weight_scales[bq.weight.as_str()];
+        let values = tensor::values_f32(&b.model.graph.constants[bias].tensor)
+            .ok_or_else(|| Error::Graph(format!("bias '{bias}' is not a float tensor")))?;
+        match params::quantize_bias(&values, input_scale, w_scales) {
+            BiasQuantization::KeepFloat { reason } => notes.push(format!("bias '{bias}' kept float: {reason}")),
+            quantized @ BiasQuantization::Int32 { .. } => {
+                let (data, scale, zero_point) = params::bias_protos(
+                    &quantized,
+                    values.len(),
+                    &format!("{bias}::quantized"),
+                    &format!("{bias}::scale"),
+                    &format!("{bias}::zero_point"),
+                )?;
+                let per_channel = tensor::element_count(&scale) > 1;
+                let data = b.constant(data, format!("{bias}::quantized"))?;
+                let scale = b.constant(scale, format!("{bias}::scale"))?;
+                let zero_point = b.constant(zero_point, format!("{bias}::zero_point"))?;
+                let dq = b.name(format!("{bias}::dq"))?;
+                let order = b.order_of_consumers(&bq.consumers).saturating_sub(1);
+                let mut node = new_node(&dq, "DequantizeLinear", vec![data, scale, zero_point], &dq, order);
+                if per_channel {
+                    node.attributes.push(axis_attr(0));
+                }
+                b.model.graph.nodes.add_node(node);
+                b.rewire(&bq.consumers, &dq)?;
+            }
+        }
+    }
+
+    // Float originals nobody reads any more go.
+    let graph = &mut b.model.graph;
+    let read: std::collections::BTreeSet<String> = graph
+        .nodes
+        .node_weights()
+        .flat_map(|n| n.inputs.iter().cloned())
+        .collect();
+    let outputs: std::collections::BTreeSet<&str> = graph.outputs.iter().map(|o| o.name()).collect();
+    for name in plan.weights.keys().chain(plan.biases.keys()) {
+        if !read.contains(name) && !outputs.contains(name.as_str()) && !graph.inputs.iter().any(|i| i.name() == name) {
+            graph.constants.remove(name);
+        }
+    }
+    graph.rebuild_edges()?;
+    graph.check()?;
+    Ok(notes)
+}

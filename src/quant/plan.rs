@@ -1,0 +1,366 @@
+//! The quantization plan: what gets Q/DQ, with which dtype, granularity, symmetry and
+//! parameters, decided from the op rules, the target, the calibration statistics and the config
+//! *before* any node is written. The plan is inspectable (`--dry-run`), serialisable, and keyed by
+//! tensor name; only `materialize` turns it into QuantizeLinear/DequantizeLinear nodes.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::calib::observers::Method;
+use crate::calib::stats::CalibrationStats;
+use crate::error::{Error, Result};
+use crate::ir::{Model, Node};
+use crate::onnx::tensor;
+use crate::quant::params::{params_for_range, QParams, Scheme};
+use crate::quant::rules::{self, OpRole, Target, TargetRules, SENTINEL_MAGNITUDE};
+
+/// A consumer input: the consumer's first output name (unique, stable across passes) and slot.
+pub type InputRef = (String, usize);
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ActivationQuant {
+    pub scheme: Scheme,
+    /// Range chosen by the calibration method (after sharing with tied tensors).
+    pub range: (f32, f32),
+    pub params: QParams,
+    /// Consumer inputs that read the quantized tensor; other consumers keep the float one.
+    pub consumers: Vec<InputRef>,
+    /// Tensors that share these parameters (Concat inputs, pass-through ops), if any.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shared_with: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct WeightQuant {
+    pub scheme: Scheme,
+    /// Output-channel axis for per-channel parameters; None: per-tensor.
+    pub axis: Option<usize>,
+    pub consumers: Vec<InputRef>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BiasQuant {
+    /// The activation input and the weight whose scales make the bias scale.
+    pub input: String,
+    pub weight: String,
+    pub consumers: Vec<InputRef>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Plan {
+    pub activations: BTreeMap<String, ActivationQuant>,
+    pub weights: BTreeMap<String, WeightQuant>,
+    pub biases: BTreeMap<String, BiasQuant>,
+    /// Tensors a quantized op reads that stay float, with the reason.
+    pub kept_float: BTreeMap<String, String>,
+}
+
+/// What the planner needs from the config.
+#[derive(Clone, Debug)]
+pub struct PlanOptions {
+    pub target: Target,
+    pub rules: TargetRules,
+    pub method: Method,
+    /// Tensors, nodes (by name) and op types never quantized.
+    pub exclude: Exclusions,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Exclusions {
+    pub patterns: Vec<(ExcludeKind, regex::Regex)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExcludeKind {
+    Tensor,
+    Node,
+    OpType,
+}
+
+impl Exclusions {
+    fn node(&self, n: &Node) -> Option<String> {
+        self.patterns.iter().find_map(|(k, re)| {
+            let hit = match k {
+                ExcludeKind::Node => re.is_match(&n.name),
+                ExcludeKind::OpType => re.is_match(&n.op_type),
+                ExcludeKind::Tensor => false,
+            };
+            hit.then(|| format!("excluded by override ({k:?} matches `{}`)", re.as_str()))
+        })
+    }
+    fn tensor(&self, t: &str) -> Option<String> {
+        self.patterns.iter().find_map(|(k, re)| {
+            (*k == ExcludeKind::Tensor && re.is_match(t))
+                .then(|| format!("excluded by override (tensor matches `{}`)", re.as_str()))
+        })
+    }
+}
+
+fn node_key(n: &Node) -> String {
+    n.outputs
+        .iter()
+        .find(|o| !o.is_empty())
+        .cloned()
+        .unwrap_or_else(|| n.name.clone())
+}
+
+fn attr_int(n: &Node, name: &str, default: i64) -> i64 {
+    n.attribute(name).map_or(default, |a| a.i())
+}
+
+/// The role an op plays here (Resize counts as pass-through only in nearest mode).
+fn role_of(n: &Node) -> Option<OpRole> {
+    if !n.is_default_domain() {
+        return None;
+    }
+    let role = rules::op_role(&n.op_type)?;
+    if n.op_type == "Resize" {
+        let nearest = n.attribute("mode").is_none_or(|a| a.s() == b"nearest");
+        return Some(if nearest { OpRole::PassThrough } else { OpRole::Pool });
+    }
+    Some(role)
+}
+
+/// Builds the plan. Every activation a quantized op reads is either in `activations` or in
+/// `kept_float` with the reason.
+pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions) -> Result<Plan> {
+    let g = &model.graph;
+    let order = g.topological_order()?;
+    let producers = g.producers();
+    let rules = &options.rules;
+    let mut plan = Plan::default();
+    // tensor -> consumers reading the quantized version
+    let mut wanted: BTreeMap<String, Vec<InputRef>> = BTreeMap::new();
+    let mut ties: Vec<(String, String)> = Vec::new();
+
+    // Tensors computed from constants only (Paddle's Reshape(bias)): constants for quantization.
+    let mut constant_derived: BTreeSet<&str> = g.constants.keys().map(String::as_str).collect();
+    for &ix in &order {
+        let n = &g.nodes[ix];
+        if !n.inputs.is_empty()
+            && n.implicit_inputs.is_empty()
+            && n.inputs
+                .iter()
+                .all(|i| i.is_empty() || constant_derived.contains(i.as_str()))
+        {
+            constant_derived.extend(n.outputs.iter().map(String::as_str));
+        }
+    }
+    let is_constant = |t: &str| constant_derived.contains(t);
+    let is_float_constant = |t: &str| {
+        g.constants
+            .get(t)
+            .is_some_and(|c| tensor::is_float(c.tensor.data_type()))
+    };
+    let produced_by_weighted = |t: &str| {
+        producers
+            .get(t)
+            .is_some_and(|&(ix, _)| role_of(&g.nodes[ix]) == Some(OpRole::Weighted))
+    };
+
+    for &ix in &order {
+        let n = &g.nodes[ix];
+        let Some(role) = role_of(n) else { continue };
+        let key = node_key(n);
+        if let Some(reason) = options.exclude.node(n) {
+            for t in n
+                .inputs
+                .iter()
+                .filter(|t| !t.is_empty() && !g.constants.contains_key(*t))
+            {
+                plan.kept_float
+                    .entry(t.clone())
+                    .or_insert_with(|| format!("{} {reason}", n.label()));
+            }
+            continue;
+        }
+        if role == OpRole::Join && !rules.quantize_joins {
+            continue;
+        }
+        // An Add with a constant operand is a bias add: quantizing it gains nothing, and
+        // OpenVINO's Add transformation rejects a dequantized constant operand.
+        if n.op_type == "Add" && n.inputs.iter().any(|t| is_constant(t)) {
+            continue;
+        }
+        let mut data: Vec<usize> = rules::data_inputs(&n.op_type, n.inputs.len());
+        if role == OpRole::Weighted {
+            data.retain(|&s| n.inputs.get(s).is_some_and(|t| !is_float_constant(t)));
+            // The weight: input 1 when it is a float constant.
+            if let Some(w) = n.inputs.get(1).filter(|t| is_float_constant(t)) {
+                let wt = &g.constants[w].tensor;
+                let trans_b = attr_int(n, "transB", 0) != 0;
+                let axis = rules::weight_axis(&n.op_type, wt.dims.len(), trans_b).filter(|_| rules.per_channel_weights);
+                let axis = axis.filter(|&a| a < wt.dims.len() && wt.dims.len() > 1);
+                if options.exclude.tensor(w).is_none() {
+                    let entry = plan.weights.entry(w.clone()).or_insert(WeightQuant {
+                        scheme: rules.weights,
+                        axis,
+                        consumers: vec![],
+                    });
+                    if entry.axis != axis {
+                        // Shared by ops wanting different axes: per-tensor serves both.
+                        entry.axis = None;
+                    }
+                    entry.consumers.push((key.clone(), 1));
+                    // Bias: Conv/ConvTranspose input 2, Gemm C, when 1-D float constant.
+                    if rules.int32_bias && matches!(n.op_type.as_str(), "Conv" | "ConvTranspose" | "Gemm") {
+                        if let Some(b) = n.inputs.get(2).filter(|t| is_float_constant(t)) {
+                            let bt = &g.constants[b].tensor;
+                            if bt.dims.len() == 1 && attr_int(n, "transA", 0) == 0 {
+                                plan.biases.entry(b.clone()).or_insert(BiasQuant {
+                                    input: n.inputs[0].clone(),
+                                    weight: w.clone(),
+                                    consumers: vec![],
+                                });
+                                plan.biases
+                                    .get_mut(b)
+                                    .expect("inserted")
+                                    .consumers
+                                    .push((key.clone(), 2));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for s in data {
+            let Some(t) = n.inputs.get(s).filter(|t| !t.is_empty()) else {
+                continue;
+            };
+            if is_constant(t) {
+                continue;
+            }
+            // TensorRT fuses a weighted op with what follows: never Q/DQ its output.
+            if options.target == Target::Tensorrt && produced_by_weighted(t) {
+                plan.kept_float
+                    .entry(t.clone())
+                    .or_insert_with(|| "output of a weighted op (TensorRT fuses it)".into());
+                continue;
+            }
+            if let Some(reason) = options.exclude.tensor(t) {
+                plan.kept_float.entry(t.clone()).or_insert(reason);
+                continue;
+            }
+            let Some(st) = stats.tensors.get(t) else {
+                plan.kept_float
+                    .entry(t.clone())
+                    .or_insert_with(|| "not a float activation (integer or shape tensor)".into());
+                continue;
+            };
+            if st.min.abs() >= SENTINEL_MAGNITUDE || st.max.abs() >= SENTINEL_MAGNITUDE {
+                plan.kept_float.entry(t.clone()).or_insert_with(|| {
+                    format!(
+                        "sentinel-dominated range [{:e}, {:e}] (e.g. an attention mask)",
+                        st.min, st.max
+                    )
+                });
+                continue;
+            }
+            wanted.entry(t.clone()).or_default().push((key.clone(), s));
+        }
+        // Tie parameters: Concat inputs with each other; pass-through input with output.
+        match role {
+            OpRole::PassThrough => {
+                if let (Some(i), Some(o)) = (n.inputs.first(), n.outputs.first()) {
+                    ties.push((i.clone(), o.clone()));
+                }
+            }
+            _ if n.op_type == "Concat" => {
+                for i in n.inputs.iter().skip(1) {
+                    ties.push((n.inputs[0].clone(), i.clone()));
+                }
+                if let Some(o) = n.outputs.first() {
+                    ties.push((n.inputs[0].clone(), o.clone()));
+                }
+            }
+            _ => {}
+        }
+    }
+    for t in wanted.keys() {
+        plan.kept_float.remove(t);
+    }
+
+    // Union-find over tied tensors that are both quantized.
+    let names: Vec<&String> = wanted.keys().collect();
+    let index: BTreeMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+    let mut parent: Vec<usize> = (0..names.len()).collect();
+    fn find(p: &mut [usize], mut i: usize) -> usize {
+        while p[i] != i {
+            p[i] = p[p[i]];
+            i = p[i];
+        }
+        i
+    }
+    for (a, b) in &ties {
+        if let (Some(&a), Some(&b)) = (index.get(a.as_str()), index.get(b.as_str())) {
+            let (ra, rb) = (find(&mut parent, a), find(&mut parent, b));
+            if ra != rb {
+                parent[ra.max(rb)] = ra.min(rb);
+            }
+        }
+    }
+    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for i in 0..names.len() {
+        let r = find(&mut parent, i);
+        groups.entry(r).or_default().push(i);
+    }
+    for members in groups.values() {
+        let mut lo = f32::INFINITY;
+        let mut hi = f32::NEG_INFINITY;
+        for &m in members {
+            let (l, h) = stats.tensors[names[m].as_str()].range(&options.method);
+            lo = lo.min(l);
+            hi = hi.max(h);
+        }
+        let scheme = rules.activations;
+        let params = params_for_range(lo, hi, &scheme);
+        for &m in members {
+            let shared_with: Vec<String> = members.iter().filter(|&&o| o != m).map(|&o| names[o].clone()).collect();
+            plan.activations.insert(
+                names[m].clone(),
+                ActivationQuant {
+                    scheme,
+                    range: (lo, hi),
+                    params,
+                    consumers: wanted[names[m].as_str()].clone(),
+                    shared_with,
+                },
+            );
+        }
+    }
+    // A bias goes int32 only when its input and weight are both quantized.
+    plan.biases
+        .retain(|_, b| plan.activations.contains_key(&b.input) && plan.weights.contains_key(&b.weight));
+    if plan.activations.is_empty() && plan.weights.is_empty() {
+        return Err(Error::Graph(
+            "nothing to quantize: the model has no op onnxq quantizes with a float input".into(),
+        ));
+    }
+    Ok(plan)
+}
+
+impl Plan {
+    /// Tensors with Q/DQ, weights, biases: counts for the summary.
+    pub fn summary(&self) -> String {
+        let per_channel = self.weights.values().filter(|w| w.axis.is_some()).count();
+        format!(
+            "{} activations, {} weights ({} per-channel), {} int32 biases quantized; {} tensors kept float",
+            self.activations.len(),
+            self.weights.len(),
+            per_channel,
+            self.biases.len(),
+            self.kept_float.len()
+        )
+    }
+
+    /// Names of every tensor the plan touches, for override checks.
+    pub fn tensors(&self) -> BTreeSet<&str> {
+        self.activations
+            .keys()
+            .chain(self.weights.keys())
+            .chain(self.kept_float.keys())
+            .map(String::as_str)
+            .collect()
+    }
+}
