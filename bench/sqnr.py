@@ -31,8 +31,21 @@ def main():
     ap.add_argument("quant_model")
     ap.add_argument("data")
     ap.add_argument("--openvino", action="store_true")
+    ap.add_argument("--tensorrt-rules", action="store_true", help="also check TensorRT's placement rules")
     args = ap.parse_args()
-    onnx.checker.check_model(onnx.load(args.quant_model), full_check=True)
+    quant = onnx.load(args.quant_model)
+    onnx.checker.check_model(quant, full_check=True)
+    trt = ""
+    if args.tensorrt_rules:
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in quant.graph.initializer}
+        producer = {o: n.op_type for n in quant.graph.node for o in n.output}
+        qdq = [n for n in quant.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+        nonzero = [n.name for n in qdq if len(n.input) > 2 and np.any(inits.get(n.input[2], 0) != 0)]
+        weighted = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+        on_outputs = [n.name for n in qdq if n.op_type == "QuantizeLinear" and producer.get(n.input[0]) in weighted]
+        assert not nonzero, f"non-zero zero points: {nonzero[:5]}"
+        assert not on_outputs, f"Q/DQ on outputs of weighted ops: {on_outputs[:5]}"
+        trt = f"; TensorRT rules hold ({len(qdq)} Q/DQ nodes, all zero points 0, none on weighted outputs)"
     data = dict(np.load(args.data))
     names, ref = run(args.float_model, data)
     _, got = run(args.quant_model, data)
@@ -51,7 +64,7 @@ def main():
             agree = np.mean(np.argmax(f, axis=-1) == np.argmax(q, axis=-1))
             text += f", top-1 agreement {agree:.3f}"
         parts.append(text)
-    line = f"{args.quant_model}: checker ok; " + "; ".join(parts)
+    line = f"{args.quant_model}: checker ok; " + "; ".join(parts) + trt
     if args.openvino:
         import openvino as ov
 

@@ -26,8 +26,8 @@
 //! - 13 Softmax/LogSoftmax/Hardmax: before 13 the input was coerced to 2-D at `axis` and normalised
 //!   over all trailing dimensions; from 13 over the one `axis`, whose default went from 1 to -1.
 //!   Nothing changes when `axis` is the last dimension (explicitly -1, or `rank - 1` with the rank
-//!   known); otherwise the node is wrapped as `Reshape(op(Flatten(x, axis)), Shape(x))`, which is
-//!   exact for any rank, known or not. Squeeze/Unsqueeze/ReduceSum/Split: `axes`/`split` become
+//!   known); otherwise the node is wrapped as `Reshape(op(Flatten(x, axis), axis = -1), Shape(x))`,
+//!   which is exact for any rank, known or not. Squeeze/Unsqueeze/ReduceSum/Split: `axes`/`split` become
 //!   inputs. Resize: `tf_half_pixel_for_nn` removed (refused); `scales` omitted when `sizes` is
 //!   given. Erf: integer types removed (refused).
 //! - 14 BatchNormalization: the training outputs went (dropped when unused, refused when read).
@@ -40,12 +40,16 @@
 //! Refused: upgrading from below opset 7, Scan-8 (batched Scan), BatchNormalization with
 //! `spatial = 0` or with training outputs that are read, a Dropout mask that is read, Resize-10
 //! nearest that may downsample (runtimes disagree on its rounding), Resize `tf_half_pixel_for_nn`,
-//! integer Erf, local functions whose body needs a conversion, and any redefinition not
-//! classified here. On refusal the model is left as it was.
+//! integer Erf, GroupNormalization to opset 19 or 20 (GroupNormalization-18 is deprecated: the
+//! checker rejects it below 21), local functions whose body needs a conversion, and any
+//! redefinition not classified here. On refusal the model is left as it was.
 //!
+//! Element types and ranks the conversions need (the type of a Clip bound, the rank under a
+//! Softmax) come from declared value infos and a forward inference over the common operators.
 //! Created constants are named `<node>::<what>` (node name, or its first output when unnamed),
 //! made unique with `_1`, `_2`, ... in the rare case of a clash; created nodes take the order key
-//! of the node they belong to.
+//! of the node they belong to. An original constant a conversion replaced is removed when nothing
+//! else reads it.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -1268,11 +1272,9 @@ fn convert_graph(
             let mut cur = from;
             loop {
                 let op = conv.graph.nodes[ix].op_type.clone();
-                let Some(since) = schema_since("", &op) else {
-                    return Err(Error::Graph(format!(
-                        "{label}: unknown op '{op}' in the default domain, cannot upgrade it"
-                    )));
-                };
+                // Not an ONNX operator: a model-local function (the loader rejects anything
+                // else), whose body follows its own opset import (see `check_functions`).
+                let Some(since) = schema_since("", &op) else { break };
                 let Some(&v) = since.iter().find(|&&v| v > cur && v <= target) else {
                     break;
                 };

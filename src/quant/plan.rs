@@ -175,7 +175,7 @@ pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions
             }
             continue;
         }
-        if role == OpRole::Join && !rules.quantize_joins {
+        if role == OpRole::Join && (!rules.quantize_joins || (n.op_type == "Add" && !rules.quantize_residual_adds)) {
             continue;
         }
         // An Add with a constant operand is a bias add: quantizing it gains nothing, and
@@ -308,12 +308,12 @@ pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions
     for members in groups.values() {
         let mut lo = f32::INFINITY;
         let mut hi = f32::NEG_INFINITY;
+        let scheme = rules.activations;
         for &m in members {
             let (l, h) = stats.tensors[names[m].as_str()].range(&options.method);
             lo = lo.min(l);
             hi = hi.max(h);
         }
-        let scheme = rules.activations;
         let params = params_for_range(lo, hi, &scheme);
         for &m in members {
             let shared_with: Vec<String> = members.iter().filter(|&&o| o != m).map(|&o| names[o].clone()).collect();

@@ -10,18 +10,26 @@
 //! - Layers are the float model's node outputs that the quantized model also produces by a node
 //!   (Q/DQ insertion keeps the producers' tensor names and adds new ones, which are not matched),
 //!   restricted to tensors that depend on the runtime inputs and are not obviously integer (shape
-//!   arithmetic). They are asked from tract as extra outputs and reported in the float model's
-//!   topological order with their SQNR. The *first drop* is the first layer in that order whose
-//!   SQNR is below [`VerifyOptions::layer_floor_db`] (NaN counts as below): where the quantization
-//!   error first becomes large, usually the layer to keep in float or to calibrate differently.
+//!   arithmetic). In the quantized model a tensor followed by QuantizeLinear → DequantizeLinear is
+//!   represented by that DQ's output: the value the next layers read, its own rounding included
+//!   (and the only right one when a quantizer folded an activation into the Q range, as ONNX
+//!   Runtime does with a Relu after a Conv). They are asked from tract as extra outputs and
+//!   reported in the float model's topological order with their SQNR. The *first drop* is the
+//!   first layer in that order whose SQNR is below [`VerifyOptions::layer_floor_db`] (NaN counts
+//!   as below): where the quantization error first becomes large, usually the layer to keep in
+//!   float or to calibrate differently.
 //! - Thresholds ([`VerifyOptions`]) apply to every output; [`verify`] returns the report either
 //!   way, and [`VerifyReport::passed`] / [`VerifyReport::failures`] say whether they held (the
 //!   CLI writes the report, then exits with code 3 via [`VerifyReport::to_error`]).
 //! - Streaming and deterministic: samples run in parallel chunks (rayon), each sample is reduced
 //!   to a few f64 sums per tensor right away, and the sums are combined in sample order, so the
 //!   report is the same whatever the thread count and memory does not grow with the samples.
-//! - The quantized model first goes through [`lower_for_tract`], which rewrites the Q/DQ tract
-//!   cannot run (int16, int4, blocked, folded weights) into exact float arithmetic.
+//! - The quantized model is run with every Q/DQ rewritten into the exact float arithmetic ONNX
+//!   specifies ([`lower_all_qdq`]): results match ONNX Runtime's, not tract's int8 kernels (which
+//!   0.23.9 gets wrong on quantized softmax outputs). With
+//!   [`VerifyOptions::tract_quantized_kernels`] only what tract cannot run is rewritten
+//!   ([`lower_for_tract`]: int16/uint16/int4 types, blocked scales, non-constant scales,
+//!   `output_dtype`, quantized weights of those types).
 //!
 //! JSON: an SQNR of +∞ (identical tensors) is written as `1.7976931348623157e308` (f64::MAX) and
 //! −∞ (an all-zero reference against a non-zero quantized tensor) as its negative, so numeric
@@ -287,7 +295,8 @@ impl VerifyReport {
 
 /// Compares `quant` against `float` on every sample of `data`. Errors: a model or sample tract
 /// cannot run, an output missing from the quantized model or whose shape or kind differs
-/// (`Error::Verification`), a quantized model [`lower_for_tract`] refuses. Threshold failures
+/// (`Error::Verification`), Q/DQ the lowering cannot rewrite (`Error::Runtime`: float8, per-axis
+/// quantization of an activation of unknown rank, ...). Threshold failures
 /// are not errors: see [`VerifyReport::passed`].
 pub fn verify(float: &Model, quant: &Model, data: &DataSource, options: &VerifyOptions) -> Result<VerifyReport> {
     if data.is_empty() {
@@ -406,7 +415,7 @@ pub fn verify(float: &Model, quant: &Model, data: &DataSource, options: &VerifyO
         let mut check = |metric: &str, value: Option<f64>, threshold: Option<f64>| {
             if let (Some(v), Some(th)) = (value, threshold) {
                 // NaN fails.
-                if !(v >= th) {
+                if v.is_nan() || v < th {
                     failures.push(Failure {
                         output: name.clone(),
                         metric: metric.into(),
@@ -464,7 +473,7 @@ pub fn verify(float: &Model, quant: &Model, data: &DataSource, options: &VerifyO
     }
     let first_drop = layer_reports
         .iter()
-        .find(|l| !(l.sqnr_db >= options.layer_floor_db))
+        .find(|l| l.sqnr_db.is_nan() || l.sqnr_db < options.layer_floor_db)
         .map(|l| l.name.clone());
 
     Ok(VerifyReport {
@@ -558,18 +567,31 @@ fn matched_layers(float: &Model, quant: &Model, lowered: &Model) -> Result<Vec<L
         .flat_map(|n| n.outputs.iter().map(String::as_str))
         .filter(|o| !o.is_empty())
         .collect();
-    let is_op = |ix: petgraph::stable_graph::NodeIndex, op: &str| {
+    let qdq_op = |ix: petgraph::stable_graph::NodeIndex, op: &str| {
         let n = &qg.nodes[ix];
         n.op_type == op && matches!(n.domain.as_str(), "" | "ai.onnx" | "com.microsoft")
     };
+    // First reader (in node order) of each tensor as input 0, among Q nodes and among DQ nodes.
+    let mut first_reader: HashMap<(&str, &str), petgraph::stable_graph::NodeIndex> = HashMap::new();
+    for ix in qg.nodes.node_indices() {
+        for op in ["QuantizeLinear", "DequantizeLinear"] {
+            if let Some(input) = qg.nodes[ix].inputs.first().filter(|_| qdq_op(ix, op)) {
+                let slot = first_reader.entry((input.as_str(), op)).or_insert(ix);
+                if qg.nodes[ix].order < qg.nodes[*slot].order {
+                    *slot = ix;
+                }
+            }
+        }
+    }
     let dequantized = |t: &str| -> Option<String> {
-        qg.consumers(t)
-            .into_iter()
-            .filter(|&(ix, slot)| slot == 0 && is_op(ix, "QuantizeLinear"))
-            .flat_map(|(q, _)| qg.consumers(&qg.nodes[q].outputs[0]))
-            .find(|&(ix, slot)| slot == 0 && is_op(ix, "DequantizeLinear"))
-            .map(|(dq, _)| qg.nodes[dq].outputs[0].clone())
+        let q = first_reader.get(&(t, "QuantizeLinear"))?;
+        let y = qg.nodes[*q].outputs.first()?;
+        let dq = first_reader.get(&(y.as_str(), "DequantizeLinear"))?;
+        qg.nodes[*dq]
+            .outputs
+            .first()
             .filter(|o| lowered_produced.contains(o.as_str()))
+            .cloned()
     };
     let g = &float.graph;
     let mut declared: BTreeMap<&str, i32> = BTreeMap::new();
