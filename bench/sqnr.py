@@ -32,6 +32,7 @@ def main():
     ap.add_argument("data")
     ap.add_argument("--openvino", action="store_true")
     ap.add_argument("--tensorrt-rules", action="store_true", help="also check TensorRT's placement rules")
+    ap.add_argument("--min-sqnr", type=float, help="exit 1 when a float output's SQNR is below this (dB)")
     args = ap.parse_args()
     quant = onnx.load(args.quant_model)
     onnx.checker.check_model(quant, full_check=True)
@@ -50,6 +51,7 @@ def main():
     names, ref = run(args.float_model, data)
     _, got = run(args.quant_model, data)
     parts = []
+    worst = float("inf")
     for name, f, q in zip(names, ref, got):
         if not np.issubdtype(f.dtype, np.floating):
             parts.append(f"{name}: equal {np.mean(f == q):.3f}")
@@ -57,6 +59,7 @@ def main():
         f64, q64 = f.astype(np.float64), q.astype(np.float64)
         noise = np.sum((f64 - q64) ** 2)
         sqnr = float("inf") if noise == 0 else 10 * np.log10(np.sum(f64**2) / noise)
+        worst = min(worst, sqnr)
         text = f"{name}: SQNR {sqnr:.2f} dB"
         per_sample = f.shape[1:]
         squeezed = [d for d in per_sample if d != 1]
@@ -71,6 +74,10 @@ def main():
         ov.Core().compile_model(args.quant_model, "CPU")
         line += "; OpenVINO compiles it"
     print(line)
+    if args.min_sqnr is not None and worst < args.min_sqnr:
+        print(f"FAILED: output SQNR {worst:.2f} dB is below {args.min_sqnr} dB")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

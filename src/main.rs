@@ -108,6 +108,27 @@ enum Command {
         #[arg(long)]
         report: Option<PathBuf>,
     },
+    /// Run a float model and a quantized (QDQ) model side by side in tract on held-out data:
+    /// per output SQNR, cosine, max abs error, top-1 agreement; per layer SQNR and the first
+    /// layer where it drops. Works for any QDQ model, ONNX Runtime's included.
+    Verify {
+        float: PathBuf,
+        quantized: PathBuf,
+        /// Held-out data: arrays named after the model inputs, leading sample axis.
+        #[arg(long)]
+        data: PathBuf,
+        /// Fail with exit code 3 when an output's SQNR is below this (dB).
+        #[arg(long)]
+        min_sqnr_db: Option<f64>,
+        /// Fail with exit code 3 when an output's cosine similarity is below this.
+        #[arg(long)]
+        min_cosine: Option<f64>,
+        /// Write the full report as JSON (written even when verification fails).
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Print a commented starter configuration for a model.
+    Init { model: PathBuf },
     /// Join statistics taken on disjoint shards of the data (in sample order).
     MergeStats {
         /// Statistics files, in the order of their shards.
@@ -181,6 +202,48 @@ fn dispatch(cli: Cli) -> Result<()> {
                 merged.samples,
                 merged.tensors.len()
             );
+            Ok(())
+        }
+        Some(Command::Verify {
+            float,
+            quantized,
+            data,
+            min_sqnr_db,
+            min_cosine,
+            report,
+        }) => {
+            let float_model = onnx::load_model(&float)?;
+            let quant_model = onnx::load_model(&quantized)?;
+            let data_config = onnxq::pipeline::config::CalibrationConfig {
+                data: onnxq::pipeline::config::DataPaths::One(data),
+                samples: None,
+                method: Default::default(),
+                ema_constant: 0.01,
+                percentile: 99.99,
+                bits: 8,
+                images: None,
+                input: None,
+            };
+            let source = DataSource::open(&data_config, &InputSpec::of_graph(&float_model.graph))?;
+            let options = onnxq::verify::VerifyOptions {
+                min_sqnr_db,
+                min_cosine,
+                ..Default::default()
+            };
+            let result = onnxq::verify::verify(&float_model, &quant_model, &source, &options)?;
+            println!("{result}");
+            if let Some(path) = report {
+                let text = serde_json::to_string_pretty(&result).expect("report serialises");
+                onnx::write_atomic(&path, text.as_bytes())?;
+            }
+            match result.to_error() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        }
+        Some(Command::Init { model }) => {
+            let m = onnx::load_model(&model)?;
+            print!("{}", starter_config(&model, &m));
             Ok(())
         }
         Some(Command::Passes) => {
@@ -361,6 +424,51 @@ fn main_job(args: MainArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A commented starter config: what a user edits first, with this model's facts filled in.
+fn starter_config(path: &Path, model: &Model) -> String {
+    let inputs: Vec<String> = InputSpec::of_graph(&model.graph)
+        .iter()
+        .map(|i| format!("{}: {}", i.name, i.describe()))
+        .collect();
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    let weighted = onnxq::inspect::inspect(model).weighted_nodes.len();
+    format!(
+        "# onnxq configuration for {file}
+# inputs: {inputs}
+# {weighted} nodes carry weights; default-domain opset {opset}.
+# Every key is optional but calibration.data; run `onnxq {file} --config this.yaml --dry-run` to see the plan.
+
+# Backend the model is for: generic (accurate plain QDQ all runtimes load), tensorrt, openvino, onnxruntime.
+target: generic
+
+calibration:
+  # .npz with arrays named after the inputs above and a leading sample axis (or a list of shards,
+  # or a folder of images with `images:` preprocessing). 32 to 512 samples is typical.
+  data: {stem}.calib.npz
+  # minmax (default), ema, percentile, entropy, mse
+  method: minmax
+
+# weights: {{dtype: int8, granularity: per_channel, symmetric: true}}
+# activations: {{dtype: uint8, symmetric: false}}
+
+# Keep parts float: by tensor, node or op_type (regular expressions matching the whole name).
+# overrides:
+#   - {{op_type: Softmax, exclude: true}}
+
+# Prove the result on held-out data; a threshold not met exits with code 3.
+verify:
+  data: {stem}.eval.npz
+  # min_sqnr_db: 20
+",
+        file = path.display(),
+        inputs = inputs.join(", "),
+        opset = model.opset("").unwrap_or(0),
+    )
 }
 
 /// Every override must match something in the model: a typo would silently do nothing.
