@@ -71,8 +71,7 @@ fn observed_names(model: &Model) -> Vec<String> {
     names
 }
 
-/// The values of a float tensor as f32, borrowed when they already are (None for integer and
-/// other tensors).
+/// The values of a float32 tensor, borrowed when possible (None for every other type).
 fn float_values(t: &Tensor) -> Result<Option<std::borrow::Cow<'_, [f32]>>> {
     use std::borrow::Cow;
     match t.datum_type() {
@@ -80,7 +79,7 @@ fn float_values(t: &Tensor) -> Result<Option<std::borrow::Cow<'_, [f32]>>> {
             Some(s) => Ok(Some(Cow::Borrowed(s))),
             None => Ok(Some(Cow::Owned(crate::runtime::to_f32_vec(t)?))),
         },
-        DatumType::F16 | DatumType::F64 => Ok(Some(Cow::Owned(crate::runtime::to_f32_vec(t)?))),
+        // f16/f64 tensors are not quantized (their Q/DQ would need scales of their own type).
         _ => Ok(None),
     }
 }

@@ -43,6 +43,8 @@ pub struct WeightsConfig {
     pub dtype: Option<crate::quant::params::QuantDtype>,
     pub granularity: Option<Granularity>,
     pub symmetric: Option<bool>,
+    /// One bit less (int8 −64..64), for x86 kernels without VNNI whose u8·s8 pair sums saturate.
+    pub reduce_range: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -57,6 +59,8 @@ pub enum Granularity {
 pub struct ActivationsConfig {
     pub dtype: Option<crate::quant::params::QuantDtype>,
     pub symmetric: Option<bool>,
+    /// One bit less (uint8 0..127).
+    pub reduce_range: Option<bool>,
 }
 
 /// `overrides:` entry: what it matches (exactly one of tensor, node, op_type: a regular
@@ -220,6 +224,12 @@ impl Config {
         if let Some(s) = self.weights.symmetric {
             rules.weights.symmetric = s;
             rules.weights.narrow_range &= s;
+        }
+        if let Some(r) = self.weights.reduce_range {
+            rules.weights.reduce_range = r;
+        }
+        if let Some(r) = self.activations.reduce_range {
+            rules.activations.reduce_range = r;
         }
         if let Some(g) = self.weights.granularity {
             rules.per_channel_weights = g == Granularity::PerChannel;

@@ -11,7 +11,6 @@ use crate::calib::observers::Method;
 use crate::calib::stats::CalibrationStats;
 use crate::error::{Error, Result};
 use crate::ir::{Model, Node};
-use crate::onnx::tensor;
 use crate::quant::params::{params_for_range, QParams, Scheme};
 use crate::quant::rules::{self, OpRole, Target, TargetRules, SENTINEL_MAGNITUDE};
 
@@ -133,6 +132,7 @@ pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions
     // tensor -> consumers reading the quantized version
     let mut wanted: BTreeMap<String, Vec<InputRef>> = BTreeMap::new();
     let mut ties: Vec<(String, String)> = Vec::new();
+    let mut pending_pass_through: Vec<(String, String, String, usize)> = Vec::new();
 
     // Tensors computed from constants only (Paddle's Reshape(bias)): constants for quantization.
     let mut constant_derived: BTreeSet<&str> = g.constants.keys().map(String::as_str).collect();
@@ -148,11 +148,14 @@ pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions
         }
     }
     let is_constant = |t: &str| constant_derived.contains(t);
+    // Weights and biases are quantized from float32 only (f16 models keep their f16 layers float:
+    // their Q/DQ would need f16 scales).
     let is_float_constant = |t: &str| {
         g.constants
             .get(t)
-            .is_some_and(|c| tensor::is_float(c.tensor.data_type()))
+            .is_some_and(|c| c.tensor.data_type() == crate::proto::tensor_proto::DataType::Float as i32)
     };
+    let readers = |t: &str| g.nodes.node_weights().filter(|n| n.inputs.iter().any(|i| i == t)).count();
     let produced_by_weighted = |t: &str| {
         producers
             .get(t)
@@ -173,6 +176,9 @@ pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions
                     .entry(t.clone())
                     .or_insert_with(|| format!("{} {reason}", n.label()));
             }
+            continue;
+        }
+        if rules.only_weighted_inputs && role != OpRole::Weighted {
             continue;
         }
         if role == OpRole::Join && (!rules.quantize_joins || (n.op_type == "Add" && !rules.quantize_residual_adds)) {
@@ -207,7 +213,9 @@ pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions
                     if rules.int32_bias && matches!(n.op_type.as_str(), "Conv" | "ConvTranspose" | "Gemm") {
                         if let Some(b) = n.inputs.get(2).filter(|t| is_float_constant(t)) {
                             let bt = &g.constants[b].tensor;
-                            if bt.dims.len() == 1 && attr_int(n, "transA", 0) == 0 {
+                            // A bias read by two ops would need two int32 versions (one per
+                            // input scale): a shared bias stays float.
+                            if bt.dims.len() == 1 && attr_int(n, "transA", 0) == 0 && readers(b) == 1 {
                                 plan.biases.entry(b.clone()).or_insert(BiasQuant {
                                     input: n.inputs[0].clone(),
                                     weight: w.clone(),
@@ -257,7 +265,14 @@ pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions
                 });
                 continue;
             }
-            wanted.entry(t.clone()).or_default().push((key.clone(), s));
+            if role == OpRole::PassThrough {
+                // Decided below, once it is known whether a quantized op reads the output.
+                if let Some(o) = n.outputs.first() {
+                    pending_pass_through.push((t.clone(), o.clone(), key.clone(), s));
+                }
+            } else {
+                wanted.entry(t.clone()).or_default().push((key.clone(), s));
+            }
         }
         // Tie parameters: Concat inputs with each other; pass-through input with output.
         match role {
@@ -275,6 +290,13 @@ pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions
                 }
             }
             _ => {}
+        }
+    }
+    // A pass-through op is quantized only to let a quantized reader of its output run in int8:
+    // walk them backwards so chains (Reshape -> Transpose -> MatMul) resolve.
+    for (input, output, key, slot) in pending_pass_through.into_iter().rev() {
+        if wanted.contains_key(&output) {
+            wanted.entry(input).or_default().push((key, slot));
         }
     }
     for t in wanted.keys() {

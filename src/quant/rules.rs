@@ -88,6 +88,9 @@ pub struct TargetRules {
     /// (transformers: one channel at 170 while the rest is under 8), and a float Add costs
     /// little; measured on paraphrase_minilm_l3: 14 dB with, 24 dB without.
     pub quantize_residual_adds: bool,
+    /// Q/DQ only where a weighted op reads an activation: every extra Q/DQ point adds rounding
+    /// noise, and symmetric int8 already costs unsigned tensors one bit.
+    pub only_weighted_inputs: bool,
     /// Zero points must be 0 (symmetric only).
     pub symmetric_only: bool,
 }
@@ -114,6 +117,7 @@ impl Target {
                 int32_bias: true,
                 quantize_joins: true,
                 quantize_residual_adds: self != Target::Generic,
+                only_weighted_inputs: false,
                 symmetric_only: false,
             },
             Target::Tensorrt => TargetRules {
@@ -128,6 +132,7 @@ impl Target {
                 int32_bias: false,
                 quantize_joins: true,
                 quantize_residual_adds: false,
+                only_weighted_inputs: true,
                 symmetric_only: true,
             },
         }
