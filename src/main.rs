@@ -346,7 +346,7 @@ fn main_job(args: MainArgs) -> Result<()> {
             target: config.target,
             rules: config.target_rules(),
             method: calibration.method(),
-            exclude: config.exclusions(),
+            overrides: config.overrides(),
         };
         let as_model_error = |e: Error| match e {
             Error::Graph(m) => Error::model(&model_path, m),
@@ -473,23 +473,26 @@ verify:
 
 /// Every override must match something in the model: a typo would silently do nothing.
 fn check_overrides(config: &Config, config_path: &Path, model: &Model) -> Result<()> {
-    use onnxq::quant::plan::ExcludeKind;
+    use onnxq::quant::plan::MatchKind;
     let g = &model.graph;
-    for (kind, re) in &config.exclusions().patterns {
-        let hit = match kind {
-            ExcludeKind::Tensor => {
+    for rule in &config.overrides().rules {
+        let re = &rule.regex;
+        let hit = match rule.kind {
+            MatchKind::Tensor => {
                 g.constants.keys().any(|t| re.is_match(t))
                     || g.inputs.iter().any(|i| re.is_match(i.name()))
                     || g.nodes.node_weights().any(|n| n.outputs.iter().any(|o| re.is_match(o)))
             }
-            ExcludeKind::Node => g.nodes.node_weights().any(|n| re.is_match(&n.name)),
-            ExcludeKind::OpType => g.nodes.node_weights().any(|n| re.is_match(&n.op_type)),
+            MatchKind::Node => g.nodes.node_weights().any(|n| re.is_match(&n.name)),
+            MatchKind::OpType => g.nodes.node_weights().any(|n| re.is_match(&n.op_type)),
         };
         if !hit {
-            let pattern = re.as_str().trim_start_matches("^(?:").trim_end_matches(")$");
             return Err(Error::config(
                 config_path,
-                format!("override {kind:?} `{pattern}` matches nothing in the model"),
+                format!(
+                    "override {:?} `{}` matches nothing in the model",
+                    rule.kind, rule.pattern
+                ),
             ));
         }
     }

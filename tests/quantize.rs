@@ -24,7 +24,7 @@ use onnxq::proto::attribute_proto::AttributeType;
 use onnxq::proto::tensor_proto::DataType;
 use onnxq::proto::{AttributeProto, TensorProto};
 use onnxq::quant::materialize::materialize;
-use onnxq::quant::plan::{build_plan, Exclusions, Plan, PlanOptions};
+use onnxq::quant::plan::{build_plan, Overrides, Plan, PlanOptions};
 use onnxq::quant::rules::Target;
 use onnxq::verify::{verify, Comparison, VerifyOptions};
 use tract_onnx::prelude::Tensor;
@@ -100,20 +100,20 @@ fn calibrate(model: &Model, data: &Path) -> CalibrationStats {
     collect(model, &source, source.fingerprints().unwrap()).unwrap()
 }
 
-fn plan_options(target: Target, exclude: Exclusions) -> PlanOptions {
+fn plan_options(target: Target, exclude: Overrides) -> PlanOptions {
     PlanOptions {
         target,
         rules: target.rules(),
         method: Method::MinMax,
-        exclude,
+        overrides: exclude,
     }
 }
 
 /// The exclusions of a config's `overrides:` (YAML list).
-fn overrides(yaml: &str) -> Exclusions {
+fn overrides(yaml: &str) -> Overrides {
     Config::parse(&format!("overrides: {yaml}\n"), Path::new("q.yaml"))
         .unwrap()
-        .exclusions()
+        .overrides()
 }
 
 /// Plan, then materialise into a copy: (plan, quantized model, notes).
@@ -261,7 +261,7 @@ fn conv_relu_conv_gets_qdq_per_channel_weights_and_int32_bias() {
     let xs = uniform(&[1, 3, 8, 8], SAMPLES, 1, 1.0);
     let data = write_data(dir.path(), "calib.npz", vec![("x", xs.clone())]);
     let stats = calibrate(&float, &data);
-    let (plan, quant, notes) = quantize(&float, &stats, &plan_options(Target::Generic, Exclusions::default()));
+    let (plan, quant, notes) = quantize(&float, &stats, &plan_options(Target::Generic, Overrides::default()));
     insta::assert_snapshot!("conv_relu_conv_dump", dump_diff(&float.to_string(), &quant.to_string()));
     insta::assert_snapshot!("conv_relu_conv_plan", plan_text(&plan, &notes));
 
@@ -549,7 +549,7 @@ fn concat_inputs_and_maxpool_share_scale_and_zero_point() {
         vec![("x", uniform(&[1, 2, 8, 8], SAMPLES, 4, 1.0))],
     );
     let stats = calibrate(&float, &data);
-    let (plan, quant, notes) = quantize(&float, &stats, &plan_options(Target::Generic, Exclusions::default()));
+    let (plan, quant, notes) = quantize(&float, &stats, &plan_options(Target::Generic, Overrides::default()));
     insta::assert_snapshot!("concat_pool_dump", dump_diff(&float.to_string(), &quant.to_string()));
     insta::assert_snapshot!("concat_pool_plan", plan_text(&plan, &notes));
 
@@ -609,7 +609,7 @@ fn tensorrt_is_int8_symmetric_with_no_qdq_on_weighted_outputs_and_float_bias() {
     let xs = uniform(&[1, 3, 8, 8], SAMPLES, 1, 1.0);
     let data = write_data(dir.path(), "calib.npz", vec![("x", xs.clone())]);
     let stats = calibrate(&float, &data);
-    let (plan, quant, notes) = quantize(&float, &stats, &plan_options(Target::Tensorrt, Exclusions::default()));
+    let (plan, quant, notes) = quantize(&float, &stats, &plan_options(Target::Tensorrt, Overrides::default()));
     insta::assert_snapshot!("tensorrt_dump", dump_diff(&float.to_string(), &quant.to_string()));
     insta::assert_snapshot!("tensorrt_plan", plan_text(&plan, &notes));
 
@@ -703,7 +703,7 @@ fn quantized_conv_net_is_close_to_the_float_one() {
         vec![("x", uniform(&[1, 3, 8, 8], SAMPLES, 2, 1.0))],
     );
     let stats = calibrate(&float, &calib);
-    let (_, quant, _) = quantize(&float, &stats, &plan_options(Target::Generic, Exclusions::default()));
+    let (_, quant, _) = quantize(&float, &stats, &plan_options(Target::Generic, Overrides::default()));
 
     let on_calib = verify(&float, &quant, &open_data(&float, &calib), &VerifyOptions::default()).unwrap();
     let sqnr = output_sqnr(&on_calib);
@@ -761,7 +761,7 @@ fn plan_and_qdq_are_byte_identical_whatever_the_thread_count() {
     );
     let run = || {
         let stats = calibrate(&float, &data);
-        let (plan, quant, notes) = quantize(&float, &stats, &plan_options(Target::Generic, Exclusions::default()));
+        let (plan, quant, notes) = quantize(&float, &stats, &plan_options(Target::Generic, Overrides::default()));
         (
             onnxq::onnx::model_bytes(&quant).unwrap(),
             serde_json::to_string(&plan).unwrap(),
@@ -988,7 +988,7 @@ fn a_pass_through_op_is_quantized_only_for_a_quantized_reader() {
         vec![("x", uniform(&[1, 3, 4], SAMPLES, 9, 1.0))],
     );
     let stats = calibrate(&float, &data);
-    let (plan, quant, _) = quantize(&float, &stats, &plan_options(Target::Generic, Exclusions::default()));
+    let (plan, quant, _) = quantize(&float, &stats, &plan_options(Target::Generic, Overrides::default()));
     // The MatMul's input is quantized ...
     assert_eq!(node_named(&quant, "mm").inputs, ["x::dq", "W::dq"]);
     // ... the residual stream, which only reaches float ops, is not.
@@ -1053,7 +1053,7 @@ fn int32_bias_scales_match_their_conv_and_gemm() {
     let (_, quant, _) = quantize(
         &float,
         &calibrate(&float, &data),
-        &plan_options(Target::Generic, Exclusions::default()),
+        &plan_options(Target::Generic, Overrides::default()),
     );
     assert_int32_bias_scales_match(&quant);
     let float = wide_net();
@@ -1065,7 +1065,7 @@ fn int32_bias_scales_match_their_conv_and_gemm() {
     let (_, quant, _) = quantize(
         &float,
         &calibrate(&float, &data),
-        &plan_options(Target::Generic, Exclusions::default()),
+        &plan_options(Target::Generic, Overrides::default()),
     );
     assert_int32_bias_scales_match(&quant);
 }
@@ -1106,7 +1106,7 @@ fn a_shared_bias_is_never_quantized_with_another_ops_scale() {
     let (_, quant, _) = quantize(
         &float,
         &calibrate(&float, &data),
-        &plan_options(Target::Generic, Exclusions::default()),
+        &plan_options(Target::Generic, Overrides::default()),
     );
     assert_ne!(const_f32(&quant, "x::scale"), const_f32(&quant, "x10::scale"));
     // One int32 version cannot serve two input scales: the shared bias stays float.
@@ -1171,7 +1171,7 @@ fn float16_layers_stay_float() {
         vec![("x", uniform(&[1, 3, 4, 4], SAMPLES, 9, 1.0))],
     );
     let stats = calibrate(&float, &data);
-    let Ok(plan) = build_plan(&float, &stats, &plan_options(Target::Generic, Exclusions::default())) else {
+    let Ok(plan) = build_plan(&float, &stats, &plan_options(Target::Generic, Overrides::default())) else {
         return; // refusing float16 is a correct answer
     };
     let mut quant = float.clone();
@@ -1193,4 +1193,33 @@ fn float16_layers_stay_float() {
             assert!(quant.opset("").unwrap() >= 19, "float16 Q/DQ needs opset 19");
         }
     }
+}
+
+/// Overrides that change how a match is quantized: a per-tensor int8 weight for one node, a
+/// 16-bit activation, a fixed range.
+#[test]
+fn overrides_set_dtype_granularity_and_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let float = conv_relu_conv(13, false);
+    let data = write_data(
+        dir.path(),
+        "calib.npz",
+        vec![("x", uniform(&[1, 3, 8, 8], SAMPLES, 1, 1.0))],
+    );
+    let stats = calibrate(&float, &data);
+    let rules = overrides(
+        "[{node: conv1, granularity: per_tensor}, {tensor: r, dtype: int16, symmetric: true}, {tensor: x, range: [-2, 2]}]",
+    );
+    let (plan, quant, notes) = quantize(&float, &stats, &plan_options(Target::Generic, rules));
+    assert_eq!(plan.weights["W1"].axis, None, "conv1's weight per-tensor");
+    assert_eq!(plan.weights["W2"].axis, Some(0), "conv2's weight keeps per-channel");
+    assert_eq!(const_f32(&quant, "W1::scale").len(), 1);
+    let r = &plan.activations["r"];
+    assert_eq!(r.scheme.dtype, onnxq::quant::params::QuantDtype::Int16);
+    assert_eq!(dtype(&quant, "r::zero_point"), DataType::Int16);
+    assert_eq!(quant.opset(""), Some(21), "16-bit Q/DQ needs opset 21: {notes:?}");
+    let x = &plan.activations["x"];
+    assert_eq!(x.range, (-2.0, 2.0));
+    // uint8 asymmetric over [-2, 2]: scale 4/255.
+    assert_eq!(const_f32(&quant, "x::scale"), vec![(4.0f64 / 255.0) as f32]);
 }

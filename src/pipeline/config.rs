@@ -74,6 +74,13 @@ pub struct Override {
     /// Keep the match float.
     #[serde(default)]
     pub exclude: bool,
+    /// Quantize the match (its weight, for node and op_type rules) with this type.
+    pub dtype: Option<crate::quant::params::QuantDtype>,
+    /// Weights of the match: per_channel or per_tensor.
+    pub granularity: Option<Granularity>,
+    pub symmetric: Option<bool>,
+    /// Tensor rules: use this range `[lo, hi]` instead of the calibrated one.
+    pub range: Option<[f32; 2]>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -243,24 +250,33 @@ impl Config {
         rules
     }
 
-    /// The exclusions of `overrides:`, compiled (anchored: a pattern matches the whole name).
-    pub fn exclusions(&self) -> crate::quant::plan::Exclusions {
-        use crate::quant::plan::ExcludeKind;
-        let patterns = self
+    /// The `overrides:` rules, compiled (anchored: a pattern matches the whole name).
+    pub fn overrides(&self) -> crate::quant::plan::Overrides {
+        use crate::quant::plan::{MatchKind, OverrideRule};
+        let rules = self
             .overrides
             .iter()
-            .filter(|o| o.exclude)
-            .map(|o| {
+            .filter_map(|o| {
                 let (kind, p) = match (&o.tensor, &o.node, &o.op_type) {
-                    (Some(p), _, _) => (ExcludeKind::Tensor, p),
-                    (_, Some(p), _) => (ExcludeKind::Node, p),
-                    (_, _, Some(p)) => (ExcludeKind::OpType, p),
-                    _ => unreachable!("validated: exactly one is set"),
+                    (Some(p), _, _) => (MatchKind::Tensor, p),
+                    (_, Some(p), _) => (MatchKind::Node, p),
+                    (_, _, Some(p)) => (MatchKind::OpType, p),
+                    _ => return None, // validated: exactly one is set
                 };
-                (kind, regex::Regex::new(&format!("^(?:{p})$")).expect("validated"))
+                let regex = regex::Regex::new(&format!("^(?:{p})$")).ok()?; // validated
+                Some(OverrideRule {
+                    kind,
+                    pattern: p.clone(),
+                    regex,
+                    exclude: o.exclude,
+                    dtype: o.dtype,
+                    symmetric: o.symmetric,
+                    per_channel: o.granularity.map(|g| g == Granularity::PerChannel),
+                    range: o.range.map(|[lo, hi]| (lo, hi)),
+                })
             })
             .collect();
-        crate::quant::plan::Exclusions { patterns }
+        crate::quant::plan::Overrides { rules }
     }
 
     pub fn load(path: &Path) -> Result<Config> {
@@ -330,10 +346,31 @@ impl Config {
                     format!("overrides[{i}]: `{pattern}` is not a valid regular expression: {e}"),
                 ));
             }
-            if !o.exclude {
+            let settings = o.dtype.is_some() || o.granularity.is_some() || o.symmetric.is_some() || o.range.is_some();
+            if o.exclude && settings {
+                return Err(Error::config(path, format!("overrides[{i}]: `exclude: true` keeps the match float; it cannot also set dtype, granularity, symmetric or range")));
+            }
+            if !o.exclude && !settings {
+                return Err(Error::config(path, format!("overrides[{i}]: say what it does (`exclude: true`, `dtype`, `granularity`, `symmetric` or `range`)")));
+            }
+            if let Some([lo, hi]) = o.range {
+                if o.tensor.is_none() {
+                    return Err(Error::config(
+                        path,
+                        format!("overrides[{i}]: `range` applies to a tensor: match it with `tensor:`"),
+                    ));
+                }
+                if !(lo.is_finite() && hi.is_finite() && lo < hi) {
+                    return Err(Error::config(
+                        path,
+                        format!("overrides[{i}]: range [{lo}, {hi}] must be finite with lo < hi"),
+                    ));
+                }
+            }
+            if self.target == crate::quant::rules::Target::Tensorrt && o.symmetric == Some(false) {
                 return Err(Error::config(
                     path,
-                    format!("overrides[{i}]: say what it does (`exclude: true`)"),
+                    format!("overrides[{i}]: target tensorrt is symmetric only (zero point 0)"),
                 ));
             }
         }

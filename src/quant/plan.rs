@@ -62,37 +62,95 @@ pub struct PlanOptions {
     pub rules: TargetRules,
     pub method: Method,
     /// Tensors, nodes (by name) and op types never quantized.
-    pub exclude: Exclusions,
+    pub overrides: Overrides,
 }
 
+/// The config's `overrides:`, in order: a later rule wins over an earlier one.
 #[derive(Clone, Debug, Default)]
-pub struct Exclusions {
-    pub patterns: Vec<(ExcludeKind, regex::Regex)>,
+pub struct Overrides {
+    pub rules: Vec<OverrideRule>,
+}
+
+/// One override: what it matches (a regex anchored on the whole name) and what it changes.
+#[derive(Clone, Debug)]
+pub struct OverrideRule {
+    pub kind: MatchKind,
+    /// The pattern as written in the config, for messages.
+    pub pattern: String,
+    pub regex: regex::Regex,
+    pub exclude: bool,
+    pub dtype: Option<crate::quant::params::QuantDtype>,
+    pub symmetric: Option<bool>,
+    /// Weights only: per-channel (true) or per-tensor (false).
+    pub per_channel: Option<bool>,
+    /// Activations only (tensor rules): a fixed range instead of the calibrated one.
+    pub range: Option<(f32, f32)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExcludeKind {
+pub enum MatchKind {
     Tensor,
     Node,
     OpType,
 }
 
-impl Exclusions {
+impl OverrideRule {
+    fn matches_node(&self, n: &Node) -> bool {
+        match self.kind {
+            MatchKind::Node => self.regex.is_match(&n.name),
+            MatchKind::OpType => self.regex.is_match(&n.op_type),
+            MatchKind::Tensor => false,
+        }
+    }
+    fn matches_tensor(&self, t: &str) -> bool {
+        self.kind == MatchKind::Tensor && self.regex.is_match(t)
+    }
+    fn apply(&self, scheme: &mut Scheme) {
+        if let Some(d) = self.dtype {
+            scheme.dtype = d;
+        }
+        if let Some(s) = self.symmetric {
+            scheme.symmetric = s;
+            scheme.narrow_range &= s;
+        }
+    }
+}
+
+impl Overrides {
     fn node(&self, n: &Node) -> Option<String> {
-        self.patterns.iter().find_map(|(k, re)| {
-            let hit = match k {
-                ExcludeKind::Node => re.is_match(&n.name),
-                ExcludeKind::OpType => re.is_match(&n.op_type),
-                ExcludeKind::Tensor => false,
-            };
-            hit.then(|| format!("excluded by override ({k:?} matches `{}`)", re.as_str()))
-        })
+        self.rules
+            .iter()
+            .rev()
+            .find(|r| r.exclude && r.matches_node(n))
+            .map(|r| format!("excluded by override ({:?} `{}`)", r.kind, r.pattern))
     }
     fn tensor(&self, t: &str) -> Option<String> {
-        self.patterns.iter().find_map(|(k, re)| {
-            (*k == ExcludeKind::Tensor && re.is_match(t))
-                .then(|| format!("excluded by override (tensor matches `{}`)", re.as_str()))
-        })
+        self.rules
+            .iter()
+            .rev()
+            .find(|r| r.exclude && r.matches_tensor(t))
+            .map(|r| format!("excluded by override (tensor `{}`)", r.pattern))
+    }
+    /// A weight's scheme and granularity after the rules matching its node or its name.
+    fn weight(&self, n: &Node, weight: &str, mut scheme: Scheme, mut per_channel: bool) -> (Scheme, bool) {
+        for r in self
+            .rules
+            .iter()
+            .filter(|r| !r.exclude && (r.matches_node(n) || r.matches_tensor(weight)))
+        {
+            r.apply(&mut scheme);
+            per_channel = r.per_channel.unwrap_or(per_channel);
+        }
+        (scheme, per_channel)
+    }
+    /// An activation's scheme and fixed range after the tensor rules matching it.
+    fn activation(&self, t: &str, mut scheme: Scheme) -> (Scheme, Option<(f32, f32)>) {
+        let mut range = None;
+        for r in self.rules.iter().filter(|r| !r.exclude && r.matches_tensor(t)) {
+            r.apply(&mut scheme);
+            range = r.range.or(range);
+        }
+        (scheme, range)
     }
 }
 
@@ -155,7 +213,12 @@ pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions
             .get(t)
             .is_some_and(|c| c.tensor.data_type() == crate::proto::tensor_proto::DataType::Float as i32)
     };
-    let readers = |t: &str| g.nodes.node_weights().filter(|n| n.inputs.iter().any(|i| i == t)).count();
+    let readers = |t: &str| {
+        g.nodes
+            .node_weights()
+            .filter(|n| n.inputs.iter().any(|i| i == t))
+            .count()
+    };
     let produced_by_weighted = |t: &str| {
         producers
             .get(t)
@@ -166,7 +229,7 @@ pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions
         let n = &g.nodes[ix];
         let Some(role) = role_of(n) else { continue };
         let key = node_key(n);
-        if let Some(reason) = options.exclude.node(n) {
+        if let Some(reason) = options.overrides.node(n) {
             for t in n
                 .inputs
                 .iter()
@@ -196,11 +259,12 @@ pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions
             if let Some(w) = n.inputs.get(1).filter(|t| is_float_constant(t)) {
                 let wt = &g.constants[w].tensor;
                 let trans_b = attr_int(n, "transB", 0) != 0;
-                let axis = rules::weight_axis(&n.op_type, wt.dims.len(), trans_b).filter(|_| rules.per_channel_weights);
+                let (scheme, per_channel) = options.overrides.weight(n, w, rules.weights, rules.per_channel_weights);
+                let axis = rules::weight_axis(&n.op_type, wt.dims.len(), trans_b).filter(|_| per_channel);
                 let axis = axis.filter(|&a| a < wt.dims.len() && wt.dims.len() > 1);
-                if options.exclude.tensor(w).is_none() {
+                if options.overrides.tensor(w).is_none() {
                     let entry = plan.weights.entry(w.clone()).or_insert(WeightQuant {
-                        scheme: rules.weights,
+                        scheme,
                         axis,
                         consumers: vec![],
                     });
@@ -246,7 +310,7 @@ pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions
                     .or_insert_with(|| "output of a weighted op (TensorRT fuses it)".into());
                 continue;
             }
-            if let Some(reason) = options.exclude.tensor(t) {
+            if let Some(reason) = options.overrides.tensor(t) {
                 plan.kept_float.entry(t.clone()).or_insert(reason);
                 continue;
             }
@@ -330,9 +394,14 @@ pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions
     for members in groups.values() {
         let mut lo = f32::INFINITY;
         let mut hi = f32::NEG_INFINITY;
-        let scheme = rules.activations;
+        // Tied tensors share one scheme: the overrides of the first member that has any.
+        let mut scheme = rules.activations;
         for &m in members {
-            let (l, h) = stats.tensors[names[m].as_str()].range(&options.method);
+            let (member_scheme, fixed) = options.overrides.activation(names[m], rules.activations);
+            if member_scheme != rules.activations && scheme == rules.activations {
+                scheme = member_scheme;
+            }
+            let (l, h) = fixed.unwrap_or_else(|| stats.tensors[names[m].as_str()].range(&options.method));
             lo = lo.min(l);
             hi = hi.max(h);
         }
