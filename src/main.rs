@@ -269,11 +269,11 @@ fn main_job(args: MainArgs) -> Result<()> {
     }
     for (flag, value) in [("--dump-after", &args.dump_after), ("--stop-after", &args.stop_after)] {
         if let Some(pass) = value {
-            if !(pass == "all" && flag == "--dump-after") && !config.passes.contains(pass) {
+            if !(pass == "all" && flag == "--dump-after") && !config.pass_names().contains(pass) {
                 let runs = if config.passes.is_empty() {
                     "it runs no passes".to_string()
                 } else {
-                    format!("it runs: {}", config.passes.join(", "))
+                    format!("it runs: {}", config.pass_names().join(", "))
                 };
                 return Err(Error::Usage(format!(
                     "{flag} {pass}: the config does not run that pass ({runs})"
@@ -312,7 +312,7 @@ fn main_job(args: MainArgs) -> Result<()> {
         dump_after: args.dump_after,
         stop_after: args.stop_after,
     };
-    pipeline::run_passes(&mut model, &config.passes, &mut ctx, &debug).map_err(|e| match e {
+    pipeline::run_pipeline(&mut model, &config.passes, &mut ctx, &debug).map_err(|e| match e {
         Error::Graph(m) => Error::model(&model_path, m),
         other => other,
     })?;
@@ -552,7 +552,7 @@ fn calibrate(model_path: &Path, config_path: &Path, stats_path: &Path, report: O
     let started = Instant::now();
     let mut model = onnx::load_model(model_path)?;
     let mut ctx = Context::default();
-    pipeline::run_passes(&mut model, &config.passes, &mut ctx, &DebugOptions::default()).map_err(|e| match e {
+    pipeline::run_pipeline(&mut model, &config.passes, &mut ctx, &DebugOptions::default()).map_err(|e| match e {
         Error::Graph(m) => Error::model(model_path, m),
         other => other,
     })?;

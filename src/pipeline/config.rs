@@ -14,9 +14,9 @@ pub struct Config {
     /// is accepted.
     #[serde(default = "default_true")]
     pub quantize: bool,
-    /// Graph passes to run, in order, by name (see `onnxq passes`).
-    #[serde(default)]
-    pub passes: Vec<String>,
+    /// Graph passes to run, in order: a name, or `{name: {option: value}}` (see `onnxq passes`).
+    #[serde(default, deserialize_with = "deserialize_passes")]
+    pub passes: Vec<crate::pipeline::PassSpec>,
     /// Activation statistics from real inputs.
     #[serde(default)]
     pub calibration: Option<CalibrationConfig>,
@@ -221,7 +221,42 @@ fn default_true() -> bool {
     true
 }
 
+/// `passes:` entries: `name` or `{name: {options}}` (a one-key map).
+fn deserialize_passes<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<crate::pipeline::PassSpec>, D::Error> {
+    use serde::de::Error as _;
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Entry {
+        Name(String),
+        WithOptions(std::collections::BTreeMap<String, serde_yaml::Value>),
+    }
+    let entries: Vec<Entry> = Vec::deserialize(d)?;
+    entries
+        .into_iter()
+        .map(|e| match e {
+            Entry::Name(name) => Ok(crate::pipeline::PassSpec {
+                name,
+                options: serde_yaml::Value::Null,
+            }),
+            Entry::WithOptions(map) if map.len() == 1 => {
+                let (name, options) = map.into_iter().next().expect("one entry");
+                Ok(crate::pipeline::PassSpec { name, options })
+            }
+            Entry::WithOptions(_) => Err(D::Error::custom(
+                "a pass with options is a one-key map: `{name: {option: value}}`",
+            )),
+        })
+        .collect()
+}
+
 impl Config {
+    /// The names of the configured passes, in order.
+    pub fn pass_names(&self) -> Vec<String> {
+        self.passes.iter().map(|p| p.name.clone()).collect()
+    }
+
     /// The target's rules with the config's choices applied.
     pub fn target_rules(&self) -> crate::quant::rules::TargetRules {
         let mut rules = self.target.rules();
@@ -374,8 +409,13 @@ impl Config {
                 ));
             }
         }
-        for name in &self.passes {
-            if crate::passes::create(name).is_none() {
+        for spec in &self.passes {
+            let name = &spec.name;
+            if crate::passes::create(name).is_some() {
+                if let Err(m) = crate::pipeline::create_pass(spec) {
+                    return Err(Error::config(path, format!("passes: {m}")));
+                }
+            } else {
                 let known = crate::passes::NAMES;
                 let hint = closest(name, known)
                     .map(|c| format!(" (did you mean `{c}`?)"))
@@ -451,6 +491,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("did you mean `eliminate_identity`?"), "{err}");
+    }
+
+    #[test]
+    fn passes_take_options_as_one_key_maps() {
+        let c = parse("quantize: false\npasses: [eliminate_identity, {eliminate_identity: null}]\n").unwrap();
+        assert_eq!(c.pass_names(), vec!["eliminate_identity", "eliminate_identity"]);
+        let err = parse("passes: [{eliminate_identity: {strict: true}}]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pass `eliminate_identity` takes no options"), "{err}");
     }
 
     #[test]

@@ -15,6 +15,9 @@ use crate::ir::Model;
 pub struct Context {
     /// One entry per pass run: what it changed, for the report.
     pub pass_reports: Vec<PassReport>,
+    /// The BatchNormalization statistics `fold_batchnorm` folded away, keyed by the folded layer's
+    /// output tensor, for bias absorption and analytical bias correction.
+    pub batchnorm_records: Vec<crate::passes::BatchNormRecord>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -28,6 +31,14 @@ pub struct PassReport {
 
 pub trait Pass {
     fn name(&self) -> &'static str;
+    /// Takes the pass's options from the config (`passes: [{name: {option: value}}]`). Passes
+    /// without options refuse any.
+    fn configure(&mut self, options: &serde_yaml::Value) -> std::result::Result<(), String> {
+        match options {
+            serde_yaml::Value::Null => Ok(()),
+            _ => Err(format!("pass `{}` takes no options", self.name())),
+        }
+    }
     /// Rewrites the model. Returns notes for the report (what changed, what was left and why).
     /// A precondition that does not hold is an error, never a silent skip.
     fn run(&self, model: &mut Model, ctx: &mut Context) -> Result<Vec<String>>;
@@ -55,8 +66,36 @@ pub fn dump_diff(before: &str, after: &str) -> String {
 /// Runs the passes in order, checking the graph after each; an error names the failing pass
 /// and the passes that ran before it.
 pub fn run_passes(model: &mut Model, names: &[String], ctx: &mut Context, debug: &DebugOptions) -> Result<()> {
-    for (i, name) in names.iter().enumerate() {
-        let pass = crate::passes::create(name).ok_or_else(|| Error::Usage(format!("unknown pass `{name}`")))?;
+    let specs: Vec<PassSpec> = names
+        .iter()
+        .map(|n| PassSpec {
+            name: n.clone(),
+            options: serde_yaml::Value::Null,
+        })
+        .collect();
+    run_pipeline(model, &specs, ctx, debug)
+}
+
+/// A pass as the config names it, with its options (Null when none).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PassSpec {
+    pub name: String,
+    pub options: serde_yaml::Value,
+}
+
+/// Builds a configured pass; errors name the pass and what is wrong with its options.
+pub fn create_pass(spec: &PassSpec) -> std::result::Result<Box<dyn Pass>, String> {
+    let mut pass = crate::passes::create(&spec.name).ok_or_else(|| format!("unknown pass `{}`", spec.name))?;
+    pass.configure(&spec.options)?;
+    Ok(pass)
+}
+
+/// Runs configured passes in order (see [`run_passes`]).
+pub fn run_pipeline(model: &mut Model, specs: &[PassSpec], ctx: &mut Context, debug: &DebugOptions) -> Result<()> {
+    let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+    for (i, spec) in specs.iter().enumerate() {
+        let name = &spec.name;
+        let pass = create_pass(spec).map_err(Error::Usage)?;
         let wants_dump = debug.dump_after.as_deref().is_some_and(|d| d == "all" || d == name);
         let before = wants_dump.then(|| model.to_string());
         let nodes_before = model.graph.nodes.node_count();
