@@ -2,15 +2,19 @@
 //! names passes from here; an unknown name is an error that lists these.
 
 mod eliminate_identity;
+mod fold_batchnorm;
+
+pub use fold_batchnorm::BatchNormRecord;
 
 use crate::pipeline::Pass;
 
 /// Every pass onnxq has, by the name the config uses.
-pub const NAMES: &[&str] = &["eliminate_identity"];
+pub const NAMES: &[&str] = &["eliminate_identity", "fold_batchnorm"];
 
 pub fn create(name: &str) -> Option<Box<dyn Pass>> {
     Some(match name {
         "eliminate_identity" => Box::new(eliminate_identity::EliminateIdentity),
+        "fold_batchnorm" => Box::new(fold_batchnorm::FoldBatchnorm),
         _ => return None,
     })
 }
