@@ -1,7 +1,9 @@
 //! The registry of passes: one explicit list of names, one constructor. The YAML `passes:` list
 //! names passes from here; an unknown name is an error that lists these.
 
+mod absorb_bias;
 mod eliminate_identity;
+mod equalize;
 mod fold_batchnorm;
 
 pub use fold_batchnorm::BatchNormRecord;
@@ -9,12 +11,14 @@ pub use fold_batchnorm::BatchNormRecord;
 use crate::pipeline::Pass;
 
 /// Every pass onnxq has, by the name the config uses.
-pub const NAMES: &[&str] = &["eliminate_identity", "fold_batchnorm"];
+pub const NAMES: &[&str] = &["eliminate_identity", "fold_batchnorm", "equalize", "absorb_bias"];
 
 pub fn create(name: &str) -> Option<Box<dyn Pass>> {
     Some(match name {
         "eliminate_identity" => Box::new(eliminate_identity::EliminateIdentity),
         "fold_batchnorm" => Box::new(fold_batchnorm::FoldBatchnorm),
+        "equalize" => Box::new(equalize::Equalize::default()),
+        "absorb_bias" => Box::new(absorb_bias::AbsorbBias::default()),
         _ => return None,
     })
 }
