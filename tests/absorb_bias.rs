@@ -41,33 +41,6 @@ fn run_with(model: &Model, options: &str) -> (String, Model, Model, Context) {
     (text, folded, after, ctx)
 }
 
-fn outputs(model: &Model, shape: &[usize]) -> Vec<Vec<f32>> {
-    let input = model.graph.runtime_inputs().next().unwrap().name().to_string();
-    let runner = Runner::new(
-        model,
-        &[(input, tract_onnx::prelude::DatumType::F32, shape.to_vec())],
-        &[],
-    )
-    .unwrap();
-    let n = shape.iter().product();
-    let x = Tensor::from_shape::<f32>(shape, &seeded(n, 42)).unwrap();
-    runner
-        .run(vec![x.into_tvalue()])
-        .unwrap()
-        .iter()
-        .map(|t| to_f32_vec(t).unwrap())
-        .collect()
-}
-
-fn max_relative_error(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-12);
-    got.iter()
-        .zip(want)
-        .fold(0f64, |m, (g, w)| m.max((*g as f64 - *w as f64).abs()))
-        / scale
-}
-
 fn assert_same_outputs(before: &Model, after: &Model, shape: &[usize]) {
     let (want, got) = (outputs(before, shape), outputs(after, shape));
     for (o, (g, w)) in got.iter().zip(&want).enumerate() {

@@ -14,7 +14,6 @@ use onnxq::proto::attribute_proto::AttributeType;
 use onnxq::proto::tensor_proto::DataType;
 use onnxq::proto::{AttributeProto, NodeProto, TensorProto};
 use onnxq::runtime::{to_f32_vec, Runner};
-use tract_onnx::prelude::{IntoTValue, Tensor};
 
 fn spec(name: &str, options: &str) -> PassSpec {
     PassSpec {
@@ -40,36 +39,6 @@ fn run(model: &Model, specs: &[PassSpec]) -> (String, Model, Context) {
 
 fn run_equalize(model: &Model) -> (String, Model, Context) {
     run(model, &[spec("equalize", "~")])
-}
-
-/// The outputs on seeded inputs (scaled by 3), for a model with one f32 input of shape `shape`.
-fn outputs(model: &Model, shape: &[usize]) -> Vec<Vec<f32>> {
-    let input = model.graph.runtime_inputs().next().unwrap().name().to_string();
-    let runner = Runner::new(
-        model,
-        &[(input, tract_onnx::prelude::DatumType::F32, shape.to_vec())],
-        &[],
-    )
-    .unwrap();
-    let n = shape.iter().product();
-    let values: Vec<f32> = seeded(n, 42).iter().map(|v| 3.0 * v).collect();
-    let x = Tensor::from_shape::<f32>(shape, &values).unwrap();
-    runner
-        .run(vec![x.into_tvalue()])
-        .unwrap()
-        .iter()
-        .map(|t| to_f32_vec(t).unwrap())
-        .collect()
-}
-
-/// max |got − want| / max |want|.
-fn max_relative_error(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-12);
-    got.iter()
-        .zip(want)
-        .fold(0f64, |m, (g, w)| m.max((*g as f64 - *w as f64).abs()))
-        / scale
 }
 
 fn assert_same_outputs(before: &Model, after: &Model, shape: &[usize]) {

@@ -13,7 +13,6 @@ use onnxq::pipeline::{dump_diff, run_passes, Context, DebugOptions};
 use onnxq::proto::tensor_proto::DataType;
 use onnxq::proto::{AttributeProto, NodeProto, TensorProto};
 use onnxq::runtime::{to_f32_vec, Runner};
-use tract_onnx::prelude::{IntoTValue, Tensor};
 
 /// Runs the pass; returns the dump diff with the notes appended, the model after, and the context.
 fn run_fold(model: &Model) -> (String, Model, Context) {
@@ -33,35 +32,6 @@ fn run_fold(model: &Model) -> (String, Model, Context) {
         text.push('\n');
     }
     (text, after, ctx)
-}
-
-/// The outputs on seeded inputs, for a model with one f32 input of shape `shape`.
-fn outputs(model: &Model, shape: &[usize]) -> Vec<Vec<f32>> {
-    let input = model.graph.runtime_inputs().next().unwrap().name().to_string();
-    let runner = Runner::new(
-        model,
-        &[(input, tract_onnx::prelude::DatumType::F32, shape.to_vec())],
-        &[],
-    )
-    .unwrap();
-    let n = shape.iter().product();
-    let x = Tensor::from_shape::<f32>(shape, &seeded(n, 42)).unwrap();
-    runner
-        .run(vec![x.into_tvalue()])
-        .unwrap()
-        .iter()
-        .map(|t| to_f32_vec(t).unwrap())
-        .collect()
-}
-
-/// max |got − want| / max |want|.
-fn max_relative_error(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-12);
-    got.iter()
-        .zip(want)
-        .fold(0f64, |m, (g, w)| m.max((*g as f64 - *w as f64).abs()))
-        / scale
 }
 
 /// The folded model computes what the original did, up to float rounding.

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::repo;
+use common::{max_relative_error, repo};
 use onnxq::calib::data::{Dataset, InputSpec};
 use onnxq::ir::Model;
 use onnxq::onnx::{self, opset};
@@ -29,15 +29,6 @@ fn outputs(model: &Model, data: &Dataset) -> Vec<Vec<f32>> {
     (0..runner.outputs.len())
         .map(|o| per_sample.iter().flat_map(|s| s[o].iter().copied()).collect())
         .collect()
-}
-
-fn max_relative_error(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-12);
-    got.iter()
-        .zip(want)
-        .fold(0f64, |m, (g, w)| m.max((*g as f64 - *w as f64).abs()))
-        / scale
 }
 
 /// Upgrades `model` to each target and checks it against the original; returns the notes.

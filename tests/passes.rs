@@ -8,8 +8,6 @@ use common::*;
 use onnxq::ir::Model;
 use onnxq::pipeline::{dump_diff, run_passes, Context, DebugOptions};
 use onnxq::proto::tensor_proto::DataType;
-use onnxq::runtime::{to_f32_vec, Runner};
-use tract_onnx::prelude::{IntoTValue, Tensor};
 
 /// Runs one pass; returns the dump diff with the pass's notes appended, and the model after.
 fn run_one(pass: &str, model: Model) -> (String, Model) {
@@ -23,25 +21,6 @@ fn run_one(pass: &str, model: Model) -> (String, Model) {
         text.push('\n');
     }
     (text, after)
-}
-
-/// The outputs on seeded inputs, for a model with one f32 input of shape `shape`.
-fn outputs(model: &Model, shape: &[usize]) -> Vec<Vec<f32>> {
-    let input = model.graph.runtime_inputs().next().unwrap().name().to_string();
-    let runner = Runner::new(
-        model,
-        &[(input, tract_onnx::prelude::DatumType::F32, shape.to_vec())],
-        &[],
-    )
-    .unwrap();
-    let n = shape.iter().product();
-    let x = Tensor::from_shape::<f32>(shape, &seeded(n, 42)).unwrap();
-    runner
-        .run(vec![x.into_tvalue()])
-        .unwrap()
-        .iter()
-        .map(|t| to_f32_vec(t).unwrap())
-        .collect()
 }
 
 fn f32_info(name: &str) -> onnxq::proto::ValueInfoProto {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::repo;
+use common::{max_relative_error, repo};
 use onnxq::calib::data::{Dataset, InputSpec};
 use onnxq::onnx;
 use onnxq::runtime::{to_f32_vec, Runner};
@@ -22,15 +22,6 @@ fn run_eval(model: &str, extra: &[String]) -> (Vec<String>, Vec<Vec<Vec<f32>>>) 
         )
         .unwrap();
     (runner.outputs.clone(), per_sample)
-}
-
-fn max_relative_error(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-12);
-    got.iter()
-        .zip(want)
-        .fold(0f64, |m, (g, w)| m.max((*g as f64 - *w as f64).abs()))
-        / scale
 }
 
 #[test]

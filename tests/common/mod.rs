@@ -143,3 +143,33 @@ pub fn write_temp(m: &ModelProto, file: &str) -> (tempfile::TempDir, PathBuf) {
     std::fs::write(&path, encode(m)).unwrap();
     (dir, path)
 }
+
+/// The outputs on seeded inputs in [-1, 1), for a model with one f32 input of shape `shape`.
+pub fn outputs(model: &onnxq::ir::Model, shape: &[usize]) -> Vec<Vec<f32>> {
+    use tract_onnx::prelude::{IntoTValue, Tensor};
+    let input = model.graph.runtime_inputs().next().unwrap().name().to_string();
+    let runner = onnxq::runtime::Runner::new(
+        model,
+        &[(input, tract_onnx::prelude::DatumType::F32, shape.to_vec())],
+        &[],
+    )
+    .unwrap();
+    let n = shape.iter().product();
+    let x = Tensor::from_shape::<f32>(shape, &seeded(n, 42)).unwrap();
+    runner
+        .run(vec![x.into_tvalue()])
+        .unwrap()
+        .iter()
+        .map(|t| onnxq::runtime::to_f32_vec(t).unwrap())
+        .collect()
+}
+
+/// max |got − want| / max |want|.
+pub fn max_relative_error(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-12);
+    got.iter()
+        .zip(want)
+        .fold(0f64, |m, (g, w)| m.max((*g as f64 - *w as f64).abs()))
+        / scale
+}
