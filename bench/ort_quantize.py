@@ -1,10 +1,18 @@
 """ONNX Runtime's quantize_static on a model and its calibration data, timed: the peer onnxq is
-measured against. Prints wall time of the quantize_static call (after quant_pre_process).
+measured against. Prints wall time of quant_pre_process and of the quantize_static call.
 
-    python bench/ort_quantize.py MODEL.onnx CALIB.npz OUT.onnx --method Percentile --per-channel [--samples N]
+    python bench/ort_quantize.py MODEL.onnx CALIB.npz OUT.onnx --method Percentile --per-channel \
+        [--samples N] [--pre-process always|auto|never] [--json TIMES.json]
 Run it under `/usr/bin/time -v` for peak RSS.
+
+--pre-process: `always` (default) runs ORT's recommended quant_pre_process (symbolic shape
+inference + onnx optimisation) and fails when it fails; `auto` falls back to quantizing the
+original model when quant_pre_process raises (what a user does when it fails, e.g. the
+AssertionError of its symbolic shape inference on ppocr_mobile_v2_cls), and says so; `never`
+skips it. --json writes what happened (pre-processing status and both timings) for bench/run.py.
 """
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -38,14 +46,38 @@ def main():
     ap.add_argument("--method", default="MinMax", choices=["MinMax", "Entropy", "Percentile", "Distribution"])
     ap.add_argument("--per-channel", action="store_true")
     ap.add_argument("--samples", type=int, default=0)
+    ap.add_argument("--pre-process", default="always", choices=["always", "auto", "never"])
+    ap.add_argument("--json", help="write the pre-processing status and timings here")
     args = ap.parse_args()
+    info = {"pre_process": "skipped", "pre_process_s": 0.0}
+    for name in ("model", "calib", "output", "json"):
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
     with tempfile.TemporaryDirectory() as tmp:
-        pre = os.path.join(tmp, "pre.onnx")
+        # ORT leaves files in the working directory (sym_shape_infer_temp.onnx and <uuid>.data
+        # external data when quant_pre_process fails on a large model): keep them in tmp.
+        os.chdir(tmp)
+        source = args.model
         t0 = time.perf_counter()
-        quant_pre_process(args.model, pre)
+        if args.pre_process != "never":
+            pre = os.path.join(tmp, "pre.onnx")
+            try:
+                quant_pre_process(args.model, pre)
+                source = pre
+                info["pre_process"] = "ok"
+            except Exception as e:  # noqa: BLE001 - any failure of the pre-processing step
+                if args.pre_process == "always":
+                    raise
+                where = e.__traceback__
+                while where.tb_next is not None:
+                    where = where.tb_next
+                reason = f"{type(e).__name__} {str(e)[:80]}".strip()
+                info["pre_process"] = f"failed ({reason} in {where.tb_frame.f_code.co_name})"
+                print(f"quant_pre_process failed: {reason}; quantizing the original model")
         t1 = time.perf_counter()
+        info["pre_process_s"] = t1 - t0
         quantize_static(
-            pre,
+            source,
             args.output,
             NpzReader(args.calib, args.samples),
             quant_format=QuantFormat.QDQ,
@@ -55,7 +87,11 @@ def main():
             calibrate_method=getattr(CalibrationMethod, args.method),
         )
         t2 = time.perf_counter()
+    info["quantize_static_s"] = t2 - t1
     print(f"quant_pre_process {t1 - t0:.2f} s, quantize_static {t2 - t1:.2f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(info, f)
 
 
 if __name__ == "__main__":

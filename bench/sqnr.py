@@ -2,13 +2,22 @@
 held-out data, plus the validity checks onnxq promises: onnx.checker (full_check) and loading in
 OpenVINO. One line per quantized model.
 
-    python bench/sqnr.py FLOAT.onnx QUANT.onnx EVAL.npz [--openvino]
+    python bench/sqnr.py FLOAT.onnx QUANT.onnx [QUANT2.onnx ...] EVAL.npz [--openvino] [--json OUT.json]
 SQNR = 10·log10(Σ f² / Σ (f − q)²) over all samples and elements of each output; top-1
 agreement for outputs shaped like class scores ([1, C] per sample: argmax per sample; [N, C]:
 argmax per row).
+
+Several quantized models of one float model share one float run. With --json, a model that fails
+a check (checker, ONNX Runtime, OpenVINO) is recorded with the error instead of stopping the run,
+and OUT.json gets per model and per output: SQNR, top-1 agreement, and for outputs with one vector
+per sample (embeddings) the nearest-neighbour agreement (the eval sample whose vector is most
+cosine-similar is the same in the float and the quantized outputs); bench/run.py reads it.
 """
 import argparse
+import json
+import re
 import sys
+import traceback
 
 import numpy as np
 import onnx
@@ -25,59 +34,144 @@ def run(path, data):
     return [o.name for o in sess.get_outputs()], [np.stack([s[j] for s in outs]) for j in range(len(outs[0]))]
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("float_model")
-    ap.add_argument("quant_model")
-    ap.add_argument("data")
-    ap.add_argument("--openvino", action="store_true")
-    ap.add_argument("--tensorrt-rules", action="store_true", help="also check TensorRT's placement rules")
-    ap.add_argument("--min-sqnr", type=float, help="exit 1 when a float output's SQNR is below this (dB)")
-    args = ap.parse_args()
-    quant = onnx.load(args.quant_model)
-    onnx.checker.check_model(quant, full_check=True)
-    trt = ""
-    if args.tensorrt_rules:
-        inits = {t.name: onnx.numpy_helper.to_array(t) for t in quant.graph.initializer}
-        producer = {o: n.op_type for n in quant.graph.node for o in n.output}
-        qdq = [n for n in quant.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
-        nonzero = [n.name for n in qdq if len(n.input) > 2 and np.any(inits.get(n.input[2], 0) != 0)]
-        weighted = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-        on_outputs = [n.name for n in qdq if n.op_type == "QuantizeLinear" and producer.get(n.input[0]) in weighted]
-        assert not nonzero, f"non-zero zero points: {nonzero[:5]}"
-        assert not on_outputs, f"Q/DQ on outputs of weighted ops: {on_outputs[:5]}"
-        trt = f"; TensorRT rules hold ({len(qdq)} Q/DQ nodes, all zero points 0, none on weighted outputs)"
-    data = dict(np.load(args.data))
-    names, ref = run(args.float_model, data)
-    _, got = run(args.quant_model, data)
-    parts = []
-    worst = float("inf")
+def neighbour_agreement(f, q):
+    """Fraction of samples whose nearest other sample (cosine) is the same in f and q."""
+
+    def nearest(x):
+        x = x.reshape(len(x), -1).astype(np.float64)
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+        sim = x @ x.T
+        np.fill_diagonal(sim, -np.inf)
+        return np.argmax(sim, axis=1)
+
+    return float(np.mean(nearest(f) == nearest(q)))
+
+
+def compare(names, ref, got):
+    """Per output metrics and the text of sqnr.py's line."""
+    outputs, parts = [], []
     for name, f, q in zip(names, ref, got):
         if not np.issubdtype(f.dtype, np.floating):
-            parts.append(f"{name}: equal {np.mean(f == q):.3f}")
+            equal = float(np.mean(f == q))
+            outputs.append({"name": name, "float": False, "equal": equal})
+            parts.append(f"{name}: equal {equal:.3f}")
             continue
         f64, q64 = f.astype(np.float64), q.astype(np.float64)
         noise = np.sum((f64 - q64) ** 2)
-        sqnr = float("inf") if noise == 0 else 10 * np.log10(np.sum(f64**2) / noise)
-        worst = min(worst, sqnr)
+        sqnr = float("inf") if noise == 0 else float(10 * np.log10(np.sum(f64**2) / noise))
+        entry = {"name": name, "float": True, "sqnr_db": sqnr}
         text = f"{name}: SQNR {sqnr:.2f} dB"
         per_sample = f.shape[1:]
         squeezed = [d for d in per_sample if d != 1]
         if f.ndim >= 2 and per_sample[-1] >= 2 and (len(squeezed) == 1 or len(per_sample) == 2):
-            agree = np.mean(np.argmax(f, axis=-1) == np.argmax(q, axis=-1))
+            agree = float(np.mean(np.argmax(f, axis=-1) == np.argmax(q, axis=-1)))
+            entry["top1"] = agree
             text += f", top-1 agreement {agree:.3f}"
+        if len(squeezed) == 1 and len(f) >= 2:
+            entry["neighbours"] = neighbour_agreement(f, q)
+        outputs.append(entry)
         parts.append(text)
-    line = f"{args.quant_model}: checker ok; " + "; ".join(parts) + trt
+    return outputs, parts
+
+
+def tensorrt_rules(quant):
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in quant.graph.initializer}
+    producer = {o: n.op_type for n in quant.graph.node for o in n.output}
+    qdq = [n for n in quant.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    nonzero = [n.name for n in qdq if len(n.input) > 2 and np.any(inits.get(n.input[2], 0) != 0)]
+    weighted = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    on_outputs = [n.name for n in qdq if n.op_type == "QuantizeLinear" and producer.get(n.input[0]) in weighted]
+    assert not nonzero, f"non-zero zero points: {nonzero[:5]}"
+    assert not on_outputs, f"Q/DQ on outputs of weighted ops: {on_outputs[:5]}"
+    return f"; TensorRT rules hold ({len(qdq)} Q/DQ nodes, all zero points 0, none on weighted outputs)"
+
+
+def summary(e):
+    """One line for an exception; OpenVINO's multi-line messages reduced to the transformation,
+    the op type and the reason (no source locations; node names carry counters that differ from
+    run to run)."""
+    text = str(e)
+    lines = [l.strip() for l in text.splitlines() if l.strip() and not l.strip().startswith("Exception from")]
+    if lines and len(lines) < len(text.splitlines()):  # OpenVINO's format
+        op = re.search(r"node:? '?(opset\d+::\w+)", text)
+        transformation = re.match(r"^\[(\w+)\]", lines[0])
+        reason = re.sub(r" failed at \S+:\d+:", " failed:", lines[-1])
+        text = "".join(
+            [f"[{transformation.group(1)}] " if transformation else "", f"{op.group(1)}: " if op else "", reason]
+        )
+    return " ".join(f"{type(e).__name__}: {text}".split())[:240]
+
+
+def check(path, args, data, reference):
+    """Checks and measures one quantized model: (line, worst float-output SQNR, JSON record).
+    With --json a failure is recorded (`error`: checker or ONNX Runtime, no SQNR; `openvino_error`:
+    the SQNR stands) instead of raised."""
+    record = {"model": path}
+    stage = "onnx.checker"
+    try:
+        quant = onnx.load(path)
+        onnx.checker.check_model(quant, full_check=True)
+        trt = tensorrt_rules(quant) if args.tensorrt_rules else ""
+        stage = "ONNX Runtime"
+        names, ref = reference()
+        _, got = run(path, data)
+    except Exception as e:  # noqa: BLE001 - recorded with --json, re-raised otherwise
+        if not args.json:
+            raise
+        record["error"] = f"{stage}: {summary(e)}"
+        traceback.print_exc()
+        return f"{path}: FAILED {record['error']}", None, record
+    outputs, parts = compare(names, ref, got)
+    record["outputs"] = outputs
+    line = f"{path}: checker ok; " + "; ".join(parts) + trt
     if args.openvino:
         import openvino as ov
 
-        ov.Core().compile_model(args.quant_model, "CPU")
-        line += "; OpenVINO compiles it"
-    print(line)
-    if args.min_sqnr is not None and worst < args.min_sqnr:
-        print(f"FAILED: output SQNR {worst:.2f} dB is below {args.min_sqnr} dB")
-        return 1
-    return 0
+        try:
+            ov.Core().compile_model(path, "CPU")
+            line += "; OpenVINO compiles it"
+            record["openvino"] = True
+        except Exception as e:  # noqa: BLE001
+            if not args.json:
+                raise
+            record["openvino_error"] = f"OpenVINO: {summary(e)}"
+            line += f"; FAILED {record['openvino_error']}"
+    floats = [o["sqnr_db"] for o in outputs if o["float"]]
+    worst = min(floats) if floats else float("inf")
+    return line, worst, record
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("float_model")
+    ap.add_argument("quant_models", nargs="+", metavar="quant_model")
+    ap.add_argument("data")
+    ap.add_argument("--openvino", action="store_true")
+    ap.add_argument("--tensorrt-rules", action="store_true", help="also check TensorRT's placement rules")
+    ap.add_argument("--min-sqnr", type=float, help="exit 1 when a float output's SQNR is below this (dB)")
+    ap.add_argument("--json", help="write per-model results here; a failing model is recorded, not fatal")
+    args = ap.parse_args()
+    data = dict(np.load(args.data))
+    cache = {}
+
+    def reference():
+        if "ref" not in cache:
+            cache["ref"] = run(args.float_model, data)
+        return cache["ref"]
+
+    status, records = 0, []
+    for path in args.quant_models:
+        line, worst, record = check(path, args, data, reference)
+        records.append(record)
+        print(line, flush=True)
+        if args.min_sqnr is not None and (worst is None or worst < args.min_sqnr):
+            if worst is not None:
+                print(f"FAILED: output SQNR {worst:.2f} dB is below {args.min_sqnr} dB")
+            status = 1
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    return status
 
 
 if __name__ == "__main__":
