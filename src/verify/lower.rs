@@ -451,6 +451,29 @@ impl Lowering {
             .or_else(|| self.ranks.get(name).copied())
     }
 
+    /// The scale and zero-point values of a Q/DQ node (None where not constant), and how many
+    /// channels they describe (1 for per-tensor).
+    #[allow(clippy::type_complexity)]
+    fn params(
+        graph: &Graph,
+        scale: &str,
+        zp_const: Option<&crate::ir::Constant>,
+        label: &str,
+    ) -> Result<(Option<Vec<f32>>, Option<Vec<i64>>, usize)> {
+        let scales = Self::scale_values(graph, scale, label)?;
+        let zps = match zp_const {
+            Some(c) => {
+                Some(int_values(&c.tensor).ok_or_else(|| refuse(format!("{label}: cannot read the zero point")))?)
+            }
+            None => None,
+        };
+        let channels = scales
+            .as_ref()
+            .map_or(1, |v| v.len())
+            .max(zps.as_ref().map_or(1, |v| v.len()));
+        Ok((scales, zps, channels))
+    }
+
     /// The f32 scale values of a constant scale (None when the scale is not a constant).
     fn scale_values(graph: &Graph, name: &str, label: &str) -> Result<Option<Vec<f32>>> {
         let Some(c) = graph.constants.get(name) else {
@@ -514,17 +537,7 @@ impl Lowering {
             return Err(refuse(format!("{label}: the zero point is not a constant")));
         }
         self.check_opset(&label)?;
-        let scales = Self::scale_values(graph, &s, &label)?;
-        let zps = match zp_const {
-            Some(c) => {
-                Some(int_values(&c.tensor).ok_or_else(|| refuse(format!("{label}: cannot read the zero point")))?)
-            }
-            None => None,
-        };
-        let channels = scales
-            .as_ref()
-            .map_or(1, |v| v.len())
-            .max(zps.as_ref().map_or(1, |v| v.len()));
+        let (scales, zps, channels) = Self::params(graph, &s, zp_const, &label)?;
         let x_rank = self.rank(&x);
         let shape = if channels > 1 {
             let axis = attr_int(node, "axis").unwrap_or(1);
@@ -686,17 +699,7 @@ impl Lowering {
             return Err(refuse(format!("{label}: the zero point is not a constant")));
         }
         self.check_opset(&label)?;
-        let scales = Self::scale_values(graph, &s, &label)?;
-        let zps = match zp_const {
-            Some(c) => {
-                Some(int_values(&c.tensor).ok_or_else(|| refuse(format!("{label}: cannot read the zero point")))?)
-            }
-            None => None,
-        };
-        let channels = scales
-            .as_ref()
-            .map_or(1, |v| v.len())
-            .max(zps.as_ref().map_or(1, |v| v.len()));
+        let (scales, zps, channels) = Self::params(graph, &s, zp_const, &label)?;
         let shape = if channels > 1 {
             broadcast_shape(axis, self.rank(&x), channels)
                 .map_err(|m| refuse(format!("{label}: per-axis dequantization of '{x}': {m}")))?
