@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use onnxq::calib::data::{Dataset, InputSpec};
 use onnxq::ir::Model;
 use onnxq::onnx;
 use onnxq::pipeline::{dump_diff, run_passes, run_pipeline, Context, DebugOptions, PassSpec};
@@ -226,19 +225,6 @@ fn must_not_fire() {
     let (diff, folded, after, _) = run(&model);
     insta::assert_snapshot!(diff);
     assert_eq!(after.to_string(), folded.to_string(), "nothing may change");
-}
-
-fn run_eval(m: &Model, data: &str) -> Vec<Vec<Vec<f32>>> {
-    let data = Dataset::load(&repo(data)).unwrap();
-    let bound = data.bind(&InputSpec::of_graph(&m.graph)).unwrap();
-    let runner = Runner::new(m, &bound.sample_shapes(), &[]).unwrap();
-    runner
-        .run_all(
-            bound.samples,
-            |i| bound.sample(i),
-            |_, outs| outs.iter().map(|t| to_f32_vec(t)).collect(),
-        )
-        .unwrap()
 }
 
 #[test]

@@ -6,14 +6,12 @@
 mod common;
 
 use common::*;
-use onnxq::calib::data::{Dataset, InputSpec};
 use onnxq::ir::Model;
 use onnxq::onnx;
 use onnxq::pipeline::{dump_diff, run_pipeline, Context, DebugOptions, PassSpec};
 use onnxq::proto::attribute_proto::AttributeType;
 use onnxq::proto::tensor_proto::DataType;
 use onnxq::proto::{AttributeProto, NodeProto, TensorProto};
-use onnxq::runtime::{to_f32_vec, Runner};
 
 fn spec(name: &str, options: &str) -> PassSpec {
     PassSpec {
@@ -452,20 +450,6 @@ fn unknown_options_are_refused() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("unknown field `tolerence`"), "{err}");
-}
-
-/// Runs a shipped model on its eval data.
-fn run_eval(m: &Model, data: &str) -> Vec<Vec<Vec<f32>>> {
-    let data = Dataset::load(&repo(data)).unwrap();
-    let bound = data.bind(&InputSpec::of_graph(&m.graph)).unwrap();
-    let runner = Runner::new(m, &bound.sample_shapes(), &[]).unwrap();
-    runner
-        .run_all(
-            bound.samples,
-            |i| bound.sample(i),
-            |_, outs| outs.iter().map(|t| to_f32_vec(t)).collect(),
-        )
-        .unwrap()
 }
 
 fn assert_close(got: &[Vec<Vec<f32>>], want: &[Vec<Vec<f32>>], tolerance: f64) {

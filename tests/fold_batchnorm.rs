@@ -6,13 +6,11 @@
 mod common;
 
 use common::*;
-use onnxq::calib::data::{Dataset, InputSpec};
 use onnxq::ir::Model;
 use onnxq::onnx;
 use onnxq::pipeline::{dump_diff, run_passes, Context, DebugOptions};
 use onnxq::proto::tensor_proto::DataType;
 use onnxq::proto::{AttributeProto, NodeProto, TensorProto};
-use onnxq::runtime::{to_f32_vec, Runner};
 
 /// Runs the pass; returns the dump diff with the notes appended, the model after, and the context.
 fn run_fold(model: &Model) -> (String, Model, Context) {
@@ -367,20 +365,6 @@ fn must_not_fire() {
     insta::assert_snapshot!(diff);
     assert_eq!(after.to_string(), model.to_string(), "nothing may change");
     assert!(ctx.batchnorm_records.is_empty());
-}
-
-/// Runs a shipped model on its eval data.
-fn run_eval(m: &Model, data: &str) -> Vec<Vec<Vec<f32>>> {
-    let data = Dataset::load(&repo(data)).unwrap();
-    let bound = data.bind(&InputSpec::of_graph(&m.graph)).unwrap();
-    let runner = Runner::new(m, &bound.sample_shapes(), &[]).unwrap();
-    runner
-        .run_all(
-            bound.samples,
-            |i| bound.sample(i),
-            |_, outs| outs.iter().map(|t| to_f32_vec(t)).collect(),
-        )
-        .unwrap()
 }
 
 fn assert_close(got: &[Vec<Vec<f32>>], want: &[Vec<Vec<f32>>], tolerance: f64) {

@@ -173,3 +173,18 @@ pub fn max_relative_error(got: &[f32], want: &[f32]) -> f64 {
         .fold(0f64, |m, (g, w)| m.max((*g as f64 - *w as f64).abs()))
         / scale
 }
+
+/// Runs a model on every sample of a shipped data file: per sample, per output, the values.
+pub fn run_eval(m: &onnxq::ir::Model, data: &str) -> Vec<Vec<Vec<f32>>> {
+    use onnxq::calib::data::{Dataset, InputSpec};
+    let data = Dataset::load(&repo(data)).unwrap();
+    let bound = data.bind(&InputSpec::of_graph(&m.graph)).unwrap();
+    let runner = onnxq::runtime::Runner::new(m, &bound.sample_shapes(), &[]).unwrap();
+    runner
+        .run_all(
+            bound.samples,
+            |i| bound.sample(i),
+            |_, outs| outs.iter().map(|t| onnxq::runtime::to_f32_vec(t)).collect(),
+        )
+        .unwrap()
+}
