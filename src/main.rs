@@ -127,6 +127,21 @@ enum Command {
         #[arg(long)]
         report: Option<PathBuf>,
     },
+    /// Per-layer sensitivity: for each layer the plan quantizes, the output SQNR with only that
+    /// layer quantized (int8, and int16 activations) and with every layer but that one, measured
+    /// in tract on calibration samples; ranked, most sensitive first.
+    Sensitivity {
+        model: PathBuf,
+        /// The YAML configuration (passes, calibration, target, overrides, mixed_precision.samples).
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Calibration statistics file, reused when it matches (as for the main job).
+        #[arg(long)]
+        stats: Option<PathBuf>,
+        /// Write the table as JSON.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
     /// Print a commented starter configuration for a model.
     Init { model: PathBuf },
     /// Join statistics taken on disjoint shards of the data (in sample order).
@@ -241,6 +256,12 @@ fn dispatch(cli: Cli) -> Result<()> {
                 None => Ok(()),
             }
         }
+        Some(Command::Sensitivity {
+            model,
+            config,
+            stats,
+            report,
+        }) => sensitivity(&model, &config, stats.as_deref(), report.as_deref()),
         Some(Command::Init { model }) => {
             let m = onnx::load_model(&model)?;
             print!("{}", starter_config(&model, &m));
@@ -342,17 +363,27 @@ fn main_job(args: MainArgs) -> Result<()> {
         let t = Instant::now();
         let stats = calibration_stats(&model, &source, args.stats.as_deref())?;
         calibrate_ms = t.elapsed().as_secs_f64() * 1e3;
-        let options = onnxq::quant::plan::PlanOptions {
-            target: config.target,
-            rules: config.target_rules(),
-            method: calibration.method(),
-            overrides: config.overrides(),
-        };
         let as_model_error = |e: Error| match e {
             Error::Graph(m) => Error::model(&model_path, m),
             other => other,
         };
-        let plan = onnxq::quant::plan::build_plan(&model, &stats, &options).map_err(as_model_error)?;
+        let mut plan = build_plan(&config, &model, &stats).map_err(as_model_error)?;
+        let mut mixed = None;
+        if let Some(goal) = config.mixed_precision_goal() {
+            let t = Instant::now();
+            let samples = config.mixed_precision.as_ref().map_or(32, |m| m.samples);
+            let probe = onnxq::verify::sensitivity::Probe::new(&model, &source, samples)?;
+            eprintln!(
+                "onnxq: mixed precision: measuring {} layers on {} samples",
+                plan.layers().len(),
+                probe.samples()
+            );
+            let assignment = onnxq::quant::mixed::assign(&model, &plan, &stats, &probe, &goal)?;
+            eprint!("{assignment}");
+            eprintln!("onnxq: mixed precision took {:.1} s", t.elapsed().as_secs_f64());
+            plan = plan.with_precisions(&assignment.raised.iter().cloned().collect());
+            mixed = Some(assignment);
+        }
         if args.dry_run {
             println!("{}", serde_json::to_string_pretty(&plan).expect("plan serialises"));
             eprintln!("onnxq: plan: {} (dry run: nothing written)", plan.summary());
@@ -368,6 +399,7 @@ fn main_job(args: MainArgs) -> Result<()> {
             "method": calibration.method(),
             "calibration_samples": stats.samples,
             "plan": plan,
+            "mixed_precision": mixed,
             "notes": notes,
         });
         if let (Some(v), Some(data)) = (&config.verify, &verify_data) {
@@ -426,6 +458,78 @@ fn main_job(args: MainArgs) -> Result<()> {
     Ok(())
 }
 
+fn build_plan(config: &Config, model: &Model, stats: &CalibrationStats) -> Result<onnxq::quant::plan::Plan> {
+    let calibration = config.calibration.as_ref().expect("checked by the caller");
+    let options = onnxq::quant::plan::PlanOptions {
+        target: config.target,
+        rules: config.target_rules(),
+        method: calibration.method(),
+        overrides: config.overrides(),
+    };
+    onnxq::quant::plan::build_plan(model, stats, &options)
+}
+
+/// `onnxq sensitivity`: the ranked per-layer table, on the terminal and as JSON.
+fn sensitivity(model_path: &Path, config_path: &Path, stats_path: Option<&Path>, report: Option<&Path>) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let calibration = config.calibration.clone().ok_or_else(|| {
+        Error::config(
+            config_path,
+            "has no `calibration:` section: sensitivity runs on calibration data",
+        )
+    })?;
+    let started = Instant::now();
+    let mut model = onnx::load_model(model_path)?;
+    let as_model_error = |e: Error| match e {
+        Error::Graph(m) => Error::model(model_path, m),
+        other => other,
+    };
+    let mut ctx = Context::default();
+    pipeline::run_pipeline(&mut model, &config.passes, &mut ctx, &DebugOptions::default()).map_err(as_model_error)?;
+    check_overrides(&config, config_path, &model)?;
+    let source = DataSource::open(&calibration, &InputSpec::of_graph(&model.graph))?;
+    let stats = calibration_stats(&model, &source, stats_path)?;
+    let plan = build_plan(&config, &model, &stats).map_err(as_model_error)?;
+    let samples = config.mixed_precision.as_ref().map_or(32, |m| m.samples);
+    let probe = onnxq::verify::sensitivity::Probe::new(&model, &source, samples)?;
+    let with_int16 = config.target != onnxq::quant::rules::Target::Tensorrt;
+    eprintln!(
+        "onnxq: measuring {} layers on {} samples ({} variants)",
+        plan.layers().len(),
+        probe.samples(),
+        plan.layers().len() * if with_int16 { 3 } else { 2 } + 1
+    );
+    let all_int8 = probe.noise(&plan)?;
+    let layers = onnxq::quant::mixed::measure_sensitivity(&model, &plan, &stats, &probe, with_int16, &all_int8)?;
+    let mut table = String::new();
+    onnxq::quant::mixed::write_sensitivity(&mut table, &layers, 0).expect("writing to a String");
+    println!(
+        "all layers int8: {:.2} dB output SQNR on {} calibration samples",
+        probe.sqnr_db(&all_int8),
+        probe.samples()
+    );
+    print!("{table}");
+    eprintln!("onnxq: sensitivity took {:.1} s", started.elapsed().as_secs_f64());
+    if let Some(path) = report {
+        let report = serde_json::json!({
+            "onnxq_version": env!("CARGO_PKG_VERSION"),
+            "model": model_path,
+            "config": config_path,
+            "samples": probe.samples(),
+            "outputs": probe.output_names,
+            "all_int8_db": probe.sqnr_db(&all_int8),
+            "layers": layers,
+        });
+        onnx::write_atomic(
+            path,
+            serde_json::to_string_pretty(&report)
+                .expect("report serialises")
+                .as_bytes(),
+        )?;
+    }
+    Ok(())
+}
+
 /// A commented starter config: what a user edits first, with this model's facts filled in.
 fn starter_config(path: &Path, model: &Model) -> String {
     let inputs: Vec<String> = InputSpec::of_graph(&model.graph)
@@ -456,9 +560,16 @@ calibration:
 # weights: {{dtype: int8, granularity: per_channel, symmetric: true}}
 # activations: {{dtype: uint8, symmetric: false}}
 
-# Keep parts float: by tensor, node or op_type (regular expressions matching the whole name).
+# Keep parts float: by tensor, node or op_type (regular expressions matching the whole name);
+# pin a layer's precision (int8, int16 = A16W8, float16, float) by node or op_type.
 # overrides:
 #   - {{op_type: Softmax, exclude: true}}
+#   - {{node: 'conv1', precision: float16}}
+
+# Raise the most sensitive layers until the output SQNR reaches a target (and/or within a budget:
+# max_float_fraction, max_size_mb); `onnxq sensitivity` shows the per-layer ranking.
+# mixed_precision:
+#   target_sqnr_db: 30
 
 # Prove the result on held-out data; a threshold not met exits with code 3.
 verify:

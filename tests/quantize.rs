@@ -24,7 +24,7 @@ use onnxq::proto::attribute_proto::AttributeType;
 use onnxq::proto::tensor_proto::DataType;
 use onnxq::proto::{AttributeProto, TensorProto};
 use onnxq::quant::materialize::materialize;
-use onnxq::quant::plan::{build_plan, Overrides, Plan, PlanOptions};
+use onnxq::quant::plan::{build_plan, Overrides, Plan, PlanOptions, Precision};
 use onnxq::quant::rules::Target;
 use onnxq::verify::{verify, Comparison, VerifyOptions};
 use tract_onnx::prelude::Tensor;
@@ -1222,4 +1222,223 @@ fn overrides_set_dtype_granularity_and_range() {
     assert_eq!(x.range, (-2.0, 2.0));
     // uint8 asymmetric over [-2, 2]: scale 4/255.
     assert_eq!(const_f32(&quant, "x::scale"), vec![(4.0f64 / 255.0) as f32]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Mixed precision
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn layers_at_float16_and_int16_are_rewritten_and_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let float = conv_relu_conv(11, false);
+    let calib = write_data(
+        dir.path(),
+        "calib.npz",
+        vec![("x", uniform(&[1, 3, 8, 8], SAMPLES, 1, 1.0))],
+    );
+    let stats = calibrate(&float, &calib);
+    let plan = build_plan(&float, &stats, &plan_options(Target::Generic, Overrides::default())).unwrap();
+    assert_eq!(plan.layers().into_iter().collect::<Vec<_>>(), ["c1", "y"]);
+    let mixed = plan.with_precisions(
+        &[
+            ("c1".to_string(), Precision::Float16),
+            ("y".to_string(), Precision::Int16),
+        ]
+        .into(),
+    );
+    let mut after = float.clone();
+    let notes = materialize(&mut after, &mixed).unwrap();
+    after.graph.check().unwrap();
+    assert!(notes.iter().any(|n| n.contains("raised from 11 to 21")), "{notes:?}");
+    insta::assert_snapshot!("mixed_float16_int16", dump_diff(&float.to_string(), &after.to_string()));
+
+    // conv1 reads float16 (input cast, weight and bias stored as float16) and writes float again.
+    let conv1 = node_named(&after, "conv1");
+    assert_eq!(conv1.inputs, ["x::float16", "W1::float16", "b1::float16"]);
+    assert_eq!(dtype(&after, "W1::float16"), DataType::Float16);
+    assert_eq!(producer_op(&after, "c1"), Some("Cast"));
+    assert!(!after.graph.constants.contains_key("W1"), "the float32 weight goes");
+    // conv2 reads a 16-bit activation and its 8-bit weight.
+    assert_eq!(dtype(&after, "r::zero_point"), DataType::Uint16);
+    assert_eq!(dtype(&after, "W2::quantized"), DataType::Int8);
+
+    // Both raised layers make the model closer to the float one than int8 everywhere.
+    let (_, int8, _) = quantize(&float, &stats, &plan_options(Target::Generic, Overrides::default()));
+    let data = open_data(&float, &calib);
+    let int8_db = output_sqnr(&verify(&float, &int8, &data, &VerifyOptions::default()).unwrap());
+    let report = verify(&float, &after, &data, &VerifyOptions::default()).unwrap();
+    let mixed_db = output_sqnr(&report);
+    assert!(
+        mixed_db > int8_db + 6.0,
+        "int8 {int8_db} dB, mixed {mixed_db} dB\n{report}"
+    );
+}
+
+#[test]
+fn restricting_a_plan_keeps_only_that_layer_quantized() {
+    let dir = tempfile::tempdir().unwrap();
+    let float = conv_relu_conv(13, false);
+    let calib = write_data(
+        dir.path(),
+        "calib.npz",
+        vec![("x", uniform(&[1, 3, 8, 8], SAMPLES, 1, 1.0))],
+    );
+    let stats = calibrate(&float, &calib);
+    let plan = build_plan(&float, &stats, &plan_options(Target::Generic, Overrides::default())).unwrap();
+    let only = plan.restricted_to(&["y".to_string()].into());
+    assert_eq!(only.activations.keys().collect::<Vec<_>>(), ["r"]);
+    assert_eq!(only.weights.keys().collect::<Vec<_>>(), ["W2"]);
+    assert_eq!(only.biases.keys().collect::<Vec<_>>(), ["b2"]);
+    assert!(only.kept_float["x"].contains("'c1' at float"), "{:?}", only.kept_float);
+    // A pinned precision from the overrides lands in the plan.
+    let pinned = build_plan(
+        &float,
+        &stats,
+        &plan_options(Target::Generic, overrides("[{node: conv1, precision: float}]")),
+    )
+    .unwrap();
+    assert_eq!(pinned.precisions.get("c1"), Some(&Precision::Float));
+    assert!(!pinned.weights.contains_key("W1"));
+}
+
+fn crepe_mixed_config(dir: &Path, mixed: &str) -> PathBuf {
+    let p = dir.join("mixed.yaml");
+    let text = format!(
+        "calibration: {{data: {:?}}}\n{mixed}",
+        s(&repo("models/crepe_tiny.calib.npz"))
+    );
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn cli_mixed_precision_reaches_its_target_and_its_pins_reproduce_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = 40.0;
+    let config = crepe_mixed_config(
+        dir.path(),
+        &format!("mixed_precision: {{target_sqnr_db: {target}, samples: 4}}\n"),
+    );
+    let (out, report) = (dir.path().join("m.onnx"), dir.path().join("r.json"));
+    let o = onnxq_cli(&[
+        s(&repo("models/crepe_tiny.onnx")),
+        "--config",
+        s(&config),
+        "-o",
+        s(&out),
+        "--report",
+        s(&report),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("layer (most sensitive first)"), "{err}");
+    let r = read_json(&report);
+    let m = &r["quantization"]["mixed_precision"];
+    assert_eq!(m["reached"], true, "{m:#}");
+    let lower = m["final_lower_bound_db"].as_f64().unwrap();
+    let measured = m["final_db"].as_f64().unwrap();
+    assert!(lower >= target && measured >= lower, "{m:#}");
+    assert!(m["all_int8_db"].as_f64().unwrap() < target, "{m:#}");
+    let sensitivity = m["sensitivity"].as_array().unwrap();
+    assert_eq!(sensitivity.len(), 10);
+    let gains: Vec<f64> = sensitivity.iter().map(|l| l["gain_db"].as_f64().unwrap()).collect();
+    assert!(gains.windows(2).all(|w| w[0] >= w[1]), "ranked by gain: {gains:?}");
+    let raised = m["raised"].as_array().unwrap();
+    assert!(!raised.is_empty() && raised.len() < sensitivity.len(), "{raised:?}");
+
+    // The printed overrides pin the same assignment: the same model, byte for byte.
+    let pins = m["overrides_yaml"].as_str().unwrap();
+    let pinned_config = crepe_mixed_config(dir.path(), pins);
+    let pinned_out = dir.path().join("pinned.onnx");
+    let o = onnxq_cli(&[
+        s(&repo("models/crepe_tiny.onnx")),
+        "--config",
+        s(&pinned_config),
+        "-o",
+        s(&pinned_out),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&pinned_out).unwrap());
+
+    // The measured figure is the verifier's on the same samples.
+    let float = onnxq::onnx::load_model(&repo("models/crepe_tiny.onnx")).unwrap();
+    let quant = onnxq::onnx::load_model(&out).unwrap();
+    let cfg = Config::parse(
+        &format!(
+            "calibration: {{data: {:?}, samples: 4}}",
+            s(&repo("models/crepe_tiny.calib.npz"))
+        ),
+        Path::new("c.yaml"),
+    )
+    .unwrap();
+    let data = DataSource::open(cfg.calibration.as_ref().unwrap(), &InputSpec::of_graph(&float.graph)).unwrap();
+    let report = verify(&float, &quant, &data, &VerifyOptions::default()).unwrap();
+    let verified = match &report.output("pitch_probs").unwrap().comparison {
+        Comparison::Float(f) => f.sqnr_db,
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        (verified - measured).abs() < 0.01,
+        "verify {verified} dB, search {measured} dB"
+    );
+}
+
+#[test]
+fn cli_sensitivity_ranks_every_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = crepe_mixed_config(dir.path(), "mixed_precision: {target_sqnr_db: 30, samples: 2}\n");
+    let report = dir.path().join("s.json");
+    let o = onnxq_cli(&[
+        "sensitivity",
+        s(&repo("models/crepe_tiny.onnx")),
+        "--config",
+        s(&config),
+        "--report",
+        s(&report),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("all layers int8:") && out.contains("/conv1/Conv_output_0"),
+        "{out}"
+    );
+    let r = read_json(&report);
+    let layers = r["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 10);
+    for l in layers {
+        // Quantizing one layer alone costs less than quantizing them all.
+        assert!(
+            l["only_this_int8_db"].as_f64().unwrap() >= r["all_int8_db"].as_f64().unwrap() - 0.5,
+            "{l}"
+        );
+    }
+}
+
+#[test]
+fn mixed_precision_config_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    for (yaml, needle) in [
+        ("mixed_precision: {samples: 4}", "set `target_sqnr_db`"),
+        ("mixed_precision: {target_sqnr: 30}", "target_sqnr_db"),
+        (
+            "mixed_precision: {max_float_fraction: 2}",
+            "max_float_fraction must be in [0, 1]",
+        ),
+        (
+            "mixed_precision: {target_sqnr_db: 30, candidates: [int8]}",
+            "candidates",
+        ),
+        (
+            "target: tensorrt\nmixed_precision: {target_sqnr_db: 30, candidates: [int16]}",
+            "TensorRT has no int16",
+        ),
+        ("overrides: [{tensor: x, precision: float16}]", "applies to a layer"),
+        ("overrides: [{node: x, precision: half}]", "float16"),
+    ] {
+        let config = crepe_mixed_config(dir.path(), &format!("{yaml}\n"));
+        let o = onnxq_cli(&[s(&repo("models/crepe_tiny.onnx")), "--config", s(&config)]);
+        assert_eq!(o.status.code(), Some(1), "{yaml}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{yaml}: {}", stderr(&o));
+    }
 }

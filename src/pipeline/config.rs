@@ -35,6 +35,31 @@ pub struct Config {
     /// Prove the quantized model against the float one on held-out data.
     #[serde(default)]
     pub verify: Option<VerifyConfig>,
+    /// Raise the precision of the layers that need it, from a per-layer sensitivity analysis.
+    #[serde(default)]
+    pub mixed_precision: Option<MixedPrecisionConfig>,
+}
+
+/// `mixed_precision:` — a target output SQNR and/or a budget (at least one).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MixedPrecisionConfig {
+    /// Raise layers until the output SQNR on the calibration samples reaches this (dB).
+    pub target_sqnr_db: Option<f64>,
+    /// At most this fraction of the quantized layers in float16 or float.
+    pub max_float_fraction: Option<f64>,
+    /// At most this many MB of weights in the written model.
+    pub max_size_mb: Option<f64>,
+    /// Precisions a layer may be raised to [default: the target's: int16, float16, float;
+    /// tensorrt: float16, float].
+    pub candidates: Option<Vec<crate::quant::plan::Precision>>,
+    /// Calibration samples the sensitivity analysis and the search run on.
+    #[serde(default = "default_mixed_samples")]
+    pub samples: usize,
+}
+
+fn default_mixed_samples() -> usize {
+    32
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -81,6 +106,9 @@ pub struct Override {
     pub symmetric: Option<bool>,
     /// Tensor rules: use this range `[lo, hi]` instead of the calibrated one.
     pub range: Option<[f32; 2]>,
+    /// Node and op_type rules: run the layer at int8, int16 (A16W8), float16 or float; wins
+    /// over the mixed-precision search.
+    pub precision: Option<crate::quant::plan::Precision>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -257,6 +285,22 @@ impl Config {
         self.passes.iter().map(|p| p.name.clone()).collect()
     }
 
+    /// The mixed-precision goal, with the target's default candidates.
+    pub fn mixed_precision_goal(&self) -> Option<crate::quant::mixed::Goal> {
+        use crate::quant::plan::Precision;
+        let m = self.mixed_precision.as_ref()?;
+        let candidates = m.candidates.clone().unwrap_or_else(|| match self.target {
+            crate::quant::rules::Target::Tensorrt => vec![Precision::Float16, Precision::Float],
+            _ => vec![Precision::Int16, Precision::Float16, Precision::Float],
+        });
+        Some(crate::quant::mixed::Goal {
+            target_sqnr_db: m.target_sqnr_db,
+            max_float_fraction: m.max_float_fraction,
+            max_size_mb: m.max_size_mb,
+            candidates,
+        })
+    }
+
     /// The target's rules with the config's choices applied.
     pub fn target_rules(&self) -> crate::quant::rules::TargetRules {
         let mut rules = self.target.rules();
@@ -308,6 +352,7 @@ impl Config {
                     symmetric: o.symmetric,
                     per_channel: o.granularity.map(|g| g == Granularity::PerChannel),
                     range: o.range.map(|[lo, hi]| (lo, hi)),
+                    precision: o.precision,
                 })
             })
             .collect();
@@ -381,12 +426,30 @@ impl Config {
                     format!("overrides[{i}]: `{pattern}` is not a valid regular expression: {e}"),
                 ));
             }
-            let settings = o.dtype.is_some() || o.granularity.is_some() || o.symmetric.is_some() || o.range.is_some();
+            let settings = o.dtype.is_some()
+                || o.granularity.is_some()
+                || o.symmetric.is_some()
+                || o.range.is_some()
+                || o.precision.is_some();
             if o.exclude && settings {
-                return Err(Error::config(path, format!("overrides[{i}]: `exclude: true` keeps the match float; it cannot also set dtype, granularity, symmetric or range")));
+                return Err(Error::config(path, format!("overrides[{i}]: `exclude: true` keeps the match float; it cannot also set dtype, granularity, symmetric, range or precision")));
             }
             if !o.exclude && !settings {
-                return Err(Error::config(path, format!("overrides[{i}]: say what it does (`exclude: true`, `dtype`, `granularity`, `symmetric` or `range`)")));
+                return Err(Error::config(path, format!("overrides[{i}]: say what it does (`exclude: true`, `dtype`, `granularity`, `symmetric`, `range` or `precision`)")));
+            }
+            if o.precision.is_some() && o.tensor.is_some() {
+                return Err(Error::config(
+                    path,
+                    format!("overrides[{i}]: `precision` applies to a layer: match it with `node:` or `op_type:`"),
+                ));
+            }
+            if o.precision == Some(crate::quant::plan::Precision::Int16)
+                && self.target == crate::quant::rules::Target::Tensorrt
+            {
+                return Err(Error::config(
+                    path,
+                    format!("overrides[{i}]: TensorRT has no int16 activations; use float16"),
+                ));
             }
             if let Some([lo, hi]) = o.range {
                 if o.tensor.is_none() {
@@ -407,6 +470,44 @@ impl Config {
                     path,
                     format!("overrides[{i}]: target tensorrt is symmetric only (zero point 0)"),
                 ));
+            }
+        }
+        if let Some(m) = &self.mixed_precision {
+            let bad = |msg: String| Err(Error::config(path, format!("mixed_precision: {msg}")));
+            if m.target_sqnr_db.is_none() && m.max_float_fraction.is_none() && m.max_size_mb.is_none() {
+                return bad("set `target_sqnr_db` and/or a budget (`max_float_fraction`, `max_size_mb`)".into());
+            }
+            if let Some(t) = m.target_sqnr_db {
+                if !t.is_finite() {
+                    return bad(format!("target_sqnr_db must be a finite number of dB, got {t}"));
+                }
+            }
+            if let Some(f) = m.max_float_fraction {
+                if !(0.0..=1.0).contains(&f) {
+                    return bad(format!("max_float_fraction must be in [0, 1], got {f}"));
+                }
+            }
+            if let Some(mb) = m.max_size_mb {
+                if !(mb > 0.0) {
+                    return bad(format!("max_size_mb must be positive, got {mb}"));
+                }
+            }
+            if m.samples == 0 {
+                return bad("samples must be at least 1".into());
+            }
+            if let Some(c) = &m.candidates {
+                use crate::quant::plan::Precision;
+                if c.is_empty() || c.contains(&Precision::Int8) {
+                    return bad(
+                        "candidates lists the precisions above int8 a layer may take (int16, float16, float)".into(),
+                    );
+                }
+                if self.target == crate::quant::rules::Target::Tensorrt && c.contains(&Precision::Int16) {
+                    return bad("TensorRT has no int16 activations: candidates float16, float".into());
+                }
+            }
+            if !self.quantize {
+                return bad("needs `quantize: true`".into());
             }
         }
         for spec in &self.passes {

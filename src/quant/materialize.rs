@@ -19,7 +19,7 @@ use crate::onnx::tensor;
 use crate::proto::attribute_proto::AttributeType;
 use crate::proto::{AttributeProto, TensorProto};
 use crate::quant::params::{self, BiasQuantization, QuantDtype};
-use crate::quant::plan::{InputRef, Plan};
+use crate::quant::plan::{node_key, InputRef, Plan, Precision};
 
 fn is_16bit(d: QuantDtype) -> bool {
     matches!(d, QuantDtype::Int16 | QuantDtype::Uint16)
@@ -120,6 +120,86 @@ impl Builder<'_> {
             })
             .min()
             .unwrap_or(0)
+    }
+}
+
+impl Builder<'_> {
+    /// Runs a layer in float16: its float inputs are cast to float16 (constants are stored as
+    /// float16 instead), it writes `<output>::float16`, and a Cast back to float writes the
+    /// original output name, so nothing downstream changes. Returns the float32 constants it
+    /// converted.
+    fn float16_layer(&mut self, layer: &str) -> Result<Vec<String>> {
+        let g = &self.model.graph;
+        let ix = g
+            .nodes
+            .node_indices()
+            .find(|&ix| node_key(&g.nodes[ix]) == layer)
+            .ok_or_else(|| Error::Graph(format!("plan names a float16 layer '{layer}' that is not in the graph")))?;
+        let node = g.nodes[ix].clone();
+        let mut inputs = node.inputs.clone();
+        let mut converted_constants = Vec::new();
+        for input in inputs.iter_mut().filter(|i| !i.is_empty()) {
+            let converted = format!("{input}::float16");
+            if self.model.graph.constants.contains_key(&converted)
+                || self
+                    .model
+                    .graph
+                    .nodes
+                    .node_weights()
+                    .any(|n| n.outputs.first() == Some(&converted))
+            {
+                *input = converted;
+                continue;
+            }
+            if let Some(c) = self.model.graph.constants.get(input.as_str()) {
+                let values = tensor::values_f32(&c.tensor)
+                    .ok_or_else(|| Error::Graph(format!("float16 layer '{layer}': '{input}' is not a float tensor")))?;
+                let t = TensorProto {
+                    dims: c.tensor.dims.clone(),
+                    data_type: Some(crate::proto::tensor_proto::DataType::Float16 as i32),
+                    raw_data: Some(
+                        values
+                            .iter()
+                            .flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes())
+                            .collect(),
+                    ),
+                    ..Default::default()
+                };
+                converted_constants.push(input.clone());
+                *input = self.constant(t, converted)?;
+            } else {
+                let name = self.name(converted)?;
+                let mut cast = new_node(&name, "Cast", vec![input.clone()], &name, node.order.saturating_sub(1));
+                cast.attributes
+                    .push(int_attr("to", crate::proto::tensor_proto::DataType::Float16 as i64));
+                self.model.graph.nodes.add_node(cast);
+                *input = name;
+            }
+        }
+        let output = node
+            .outputs
+            .first()
+            .cloned()
+            .ok_or_else(|| Error::Graph(format!("float16 layer '{layer}' has no output")))?;
+        let half_output = self.name(format!("{output}::float16"))?;
+        let back = self.name(format!("{output}::to_float"))?;
+        let mut cast = new_node(&back, "Cast", vec![half_output.clone()], &output, node.order + 1);
+        cast.attributes
+            .push(int_attr("to", crate::proto::tensor_proto::DataType::Float as i64));
+        let n = &mut self.model.graph.nodes[ix];
+        n.inputs = inputs;
+        n.outputs[0] = half_output;
+        self.model.graph.nodes.add_node(cast);
+        Ok(converted_constants)
+    }
+}
+
+fn int_attr(name: &str, value: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(value),
+        ..Default::default()
     }
 }
 
@@ -235,6 +315,11 @@ pub fn materialize(model: &mut Model, plan: &Plan) -> Result<Vec<String>> {
         }
     }
 
+    let mut float16_constants = Vec::new();
+    for (layer, _) in plan.precisions.iter().filter(|(_, &p)| p == Precision::Float16) {
+        float16_constants.extend(b.float16_layer(layer)?);
+    }
+
     // Float originals nobody reads any more go.
     let graph = &mut b.model.graph;
     let read: std::collections::BTreeSet<String> = graph
@@ -243,7 +328,7 @@ pub fn materialize(model: &mut Model, plan: &Plan) -> Result<Vec<String>> {
         .flat_map(|n| n.inputs.iter().cloned())
         .collect();
     let outputs: std::collections::BTreeSet<&str> = graph.outputs.iter().map(|o| o.name()).collect();
-    for name in plan.weights.keys().chain(plan.biases.keys()) {
+    for name in plan.weights.keys().chain(plan.biases.keys()).chain(&float16_constants) {
         if !read.contains(name) && !outputs.contains(name.as_str()) && !graph.inputs.iter().any(|i| i.name() == name) {
             graph.constants.remove(name);
         }

@@ -2,6 +2,7 @@
 //! its materialisation into QuantizeLinear/DequantizeLinear nodes.
 
 pub mod materialize;
+pub mod mixed;
 pub mod params;
 pub mod plan;
 pub mod rules;

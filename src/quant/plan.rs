@@ -11,7 +11,7 @@ use crate::calib::observers::Method;
 use crate::calib::stats::CalibrationStats;
 use crate::error::{Error, Result};
 use crate::ir::{Model, Node};
-use crate::quant::params::{params_for_range, QParams, Scheme};
+use crate::quant::params::{params_for_range, QParams, QuantDtype, Scheme};
 use crate::quant::rules::{self, OpRole, Target, TargetRules, SENTINEL_MAGNITUDE};
 
 /// A consumer input: the consumer's first output name (unique, stable across passes) and slot.
@@ -53,6 +53,37 @@ pub struct Plan {
     pub biases: BTreeMap<String, BiasQuant>,
     /// Tensors a quantized op reads that stay float, with the reason.
     pub kept_float: BTreeMap<String, String>,
+    /// Layers (keyed like consumers) that do not run at the default int8, from mixed-precision
+    /// overrides or the automatic assignment; `materialize` converts the float16 ones.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub precisions: BTreeMap<String, Precision>,
+}
+
+/// The precision a layer (an op the plan quantizes) runs at, cheapest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// The plan as built: 8-bit activations and weights (W8A8).
+    Int8,
+    /// 16-bit activations, 8-bit weights (A16W8).
+    Int16,
+    /// Inputs cast to float16, weights stored as float16, output cast back to float.
+    Float16,
+    /// Not quantized.
+    Float,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 4] = [Precision::Int8, Precision::Int16, Precision::Float16, Precision::Float];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Int8 => "int8",
+            Precision::Int16 => "int16",
+            Precision::Float16 => "float16",
+            Precision::Float => "float",
+        }
+    }
 }
 
 /// What the planner needs from the config.
@@ -85,6 +116,9 @@ pub struct OverrideRule {
     pub per_channel: Option<bool>,
     /// Activations only (tensor rules): a fixed range instead of the calibrated one.
     pub range: Option<(f32, f32)>,
+    /// Node and op_type rules: the layer's precision (mixed precision); wins over the
+    /// automatic assignment.
+    pub precision: Option<Precision>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +131,8 @@ pub enum MatchKind {
 impl OverrideRule {
     fn matches_node(&self, n: &Node) -> bool {
         match self.kind {
+            // A node without a name is matched by its layer key (its first output).
+            MatchKind::Node if n.name.is_empty() => self.regex.is_match(&node_key(n)),
             MatchKind::Node => self.regex.is_match(&n.name),
             MatchKind::OpType => self.regex.is_match(&n.op_type),
             MatchKind::Tensor => false,
@@ -143,6 +179,14 @@ impl Overrides {
         }
         (scheme, per_channel)
     }
+    /// The precision the last matching node or op_type rule pins for this node, if any.
+    pub fn precision(&self, n: &Node) -> Option<Precision> {
+        self.rules
+            .iter()
+            .rev()
+            .find(|r| r.precision.is_some() && r.matches_node(n))
+            .and_then(|r| r.precision)
+    }
     /// An activation's scheme and fixed range after the tensor rules matching it.
     fn activation(&self, t: &str, mut scheme: Scheme) -> (Scheme, Option<(f32, f32)>) {
         let mut range = None;
@@ -154,7 +198,8 @@ impl Overrides {
     }
 }
 
-fn node_key(n: &Node) -> String {
+/// A layer's key: its first output name (unique and stable across passes), else its node name.
+pub fn node_key(n: &Node) -> String {
     n.outputs
         .iter()
         .find(|o| !o.is_empty())
@@ -177,6 +222,15 @@ fn role_of(n: &Node) -> Option<OpRole> {
         return Some(if nearest { OpRole::PassThrough } else { OpRole::Pool });
     }
     Some(role)
+}
+
+/// Why a tensor whose every quantized reader moved to a higher precision stays float.
+fn float_reason(consumers: &[InputRef], of: &impl Fn(&str) -> Precision) -> String {
+    let readers: Vec<String> = consumers
+        .iter()
+        .map(|(k, _)| format!("'{k}' at {}", of(k).name()))
+        .collect();
+    format!("read by {} (mixed precision)", readers.join(", "))
 }
 
 /// Builds the plan. Every activation a quantized op reads is either in `activations` or in
@@ -428,7 +482,76 @@ pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions
             "nothing to quantize: the model has no op onnxq quantizes with a float input".into(),
         ));
     }
+    let pinned = pinned_precisions(model, &plan, &options.overrides)?;
+    if !pinned.is_empty() {
+        plan = plan.with_precisions(&pinned);
+    }
     Ok(plan)
+}
+
+/// The precisions the overrides pin, for the plan's layers; float16 only where it is possible.
+pub fn pinned_precisions(model: &Model, plan: &Plan, overrides: &Overrides) -> Result<BTreeMap<String, Precision>> {
+    let layers = plan.layers();
+    let mut pinned = BTreeMap::new();
+    for n in model.graph.nodes.node_weights() {
+        let key = node_key(n);
+        if !layers.contains(&key) {
+            continue;
+        }
+        if let Some(p) = overrides.precision(n) {
+            if p == Precision::Float16 {
+                if let Err(why) = float16_possible(model, plan, &key) {
+                    return Err(Error::Usage(format!(
+                        "override: {} cannot run in float16: {why}",
+                        n.label()
+                    )));
+                }
+            }
+            pinned.insert(key, p);
+        }
+    }
+    Ok(pinned)
+}
+
+/// Largest finite float16.
+pub const FLOAT16_MAX: f32 = 65504.0;
+
+/// Whether a layer can run in float16: a Conv, ConvTranspose, Gemm or MatMul whose float
+/// inputs (calibrated ranges and constant weights) fit float16's range.
+pub fn float16_possible(model: &Model, plan: &Plan, key: &str) -> std::result::Result<(), String> {
+    let g = &model.graph;
+    let n = g
+        .nodes
+        .node_weights()
+        .find(|n| node_key(n) == key)
+        .ok_or_else(|| format!("no layer '{key}'"))?;
+    if !n.is_default_domain() || !matches!(n.op_type.as_str(), "Conv" | "ConvTranspose" | "Gemm" | "MatMul") {
+        return Err(format!(
+            "{} ops stay in float32 (float16 is offered for Conv, ConvTranspose, Gemm, MatMul)",
+            n.op_type
+        ));
+    }
+    for t in n.inputs.iter().filter(|t| !t.is_empty()) {
+        if let Some(c) = g.constants.get(t) {
+            if c.tensor.data_type() != crate::proto::tensor_proto::DataType::Float as i32 {
+                return Err(format!("input '{t}' is not float32"));
+            }
+            let values = crate::onnx::tensor::values_f32(&c.tensor).unwrap_or_default();
+            if values.iter().any(|v| v.abs() > FLOAT16_MAX) {
+                return Err(format!("weight '{t}' exceeds float16's range"));
+            }
+        } else if let Some(a) = plan.activations.get(t) {
+            if a.range.0.abs() > FLOAT16_MAX || a.range.1.abs() > FLOAT16_MAX {
+                return Err(format!(
+                    "input '{t}' ranges over [{:e}, {:e}], beyond float16",
+                    a.range.0, a.range.1
+                ));
+            }
+        } else {
+            return Err(format!("input '{t}' has no calibrated range"));
+        }
+    }
+    Ok(())
 }
 
 impl Plan {
@@ -443,6 +566,81 @@ impl Plan {
             self.biases.len(),
             self.kept_float.len()
         )
+    }
+
+    /// The layers: every op that reads a quantized activation or weight, by key, sorted.
+    pub fn layers(&self) -> BTreeSet<String> {
+        self.activations
+            .values()
+            .flat_map(|a| a.consumers.iter())
+            .chain(self.weights.values().flat_map(|w| w.consumers.iter()))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// The plan with only these layers quantized (the others read float): for sensitivity.
+    pub fn restricted_to(&self, layers: &BTreeSet<String>) -> Plan {
+        let assignment = self
+            .layers()
+            .into_iter()
+            .filter(|l| !layers.contains(l))
+            .map(|l| (l, Precision::Float))
+            .collect();
+        self.with_precisions(&assignment)
+    }
+
+    /// The plan with these layers at these precisions (layers not named keep theirs): float and
+    /// float16 layers read float tensors, int16 layers read 16-bit activations (every reader of
+    /// an activation an int16 layer reads gets the 16-bit version) and keep their 8-bit weights.
+    pub fn with_precisions(&self, assignment: &BTreeMap<String, Precision>) -> Plan {
+        let mut precisions = self.precisions.clone();
+        for (layer, &p) in assignment {
+            if p == Precision::Int8 {
+                precisions.remove(layer);
+            } else {
+                precisions.insert(layer.clone(), p);
+            }
+        }
+        let of = |key: &str| precisions.get(key).copied().unwrap_or(Precision::Int8);
+        let reads_quantized = |(key, _): &InputRef| of(key) <= Precision::Int16;
+        let mut plan = Plan {
+            kept_float: self.kept_float.clone(),
+            ..Plan::default()
+        };
+        for (t, a) in &self.activations {
+            let consumers: Vec<InputRef> = a.consumers.iter().filter(|c| reads_quantized(c)).cloned().collect();
+            if consumers.is_empty() {
+                plan.kept_float.insert(t.clone(), float_reason(&a.consumers, &of));
+                continue;
+            }
+            let mut a = ActivationQuant { consumers, ..a.clone() };
+            if a.consumers.iter().any(|(k, _)| of(k) == Precision::Int16) {
+                a.scheme.dtype = match a.scheme.dtype {
+                    QuantDtype::Uint8 | QuantDtype::Uint16 => QuantDtype::Uint16,
+                    QuantDtype::Int8 | QuantDtype::Int16 => QuantDtype::Int16,
+                };
+                a.scheme.reduce_range = false;
+                a.params = params_for_range(a.range.0, a.range.1, &a.scheme);
+            }
+            plan.activations.insert(t.clone(), a);
+        }
+        for (w, q) in &self.weights {
+            let consumers: Vec<InputRef> = q.consumers.iter().filter(|c| reads_quantized(c)).cloned().collect();
+            if consumers.is_empty() {
+                plan.kept_float.insert(w.clone(), float_reason(&q.consumers, &of));
+            } else {
+                plan.weights.insert(w.clone(), WeightQuant { consumers, ..q.clone() });
+            }
+        }
+        for (b, q) in &self.biases {
+            let consumers: Vec<InputRef> = q.consumers.iter().filter(|c| reads_quantized(c)).cloned().collect();
+            if !consumers.is_empty() && plan.activations.contains_key(&q.input) && plan.weights.contains_key(&q.weight)
+            {
+                plan.biases.insert(b.clone(), BiasQuant { consumers, ..q.clone() });
+            }
+        }
+        plan.precisions = precisions;
+        plan
     }
 
     /// Names of every tensor the plan touches, for override checks.

@@ -1,0 +1,578 @@
+//! Mixed precision: per-layer sensitivity and a precision assignment under a target or budget.
+//!
+//! A layer is an op the plan quantizes (keyed by its first output). Its candidates are int8
+//! (W8A8, the plan as built), int16 (A16W8: 16-bit activations, 8-bit weights), float16 and float.
+//!
+//! Sensitivity, measured in tract on calibration samples (`verify::sensitivity`): for each layer,
+//! the output noise with only that layer quantized (at int8, and at int16 when it is a
+//! candidate), and the output SQNR with every layer but that one quantized (the gain of keeping it
+//! at a higher precision, reported). Quantization noise of different layers is close to
+//! independent, so the noise of an assignment is predicted as k·Σₗ nₗ(pₗ), with nₗ the measured
+//! only-this-layer noise at pₗ (0 for float16 and float) and k = N / Σₗ nₗ(int8) matching the
+//! measured all-int8 noise N; each later measurement resets k to measured/predicted. The
+//! all-but-this-layer gain alone is a poor guide: one dominant layer masks every other one.
+//!
+//! Assignment: greedy, the upgrade (layer, precision) that removes the most predicted noise per
+//! unit of cost first (ties by layer key: deterministic), until the predicted SQNR reaches the
+//! target or the budget is spent. The assignment is then measured; when the measured SQNR falls
+//! short the prediction is scaled by the measured/predicted noise ratio and the greedy goes on
+//! (at most `MAX_ROUNDS` measurements). Cost: the bytes a layer moves per inference, weights plus
+//! the activations it reads, at the candidate's widths (int8 1+1, int16 1+2, float16 2+2,
+//! float 4+4 bytes per weight + activation element).
+//!
+//! The approach is the layer-wise noise analysis users do by hand (TensorRT issue 3352), with the
+//! additive-noise bit allocation of HAWQ-style methods (Dong et al., ICCV 2019) but measured
+//! rather than derived from Hessians.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::calib::stats::CalibrationStats;
+use crate::error::{Error, Result};
+use crate::ir::Model;
+use crate::quant::plan::{float16_possible, node_key, Plan, Precision};
+use crate::verify::sensitivity::{Noise, Probe};
+
+/// Measurements of the search at most (the first is the all-int8 model's).
+pub const MAX_ROUNDS: usize = 6;
+
+/// What the search aims for; at least one of the three is set.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Goal {
+    /// Raise layers until the output SQNR (worst output, on the probe samples) reaches this.
+    pub target_sqnr_db: Option<f64>,
+    /// At most this fraction of the layers in float16 or float.
+    pub max_float_fraction: Option<f64>,
+    /// At most this many MB (10⁶ bytes) of weights in the whole model.
+    pub max_size_mb: Option<f64>,
+    /// Precisions a layer may be raised to, besides int8.
+    pub candidates: Vec<Precision>,
+}
+
+/// One layer's facts and sensitivity.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerSensitivity {
+    pub layer: String,
+    pub node: String,
+    pub op_type: String,
+    /// Weight elements the plan quantizes for this layer.
+    pub weight_elements: u64,
+    /// Activation elements per inference this layer reads through Q/DQ.
+    pub activation_elements: u64,
+    /// Output SQNR with only this layer quantized (int8).
+    pub only_this_int8_db: f64,
+    /// Output SQNR with only this layer quantized, its activations in int16 (when a candidate).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub only_this_int16_db: Option<f64>,
+    /// Output SQNR with every layer but this one quantized.
+    pub all_but_this_db: f64,
+    /// `all_but_this_db` minus the all-int8 SQNR: what keeping this layer float buys.
+    pub gain_db: f64,
+    /// Why float16 is not offered for this layer, when it is a candidate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_float16: Option<String>,
+    #[serde(skip)]
+    only_int8: Noise,
+    #[serde(skip)]
+    only_int16: Option<Noise>,
+}
+
+/// The result of the search, for the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Assignment {
+    pub samples: usize,
+    pub goal: Goal,
+    pub all_int8_db: f64,
+    /// Layers ranked by gain, highest first.
+    pub sensitivity: Vec<LayerSensitivity>,
+    /// The precision of every layer not at int8, in the order they were raised.
+    pub raised: Vec<(String, Precision)>,
+    /// Each measurement of the search: layers raised, predicted and measured SQNR.
+    pub rounds: Vec<Round>,
+    /// The measured SQNR of the final assignment on the probe samples, and its 90% lower
+    /// confidence bound (what the target is checked against).
+    pub final_db: f64,
+    pub final_lower_bound_db: f64,
+    pub reached: bool,
+    /// Weight bytes of the model with this assignment, and the share of layers in float16/float.
+    pub weight_bytes: u64,
+    pub float_fraction: f64,
+    /// The assignment as `overrides:` entries the user can pin.
+    pub overrides_yaml: String,
+    /// Layers pinned by the config's overrides (never changed by the search).
+    pub pinned: BTreeMap<String, Precision>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Round {
+    pub raised: usize,
+    pub predicted_db: f64,
+    pub measured_db: f64,
+    /// 90% lower confidence bound of the measured SQNR (bootstrap over the samples).
+    pub lower_bound_db: f64,
+}
+
+/// Bytes per weight and per activation element at a precision.
+fn widths(p: Precision) -> (u64, u64) {
+    match p {
+        Precision::Int8 => (1, 1),
+        Precision::Int16 => (1, 2),
+        Precision::Float16 => (2, 2),
+        Precision::Float => (4, 4),
+    }
+}
+
+/// Bytes a layer moves per inference at precision `p` (its cost unit).
+pub fn layer_cost(weight_elements: u64, activation_elements: u64, p: Precision) -> u64 {
+    let (w, a) = widths(p);
+    weight_elements * w + activation_elements * a
+}
+
+/// The layers of a plan with their weight and activation sizes, in key order.
+struct LayerFacts {
+    key: String,
+    node: String,
+    op_type: String,
+    weights: u64,
+    activations: u64,
+    float16: std::result::Result<(), String>,
+}
+
+fn layer_facts(model: &Model, plan: &Plan, stats: &CalibrationStats) -> Vec<LayerFacts> {
+    let samples = stats.samples.max(1) as u64;
+    let layers = plan.layers();
+    let nodes: BTreeMap<String, &crate::ir::Node> = model
+        .graph
+        .nodes
+        .node_weights()
+        .map(|n| (node_key(n), n))
+        .filter(|(k, _)| layers.contains(k))
+        .collect();
+    layers
+        .iter()
+        .map(|key| {
+            let weights = plan
+                .weights
+                .iter()
+                .filter(|(_, w)| w.consumers.iter().any(|(k, _)| k == key))
+                .map(|(w, _)| model.graph.constants[w].tensor.dims.iter().product::<i64>().max(0) as u64)
+                .sum();
+            let activations = plan
+                .activations
+                .iter()
+                .filter(|(_, a)| a.consumers.iter().any(|(k, _)| k == key))
+                .map(|(t, _)| stats.tensors.get(t).map_or(0, |s| s.count / samples))
+                .sum();
+            let n = nodes.get(key);
+            LayerFacts {
+                key: key.clone(),
+                node: n.map(|n| n.name.clone()).unwrap_or_default(),
+                op_type: n.map(|n| n.op_type.clone()).unwrap_or_default(),
+                weights,
+                activations,
+                float16: float16_possible(model, plan, key),
+            }
+        })
+        .collect()
+}
+
+/// Bytes of every float constant of the model once the plan's weights are int8.
+fn base_weight_bytes(model: &Model, plan: &Plan) -> u64 {
+    model
+        .graph
+        .constants
+        .iter()
+        .map(|(name, c)| {
+            let elements = c.tensor.dims.iter().product::<i64>().max(0) as u64;
+            if plan.weights.contains_key(name) {
+                elements
+            } else {
+                crate::onnx::tensor::byte_size(&c.tensor)
+            }
+        })
+        .sum()
+}
+
+fn db(signal: &[f64], noise: &[f64]) -> f64 {
+    signal
+        .iter()
+        .zip(noise)
+        .map(|(&s, &n)| crate::verify::metrics::sqnr_from_sums(s, n.max(0.0)))
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Measures every layer's sensitivity (in parallel across layers).
+pub fn measure_sensitivity(
+    model: &Model,
+    plan: &Plan,
+    stats: &CalibrationStats,
+    probe: &Probe,
+    with_int16: bool,
+    all_int8: &Noise,
+) -> Result<Vec<LayerSensitivity>> {
+    let facts = layer_facts(model, plan, stats);
+    let mut plans = Vec::new();
+    for f in &facts {
+        let one: BTreeSet<String> = [f.key.clone()].into();
+        let only = plan.restricted_to(&one);
+        if with_int16 {
+            plans.push(only.with_precisions(&[(f.key.clone(), Precision::Int16)].into()));
+        }
+        plans.push(only);
+        plans.push(plan.with_precisions(&[(f.key.clone(), Precision::Float)].into()));
+    }
+    let noises = probe.noises(&plans)?;
+    let mut chunks = noises.chunks(if with_int16 { 3 } else { 2 });
+    let base_db = probe.sqnr_db(all_int8);
+    let mut out: Vec<LayerSensitivity> = facts
+        .into_iter()
+        .map(|f| {
+            let c = chunks.next().expect("one chunk per layer");
+            let (only16, only8, without) = if with_int16 {
+                (Some(&c[0]), &c[1], &c[2])
+            } else {
+                (None, &c[0], &c[1])
+            };
+            let all_but_this_db = probe.sqnr_db(without);
+            LayerSensitivity {
+                layer: f.key,
+                node: f.node,
+                op_type: f.op_type,
+                weight_elements: f.weights,
+                activation_elements: f.activations,
+                only_this_int8_db: probe.sqnr_db(only8),
+                only_this_int16_db: only16.map(|n| probe.sqnr_db(n)),
+                all_but_this_db,
+                gain_db: all_but_this_db - base_db,
+                no_float16: f.float16.err(),
+                only_int8: only8.clone(),
+                only_int16: only16.cloned(),
+            }
+        })
+        .collect();
+    // Highest gain first; ties by key.
+    out.sort_by(|a, b| b.gain_db.total_cmp(&a.gain_db).then_with(|| a.layer.cmp(&b.layer)));
+    Ok(out)
+}
+
+/// The greedy state: each searchable layer's precision and the predicted noise.
+struct Search<'a> {
+    layers: &'a [LayerSensitivity],
+    precision: Vec<Precision>,
+    candidates: Vec<Vec<Precision>>,
+    /// Per output: measured / predicted noise.
+    correction: Vec<f64>,
+    signal: &'a [f64],
+    weight_bytes: u64,
+    floats: usize,
+    total_layers: usize,
+    raised: Vec<(String, Precision)>,
+}
+
+impl Search<'_> {
+    fn residual(&self, i: usize, p: Precision) -> &[f64] {
+        let l = &self.layers[i];
+        match p {
+            Precision::Int8 => &l.only_int8,
+            Precision::Int16 => l.only_int16.as_deref().unwrap_or(&l.only_int8),
+            Precision::Float16 | Precision::Float => &[],
+        }
+    }
+
+    /// Σ of the layers' noise, uncorrected, with one layer optionally changed.
+    fn summed(&self, change: Option<(usize, Precision)>) -> Noise {
+        let mut n = vec![0.0; self.correction.len()];
+        for i in 0..self.layers.len() {
+            let p = match change {
+                Some((j, p)) if j == i => p,
+                _ => self.precision[i],
+            };
+            for (n, r) in n.iter_mut().zip(self.residual(i, p)) {
+                *n += r;
+            }
+        }
+        n
+    }
+
+    fn predicted(&self, change: Option<(usize, Precision)>) -> Noise {
+        self.summed(change)
+            .iter()
+            .zip(&self.correction)
+            .map(|(n, k)| n * k)
+            .collect()
+    }
+
+    /// Sets the correction so that the prediction for the current state equals `measured`.
+    fn calibrate(&mut self, measured: &[f64]) {
+        let summed = self.summed(None);
+        for ((k, s), m) in self.correction.iter_mut().zip(&summed).zip(measured) {
+            if *s > 0.0 {
+                *k = m / s;
+            }
+        }
+    }
+
+    /// Takes the best affordable upgrade; false when none is left or none helps.
+    fn step(&mut self, goal: &Goal) -> bool {
+        let now = db(self.signal, &self.predicted(None));
+        let mut best: Option<(f64, usize, Precision)> = None;
+        for i in 0..self.layers.len() {
+            let l = &self.layers[i];
+            let from = self.precision[i];
+            for &p in self.candidates[i].iter().filter(|&&p| p > from) {
+                let extra_bytes = widths(p).0.saturating_sub(widths(from).0) * l.weight_elements;
+                if let Some(mb) = goal.max_size_mb {
+                    if (self.weight_bytes + extra_bytes) as f64 > mb * 1e6 {
+                        continue;
+                    }
+                }
+                let becomes_float = p >= Precision::Float16 && from < Precision::Float16;
+                if let Some(f) = goal.max_float_fraction {
+                    if becomes_float && (self.floats + 1) as f64 > f * self.total_layers as f64 {
+                        continue;
+                    }
+                }
+                let benefit = db(self.signal, &self.predicted(Some((i, p)))) - now;
+                if benefit <= 1e-9 {
+                    continue;
+                }
+                let cost = (layer_cost(l.weight_elements, l.activation_elements, p)
+                    - layer_cost(l.weight_elements, l.activation_elements, from))
+                .max(1) as f64;
+                let ratio = benefit / cost;
+                if best.is_none_or(|(r, _, _)| ratio > r) {
+                    best = Some((ratio, i, p));
+                }
+            }
+        }
+        let Some((_, i, p)) = best else { return false };
+        let from = self.precision[i];
+        self.weight_bytes += widths(p).0.saturating_sub(widths(from).0) * self.layers[i].weight_elements;
+        if p >= Precision::Float16 && from < Precision::Float16 {
+            self.floats += 1;
+        }
+        self.precision[i] = p;
+        self.raised.retain(|(k, _)| k != &self.layers[i].layer);
+        self.raised.push((self.layers[i].layer.clone(), p));
+        true
+    }
+
+    fn assignment(&self) -> BTreeMap<String, Precision> {
+        self.raised.iter().cloned().collect()
+    }
+}
+
+/// Finds an assignment for `goal`: measures the all-int8 model and every layer's sensitivity,
+/// then raises layers greedily and measures the result (see the module header). `plan` carries
+/// the pinned precisions of the overrides; those layers are left alone.
+pub fn assign(model: &Model, plan: &Plan, stats: &CalibrationStats, probe: &Probe, goal: &Goal) -> Result<Assignment> {
+    if goal.target_sqnr_db.is_none() && goal.max_float_fraction.is_none() && goal.max_size_mb.is_none() {
+        return Err(Error::Usage(
+            "mixed_precision needs target_sqnr_db, max_float_fraction or max_size_mb".into(),
+        ));
+    }
+    let pinned = plan.precisions.clone();
+    let all_int8_samples = probe.sample_noise(plan)?;
+    let all_int8 = crate::verify::sensitivity::sum_samples(&all_int8_samples);
+    let all_int8_db = probe.sqnr_db(&all_int8);
+    let with_int16 = goal.candidates.contains(&Precision::Int16);
+    let searchable = Plan {
+        precisions: BTreeMap::new(),
+        ..plan.clone()
+    };
+    let sensitivity: Vec<LayerSensitivity> = measure_sensitivity(model, plan, stats, probe, with_int16, &all_int8)?
+        .into_iter()
+        .filter(|l| !pinned.contains_key(&l.layer))
+        .collect();
+    let candidates = sensitivity
+        .iter()
+        .map(|l| {
+            goal.candidates
+                .iter()
+                .copied()
+                .filter(|&p| p != Precision::Int8 && (p != Precision::Float16 || l.no_float16.is_none()))
+                .collect()
+        })
+        .collect();
+    let total_layers = plan.layers().len();
+    let mut search = Search {
+        layers: &sensitivity,
+        precision: vec![Precision::Int8; sensitivity.len()],
+        candidates,
+        correction: vec![1.0; all_int8.len()],
+        signal: &probe.signal,
+        weight_bytes: base_weight_bytes(model, &searchable),
+        floats: pinned.values().filter(|&&p| p >= Precision::Float16).count(),
+        total_layers,
+        raised: vec![],
+    };
+    search.calibrate(&all_int8);
+    let mut lower_db = probe.sqnr_lower_db(&all_int8_samples);
+    let mut rounds = vec![Round {
+        raised: 0,
+        predicted_db: all_int8_db,
+        measured_db: all_int8_db,
+        lower_bound_db: lower_db,
+    }];
+    let mut measured_db = all_int8_db;
+    let target = goal.target_sqnr_db;
+    // The target holds for the lower confidence bound; the greedy aims the pooled SQNR that
+    // much higher (the gap of the last measurement).
+    let reached = |lower: f64| target.is_none_or(|t| lower >= t);
+    let done_at_start = reached(lower_db) && target.is_some();
+    while !done_at_start && rounds.len() < MAX_ROUNDS {
+        let aim = target.map(|t| t + (measured_db - lower_db).max(0.0));
+        let mut moved = false;
+        while !aim.is_some_and(|a| db(&probe.signal, &search.predicted(None)) >= a) && search.step(goal) {
+            moved = true;
+        }
+        if !moved {
+            break;
+        }
+        let assignment = search.assignment();
+        let samples = probe.sample_noise(&plan.with_precisions(&assignment))?;
+        let noise = crate::verify::sensitivity::sum_samples(&samples);
+        measured_db = probe.sqnr_db(&noise);
+        lower_db = probe.sqnr_lower_db(&samples);
+        rounds.push(Round {
+            raised: assignment.len(),
+            predicted_db: db(&probe.signal, &search.predicted(None)),
+            measured_db,
+            lower_bound_db: lower_db,
+        });
+        search.calibrate(&noise);
+        if target.is_none() || reached(lower_db) {
+            break;
+        }
+    }
+    let raised = search.raised.clone();
+    let final_plan = plan.with_precisions(&search.assignment());
+    let float_fraction = final_plan
+        .precisions
+        .values()
+        .filter(|&&p| p >= Precision::Float16)
+        .count() as f64
+        / total_layers.max(1) as f64;
+    let weight_bytes = search.weight_bytes;
+    let overrides_yaml = overrides_yaml(model, &raised);
+    Ok(Assignment {
+        samples: probe.samples(),
+        goal: goal.clone(),
+        all_int8_db,
+        raised,
+        rounds,
+        final_db: measured_db,
+        final_lower_bound_db: lower_db,
+        reached: reached(lower_db),
+        weight_bytes,
+        float_fraction,
+        overrides_yaml,
+        pinned,
+        sensitivity,
+    })
+}
+
+/// `overrides:` entries that pin an assignment: by node name, or by layer key when unnamed.
+pub fn overrides_yaml(model: &Model, raised: &[(String, Precision)]) -> String {
+    let names: BTreeMap<String, String> = model
+        .graph
+        .nodes
+        .node_weights()
+        .map(|n| (node_key(n), n.name.clone()))
+        .collect();
+    let mut sorted = raised.to_vec();
+    sorted.sort();
+    let mut s = String::from("overrides:\n");
+    for (layer, p) in sorted {
+        let name = names.get(&layer).filter(|n| !n.is_empty()).unwrap_or(&layer);
+        s.push_str(&format!(
+            "  - {{node: '{}', precision: {}}}\n",
+            regex::escape(name).replace('\'', "''"),
+            p.name()
+        ));
+    }
+    s
+}
+
+impl std::fmt::Display for Assignment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "mixed precision on {} calibration samples: all int8 {:.2} dB",
+            self.samples, self.all_int8_db
+        )?;
+        write_sensitivity(f, &self.sensitivity, 12)?;
+        writeln!(
+            f,
+            "raised {} of {} layers:",
+            self.raised.len(),
+            self.sensitivity.len() + self.pinned.len()
+        )?;
+        for (layer, p) in &self.raised {
+            writeln!(f, "  {:<48} {}", layer, p.name())?;
+        }
+        for (layer, p) in &self.pinned {
+            writeln!(f, "  {:<48} {} (pinned by overrides)", layer, p.name())?;
+        }
+        for (i, r) in self.rounds.iter().enumerate() {
+            writeln!(
+                f,
+                "  measurement {}: {} layers raised, predicted {:.2} dB, measured {:.2} dB (90% lower bound {:.2} dB)",
+                i, r.raised, r.predicted_db, r.measured_db, r.lower_bound_db
+            )?;
+        }
+        let verdict = match self.goal.target_sqnr_db {
+            Some(t) if self.reached => format!("target {t} dB reached"),
+            Some(t) => format!("target {t} dB NOT reached (no affordable upgrade left)"),
+            None => "budget spent".into(),
+        };
+        writeln!(
+            f,
+            "final: {:.2} dB on the calibration samples, at least {:.2} dB with 90% confidence ({verdict}); weights {:.2} MB; {:.0}% of layers in float16/float",
+            self.final_db,
+            self.final_lower_bound_db,
+            self.weight_bytes as f64 / 1e6,
+            self.float_fraction * 100.0
+        )?;
+        write!(f, "pin it with:\n{}", self.overrides_yaml)
+    }
+}
+
+/// The ranked sensitivity table (the `limit` most sensitive layers; 0: all).
+pub fn write_sensitivity(f: &mut impl std::fmt::Write, layers: &[LayerSensitivity], limit: usize) -> std::fmt::Result {
+    writeln!(
+        f,
+        "  {:<44} {:<12} {:>10} {:>11} {:>9} {:>10}",
+        "layer (most sensitive first)", "op", "only int8", "only int16", "all but", "gain"
+    )?;
+    let shown = if limit == 0 {
+        layers.len()
+    } else {
+        limit.min(layers.len())
+    };
+    for l in &layers[..shown] {
+        let chars: Vec<char> = l.layer.chars().collect();
+        let name: String = if chars.len() > 44 {
+            std::iter::once('…')
+                .chain(chars[chars.len() - 43..].iter().copied())
+                .collect()
+        } else {
+            l.layer.clone()
+        };
+        writeln!(
+            f,
+            "  {:<44} {:<12} {:>7.2} dB {:>11} {:>6.2} dB {:>+7.2} dB",
+            name,
+            l.op_type,
+            l.only_this_int8_db,
+            l.only_this_int16_db.map_or("-".into(), |d| format!("{d:.2} dB")),
+            l.all_but_this_db,
+            l.gain_db
+        )?;
+    }
+    if shown < layers.len() {
+        writeln!(f, "  … {} more in the report", layers.len() - shown)?;
+    }
+    Ok(())
+}

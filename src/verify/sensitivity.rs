@@ -1,0 +1,203 @@
+//! Output noise of quantized variants of one float model, measured in tract on a fixed set of
+//! samples: the measuring instrument of the mixed-precision search (`quant::mixed`).
+//!
+//! The float model runs once; its outputs are kept. Each variant (a plan applied to the float
+//! model) is materialised, lowered to float fake-quant arithmetic like `verify` does, and run on
+//! the same samples; its noise is Σ(f − q)² per float output, summed in sample order, so the
+//! figures do not depend on the thread count.
+
+use rayon::prelude::*;
+use tract_onnx::prelude::*;
+
+use crate::calib::source::DataSource;
+use crate::error::{Error, Result};
+use crate::ir::Model;
+use crate::quant::plan::Plan;
+use crate::runtime::{to_f32_vec, Runner};
+use crate::verify::lower::lower_all_qdq;
+use crate::verify::metrics::sqnr_from_sums;
+
+/// The float model's outputs on the probe samples, and the signal power of each float output.
+pub struct Probe<'a> {
+    float: &'a Model,
+    data: &'a DataSource,
+    samples: usize,
+    shapes: Vec<(String, DatumType, Vec<usize>)>,
+    /// Indices of the float outputs (integer outputs are not compared).
+    compared: Vec<usize>,
+    pub output_names: Vec<String>,
+    /// `float_outputs[sample][k]`: the k-th compared output.
+    float_outputs: Vec<Vec<Vec<f32>>>,
+    /// Σ f² per compared output.
+    pub signal: Vec<f64>,
+    /// `sample_signal[sample][k]`: Σ f² of one sample.
+    sample_signal: Vec<Vec<f64>>,
+}
+
+/// Noise power per compared output, Σ(f − q)² over the probe samples.
+pub type Noise = Vec<f64>;
+
+/// Noise power per sample and compared output.
+pub type SampleNoise = Vec<Vec<f64>>;
+
+/// Bootstrap resamples for the lower confidence bound of the SQNR.
+const RESAMPLES: usize = 1000;
+/// The bound's percentile: the SQNR is at least this high with 90% confidence.
+const LOWER_PERCENTILE: f64 = 10.0;
+
+impl<'a> Probe<'a> {
+    /// Runs the float model on the first `samples` samples of `data`.
+    pub fn new(float: &'a Model, data: &'a DataSource, samples: usize) -> Result<Probe<'a>> {
+        let samples = samples.min(data.len());
+        if samples == 0 {
+            return Err(Error::Usage(
+                "mixed precision needs at least one calibration sample".into(),
+            ));
+        }
+        let shapes = data.sample_shapes()?;
+        let runner = Runner::new(float, &shapes, &[])?;
+        let outputs = runner.run_all(
+            samples,
+            |i| data.sample(i),
+            |_, outs| {
+                outs.iter()
+                    .map(|v| Ok((v.datum_type(), to_f32_vec(v)?)))
+                    .collect::<Result<Vec<_>>>()
+            },
+        )?;
+        let compared: Vec<usize> = (0..runner.outputs.len())
+            .filter(|&k| outputs[0][k].0.is_float())
+            .collect();
+        if compared.is_empty() {
+            return Err(Error::Usage(
+                "mixed precision compares float outputs, and this model has none".into(),
+            ));
+        }
+        let float_outputs: Vec<Vec<Vec<f32>>> = outputs
+            .into_iter()
+            .map(|sample| {
+                let mut sample: Vec<Option<Vec<f32>>> = sample.into_iter().map(|(_, v)| Some(v)).collect();
+                compared.iter().map(|&k| sample[k].take().expect("each once")).collect()
+            })
+            .collect();
+        let sample_signal: Vec<Vec<f64>> = float_outputs
+            .iter()
+            .map(|s| {
+                s.iter()
+                    .map(|o| o.iter().map(|&v| (v as f64) * (v as f64)).sum())
+                    .collect()
+            })
+            .collect();
+        let signal = sum_samples(&sample_signal);
+        Ok(Probe {
+            float,
+            data,
+            samples,
+            shapes,
+            output_names: compared.iter().map(|&k| runner.outputs[k].clone()).collect(),
+            compared,
+            float_outputs,
+            signal,
+            sample_signal,
+        })
+    }
+
+    pub fn samples(&self) -> usize {
+        self.samples
+    }
+
+    /// The noise of the float model with `plan` applied.
+    pub fn noise(&self, plan: &Plan) -> Result<Noise> {
+        Ok(sum_samples(&self.sample_noise(plan)?))
+    }
+
+    /// The noise of each sample with `plan` applied.
+    pub fn sample_noise(&self, plan: &Plan) -> Result<SampleNoise> {
+        let mut model = self.float.clone();
+        crate::quant::materialize::materialize(&mut model, plan)?;
+        let lowered = lower_all_qdq(&model)?;
+        let runner = Runner::new(&lowered, &self.shapes, &[])?;
+        let per_sample = runner.run_all(
+            self.samples,
+            |i| self.data.sample(i),
+            |i, outs| {
+                self.compared
+                    .iter()
+                    .zip(&self.float_outputs[i])
+                    .map(|(&k, f)| {
+                        let q = to_f32_vec(&outs[k])?;
+                        if q.len() != f.len() {
+                            return Err(Error::Runtime(format!(
+                                "output '{}' has {} values in the quantized model, {} in the float one",
+                                runner.outputs[k],
+                                q.len(),
+                                f.len()
+                            )));
+                        }
+                        Ok(f.iter().zip(&q).map(|(&a, &b)| ((a - b) as f64).powi(2)).sum::<f64>())
+                    })
+                    .collect::<Result<Vec<f64>>>()
+            },
+        )?;
+        Ok(per_sample)
+    }
+
+    /// The noise of several plans, measured in parallel; results in the order of `plans`.
+    pub fn noises(&self, plans: &[Plan]) -> Result<Vec<Noise>> {
+        plans.par_iter().map(|p| self.noise(p)).collect()
+    }
+
+    /// A lower confidence bound of the output SQNR over the input distribution: the 10th
+    /// percentile of the SQNR over bootstrap resamples of the probe samples (fixed seed, so
+    /// deterministic). Few samples or a few bad ones pull it down.
+    pub fn sqnr_lower_db(&self, noise: &SampleNoise) -> f64 {
+        let n = noise.len();
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            // xorshift64*: a fixed, portable sequence.
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        };
+        let outputs = self.signal.len();
+        let mut values: Vec<f64> = (0..RESAMPLES)
+            .map(|_| {
+                let (mut s, mut e) = (vec![0.0; outputs], vec![0.0; outputs]);
+                for _ in 0..n {
+                    let i = (next() % n as u64) as usize;
+                    for k in 0..outputs {
+                        s[k] += self.sample_signal[i][k];
+                        e[k] += noise[i][k];
+                    }
+                }
+                s.iter()
+                    .zip(&e)
+                    .map(|(&s, &e)| sqnr_from_sums(s, e))
+                    .fold(f64::INFINITY, f64::min)
+            })
+            .collect();
+        values.sort_by(f64::total_cmp);
+        values[((LOWER_PERCENTILE / 100.0) * RESAMPLES as f64) as usize]
+    }
+
+    /// Output SQNR in dB: the worst compared output.
+    pub fn sqnr_db(&self, noise: &[f64]) -> f64 {
+        self.signal
+            .iter()
+            .zip(noise)
+            .map(|(&s, &n)| sqnr_from_sums(s, n))
+            .fold(f64::INFINITY, f64::min)
+    }
+}
+
+/// Per-output sums over samples, in sample order.
+pub fn sum_samples(per_sample: &[Vec<f64>]) -> Vec<f64> {
+    let mut total = vec![0.0; per_sample.first().map_or(0, Vec::len)];
+    for sample in per_sample {
+        for (t, v) in total.iter_mut().zip(sample) {
+            *t += v;
+        }
+    }
+    total
+}
