@@ -576,3 +576,106 @@ pub fn write_sensitivity(f: &mut impl std::fmt::Write, layers: &[LayerSensitivit
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(name: &str, weights: u64, only_int8: f64, only_int16: f64) -> LayerSensitivity {
+        LayerSensitivity {
+            layer: name.into(),
+            node: name.into(),
+            op_type: "Conv".into(),
+            weight_elements: weights,
+            activation_elements: 100,
+            only_this_int8_db: 0.0,
+            only_this_int16_db: None,
+            all_but_this_db: 0.0,
+            gain_db: 0.0,
+            no_float16: None,
+            only_int8: vec![only_int8],
+            only_int16: Some(vec![only_int16]),
+        }
+    }
+
+    fn search<'a>(layers: &'a [LayerSensitivity], signal: &'a [f64], candidates: &[Precision]) -> Search<'a> {
+        let mut s = Search {
+            layers,
+            precision: vec![Precision::Int8; layers.len()],
+            candidates: vec![candidates.to_vec(); layers.len()],
+            correction: vec![1.0],
+            signal,
+            weight_bytes: 0,
+            floats: 0,
+            total_layers: layers.len(),
+            raised: vec![],
+        };
+        // Measured all-int8 noise twice the sum of the layers' own: k = 2.
+        let sum: f64 = layers.iter().map(|l| l.only_int8[0]).sum();
+        s.calibrate(&[2.0 * sum]);
+        s
+    }
+
+    #[test]
+    fn costs_are_bytes_moved_at_each_width() {
+        assert_eq!(layer_cost(1000, 10, Precision::Int8), 1010);
+        assert_eq!(layer_cost(1000, 10, Precision::Int16), 1020);
+        assert_eq!(layer_cost(1000, 10, Precision::Float16), 2020);
+        assert_eq!(layer_cost(1000, 10, Precision::Float), 4040);
+    }
+
+    #[test]
+    fn the_noisiest_layer_per_byte_goes_first_and_predictions_scale() {
+        // Signal 1: noise 0.01 is 20 dB. "a" is noisy and cheap, "b" quiet, "c" noisy but big.
+        let layers = [
+            layer("a", 100, 0.004, 0.0001),
+            layer("b", 100, 0.0005, 0.0),
+            layer("c", 10_000, 0.004, 0.0039),
+        ];
+        let signal = [1.0];
+        let mut s = search(
+            &layers,
+            &signal,
+            &[Precision::Int16, Precision::Float16, Precision::Float],
+        );
+        let before = db(&signal, &s.predicted(None));
+        assert!((before - 10.0 * (1.0 / (2.0 * 0.0085f64)).log10()).abs() < 1e-9);
+        assert!(s.step(&Goal::default()));
+        // int16 on "a" removes 97% of its noise for 100 extra bytes: best per byte.
+        assert_eq!(s.raised, [("a".to_string(), Precision::Int16)]);
+        assert!(s.step(&Goal::default()));
+        // Next per byte: int16 on "b" (all of its noise) beats 10 000 extra bytes for "c".
+        assert_eq!(s.raised[1], ("b".to_string(), Precision::Int16));
+        let after = db(&signal, &s.predicted(None));
+        assert!(after > before + 2.0, "{before} -> {after}");
+    }
+
+    #[test]
+    fn budgets_are_respected() {
+        let layers = [layer("a", 100, 0.004, 0.004), layer("b", 100, 0.004, 0.004)];
+        let signal = [1.0];
+        // int16 helps nothing here; float16 is the only useful move, and no float layer is allowed.
+        let goal = Goal {
+            max_float_fraction: Some(0.0),
+            ..Goal::default()
+        };
+        let mut s = search(&layers, &signal, &[Precision::Int16, Precision::Float16]);
+        assert!(!s.step(&goal), "{:?}", s.raised);
+        // Half the layers may be float: exactly one moves.
+        let goal = Goal {
+            max_float_fraction: Some(0.5),
+            ..Goal::default()
+        };
+        while s.step(&goal) {}
+        assert_eq!(s.raised.len(), 1);
+        // A weight budget of 250 bytes takes one float16 layer (100 → 200 bytes) at most.
+        let mut s = search(&layers, &signal, &[Precision::Float16]);
+        s.weight_bytes = 200;
+        let goal = Goal {
+            max_size_mb: Some(250e-6 + 50e-6),
+            ..Goal::default()
+        };
+        while s.step(&goal) {}
+        assert_eq!(s.raised.len(), 1, "{:?}", s.raised);
+    }
+}
