@@ -1361,6 +1361,16 @@ fn cli_mixed_precision_reaches_its_target_and_its_pins_reproduce_it() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&pinned_out).unwrap());
 
+    // One thread searches and writes the same model as two.
+    let single_out = dir.path().join("single.onnx");
+    let o = Command::new(env!("CARGO_BIN_EXE_onnxq"))
+        .args([s(&repo("models/crepe_tiny.onnx")), "--config", s(&config), "-o", s(&single_out)])
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&single_out).unwrap());
+
     // The measured figure is the verifier's on the same samples.
     let float = onnxq::onnx::load_model(&repo("models/crepe_tiny.onnx")).unwrap();
     let quant = onnxq::onnx::load_model(&out).unwrap();
