@@ -1364,7 +1364,13 @@ fn cli_mixed_precision_reaches_its_target_and_its_pins_reproduce_it() {
     // One thread searches and writes the same model as two.
     let single_out = dir.path().join("single.onnx");
     let o = Command::new(env!("CARGO_BIN_EXE_onnxq"))
-        .args([s(&repo("models/crepe_tiny.onnx")), "--config", s(&config), "-o", s(&single_out)])
+        .args([
+            s(&repo("models/crepe_tiny.onnx")),
+            "--config",
+            s(&config),
+            "-o",
+            s(&single_out),
+        ])
         .env("RAYON_NUM_THREADS", "1")
         .output()
         .unwrap();

@@ -13,10 +13,11 @@
 //! all-but-this-layer gain alone is a poor guide: one dominant layer masks every other one.
 //!
 //! Assignment: greedy, the upgrade (layer, precision) that removes the most predicted noise per
-//! unit of cost first (ties by layer key: deterministic), until the predicted SQNR reaches the
-//! target or the budget is spent. The assignment is then measured; when the measured SQNR falls
-//! short the prediction is scaled by the measured/predicted noise ratio and the greedy goes on
-//! (at most `MAX_ROUNDS` measurements). Cost: the bytes a layer moves per inference, weights plus
+//! unit of cost first (ties by layer key: deterministic), as long as the budget allows; this
+//! orders the upgrades. With a target, the target must hold for a 90% lower confidence bound of
+//! the measured SQNR (bootstrap over the samples); the first prefix measured is where the
+//! prediction clears the target, then bisection on the order finds the shortest prefix that
+//! reaches it (at most `MAX_ROUNDS` measurements). Cost: the bytes a layer moves per inference, weights plus
 //! the activations it reads, at the candidate's widths (int8 1+1, int16 1+2, float16 2+2,
 //! float 4+4 bytes per weight + activation element).
 //!
@@ -35,7 +36,7 @@ use crate::quant::plan::{float16_possible, node_key, Plan, Precision};
 use crate::verify::sensitivity::{Noise, Probe};
 
 /// Measurements of the search at most (the first is the all-int8 model's).
-pub const MAX_ROUNDS: usize = 6;
+pub const MAX_ROUNDS: usize = 10;
 
 /// What the search aims for; at least one of the three is set.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -357,10 +358,6 @@ impl Search<'_> {
         self.raised.push((self.layers[i].layer.clone(), p));
         true
     }
-
-    fn assignment(&self) -> BTreeMap<String, Precision> {
-        self.raised.iter().cloned().collect()
-    }
 }
 
 /// Finds an assignment for `goal`: measures the all-int8 model and every layer's sensitivity,
@@ -408,53 +405,99 @@ pub fn assign(model: &Model, plan: &Plan, stats: &CalibrationStats, probe: &Prob
         raised: vec![],
     };
     search.calibrate(&all_int8);
-    let mut lower_db = probe.sqnr_lower_db(&all_int8_samples);
+    let base_weight_bytes = search.weight_bytes;
+    // The whole greedy order, with the prediction after each step.
+    let mut steps: Vec<(String, Precision, f64, u64)> = Vec::new();
+    while search.step(goal) {
+        let (layer, p) = search.raised.last().cloned().expect("a step raises a layer");
+        steps.push((
+            layer,
+            p,
+            db(&probe.signal, &search.predicted(None)),
+            search.weight_bytes,
+        ));
+    }
+    // The first k steps as an assignment, in the order layers were (last) raised.
+    let prefix = |k: usize| -> Vec<(String, Precision)> {
+        let mut raised: Vec<(String, Precision)> = Vec::new();
+        for (layer, p, _, _) in &steps[..k] {
+            raised.retain(|(l, _)| l != layer);
+            raised.push((layer.clone(), *p));
+        }
+        raised
+    };
+    let all_int8_lower_db = probe.sqnr_lower_db(&all_int8_samples);
+    let mut measured: BTreeMap<usize, (f64, f64)> = BTreeMap::new();
+    measured.insert(0, (all_int8_db, all_int8_lower_db));
     let mut rounds = vec![Round {
         raised: 0,
         predicted_db: all_int8_db,
         measured_db: all_int8_db,
-        lower_bound_db: lower_db,
+        lower_bound_db: all_int8_lower_db,
     }];
-    let mut measured_db = all_int8_db;
-    let target = goal.target_sqnr_db;
-    // The target holds for the lower confidence bound; the greedy aims the pooled SQNR that
-    // much higher (the gap of the last measurement).
-    let reached = |lower: f64| target.is_none_or(|t| lower >= t);
-    let done_at_start = reached(lower_db) && target.is_some();
-    while !done_at_start && rounds.len() < MAX_ROUNDS {
-        let aim = target.map(|t| t + (measured_db - lower_db).max(0.0));
-        let mut moved = false;
-        while !aim.is_some_and(|a| db(&probe.signal, &search.predicted(None)) >= a) && search.step(goal) {
-            moved = true;
+    let mut measure = |k: usize, rounds: &mut Vec<Round>| -> Result<(f64, f64)> {
+        if let Some(&m) = measured.get(&k) {
+            return Ok(m);
         }
-        if !moved {
-            break;
-        }
-        let assignment = search.assignment();
-        let samples = probe.sample_noise(&plan.with_precisions(&assignment))?;
-        let noise = crate::verify::sensitivity::sum_samples(&samples);
-        measured_db = probe.sqnr_db(&noise);
-        lower_db = probe.sqnr_lower_db(&samples);
+        let raised = prefix(k);
+        let samples = probe.sample_noise(&plan.with_precisions(&raised.iter().cloned().collect()))?;
+        let m = (
+            probe.sqnr_db(&crate::verify::sensitivity::sum_samples(&samples)),
+            probe.sqnr_lower_db(&samples),
+        );
         rounds.push(Round {
-            raised: assignment.len(),
-            predicted_db: db(&probe.signal, &search.predicted(None)),
-            measured_db,
-            lower_bound_db: lower_db,
+            raised: raised.len(),
+            predicted_db: steps[k - 1].2,
+            measured_db: m.0,
+            lower_bound_db: m.1,
         });
-        search.calibrate(&noise);
-        if target.is_none() || reached(lower_db) {
-            break;
+        measured.insert(k, m);
+        Ok(m)
+    };
+    // The target holds for the lower confidence bound. The first guess is where the prediction
+    // clears the target by the all-int8 model's gap between mean and bound; then bisection on
+    // the greedy order finds the shortest prefix that reaches the target.
+    let chosen = match goal.target_sqnr_db {
+        None => steps.len(),
+        Some(t) if all_int8_lower_db >= t => 0,
+        Some(t) => {
+            let gap = (all_int8_db - all_int8_lower_db).max(0.0);
+            let guess = steps.iter().position(|s| s.2 >= t + gap).map_or(steps.len(), |i| i + 1);
+            let (mut lo, mut hi) = (0, steps.len());
+            if measure(guess, &mut rounds)?.1 >= t {
+                hi = guess;
+            } else {
+                lo = guess;
+            }
+            if hi > lo && measure(hi, &mut rounds)?.1 < t {
+                lo = hi; // not reachable: everything the budget allows
+            }
+            while hi > lo + 1 && rounds.len() < MAX_ROUNDS {
+                let mid = (lo + hi) / 2;
+                if measure(mid, &mut rounds)?.1 >= t {
+                    hi = mid;
+                } else {
+                    lo = mid;
+                }
+            }
+            hi
         }
-    }
-    let raised = search.raised.clone();
-    let final_plan = plan.with_precisions(&search.assignment());
+    };
+    let (measured_db, lower_db) = measure(chosen, &mut rounds)?;
+    let reached = goal.target_sqnr_db.is_none_or(|t| lower_db >= t);
+    let raised = prefix(chosen);
+    let final_plan = plan.with_precisions(&raised.iter().cloned().collect());
     let float_fraction = final_plan
         .precisions
         .values()
         .filter(|&&p| p >= Precision::Float16)
         .count() as f64
         / total_layers.max(1) as f64;
-    let weight_bytes = search.weight_bytes;
+    let weight_bytes = if chosen == 0 {
+        base_weight_bytes
+    } else {
+        steps[chosen - 1].3
+    };
     let overrides_yaml = overrides_yaml(model, &raised);
     Ok(Assignment {
         samples: probe.samples(),
@@ -464,7 +507,7 @@ pub fn assign(model: &Model, plan: &Plan, stats: &CalibrationStats, probe: &Prob
         rounds,
         final_db: measured_db,
         final_lower_bound_db: lower_db,
-        reached: reached(lower_db),
+        reached,
         weight_bytes,
         float_fraction,
         overrides_yaml,
