@@ -469,9 +469,8 @@ pub fn assign(model: &Model, plan: &Plan, stats: &CalibrationStats, probe: &Prob
             } else {
                 lo = guess;
             }
-            if hi > lo && measure(hi, &mut rounds)?.1 < t {
-                lo = hi; // not reachable: everything the budget allows
-            }
+            // The end of the order (everything the budget allows) is measured only if bisection
+            // gets there: it is assumed to reach the target until then.
             while hi > lo + 1 && rounds.len() < MAX_ROUNDS {
                 let mid = (lo + hi) / 2;
                 if measure(mid, &mut rounds)?.1 >= t {
