@@ -5,8 +5,13 @@
 //!
 //! Maths. Per output channel `o`: `Δb_o = Σ_{c,k} (W̃ − W)[o, c, k]·E[x_c]`, summed over the input
 //! channels `c` of `o`'s group and the kernel taps `k`, and the bias becomes `b − Δb`:
-//! - Conv, W `[C_out, C_in/group, k…]`. Zero-padded borders are ignored: there some taps read 0,
-//!   not `E[x_c]`, so border outputs keep part of their shift;
+//! - Conv, W `[C_out, C_in/group, k…]`. At zero-padded borders some taps read 0, not `E[x_c]`;
+//!   one bias per channel can only remove the shift averaged over output positions, so when the
+//!   statistics know the input's spatial size, tap `k` is weighted by the fraction `f_k` of
+//!   output positions where it reads inside the input (per spatial axis, from strides, pads,
+//!   dilations; product over axes): `Δb_o = Σ (W̃ − W)[o, c, k]·f_k·E[x_c]`. On small feature
+//!   maps (3×12 in ppocr's last stages) this matters: a 3×3 tap row reads padding in a third of
+//!   the rows. Without the size (data-free statistics) `f_k = 1`: borders are ignored;
 //! - ConvTranspose, W `[C_in, C_out/group, k…]`: with strides `s`, an output pixel receives one
 //!   tap in `Πs` on average (the taps split over the `Πs` output phases), so
 //!   `Δb_o = Σ (W̃ − W)·E[x] / Πs` — exact for stride 1, the phase average otherwise;
@@ -182,6 +187,8 @@ struct Target {
     geometry: Geometry,
     /// Gemm's alpha / beta (1 otherwise): the bias moves by `alpha·Δ/beta`.
     bias_factor: f64,
+    /// Conv: the kernel's spatial dims, for the border weights.
+    kernel: Vec<usize>,
 }
 
 fn attr_int(n: &Node, name: &str, default: i64) -> i64 {
@@ -301,6 +308,11 @@ fn read_target(graph: &Graph, ix: NodeIndex, weight: &str) -> std::result::Resul
         bias,
         geometry,
         bias_factor,
+        kernel: if n.op_type == "Conv" {
+            dims[2..].to_vec()
+        } else {
+            vec![]
+        },
     })
 }
 
@@ -452,15 +464,96 @@ pub fn clipped_normal_mean(mu: f64, sigma: f64, lo: f64, hi: f64) -> f64 {
     low + high + mu * (cdf_b - cdf_a) + sigma * (pdf_a - pdf_b)
 }
 
-/// `Δb_o = fraction · Σ_{e in o} ΔW[e]·E[x_{c(e)}]`, accumulated in element order.
-pub fn compute_bias_delta(geometry: &Geometry, delta_w: &[f64], mean: &[f64]) -> Vec<f64> {
+/// `Δb_o = fraction · Σ_{e in o} ΔW[e]·f_{k(e)}·E[x_{c(e)}]`, accumulated in element order;
+/// `taps` holds `f_k` per kernel position (None: all 1).
+pub fn compute_bias_delta(geometry: &Geometry, delta_w: &[f64], mean: &[f64], taps: Option<&[f64]>) -> Vec<f64> {
     let mut delta = vec![0f64; geometry.out_channels()];
-    for ((o, c), dw) in geometry.channels_of_elements().into_iter().zip(delta_w) {
-        delta[o] += dw * mean[c];
+    for (e, ((o, c), dw)) in geometry.channels_of_elements().into_iter().zip(delta_w).enumerate() {
+        let f = taps.map_or(1.0, |t| t[e % t.len()]);
+        delta[o] += dw * f * mean[c];
     }
     let fraction = geometry.tap_fraction();
     delta.iter_mut().for_each(|d| *d *= fraction);
     delta
+}
+
+/// Per kernel position of one spatial axis, the fraction of output positions where the tap
+/// reads inside the input (not padding). None when the sizes do not make a valid convolution.
+pub fn tap_fractions(
+    input: usize,
+    kernel: usize,
+    stride: usize,
+    pad_begin: usize,
+    pad_end: usize,
+    dilation: usize,
+) -> Option<Vec<f64>> {
+    let (stride, dilation) = (stride.max(1), dilation.max(1));
+    let span = dilation * (kernel.checked_sub(1)?) + 1;
+    let padded = input + pad_begin + pad_end;
+    if padded < span || input == 0 {
+        return None;
+    }
+    let out = (padded - span) / stride + 1;
+    Some(
+        (0..kernel)
+            .map(|k| {
+                let inside = (0..out)
+                    .filter(|&o| {
+                        let i = (o * stride + k * dilation) as i64 - pad_begin as i64;
+                        i >= 0 && (i as usize) < input
+                    })
+                    .count();
+                inside as f64 / out as f64
+            })
+            .collect(),
+    )
+}
+
+/// `f_k` of every kernel position of a Conv (row-major over the kernel axes), from the input's
+/// sample shape in the statistics; None when unknown (then borders are ignored).
+fn conv_taps(n: &Node, kernel: &[usize], shape: Option<&[usize]>) -> Option<Vec<f64>> {
+    let shape = shape?;
+    let rank = kernel.len();
+    if shape.len() != rank + 2 {
+        return None;
+    }
+    let ints = |name: &str, default: usize, len: usize| -> Vec<usize> {
+        n.attribute(name)
+            .map(|a| a.ints.iter().map(|&v| v.max(0) as usize).collect())
+            .filter(|v: &Vec<usize>| v.len() == len)
+            .unwrap_or_else(|| vec![default; len])
+    };
+    let strides = ints("strides", 1, rank);
+    let dilations = ints("dilations", 1, rank);
+    let auto_pad = n.attribute("auto_pad").map(|a| a.s().to_vec()).unwrap_or_default();
+    let mut per_axis = Vec::with_capacity(rank);
+    for d in 0..rank {
+        let input = shape[2 + d];
+        let (begin, end) = match auto_pad.as_slice() {
+            b"SAME_UPPER" | b"SAME_LOWER" => {
+                let out = input.div_ceil(strides[d].max(1));
+                let span = dilations[d].max(1) * (kernel[d].max(1) - 1) + 1;
+                let total = ((out.max(1) - 1) * strides[d].max(1) + span).saturating_sub(input);
+                if auto_pad == b"SAME_UPPER" {
+                    (total / 2, total - total / 2)
+                } else {
+                    (total - total / 2, total / 2)
+                }
+            }
+            b"VALID" => (0, 0),
+            _ => {
+                let pads = ints("pads", 0, 2 * rank);
+                (pads[d], pads[rank + d])
+            }
+        };
+        per_axis.push(tap_fractions(input, kernel[d], strides[d], begin, end, dilations[d])?);
+    }
+    // Row-major product over the kernel axes.
+    let mut taps = vec![1.0];
+    for axis in per_axis {
+        taps = taps.iter().flat_map(|t| axis.iter().map(move |f| t * f)).collect();
+    }
+    Some(taps)
 }
 
 /// `W̃ − W` for a weight as the plan quantizes it.
@@ -556,7 +649,7 @@ pub fn apply(model: &mut Model, plan: &Plan, stats: Option<&CalibrationStats>, c
     let found = find_targets(graph, plan)?;
     // E[x] per target (or the reason there is none), then ΔW per weight, once each.
     let mut notes = Vec::new();
-    let mut work: Vec<(Target, Vec<f64>)> = Vec::new();
+    let mut work: Vec<(Target, Vec<f64>, Option<Vec<f64>>)> = Vec::new();
     for f in found {
         let t = match f {
             Ok(t) => t,
@@ -570,14 +663,20 @@ pub fn apply(model: &mut Model, plan: &Plan, stats: Option<&CalibrationStats>, c
             BiasCorrectionMode::Analytical => analytical_mean(graph, &ctx.batchnorm_records, &t.input, channels),
             _ => empirical_mean(stats.expect("checked above"), &t.input, channels),
         };
+        let shape = stats
+            .and_then(|s| s.tensors.get(&t.input))
+            .and_then(|s| s.sample_shape.as_deref());
+        let taps = (!t.kernel.is_empty())
+            .then(|| conv_taps(&graph.nodes[t.node], &t.kernel, shape))
+            .flatten();
         match mean {
-            Ok(m) if m.iter().all(|v| v.is_finite()) => work.push((t, m)),
+            Ok(m) if m.iter().all(|v| v.is_finite()) => work.push((t, m, taps)),
             Ok(_) => notes.push(format!("not corrected {}: E[x] is not finite", t.label)),
             Err(reason) => notes.push(format!("not corrected {}: {reason}", t.label)),
         }
     }
     let mut errors: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    for (t, _) in &work {
+    for (t, _, _) in &work {
         if !errors.contains_key(t.weight.as_str()) {
             errors.insert(t.weight.as_str(), weight_error(graph, plan, &t.weight)?);
         }
@@ -585,8 +684,8 @@ pub fn apply(model: &mut Model, plan: &Plan, stats: Option<&CalibrationStats>, c
     // Pure maths in parallel; results in target order.
     let deltas: Vec<Vec<f64>> = work
         .par_iter()
-        .map(|(t, mean)| {
-            compute_bias_delta(&t.geometry, &errors[t.weight.as_str()], mean)
+        .map(|(t, mean, taps)| {
+            compute_bias_delta(&t.geometry, &errors[t.weight.as_str()], mean, taps.as_deref())
                 .into_iter()
                 .map(|d| d * t.bias_factor)
                 .collect()
@@ -594,11 +693,16 @@ pub fn apply(model: &mut Model, plan: &Plan, stats: Option<&CalibrationStats>, c
         .collect();
     drop(errors);
     let mut corrected = Vec::new();
-    for ((t, _), delta) in work.iter().zip(&deltas) {
+    for ((t, _, taps), delta) in work.iter().zip(&deltas) {
         let created = subtract_from_bias(graph, t, delta)?;
         let max = delta.iter().fold(0f64, |m, d| m.max(d.abs()));
+        let borders = match taps {
+            Some(f) if f.iter().any(|&f| f < 1.0) => ", padded taps weighted",
+            None if t.kernel.iter().product::<usize>() > 1 => ", borders ignored (input size unknown)",
+            _ => "",
+        };
         corrected.push(format!(
-            "corrected {} ({} channels{}): max |Δb| {}",
+            "corrected {} ({} channels{}{borders}): max |Δb| {}",
             t.label,
             delta.len(),
             if created { ", bias created" } else { "" },
@@ -683,7 +787,7 @@ mod tests {
         });
         // E[x] = [2, −1]: Δb0 = 2·(13/127 − 0.1) − (42/127 − 0.33) = 2·0.0023622 − 0.0007087
         // = 0.0040157; Δb1 = 2·(−64/127 + 0.5) − 0 = −0.0078740.
-        let d = compute_bias_delta(&geometry, &dw, &[2.0, -1.0]);
+        let d = compute_bias_delta(&geometry, &dw, &[2.0, -1.0], None);
         assert!((d[0] - 0.004_015_7).abs() < 1e-6, "{d:?}");
         assert!((d[1] + 0.007_874_0).abs() < 1e-6, "{d:?}");
         // ConvTranspose W [C_in 2, C_out 1, 1, 2], stride 2: each output pixel gets one of the
@@ -693,13 +797,36 @@ mod tests {
             group: 1,
             stride_product: 2,
         };
-        assert_eq!(compute_bias_delta(&ct, &[1.0, 2.0, 3.0, 4.0], &[1.0, 10.0]), [36.5]);
+        assert_eq!(
+            compute_bias_delta(&ct, &[1.0, 2.0, 3.0, 4.0], &[1.0, 10.0], None),
+            [36.5]
+        );
         // Grouped ConvTranspose, group 2, W [2, 1, 1, 1]: output channel g reads input g only.
         let gct = Geometry::ConvTranspose {
             dims: vec![2, 1, 1, 1],
             group: 2,
             stride_product: 1,
         };
-        assert_eq!(compute_bias_delta(&gct, &[1.0, 2.0], &[3.0, 5.0]), [3.0, 10.0]);
+        assert_eq!(compute_bias_delta(&gct, &[1.0, 2.0], &[3.0, 5.0], None), [3.0, 10.0]);
+        // Tap weights: Conv W [1, 1, 1, 2] taps f = [1, 0.5]: ΔW [2, 4], E[x] 3 → 3·(2 + 2) = 12.
+        let one = Geometry::Layout(Layout {
+            kind: Kind::Conv { group: 1 },
+            dims: vec![1, 1, 1, 2],
+        });
+        assert_eq!(compute_bias_delta(&one, &[2.0, 4.0], &[3.0], Some(&[1.0, 0.5])), [12.0]);
+    }
+
+    #[test]
+    fn tap_fractions_count_positions_inside_the_input() {
+        // Input 3, kernel 3, stride 1, pads 1/1: 3 outputs; tap 0 reads padding at output 0,
+        // tap 2 at output 2: [2/3, 1, 2/3].
+        let f = tap_fractions(3, 3, 1, 1, 1, 1).unwrap();
+        assert_eq!(f, [2.0 / 3.0, 1.0, 2.0 / 3.0]);
+        // Input 4, kernel 3, stride 2, pads 1/1: outputs at −1..1, 1..3: tap 0 inside once of 2.
+        assert_eq!(tap_fractions(4, 3, 2, 1, 1, 1).unwrap(), [0.5, 1.0, 1.0]);
+        // No padding: every tap always inside.
+        assert_eq!(tap_fractions(5, 3, 1, 0, 0, 1).unwrap(), [1.0; 3]);
+        // Kernel larger than the padded input: not a convolution.
+        assert_eq!(tap_fractions(1, 5, 1, 1, 1, 1), None);
     }
 }

@@ -18,6 +18,10 @@
 //!   Squeeze, Unsqueeze;
 //! - Add, Sub, Mul of two ranged operands (a constant operand is ranged by its own min and max):
 //!   interval sums, differences and products, per channel when both are per channel alike;
+//!   Div by a constant whose range excludes 0 (HardSwish exported as `x·Clip(x + 3, 0, 6)/6`);
+//! - bounded activations bound their output even without an input range: Sigmoid and
+//!   HardSigmoid `[0, 1]`, Tanh `[−1, 1]`, Clip with both bounds (squeeze-excitation gates
+//!   behind a Conv without BatchNorm);
 //! - Concat: per channel along axis 1, the union otherwise.
 //!
 //! A tensor without a derivable range (graph inputs, outputs of layers without a folded
@@ -191,12 +195,20 @@ pub fn propagate(graph: &Graph, n: &Node, known: &BTreeMap<String, Interval>) ->
     };
     // The data input must be an activation with a range, not a constant.
     let x = n.inputs.first().and_then(|i| known.get(i)).cloned();
+    // Bounded activations bound their output even when their input has no range.
+    let bounded = |lo: f64, hi: f64, f: &dyn Fn(f64) -> f64| match &x {
+        Some(x) => x.map(f, &[]),
+        None => Interval::scalar(lo, hi),
+    };
     match n.op_type.as_str() {
         "Relu" => Some(x?.map(|v| v.max(0.0), &[])),
         "Clip" => {
             let lo = clip_bound(graph, n, 1, "min")?.unwrap_or(f64::NEG_INFINITY);
             let hi = clip_bound(graph, n, 2, "max")?.unwrap_or(f64::INFINITY);
-            Some(x?.map(|v| v.max(lo).min(hi), &[]))
+            if x.is_none() && !(lo.is_finite() && hi.is_finite()) {
+                return None;
+            }
+            Some(bounded(lo, hi, &|v: f64| v.max(lo).min(hi)))
         }
         "LeakyRelu" => {
             let alpha = attr_float(n, "alpha", 0.01);
@@ -205,11 +217,11 @@ pub fn propagate(graph: &Graph, n: &Node, known: &BTreeMap<String, Interval>) ->
         }
         "HardSigmoid" => {
             let (alpha, beta) = (attr_float(n, "alpha", 0.2), attr_float(n, "beta", 0.5));
-            Some(x?.map(|v| (alpha * v + beta).clamp(0.0, 1.0), &[]))
+            Some(bounded(0.0, 1.0, &|v: f64| (alpha * v + beta).clamp(0.0, 1.0)))
         }
         "HardSwish" => Some(x?.map(hard_swish, &[-1.5])),
-        "Sigmoid" => Some(x?.map(|v| 1.0 / (1.0 + (-v).exp()), &[])),
-        "Tanh" => Some(x?.map(f64::tanh, &[])),
+        "Sigmoid" => Some(bounded(0.0, 1.0, &|v: f64| 1.0 / (1.0 + (-v).exp()))),
+        "Tanh" => Some(bounded(-1.0, 1.0, &f64::tanh)),
         "MaxPool" | "GlobalMaxPool" | "GlobalAveragePool" | "Identity" | "Dropout" => x,
         "AveragePool" => {
             let padded = n.attribute("pads").is_some_and(|a| a.ints.iter().any(|&p| p != 0))
@@ -245,6 +257,14 @@ pub fn propagate(graph: &Graph, n: &Node, known: &BTreeMap<String, Interval>) ->
                 _ => mul,
             };
             Some(a.combine(&b, op))
+        }
+        // By a constant that excludes 0 (HardSwish exported as x·Clip(x + 3, 0, 6) / 6).
+        "Div" => {
+            let name = n.inputs.get(1)?;
+            let d = constant_interval(graph, name).filter(|_| !known.contains_key(name))?;
+            let (lo, hi) = d.hull();
+            (lo > 0.0 || hi < 0.0).then_some(())?;
+            Some(x?.combine(&Interval::scalar(1.0 / hi, 1.0 / lo), mul))
         }
         "Concat" => {
             let parts: Vec<Interval> = n.inputs.iter().map(|i| known.get(i).cloned()).collect::<Option<_>>()?;
@@ -284,6 +304,8 @@ pub fn uniform_stats(lo: f32, hi: f32) -> Result<TensorStats> {
     let mut s = TensorStats::default();
     s.observe(0, &values, &[UNIFORM_POINTS])
         .map_err(|e| Error::Graph(format!("data-free range [{lo}, {hi}]: {e}")))?;
+    // Not the tensor's shape.
+    s.sample_shape = None;
     Ok(s)
 }
 

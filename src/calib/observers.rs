@@ -787,6 +787,10 @@ pub struct TensorStats {
     pub histogram: Histogram,
     /// Per-channel along axis 1 for rank >= 2 tensors.
     pub channels: Option<ChannelStats>,
+    /// The shape of each sample's tensor when every sample agrees (None otherwise): bias
+    /// correction needs the spatial size to weigh the taps that read zero padding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_shape: Option<Vec<usize>>,
 }
 
 /// Adds one sample's extremes to a list sorted by sample index, joining a repeated sample.
@@ -855,6 +859,9 @@ impl TensorStats {
         };
         if self.count == 0 {
             *self = TensorStats::default();
+            self.sample_shape = Some(shape.to_vec());
+        } else if self.sample_shape.as_deref() != Some(shape) {
+            self.sample_shape = None;
         }
 
         self.histogram.add_within(values, min, max, true);
@@ -885,6 +892,9 @@ impl TensorStats {
         }
         (self.min, self.max) = (self.min.min(other.min), self.max.max(other.max));
         self.count = self.count.saturating_add(other.count);
+        if self.sample_shape != other.sample_shape {
+            self.sample_shape = None;
+        }
         self.histogram.merge(&other.histogram);
         self.channels = match (self.channels.take(), &other.channels) {
             (Some(mut mine), Some(theirs)) if mine.channels() == theirs.channels() => {
