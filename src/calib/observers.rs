@@ -1770,4 +1770,20 @@ mod tests {
             TensorStats::default()
         );
     }
+
+    #[test]
+    fn sample_shape_is_kept_while_samples_agree() {
+        let mut s = TensorStats::default();
+        s.observe(0, &[1.0; 8], &[1, 2, 2, 2]).unwrap();
+        s.observe(1, &[2.0; 8], &[1, 2, 2, 2]).unwrap();
+        assert_eq!(s.sample_shape.as_deref(), Some(&[1usize, 2, 2, 2][..]));
+        let mut other = TensorStats::default();
+        other.observe(2, &[3.0; 12], &[1, 2, 3, 2]).unwrap();
+        let mut joined = s.clone();
+        joined.merge(&other);
+        assert_eq!(joined.sample_shape, None);
+        // Observing a different size directly forgets it too.
+        s.observe(3, &[0.0; 4], &[1, 2, 1, 2]).unwrap();
+        assert_eq!(s.sample_shape, None);
+    }
 }
