@@ -29,7 +29,8 @@
 //!   `absorb_bias`), and `f` the activation between them: identity → `β`; Relu →
 //!   `E[max(0, z)] = β·Φ(β/|γ|) + |γ|·φ(β/|γ|)`; Clip(a, b) (ReLU6) → the doubly clipped normal
 //!   `a·Φ(α) + b·(1 − Φ(β')) + μ·(Φ(β') − Φ(α)) + σ·(φ(α) − φ(β'))`, `α = (a − μ)/σ`,
-//!   `β' = (b − μ)/σ`; HardSwish → `E[hardswish(z)]` by numerical integration (no closed form).
+//!   `β' = (b − μ)/σ`; HardSwish (the op, or `x·Clip(x + 3, 0, 6)/6`) → `E[hardswish(z)]` by
+//!   numerical integration (no closed form). A zero Pad just before the layer is looked through.
 //!   Any other activation, or an input without a record, skips the layer.
 //!
 //! Passes run before the plan exists, so the pass itself only records the request
@@ -362,35 +363,55 @@ fn analytical_mean(
     channels: usize,
 ) -> std::result::Result<Vec<f64>, String> {
     let record_of = |t: &str| records.iter().find(|r| r.output == t);
+    let producer_of = |t: &str| {
+        graph
+            .nodes
+            .node_indices()
+            .map(|ix| &graph.nodes[ix])
+            .find(|n| n.outputs.iter().any(|o| o == t))
+    };
+    // A zero Pad in front of the layer (PyTorch's static padding): the same values, plus zeros
+    // at the borders, which are ignored here as for the layer's own pads.
+    let mut input = input;
+    if let Some(p) = producer_of(input).filter(|p| is_zero_pad(graph, p)) {
+        input = p.inputs.first().map(String::as_str).unwrap_or("");
+    }
     let (record, act) = if let Some(r) = record_of(input) {
         (r, Activation::Clip(f64::NEG_INFINITY, f64::INFINITY))
     } else {
-        let producer = graph
-            .nodes
-            .node_indices()
-            .find(|&ix| graph.nodes[ix].outputs.iter().any(|o| o == input))
-            .ok_or_else(|| format!("its input '{input}' is a graph input (no BatchNorm record)"))?;
-        let p = &graph.nodes[producer];
-        let source = p.inputs.first().map(String::as_str).unwrap_or("");
-        let Some(r) = record_of(source) else {
-            return Err(format!(
-                "no BatchNorm record for its input '{input}' (nor for the input of {})",
-                p.label()
-            ));
-        };
-        let act = match (p.is_default_domain(), p.op_type.as_str()) {
-            (true, "Relu") => Activation::Clip(0.0, f64::INFINITY),
-            (true, "Clip") => Activation::Clip(
-                clip_bound(graph, p, 1, "min")?.unwrap_or(f64::NEG_INFINITY),
-                clip_bound(graph, p, 2, "max")?.unwrap_or(f64::INFINITY),
+        let p =
+            producer_of(input).ok_or_else(|| format!("its input '{input}' is a graph input (no BatchNorm record)"))?;
+        let (source, act) = match (p.is_default_domain(), p.op_type.as_str()) {
+            (true, "Relu") => (p.inputs[0].as_str(), Activation::Clip(0.0, f64::INFINITY)),
+            (true, "Clip") => (
+                p.inputs[0].as_str(),
+                Activation::Clip(
+                    clip_bound(graph, p, 1, "min")?.unwrap_or(f64::NEG_INFINITY),
+                    clip_bound(graph, p, 2, "max")?.unwrap_or(f64::INFINITY),
+                ),
             ),
-            (true, "HardSwish") => Activation::HardSwish,
+            (true, "HardSwish") => (p.inputs[0].as_str(), Activation::HardSwish),
+            (true, "Div") => match decomposed_hard_swish(graph, p, &producer_of) {
+                Some(x) => (x, Activation::HardSwish),
+                None => {
+                    return Err(format!(
+                        "its input comes through {} (not a HardSwish x·Clip(x + 3, 0, 6)/6)",
+                        p.label()
+                    ))
+                }
+            },
             _ => {
                 return Err(format!(
                     "its input comes through {} (only identity, Relu, Clip and HardSwish are modelled)",
                     p.label()
                 ))
             }
+        };
+        let Some(r) = record_of(source) else {
+            return Err(format!(
+                "no BatchNorm record for its input '{input}' (nor for the input of {})",
+                p.label()
+            ));
         };
         (r, act)
     };
@@ -410,6 +431,61 @@ fn analytical_mean(
             Activation::HardSwish => normal_expectation(hard_swish, b as f64, (g as f64).abs()),
         })
         .collect())
+}
+
+/// A Pad in constant mode with value 0 (input or attribute).
+fn is_zero_pad(graph: &Graph, n: &Node) -> bool {
+    if !n.is_default_domain() || n.op_type != "Pad" {
+        return false;
+    }
+    let constant_mode = n.attribute("mode").is_none_or(|a| a.s() == b"constant");
+    let value = match n.inputs.get(2).filter(|s| !s.is_empty()) {
+        Some(name) => graph
+            .constants
+            .get(name)
+            .and_then(|c| tensor::values_f64(&c.tensor))
+            .is_some_and(|v| v == [0.0]),
+        None => n.attribute("value").is_none_or(|a| a.f() == 0.0),
+    };
+    constant_mode && value
+}
+
+/// `Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)` (HardSwish as some exporters write it; operands of
+/// Add and Mul in either order): the `x`.
+fn decomposed_hard_swish<'g>(
+    graph: &'g Graph,
+    div: &'g Node,
+    producer_of: &dyn Fn(&str) -> Option<&'g Node>,
+) -> Option<&'g str> {
+    let scalar = |t: &str| {
+        graph
+            .constants
+            .get(t)
+            .and_then(|c| tensor::values_f64(&c.tensor))
+            .and_then(|v| (v.len() == 1).then(|| v[0]))
+    };
+    (scalar(div.inputs.get(1)?)? == 6.0).then_some(())?;
+    let mul = producer_of(div.inputs.first()?).filter(|n| n.op_type == "Mul" && n.inputs.len() == 2)?;
+    for (x, gate) in [(&mul.inputs[0], &mul.inputs[1]), (&mul.inputs[1], &mul.inputs[0])] {
+        let Some(clip) = producer_of(gate).filter(|n| n.op_type == "Clip") else {
+            continue;
+        };
+        let bounds = (
+            clip.inputs.get(1).and_then(|t| scalar(t)),
+            clip.inputs.get(2).and_then(|t| scalar(t)),
+        );
+        if bounds != (Some(0.0), Some(6.0)) {
+            continue;
+        }
+        let Some(add) = producer_of(clip.inputs.first()?).filter(|n| n.op_type == "Add" && n.inputs.len() == 2) else {
+            continue;
+        };
+        let three = |a: &str, b: &str| a == x.as_str() && scalar(b) == Some(3.0);
+        if three(&add.inputs[0], &add.inputs[1]) || three(&add.inputs[1], &add.inputs[0]) {
+            return Some(x.as_str());
+        }
+    }
+    None
 }
 
 /// The activation between a BatchNorm-folded layer and the layer whose input it is.
