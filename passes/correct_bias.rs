@@ -382,15 +382,18 @@ fn analytical_mean(
         let p =
             producer_of(input).ok_or_else(|| format!("its input '{input}' is a graph input (no BatchNorm record)"))?;
         let (source, act) = match (p.is_default_domain(), p.op_type.as_str()) {
-            (true, "Relu") => (p.inputs[0].as_str(), Activation::Clip(0.0, f64::INFINITY)),
+            (true, "Relu") => (
+                p.inputs.first().map_or("", String::as_str),
+                Activation::Clip(0.0, f64::INFINITY),
+            ),
             (true, "Clip") => (
-                p.inputs[0].as_str(),
+                p.inputs.first().map_or("", String::as_str),
                 Activation::Clip(
                     clip_bound(graph, p, 1, "min")?.unwrap_or(f64::NEG_INFINITY),
                     clip_bound(graph, p, 2, "max")?.unwrap_or(f64::INFINITY),
                 ),
             ),
-            (true, "HardSwish") => (p.inputs[0].as_str(), Activation::HardSwish),
+            (true, "HardSwish") => (p.inputs.first().map_or("", String::as_str), Activation::HardSwish),
             (true, "Div") => match decomposed_hard_swish(graph, p, &producer_of) {
                 Some(x) => (x, Activation::HardSwish),
                 None => {
