@@ -282,10 +282,13 @@ fn main_job(args: MainArgs) -> Result<()> {
     let config_path = args.config.expect("clap requires --config");
     // The config first: a bad config fails before any model or data is read.
     let config = Config::load(&config_path)?;
-    if config.quantize && config.calibration.is_none() {
+    // Without calibration data, fold_batchnorm's records give data-free ranges (checked after
+    // the passes, once it is known whether any BatchNorm was folded).
+    let data_free = config.quantize && config.calibration.is_none();
+    if data_free && !config.pass_names().iter().any(|p| p == "fold_batchnorm") {
         return Err(Error::config(
             &config_path,
-            "quantizing needs calibration data: set `calibration: {data: calib.npz}` (or `quantize: false` to only run the passes)",
+            "quantizing needs calibration data: set `calibration: {data: calib.npz}`, or run `fold_batchnorm` for data-free ranges from the BatchNorm statistics (or `quantize: false` to only run the passes)",
         ));
     }
     for (flag, value) in [("--dump-after", &args.dump_after), ("--stop-after", &args.stop_after)] {
@@ -323,6 +326,9 @@ fn main_job(args: MainArgs) -> Result<()> {
     let mut model = onnx::load_model(&model_path)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
 
+    // Verification compares with the model as loaded, so a pass that changes the function
+    // (equalize's `relu6: as_relu`) shows in the figures.
+    let original = (config.quantize && config.verify.is_some()).then(|| model.clone());
     let t1 = Instant::now();
     let mut ctx = Context::default();
     let debug = DebugOptions {
@@ -338,41 +344,85 @@ fn main_job(args: MainArgs) -> Result<()> {
         other => other,
     })?;
     let passes_ms = t1.elapsed().as_secs_f64() * 1e3;
+    if data_free && ctx.batchnorm_records.is_empty() {
+        return Err(Error::config(
+            &config_path,
+            "no calibration data, and fold_batchnorm folded no BatchNorm: data-free mode has no ranges to start from; set `calibration: {data: calib.npz}`",
+        ));
+    }
 
     let mut quantization = serde_json::Value::Null;
     let mut verification: Option<onnxq::verify::VerifyReport> = None;
     let mut calibrate_ms = 0.0;
-    let float_model = config.quantize.then(|| model.clone());
-    if let Some(float_model) = &float_model {
-        let calibration = config.calibration.as_ref().expect("checked above");
+    if config.quantize {
         check_overrides(&config, &config_path, &model)?;
         let inputs = InputSpec::of_graph(&model.graph);
-        let source = DataSource::open(calibration, &inputs)?;
-        // Held-out data: the same source kinds as calibration, all of it.
+        let source = config
+            .calibration
+            .as_ref()
+            .map(|c| DataSource::open(c, &inputs))
+            .transpose()?;
+        // Held-out data: the same source kinds as calibration (plain .npz/.npy when data-free), all of it.
         let verify_data = match &config.verify {
             Some(v) => {
-                let cfg = onnxq::pipeline::config::CalibrationConfig {
-                    data: onnxq::pipeline::config::DataPaths::One(v.data.clone()),
-                    samples: None,
-                    ..calibration.clone()
+                let data = onnxq::pipeline::config::DataPaths::One(v.data.clone());
+                let cfg = match &config.calibration {
+                    Some(c) => onnxq::pipeline::config::CalibrationConfig {
+                        data,
+                        samples: None,
+                        ..c.clone()
+                    },
+                    None => {
+                        let mut m = serde_yaml::Mapping::new();
+                        m.insert(
+                            "data".into(),
+                            serde_yaml::to_value(&data.paths()[0]).expect("a path serialises"),
+                        );
+                        serde_yaml::from_value(serde_yaml::Value::Mapping(m))
+                            .map_err(|e| Error::config(&config_path, e.to_string()))?
+                    }
                 };
                 Some(DataSource::open(&cfg, &inputs)?)
             }
             None => None,
         };
         let t = Instant::now();
-        let stats = calibration_stats(&model, &source, args.stats.as_deref())?;
+        let stats = match &source {
+            Some(source) => calibration_stats(&model, source, args.stats.as_deref())?,
+            None => {
+                let sigmas = onnxq::calib::datafree::DEFAULT_SIGMAS;
+                eprintln!(
+                    "onnxq: data-free: activation ranges from {} folded BatchNorms (β ± {sigmas}·|γ|), no calibration data",
+                    ctx.batchnorm_records.len()
+                );
+                onnxq::calib::datafree::stats_from_batchnorm(&model, &ctx.batchnorm_records, sigmas)?
+            }
+        };
         calibrate_ms = t.elapsed().as_secs_f64() * 1e3;
+        let method = config
+            .calibration
+            .as_ref()
+            .map_or(onnxq::calib::observers::Method::MinMax, |c| c.method());
         let as_model_error = |e: Error| match e {
             Error::Graph(m) => Error::model(&model_path, m),
             other => other,
         };
         let mut plan = build_plan(&config, &model, &stats).map_err(as_model_error)?;
+        let mut correction = Vec::new();
+        if ctx.bias_correction.is_some() {
+            correction =
+                onnxq::passes::correct_bias::apply(&mut model, &plan, Some(&stats), &ctx).map_err(as_model_error)?;
+            // Biases correct_bias created are quantized too; the weights and statistics are unchanged.
+            plan = build_plan(&config, &model, &stats).map_err(as_model_error)?;
+            for n in &correction {
+                eprintln!("  {n}");
+            }
+        }
         let mut mixed = None;
-        if let Some(goal) = config.mixed_precision_goal() {
+        if let (Some(goal), Some(source)) = (config.mixed_precision_goal(), &source) {
             let t = Instant::now();
             let samples = config.mixed_precision.as_ref().map_or(32, |m| m.samples);
-            let probe = onnxq::verify::sensitivity::Probe::new(&model, &source, samples)?;
+            let probe = onnxq::verify::sensitivity::Probe::new(&model, source, samples)?;
             eprintln!(
                 "onnxq: mixed precision: measuring {} layers on {} samples",
                 plan.layers().len(),
@@ -390,20 +440,30 @@ fn main_job(args: MainArgs) -> Result<()> {
             return Ok(());
         }
         let notes = onnxq::quant::materialize::materialize(&mut model, &plan).map_err(as_model_error)?;
-        eprintln!("onnxq: plan: {}", plan.summary());
+        eprintln!(
+            "onnxq: plan: {}{}",
+            plan.summary(),
+            if source.is_none() {
+                " (data-free: ranges from BatchNorm statistics)"
+            } else {
+                ""
+            }
+        );
         for n in &notes {
             eprintln!("  {n}");
         }
         quantization = serde_json::json!({
             "target": config.target,
-            "method": calibration.method(),
+            "method": method,
+            "data_free": source.is_none(),
+            "bias_correction": correction,
             "calibration_samples": stats.samples,
             "plan": plan,
             "mixed_precision": mixed,
             "notes": notes,
         });
         if let (Some(v), Some(data)) = (&config.verify, &verify_data) {
-            if data.fingerprints()? == source.fingerprints()? {
+            if source.as_ref().map(|s| s.fingerprints()).transpose()? == Some(data.fingerprints()?) {
                 eprintln!("warning: verifying on the calibration data: the figures are optimistic; use held-out data");
             }
             let options = onnxq::verify::VerifyOptions {
@@ -411,7 +471,8 @@ fn main_job(args: MainArgs) -> Result<()> {
                 min_cosine: v.min_cosine,
                 ..Default::default()
             };
-            verification = Some(onnxq::verify::verify(float_model, &model, data, &options)?);
+            let original = original.as_ref().expect("kept when verify is set");
+            verification = Some(onnxq::verify::verify(original, &model, data, &options)?);
         }
     }
 
@@ -459,11 +520,14 @@ fn main_job(args: MainArgs) -> Result<()> {
 }
 
 fn build_plan(config: &Config, model: &Model, stats: &CalibrationStats) -> Result<onnxq::quant::plan::Plan> {
-    let calibration = config.calibration.as_ref().expect("checked by the caller");
     let options = onnxq::quant::plan::PlanOptions {
         target: config.target,
         rules: config.target_rules(),
-        method: calibration.method(),
+        // Data-free statistics give one range whatever the method.
+        method: config
+            .calibration
+            .as_ref()
+            .map_or(onnxq::calib::observers::Method::MinMax, |c| c.method()),
         overrides: config.overrides(),
     };
     onnxq::quant::plan::build_plan(model, stats, &options)

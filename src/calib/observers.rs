@@ -787,6 +787,10 @@ pub struct TensorStats {
     pub histogram: Histogram,
     /// Per-channel along axis 1 for rank >= 2 tensors.
     pub channels: Option<ChannelStats>,
+    /// The shape of each sample's tensor when every sample agrees (None otherwise): bias
+    /// correction needs the spatial size to weigh the taps that read zero padding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_shape: Option<Vec<usize>>,
 }
 
 /// Adds one sample's extremes to a list sorted by sample index, joining a repeated sample.
@@ -855,6 +859,9 @@ impl TensorStats {
         };
         if self.count == 0 {
             *self = TensorStats::default();
+            self.sample_shape = Some(shape.to_vec());
+        } else if self.sample_shape.as_deref() != Some(shape) {
+            self.sample_shape = None;
         }
 
         self.histogram.add_within(values, min, max, true);
@@ -885,6 +892,9 @@ impl TensorStats {
         }
         (self.min, self.max) = (self.min.min(other.min), self.max.max(other.max));
         self.count = self.count.saturating_add(other.count);
+        if self.sample_shape != other.sample_shape {
+            self.sample_shape = None;
+        }
         self.histogram.merge(&other.histogram);
         self.channels = match (self.channels.take(), &other.channels) {
             (Some(mut mine), Some(theirs)) if mine.channels() == theirs.channels() => {
@@ -1759,5 +1769,21 @@ mod tests {
             serde_json::from_str::<TensorStats>(&empty).unwrap(),
             TensorStats::default()
         );
+    }
+
+    #[test]
+    fn sample_shape_is_kept_while_samples_agree() {
+        let mut s = TensorStats::default();
+        s.observe(0, &[1.0; 8], &[1, 2, 2, 2]).unwrap();
+        s.observe(1, &[2.0; 8], &[1, 2, 2, 2]).unwrap();
+        assert_eq!(s.sample_shape.as_deref(), Some(&[1usize, 2, 2, 2][..]));
+        let mut other = TensorStats::default();
+        other.observe(2, &[3.0; 12], &[1, 2, 3, 2]).unwrap();
+        let mut joined = s.clone();
+        joined.merge(&other);
+        assert_eq!(joined.sample_shape, None);
+        // Observing a different size directly forgets it too.
+        s.observe(3, &[0.0; 4], &[1, 2, 1, 2]).unwrap();
+        assert_eq!(s.sample_shape, None);
     }
 }

@@ -254,6 +254,11 @@ impl CalibrationStats {
     }
 
     /// Per tensor: the observed range, the range `method` chooses and how much it clips.
+    /// Whether these statistics come from BatchNorm records rather than data (`calib::datafree`).
+    pub fn is_data_free(&self) -> bool {
+        self.samples == 0 && self.fingerprint.data == [crate::calib::datafree::DATA_FREE]
+    }
+
     pub fn ranges(&self, method: &Method) -> Vec<TensorRange> {
         self.tensors
             .iter()

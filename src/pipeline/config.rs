@@ -509,6 +509,9 @@ impl Config {
             if !self.quantize {
                 return bad("needs `quantize: true`".into());
             }
+            if self.calibration.is_none() {
+                return bad("measures layers on calibration data: set `calibration: {data: calib.npz}`".into());
+            }
         }
         for spec in &self.passes {
             let name = &spec.name;

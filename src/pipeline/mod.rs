@@ -18,6 +18,9 @@ pub struct Context {
     /// The BatchNormalization statistics `fold_batchnorm` folded away, keyed by the folded layer's
     /// output tensor, for bias absorption and analytical bias correction.
     pub batchnorm_records: Vec<crate::passes::BatchNormRecord>,
+    /// Set by the `correct_bias` pass: bias correction is asked for, in this mode. It runs after
+    /// planning (`passes::correct_bias::apply`), when the quantized weights are known.
+    pub bias_correction: Option<crate::passes::BiasCorrectionMode>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

@@ -369,9 +369,12 @@ pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions
                 continue;
             }
             let Some(st) = stats.tensors.get(t) else {
-                plan.kept_float
-                    .entry(t.clone())
-                    .or_insert_with(|| "not a float activation (integer or shape tensor)".into());
+                let reason = if stats.is_data_free() {
+                    "no range: data-free mode derives none for it (no BatchNorm statistics reach it)"
+                } else {
+                    "not a float activation (integer or shape tensor)"
+                };
+                plan.kept_float.entry(t.clone()).or_insert_with(|| reason.into());
                 continue;
             };
             if st.min.abs() >= SENTINEL_MAGNITUDE || st.max.abs() >= SENTINEL_MAGNITUDE {
