@@ -33,11 +33,14 @@
 //! a Relu. Anything else ends the walk and is reported: `Clip(0, 6)` (ReLU6), HardSwish,
 //! HardSigmoid, Sigmoid… are not positively homogeneous.
 //!
-//! Option `relu6: as_relu` replaces a `Clip(min = 0, max = 6)` on a link (min and max as inputs or
-//! attributes) by a `Relu`, so the chain through it can be equalised. **This changes the
-//! function** (values above 6 are no longer clipped; after equalisation the threshold would differ
-//! per channel, which is why the Clip cannot simply stay): each replacement is in the notes. With
-//! the default `relu6: keep` the pass is float-preserving.
+//! A ReLU6 (`Clip(min = 0, max = 6)`, bounds as inputs or attributes) on a link is not positively
+//! homogeneous, but clip(x/s, 0, 6/s) = clip(x, 0, 6)/s for s > 0: the clip threshold scales with
+//! the channel. Option `relu6: per_channel` equalises through it and rewrites it to
+//! `Min(Relu(x), u)` with the per-channel upper bound u_i = 6/s_i (a `[C, 1, …]` constant that
+//! broadcasts along the channel axis): float-preserving. Option `relu6: as_relu` replaces it by a
+//! plain `Relu` instead, as in Nagel et al.: **this changes the function** (values above 6 are no
+//! longer clipped) and each replacement is in the notes. With the default `relu6: keep` a ReLU6
+//! ends the chain.
 //!
 //! Preconditions of a link (otherwise the note says why no chain starts at that layer):
 //! - every intermediate tensor from layer 1 to layer 2 has exactly one reader, is not a graph
@@ -49,7 +52,7 @@
 //! BatchNorm records (`Context::batchnorm_records`) keyed by an equalised layer's output are kept
 //! consistent: the layer output channel `i` is divided by `s_i`, so are the recorded γ and β.
 //!
-//! Options: `relu6: keep | as_relu` (default keep), `tolerance` (default 1e-4), `max_iterations`
+//! Options: `relu6: keep | per_channel | as_relu` (default keep), `tolerance` (default 1e-4), `max_iterations`
 //! (default 20). Unknown options are errors.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -77,6 +80,9 @@ pub enum Relu6 {
     Keep,
     /// A ReLU6 on a link is replaced by a Relu (changes the function).
     AsRelu,
+    /// A ReLU6 on a link becomes `Min(Relu(x), 6/s)` with the channel's equalisation scale `s`
+    /// (float-preserving).
+    PerChannel,
 }
 
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -144,7 +150,14 @@ impl Pass for Equalize {
         for (chain, result) in chains.iter().zip(results) {
             let (values, result) = result.map_err(Error::Graph)?;
             replaced += chain.relu6.len();
-            chain_notes.extend(apply_chain(graph, chain, &values, &result, &mut ctx.batchnorm_records)?);
+            chain_notes.extend(apply_chain(
+                graph,
+                chain,
+                self.options.relu6,
+                &values,
+                &result,
+                &mut ctx.batchnorm_records,
+            )?);
         }
         let layers: usize = chains.iter().map(|c| c.layers.len()).sum();
         notes.push(format!(
@@ -152,10 +165,10 @@ impl Pass for Equalize {
             plural(chains.len(), "chain"),
             layers,
             plural(rejected.len(), "layer"),
-            if replaced > 0 {
-                format!("; {replaced} ReLU6 replaced by Relu (the function changes)")
-            } else {
-                String::new()
+            match (replaced, self.options.relu6) {
+                (0, _) => String::new(),
+                (_, Relu6::PerChannel) => format!("; {replaced} ReLU6 rewritten to per-channel clips"),
+                _ => format!("; {replaced} ReLU6 replaced by Relu (the function changes)"),
             }
         ));
         notes.extend(chain_notes);
@@ -728,13 +741,13 @@ fn walk_link(graph: &Graph, from: Layer, walk: Walk) -> std::result::Result<Link
                 let unbounded = max.is_none_or(|m| m == f64::INFINITY);
                 match (min, walk) {
                     (Some(0.0), _) if unbounded => relus += 1,
-                    (Some(0.0), Walk::Equalize(Relu6::AsRelu)) if max == Some(6.0) => {
+                    (Some(0.0), Walk::Equalize(Relu6::AsRelu | Relu6::PerChannel)) if max == Some(6.0) => {
                         relu6.push(n_ix);
                         relus += 1;
                     }
                     (Some(0.0), Walk::Equalize(Relu6::Keep)) if max == Some(6.0) => {
                         return Err(format!(
-                        "{label} is a ReLU6, not positively homogeneous (option `relu6: as_relu` replaces it by Relu)"
+                        "{label} is a ReLU6, not positively homogeneous (option `relu6: per_channel` rewrites it to a per-channel clip)"
                     ))
                     }
                     _ => {
@@ -1027,9 +1040,64 @@ pub fn clip_to_relu(graph: &mut Graph, ix: NodeIndex) {
     }
 }
 
+/// Rewrites a Clip(0, 6) on channels of a rank-`rank` tensor (channel axis 1, or the last axis
+/// for rank 1 bounds of a Gemm output) to `Min(Relu(x), bounds)`: the Clip node becomes the Relu,
+/// writing `<output>::relu`; a new Min writes the original output.
+fn per_channel_clip(graph: &mut Graph, ix: NodeIndex, bounds: &[f64], rank: usize) -> Result<()> {
+    let output = graph.nodes[ix].outputs[0].clone();
+    let relu_out = format!("{output}::relu");
+    let bound_name = format!("{output}::upper_bound");
+    let clip = &graph.nodes[ix];
+    let min_name = format!("{}::per_channel_clip", if clip.name.is_empty() { &output } else { &clip.name });
+    for name in [&relu_out, &bound_name, &min_name] {
+        let taken = graph.constants.contains_key(name.as_str())
+            || graph
+                .nodes
+                .node_weights()
+                .any(|n| &n.name == name || n.outputs.contains(name));
+        if taken {
+            return Err(Error::Graph(format!("equalize: generated name '{name}' already exists")));
+        }
+    }
+    let order = graph.nodes[ix].order;
+    clip_to_relu(graph, ix);
+    graph.nodes[ix].outputs[0] = relu_out.clone();
+    let mut dims = vec![bounds.len() as i64];
+    if rank >= 3 {
+        dims.extend(std::iter::repeat_n(1, rank - 2));
+    }
+    let t = TensorProto {
+        name: Some(bound_name.clone()),
+        dims,
+        data_type: Some(DataType::Float as i32),
+        raw_data: Some(bounds.iter().flat_map(|b| (*b as f32).to_le_bytes()).collect()),
+        ..Default::default()
+    };
+    graph.constants.insert(
+        bound_name.clone(),
+        crate::ir::Constant {
+            tensor: t,
+            origin: crate::ir::ConstantOrigin::Created,
+        },
+    );
+    graph.nodes.add_node(Node {
+        name: min_name,
+        domain: String::new(),
+        op_type: "Min".into(),
+        inputs: vec![relu_out, bound_name],
+        outputs: vec![output],
+        attributes: vec![],
+        implicit_inputs: vec![],
+        extra: Default::default(),
+        order,
+    });
+    Ok(())
+}
+
 fn apply_chain(
     graph: &mut Graph,
     chain: &Chain,
+    relu6: Relu6,
     values: &[LayerValues],
     result: &ChainResult,
     records: &mut [crate::passes::BatchNormRecord],
@@ -1052,12 +1120,35 @@ fn apply_chain(
             }
         }
     }
-    for &ix in &chain.relu6 {
-        let label = graph.nodes[ix].label();
-        clip_to_relu(graph, ix);
-        notes.push(format!(
-            "replaced {label} (ReLU6: min 0, max 6) by Relu (option relu6: as_relu): the function changes where its input exceeds 6"
-        ));
+    for (link, s) in chain.links.iter().zip(&result.scales) {
+        for &ix in &link.relu6 {
+            let label = graph.nodes[ix].label();
+            match relu6 {
+                Relu6::PerChannel => {
+                    // Layer output channel i was divided by s_i: so is its clip threshold.
+                    let bounds: Vec<f64> = s.iter().map(|s| 6.0 / s).collect();
+                    let rank = match link.from.layout.kind {
+                        Kind::Conv { .. } => link.from.layout.dims.len(),
+                        Kind::Gemm { .. } => 1,
+                    };
+                    per_channel_clip(graph, ix, &bounds, rank)?;
+                    let (lo, hi) = bounds
+                        .iter()
+                        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), b| (l.min(*b), h.max(*b)));
+                    notes.push(format!(
+                        "rewrote {label} (ReLU6) to Min(Relu(x), 6/s) per channel (bounds in [{}, {}]): float-preserving",
+                        fmt_float(lo),
+                        fmt_float(hi)
+                    ));
+                }
+                _ => {
+                    clip_to_relu(graph, ix);
+                    notes.push(format!(
+                        "replaced {label} (ReLU6: min 0, max 6) by Relu (option relu6: as_relu): the function changes where its input exceeds 6"
+                    ));
+                }
+            }
+        }
     }
     let (lo, hi) = result
         .scales

@@ -326,9 +326,11 @@ fn main_job(args: MainArgs) -> Result<()> {
     let mut model = onnx::load_model(&model_path)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
 
-    // Verification compares with the model as loaded, so a pass that changes the function
-    // (equalize's `relu6: as_relu`) shows in the figures.
-    let original = (config.quantize && config.verify.is_some()).then(|| model.clone());
+    // With passes, the outputs are also compared with the model as loaded, so a pass that
+    // changes the function (equalize's `relu6: as_relu`) shows in the figures; per-layer figures
+    // compare with the model after the passes (equalisation rescales tensors channel by channel).
+    let original =
+        (config.quantize && config.verify.is_some() && !config.passes.is_empty()).then(|| model.clone());
     let t1 = Instant::now();
     let mut ctx = Context::default();
     let debug = DebugOptions {
@@ -354,7 +356,9 @@ fn main_job(args: MainArgs) -> Result<()> {
     let mut quantization = serde_json::Value::Null;
     let mut verification: Option<onnxq::verify::VerifyReport> = None;
     let mut calibrate_ms = 0.0;
-    if config.quantize {
+    let mut against_original: Option<onnxq::verify::VerifyReport> = None;
+    let float_model = config.quantize.then(|| model.clone());
+    if let Some(float_model) = &float_model {
         check_overrides(&config, &config_path, &model)?;
         let inputs = InputSpec::of_graph(&model.graph);
         let source = config
@@ -471,8 +475,14 @@ fn main_job(args: MainArgs) -> Result<()> {
                 min_cosine: v.min_cosine,
                 ..Default::default()
             };
-            let original = original.as_ref().expect("kept when verify is set");
-            verification = Some(onnxq::verify::verify(original, &model, data, &options)?);
+            verification = Some(onnxq::verify::verify(float_model, &model, data, &options)?);
+            if let Some(original) = &original {
+                let options = onnxq::verify::VerifyOptions {
+                    per_layer: false,
+                    ..options
+                };
+                against_original = Some(onnxq::verify::verify(original, &model, data, &options)?);
+            }
         }
     }
 
@@ -495,6 +505,9 @@ fn main_job(args: MainArgs) -> Result<()> {
     if let Some(v) = &verification {
         println!("{v}");
     }
+    if let Some(v) = &against_original {
+        println!("against the model as loaded, before the passes:\n{v}");
+    }
     if let Some(report_path) = args.report {
         let report = serde_json::json!({
             "onnxq_version": env!("CARGO_PKG_VERSION"),
@@ -505,16 +518,19 @@ fn main_job(args: MainArgs) -> Result<()> {
             "passes": ctx.pass_reports,
             "quantization": quantization,
             "verification": verification,
+            "verification_against_original": against_original,
             "timings_ms": { "load": load_ms, "passes": passes_ms, "calibration": calibrate_ms, "write": write_ms },
         });
         let text = serde_json::to_string_pretty(&report).expect("report serialises");
         onnx::write_atomic(&report_path, text.as_bytes())?;
     }
-    if let Some(v) = &verification {
-        if !v.passed() {
-            let failed: Vec<String> = v.failures().iter().map(|f| f.to_string()).collect();
-            return Err(Error::Verification(failed.join("; ")));
-        }
+    let failed: Vec<String> = verification
+        .iter()
+        .chain(&against_original)
+        .flat_map(|v| v.failures().iter().map(|f| f.to_string()))
+        .collect();
+    if !failed.is_empty() {
+        return Err(Error::Verification(failed.join("; ")));
     }
     Ok(())
 }

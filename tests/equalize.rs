@@ -424,6 +424,54 @@ fn relu6_as_relu_replaces_the_clip_and_says_so() {
 }
 
 #[test]
+fn relu6_per_channel_equalises_through_the_clip_and_keeps_the_function() {
+    // Large conv1 weights: the clip at 6 is active on the seeded input.
+    let w1 = weight("w1", &[3, 2, 3, 3], 0, 41);
+    let w1: Vec<f32> = onnxq::onnx::tensor::values_f32(&w1).unwrap().iter().map(|v| v * 20.0).collect();
+    let inits = vec![
+        tensor_f32("w1", &[3, 2, 3, 3], &w1),
+        weight("w2", &[2, 3, 3, 3], 1, 42),
+        tensor_f32("zero", &[], &[0.0]),
+        tensor_f32("six", &[], &[6.0]),
+    ];
+    let nodes = vec![
+        conv("conv1", &["x", "w1"], "c1"),
+        node("Clip", "relu6", &["c1", "zero", "six"], &["r"]),
+        conv("conv2", &["r", "w2"], "y"),
+    ];
+    let g = graph(
+        nodes,
+        inits,
+        vec![f32_info("x", &[1, 2, 5, 5])],
+        vec![f32_info("y", &[1, 2, 5, 5])],
+    );
+    let model = Model::from_proto(common::model(g, 17)).unwrap();
+    let mut probe = model.clone();
+    probe.graph.outputs[0] = f32_info("c1", &[1, 3, 5, 5]);
+    let c1 = &common::outputs(&probe, &[1, 2, 5, 5])[0];
+    assert!(c1.iter().any(|v| *v > 6.0) && c1.iter().any(|v| *v > 0.0 && *v < 6.0), "{c1:?}");
+    let (diff, after, ctx) = run(&model, &[spec("equalize", "{relu6: per_channel}")]);
+    insta::assert_snapshot!(diff);
+    let notes = &ctx.pass_reports[0].notes;
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("rewrote Clip 'relu6'") && n.contains("float-preserving")),
+        "{notes:#?}"
+    );
+    // Equalised: conv1's output ranges now equal conv2's input ranges...
+    let (r1, _) = conv_ranges(&after, "w1", 1);
+    let (_, r2) = conv_ranges(&after, "w2", 1);
+    assert_equal_ranges(&r1, &r2, 1e-4);
+    // ...and the clip bounds are 6/s per channel, so the outputs are unchanged, inputs pushed
+    // well past the clip included.
+    let bounds = values(&after, "r::upper_bound");
+    assert_eq!(bounds.len(), 3);
+    assert!(bounds.iter().any(|b| (b - 6.0).abs() > 0.1), "{bounds:?}");
+    assert_same_outputs(&model, &after, &[1, 2, 5, 5]);
+}
+
+#[test]
 fn unknown_options_are_refused() {
     let model = Model::from_proto(model(
         graph(vec![], vec![], vec![f32_info("x", &[1])], vec![f32_info("x", &[1])]),
