@@ -238,24 +238,6 @@ pub fn compute_bias_shift(w2: &LayerValues, c: &[f64]) -> Vec<f64> {
     shift
 }
 
-/// A tensor name no constant, node output or graph input uses yet.
-fn fresh_name(graph: &Graph, base: &str) -> String {
-    let taken = |n: &str| {
-        graph.constants.contains_key(n)
-            || graph.inputs.iter().any(|i| i.name() == n)
-            || graph
-                .nodes
-                .node_weights()
-                .any(|node| node.outputs.iter().any(|o| o == n))
-    };
-    let mut name = base.to_string();
-    let mut k = 1;
-    while taken(&name) {
-        name = format!("{base}.{k}");
-        k += 1;
-    }
-    name
-}
 
 /// Adds `delta` to a layer's bias, creating `<weight>::bias` when it has none.
 fn add_to_bias(graph: &mut Graph, layer: &Layer, delta: &[f64]) -> Result<()> {
@@ -269,7 +251,7 @@ fn add_to_bias(graph: &mut Graph, layer: &Layer, delta: &[f64]) -> Result<()> {
             graph.set_constant(&b, t)?;
         }
         None => {
-            let name = fresh_name(graph, &format!("{}::bias", layer.weight));
+            let name = graph.fresh_name(&format!("{}::bias", layer.weight));
             let proto = TensorProto {
                 name: Some(name.clone()),
                 dims: vec![delta.len() as i64],

@@ -684,24 +684,6 @@ fn weight_error(graph: &Graph, plan: &Plan, weight: &str) -> Result<Vec<f64>> {
 // ---------------------------------------------------------------------------------------------
 // apply
 
-/// A tensor name no constant, node output or graph input uses yet.
-fn fresh_name(graph: &Graph, base: &str) -> String {
-    let taken = |n: &str| {
-        graph.constants.contains_key(n)
-            || graph.inputs.iter().any(|i| i.name() == n)
-            || graph
-                .nodes
-                .node_weights()
-                .any(|node| node.outputs.iter().any(|o| o == n))
-    };
-    let mut name = base.to_string();
-    let mut k = 1;
-    while taken(&name) {
-        name = format!("{base}.{k}");
-        k += 1;
-    }
-    name
-}
 
 /// Subtracts `delta` from a layer's bias, creating `<weight>::bias` (zeros) when it has none.
 fn subtract_from_bias(graph: &mut Graph, target: &Target, delta: &[f64]) -> Result<bool> {
@@ -715,7 +697,7 @@ fn subtract_from_bias(graph: &mut Graph, target: &Target, delta: &[f64]) -> Resu
             Ok(false)
         }
         None => {
-            let name = fresh_name(graph, &format!("{}::bias", target.weight));
+            let name = graph.fresh_name(&format!("{}::bias", target.weight));
             let proto = TensorProto {
                 name: Some(name.clone()),
                 dims: vec![delta.len() as i64],

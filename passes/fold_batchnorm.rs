@@ -558,28 +558,6 @@ fn f32_tensor(old: &TensorProto, dims: Vec<i64>, values: &[f32]) -> TensorProto 
     }
 }
 
-/// A tensor name no constant, node output or graph input uses yet.
-fn fresh_name(graph: &Graph, base: &str) -> String {
-    let taken: BTreeSet<&str> = graph
-        .constants
-        .keys()
-        .map(String::as_str)
-        .chain(graph.inputs.iter().map(|i| i.name()))
-        .chain(
-            graph
-                .nodes
-                .node_weights()
-                .flat_map(|n| n.outputs.iter().map(String::as_str)),
-        )
-        .collect();
-    let mut name = base.to_string();
-    let mut k = 1;
-    while taken.contains(name.as_str()) {
-        name = format!("{base}.{k}");
-        k += 1;
-    }
-    name
-}
 
 /// Writes a fold back: weight, bias, the layer takes over the candidate's output, the candidate
 /// and the constants only it read go, the records follow. Returns the note.
@@ -613,7 +591,7 @@ fn apply_fold(graph: &mut Graph, fold: Fold, records: &mut Vec<BatchNormRecord>)
                 graph.set_constant(b, new_b)?;
             }
             None => {
-                let name = fresh_name(graph, &format!("{}::bias", t.weight));
+                let name = graph.fresh_name(&format!("{}::bias", t.weight));
                 let new_b = TensorProto {
                     name: Some(name.clone()),
                     ..f32_tensor(&TensorProto::default(), dims, &values)

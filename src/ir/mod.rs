@@ -471,6 +471,26 @@ impl Graph {
 
     /// Replaces the value of an existing constant (a weight rewritten by a pass), keeping its
     /// name and origin; a `Constant` node is then written back with the new value.
+    /// `base`, or `base.1`, `base.2`…: the first tensor name no constant, node output or graph
+    /// input uses yet.
+    pub fn fresh_name(&self, base: &str) -> String {
+        let taken = |n: &str| {
+            self.constants.contains_key(n)
+                || self.inputs.iter().any(|i| i.name() == n)
+                || self
+                    .nodes
+                    .node_weights()
+                    .any(|node| node.outputs.iter().any(|o| o == n))
+        };
+        let mut name = base.to_string();
+        let mut k = 1;
+        while taken(&name) {
+            name = format!("{base}.{k}");
+            k += 1;
+        }
+        name
+    }
+
     pub fn set_constant(&mut self, name: &str, mut tensor: TensorProto) -> Result<()> {
         let c = self
             .constants
