@@ -238,7 +238,6 @@ pub fn compute_bias_shift(w2: &LayerValues, c: &[f64]) -> Vec<f64> {
     shift
 }
 
-
 /// Adds `delta` to a layer's bias, creating `<weight>::bias` when it has none.
 fn add_to_bias(graph: &mut Graph, layer: &Layer, delta: &[f64]) -> Result<()> {
     let bias = graph.nodes[layer.node].inputs.get(2).filter(|b| !b.is_empty()).cloned();

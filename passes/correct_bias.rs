@@ -684,7 +684,6 @@ fn weight_error(graph: &Graph, plan: &Plan, weight: &str) -> Result<Vec<f64>> {
 // ---------------------------------------------------------------------------------------------
 // apply
 
-
 /// Subtracts `delta` from a layer's bias, creating `<weight>::bias` (zeros) when it has none.
 fn subtract_from_bias(graph: &mut Graph, target: &Target, delta: &[f64]) -> Result<bool> {
     match &target.bias {

@@ -1048,7 +1048,10 @@ fn per_channel_clip(graph: &mut Graph, ix: NodeIndex, bounds: &[f64], rank: usiz
     let relu_out = format!("{output}::relu");
     let bound_name = format!("{output}::upper_bound");
     let clip = &graph.nodes[ix];
-    let min_name = format!("{}::per_channel_clip", if clip.name.is_empty() { &output } else { &clip.name });
+    let min_name = format!(
+        "{}::per_channel_clip",
+        if clip.name.is_empty() { &output } else { &clip.name }
+    );
     for name in [&relu_out, &bound_name, &min_name] {
         let taken = graph.constants.contains_key(name.as_str())
             || graph
@@ -1056,7 +1059,9 @@ fn per_channel_clip(graph: &mut Graph, ix: NodeIndex, bounds: &[f64], rank: usiz
                 .node_weights()
                 .any(|n| &n.name == name || n.outputs.contains(name));
         if taken {
-            return Err(Error::Graph(format!("equalize: generated name '{name}' already exists")));
+            return Err(Error::Graph(format!(
+                "equalize: generated name '{name}' already exists"
+            )));
         }
     }
     let order = graph.nodes[ix].order;

@@ -558,7 +558,6 @@ fn f32_tensor(old: &TensorProto, dims: Vec<i64>, values: &[f32]) -> TensorProto 
     }
 }
 
-
 /// Writes a fold back: weight, bias, the layer takes over the candidate's output, the candidate
 /// and the constants only it read go, the records follow. Returns the note.
 fn apply_fold(graph: &mut Graph, fold: Fold, records: &mut Vec<BatchNormRecord>) -> Result<String> {

@@ -329,8 +329,7 @@ fn main_job(args: MainArgs) -> Result<()> {
     // With passes, the outputs are also compared with the model as loaded, so a pass that
     // changes the function (equalize's `relu6: as_relu`) shows in the figures; per-layer figures
     // compare with the model after the passes (equalisation rescales tensors channel by channel).
-    let original =
-        (config.quantize && config.verify.is_some() && !config.passes.is_empty()).then(|| model.clone());
+    let original = (config.quantize && config.verify.is_some() && !config.passes.is_empty()).then(|| model.clone());
     let t1 = Instant::now();
     let mut ctx = Context::default();
     let debug = DebugOptions {

@@ -427,7 +427,11 @@ fn relu6_as_relu_replaces_the_clip_and_says_so() {
 fn relu6_per_channel_equalises_through_the_clip_and_keeps_the_function() {
     // Large conv1 weights: the clip at 6 is active on the seeded input.
     let w1 = weight("w1", &[3, 2, 3, 3], 0, 41);
-    let w1: Vec<f32> = onnxq::onnx::tensor::values_f32(&w1).unwrap().iter().map(|v| v * 20.0).collect();
+    let w1: Vec<f32> = onnxq::onnx::tensor::values_f32(&w1)
+        .unwrap()
+        .iter()
+        .map(|v| v * 20.0)
+        .collect();
     let inits = vec![
         tensor_f32("w1", &[3, 2, 3, 3], &w1),
         weight("w2", &[2, 3, 3, 3], 1, 42),
@@ -449,7 +453,10 @@ fn relu6_per_channel_equalises_through_the_clip_and_keeps_the_function() {
     let mut probe = model.clone();
     probe.graph.outputs[0] = f32_info("c1", &[1, 3, 5, 5]);
     let c1 = &common::outputs(&probe, &[1, 2, 5, 5])[0];
-    assert!(c1.iter().any(|v| *v > 6.0) && c1.iter().any(|v| *v > 0.0 && *v < 6.0), "{c1:?}");
+    assert!(
+        c1.iter().any(|v| *v > 6.0) && c1.iter().any(|v| *v > 0.0 && *v < 6.0),
+        "{c1:?}"
+    );
     let (diff, after, ctx) = run(&model, &[spec("equalize", "{relu6: per_channel}")]);
     insta::assert_snapshot!(diff);
     let notes = &ctx.pass_reports[0].notes;

@@ -324,7 +324,8 @@ impl Search<'_> {
             for &p in self.candidates[i].iter().filter(|&&p| p > from) {
                 let extra_bytes = widths(p).0.saturating_sub(widths(from).0) * l.weight_elements;
                 if let Some(mb) = goal.max_size_mb {
-                    if (self.weight_bytes + extra_bytes) as f64 > mb * 1e6 {
+                    // Upgrades that add no weight bytes (int16) fit whatever the size.
+                    if extra_bytes > 0 && (self.weight_bytes + extra_bytes) as f64 > mb * 1e6 {
                         continue;
                     }
                 }
@@ -564,6 +565,15 @@ impl std::fmt::Display for Assignment {
                 i, r.raised, r.predicted_db, r.measured_db, r.lower_bound_db
             )?;
         }
+        if let Some(mb) = self.goal.max_size_mb {
+            if self.weight_bytes as f64 > mb * 1e6 {
+                writeln!(
+                    f,
+                    "  note: the weights take {:.2} MB with every layer at int8, above max_size_mb {mb}",
+                    self.weight_bytes as f64 / 1e6
+                )?;
+            }
+        }
         let verdict = match self.goal.target_sqnr_db {
             Some(t) if self.reached => format!("target {t} dB reached"),
             Some(t) => format!("target {t} dB NOT reached (no affordable upgrade left)"),
@@ -719,5 +729,16 @@ mod tests {
         };
         while s.step(&goal) {}
         assert_eq!(s.raised.len(), 1, "{:?}", s.raised);
+        // int16 adds no weight bytes: it fits a size budget the int8 model already exceeds.
+        let layers = [layer("a", 100, 0.004, 0.0001)];
+        let mut s = search(&layers, &signal, &[Precision::Int16, Precision::Float16]);
+        s.weight_bytes = 1000;
+        let goal = Goal {
+            max_size_mb: Some(500e-6),
+            ..Goal::default()
+        };
+        assert!(s.step(&goal));
+        assert_eq!(s.raised, [("a".to_string(), Precision::Int16)]);
+        assert!(!s.step(&goal), "float16 would add bytes: {:?}", s.raised);
     }
 }
