@@ -17,6 +17,7 @@
 //!   `Δb_o = Σ (W̃ − W)·E[x] / Πs` — exact for stride 1, the phase average otherwise;
 //! - Gemm `Y = alpha·A·B' + beta·C` with `transA = 0` (the features of A on axis 1): `Δ_n =
 //!   alpha·Σ_k (B̃' − B')[k, n]·E[a_k]` and `C_n ← C_n − Δ_n / beta`.
+//!
 //! `W̃` is the weight fake-quantized exactly as the plan quantizes it (`params::quantize_weights`
 //! with the plan's scheme and axis, rounding half to even). A layer without a bias gets one,
 //! `<weight>::bias`, starting at 0.

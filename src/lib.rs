@@ -7,6 +7,7 @@ pub mod calib;
 pub mod error;
 pub mod inspect;
 pub mod ir;
+pub mod job;
 pub mod onnx;
 pub mod pipeline;
 pub mod quant;

@@ -488,7 +488,7 @@ impl Config {
                 }
             }
             if let Some(mb) = m.max_size_mb {
-                if !(mb > 0.0) {
+                if mb.is_nan() || mb <= 0.0 {
                     return bad(format!("max_size_mb must be positive, got {mb}"));
                 }
             }

@@ -8,6 +8,7 @@
 //!   weight goes when nothing else reads it.
 //! - A bias `b` becomes int32 with scale `s_in·s_w[c]` (zero point 0) behind `b::dq`, unless it
 //!   would overflow int32, in which case it stays float and the notes say so.
+//!
 //! The default-domain opset is raised first when the plan needs it (per-axis DequantizeLinear:
 //! 13; 16-bit Q/DQ: 21).
 
