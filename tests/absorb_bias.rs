@@ -9,9 +9,7 @@ use common::*;
 use onnxq::ir::Model;
 use onnxq::onnx;
 use onnxq::pipeline::{dump_diff, run_passes, run_pipeline, Context, DebugOptions, PassSpec};
-use onnxq::proto::attribute_proto::AttributeType;
-use onnxq::proto::tensor_proto::DataType;
-use onnxq::proto::{AttributeProto, NodeProto, TensorProto};
+use onnxq::proto::{NodeProto, TensorProto};
 use onnxq::runtime::{to_f32_vec, Runner};
 use tract_onnx::prelude::{IntoTValue, Tensor};
 
@@ -46,19 +44,6 @@ fn assert_same_outputs(before: &Model, after: &Model, shape: &[usize]) {
     for (o, (g, w)) in got.iter().zip(&want).enumerate() {
         let err = max_relative_error(g, w);
         assert!(err <= 1e-5, "output {o}: relative error {err:e}");
-    }
-}
-
-fn f32_info(name: &str, dims: &[i64]) -> onnxq::proto::ValueInfoProto {
-    value_info(name, DataType::Float, dims)
-}
-
-fn attr_int_list(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Ints as i32),
-        ints: v.to_vec(),
-        ..Default::default()
     }
 }
 
@@ -132,7 +117,7 @@ fn conv_bn_relu_depthwise_and_gemm() {
     inits.extend(p2);
     let dw = with_attr(
         with_attr(node("Conv", "dw", &["r1", "wd", "bd"], &["y1"]), attr_int("group", 2)),
-        attr_int_list("pads", &[1, 1, 1, 1]),
+        attr_ints("pads", &[1, 1, 1, 1]),
     );
     let g = graph(
         vec![

@@ -18,9 +18,7 @@ use onnxq::ir::Model;
 use onnxq::passes::correct_bias;
 use onnxq::pipeline::config::Config;
 use onnxq::pipeline::{dump_diff, run_pipeline, Context, DebugOptions, PassSpec};
-use onnxq::proto::attribute_proto::AttributeType;
-use onnxq::proto::tensor_proto::DataType;
-use onnxq::proto::{AttributeProto, NodeProto, TensorProto};
+use onnxq::proto::{NodeProto, TensorProto};
 use onnxq::quant::materialize::materialize;
 use onnxq::quant::plan::{build_plan, Overrides, Plan, PlanOptions};
 use onnxq::quant::rules::Target;
@@ -64,19 +62,6 @@ fn quantize(model: &Model, ctx: &Context, stats: &CalibrationStats) -> (Model, P
     let mut q = m.clone();
     materialize(&mut q, &plan).unwrap();
     (q, plan, notes)
-}
-
-fn f32_info(name: &str, dims: &[i64]) -> onnxq::proto::ValueInfoProto {
-    value_info(name, DataType::Float, dims)
-}
-
-fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Ints as i32),
-        ints: v.to_vec(),
-        ..Default::default()
-    }
 }
 
 /// A weight whose output channel `c` (axis 0) is scaled by `(c + 1) / channels`: with one

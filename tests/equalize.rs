@@ -39,19 +39,6 @@ fn run_equalize(model: &Model) -> (String, Model, Context) {
     run(model, &[spec("equalize", "~")])
 }
 
-fn f32_info(name: &str, dims: &[i64]) -> onnxq::proto::ValueInfoProto {
-    value_info(name, DataType::Float, dims)
-}
-
-fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Ints as i32),
-        ints: v.to_vec(),
-        ..Default::default()
-    }
-}
-
 fn attr_float(name: &str, v: f32) -> AttributeProto {
     AttributeProto {
         name: Some(name.into()),

@@ -9,7 +9,6 @@ use common::*;
 use onnxq::ir::Model;
 use onnxq::onnx;
 use onnxq::pipeline::{dump_diff, run_passes, Context, DebugOptions};
-use onnxq::proto::tensor_proto::DataType;
 use onnxq::proto::{AttributeProto, NodeProto, TensorProto};
 
 /// Runs the pass; returns the dump diff with the notes appended, the model after, and the context.
@@ -32,24 +31,11 @@ fn run_fold(model: &Model) -> (String, Model, Context) {
     (text, after, ctx)
 }
 
-fn f32_info(name: &str, dims: &[i64]) -> onnxq::proto::ValueInfoProto {
-    value_info(name, DataType::Float, dims)
-}
-
 fn attr_float(name: &str, v: f32) -> AttributeProto {
     AttributeProto {
         name: Some(name.into()),
         r#type: Some(onnxq::proto::attribute_proto::AttributeType::Float as i32),
         f: Some(v),
-        ..Default::default()
-    }
-}
-
-fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(onnxq::proto::attribute_proto::AttributeType::Ints as i32),
-        ints: v.to_vec(),
         ..Default::default()
     }
 }

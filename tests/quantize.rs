@@ -20,9 +20,8 @@ use onnxq::ir::{Model, Node};
 use onnxq::onnx::tensor::{values_f32, values_i128};
 use onnxq::pipeline::config::Config;
 use onnxq::pipeline::dump_diff;
-use onnxq::proto::attribute_proto::AttributeType;
 use onnxq::proto::tensor_proto::DataType;
-use onnxq::proto::{AttributeProto, TensorProto};
+use onnxq::proto::TensorProto;
 use onnxq::quant::materialize::materialize;
 use onnxq::quant::plan::{build_plan, Overrides, Plan, PlanOptions, Precision};
 use onnxq::quant::rules::Target;
@@ -35,15 +34,6 @@ const SAMPLES: usize = 8;
 // ---------------------------------------------------------------------------------------------
 // Builders and helpers
 // ---------------------------------------------------------------------------------------------
-
-fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Ints as i32),
-        ints: v.to_vec(),
-        ..Default::default()
-    }
-}
 
 fn tensor_i64(name: &str, dims: &[i64], values: &[i64]) -> TensorProto {
     TensorProto {

@@ -77,6 +77,21 @@ pub fn seeded(n: usize, seed: u64) -> Vec<f32> {
 }
 
 /// A tensor value info; a dim < 0 is symbolic ("n").
+/// A float32 value info with static dims.
+pub fn f32_info(name: &str, dims: &[i64]) -> ValueInfoProto {
+    value_info(name, DataType::Float, dims)
+}
+
+/// An `ints` attribute.
+pub fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Ints as i32),
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
 pub fn value_info(name: &str, elem: DataType, dims: &[i64]) -> ValueInfoProto {
     let dim = dims
         .iter()
