@@ -65,6 +65,8 @@ fn new_node(name: &str, op: &str, inputs: Vec<String>, output: &str, order: u64)
 struct Builder<'a> {
     model: &'a mut Model,
     taken: std::collections::BTreeSet<String>,
+    /// Float16 versions made so far (of a constant, or a Cast of an activation), by original.
+    float16: BTreeMap<String, String>,
 }
 
 impl Builder<'_> {
@@ -140,18 +142,12 @@ impl Builder<'_> {
         let mut inputs = node.inputs.clone();
         let mut converted_constants = Vec::new();
         for input in inputs.iter_mut().filter(|i| !i.is_empty()) {
-            let converted = format!("{input}::float16");
-            if self.model.graph.constants.contains_key(&converted)
-                || self
-                    .model
-                    .graph
-                    .nodes
-                    .node_weights()
-                    .any(|n| n.outputs.first() == Some(&converted))
-            {
-                *input = converted;
+            if let Some(made) = self.float16.get(input.as_str()) {
+                *input = made.clone();
                 continue;
             }
+            let original = input.clone();
+            let converted = format!("{input}::float16");
             if let Some(c) = self.model.graph.constants.get(input.as_str()) {
                 let values = tensor::values_f32(&c.tensor)
                     .ok_or_else(|| Error::Graph(format!("float16 layer '{layer}': '{input}' is not a float tensor")))?;
@@ -176,6 +172,7 @@ impl Builder<'_> {
                 self.model.graph.nodes.add_node(cast);
                 *input = name;
             }
+            self.float16.insert(original, input.clone());
         }
         let output = node
             .outputs
@@ -221,7 +218,11 @@ pub fn materialize(model: &mut Model, plan: &Plan) -> Result<Vec<String>> {
         taken.extend(n.outputs.iter().cloned());
         taken.insert(n.name.clone());
     }
-    let mut b = Builder { model, taken };
+    let mut b = Builder {
+        model,
+        taken,
+        float16: BTreeMap::new(),
+    };
     let producers: BTreeMap<String, u64> = b
         .model
         .graph
