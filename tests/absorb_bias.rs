@@ -56,20 +56,8 @@ fn weight(name: &str, dims: &[i64], seed: u64) -> TensorProto {
 
 /// A BatchNormalization with mean 0, var 1, scale `gamma`, bias `beta` per channel.
 fn batchnorm(name: &str, x: &str, y: &str, gamma: &[f32], beta: &[f32]) -> (NodeProto, Vec<TensorProto>) {
-    let c = gamma.len() as i64;
-    let params = vec![
-        tensor_f32(&format!("{name}.scale"), &[c], gamma),
-        tensor_f32(&format!("{name}.B"), &[c], beta),
-        tensor_f32(&format!("{name}.mean"), &[c], &vec![0.0; c as usize]),
-        tensor_f32(&format!("{name}.var"), &[c], &vec![1.0; c as usize]),
-    ];
-    let ins: Vec<String> = ["scale", "B", "mean", "var"]
-        .iter()
-        .map(|p| format!("{name}.{p}"))
-        .collect();
-    let mut inputs = vec![x];
-    inputs.extend(ins.iter().map(String::as_str));
-    (node("BatchNormalization", name, &inputs, &[y]), params)
+    let c = gamma.len();
+    batchnorm_node(name, x, y, gamma, beta, &vec![0.0; c], &vec![1.0; c])
 }
 
 #[test]

@@ -18,7 +18,7 @@ use onnxq::ir::Model;
 use onnxq::passes::correct_bias;
 use onnxq::pipeline::config::Config;
 use onnxq::pipeline::{dump_diff, run_pipeline, Context, DebugOptions, PassSpec};
-use onnxq::proto::{NodeProto, TensorProto};
+use onnxq::proto::TensorProto;
 use onnxq::quant::materialize::materialize;
 use onnxq::quant::plan::{build_plan, Overrides, Plan, PlanOptions};
 use onnxq::quant::rules::Target;
@@ -77,38 +77,12 @@ fn weight(name: &str, dims: &[i64], seed: u64) -> TensorProto {
     tensor_f32(name, dims, &v)
 }
 
-/// A BatchNormalization with the given statistics.
-fn batchnorm(
-    name: &str,
-    x: &str,
-    y: &str,
-    gamma: &[f32],
-    beta: &[f32],
-    mean: &[f32],
-    var: &[f32],
-) -> (NodeProto, Vec<TensorProto>) {
-    let c = gamma.len() as i64;
-    let params = vec![
-        tensor_f32(&format!("{name}.scale"), &[c], gamma),
-        tensor_f32(&format!("{name}.B"), &[c], beta),
-        tensor_f32(&format!("{name}.mean"), &[c], mean),
-        tensor_f32(&format!("{name}.var"), &[c], var),
-    ];
-    let ins: Vec<String> = ["scale", "B", "mean", "var"]
-        .iter()
-        .map(|p| format!("{name}.{p}"))
-        .collect();
-    let mut inputs = vec![x];
-    inputs.extend(ins.iter().map(String::as_str));
-    (node("BatchNormalization", name, &inputs, &[y]), params)
-}
-
 // ---------------------------------------------------------------------------------------------
 // The rewrite, and where it must not fire
 
 /// Conv → BN → Relu → Conv (no bias); MatMul with a constant weight; Gemm with transA = 1.
 fn small_graph() -> Model {
-    let (bn, params) = batchnorm(
+    let (bn, params) = batchnorm_node(
         "bn",
         "c1",
         "n1",
@@ -246,8 +220,8 @@ fn conv_net(moments: &[(Vec<f32>, Vec<f32>)]) -> Model {
     let beta1: Vec<f32> = (0..8).map(|c| 0.25 * c as f32 - 0.5).collect();
     let gamma2: Vec<f32> = (0..8).map(|c| 1.5 - 0.125 * c as f32).collect();
     let beta2: Vec<f32> = (0..8).map(|c| 0.3 * c as f32).collect();
-    let (bn1, p1) = batchnorm("bn1", "c1", "n1", &gamma1, &beta1, &moments[0].0, &moments[0].1);
-    let (bn2, p2) = batchnorm("bn2", "c2", "n2", &gamma2, &beta2, &moments[1].0, &moments[1].1);
+    let (bn1, p1) = batchnorm_node("bn1", "c1", "n1", &gamma1, &beta1, &moments[0].0, &moments[0].1);
+    let (bn2, p2) = batchnorm_node("bn2", "c2", "n2", &gamma2, &beta2, &moments[1].0, &moments[1].1);
     let mut inits = vec![
         weight("w1", &[8, 4, 3, 3], 21),
         tensor_f32("b1", &[8], &[0.1; 8]),

@@ -342,12 +342,10 @@ fn must_not_fire() {
     assert_eq!(after.to_string(), model.to_string(), "nothing may change");
 }
 
-#[test]
-fn relu6_as_relu_replaces_the_clip_and_says_so() {
-    // Clip(0, 6) with min/max as inputs (opset 17), and one with attributes (opset 6 style is
-    // not mixed in: a Clip with min 0 and max 6 as attributes is in its own graph below).
+/// conv1 (weight `w1` [3,2,3,3]) → Clip(0, 6) with min/max as inputs → conv2 (`w2`, seeded).
+fn conv_relu6_conv(w1: TensorProto) -> (Vec<NodeProto>, Vec<TensorProto>) {
     let inits = vec![
-        weight("w1", &[3, 2, 3, 3], 0, 41),
+        w1,
         weight("w2", &[2, 3, 3, 3], 1, 42),
         tensor_f32("zero", &[], &[0.0]),
         tensor_f32("six", &[], &[6.0]),
@@ -357,6 +355,14 @@ fn relu6_as_relu_replaces_the_clip_and_says_so() {
         node("Clip", "relu6", &["c1", "zero", "six"], &["r"]),
         conv("conv2", &["r", "w2"], "y"),
     ];
+    (nodes, inits)
+}
+
+#[test]
+fn relu6_as_relu_replaces_the_clip_and_says_so() {
+    // Clip(0, 6) with min/max as inputs (opset 17), and one with attributes (opset 6 style is
+    // not mixed in: a Clip with min 0 and max 6 as attributes is in its own graph below).
+    let (nodes, inits) = conv_relu6_conv(weight("w1", &[3, 2, 3, 3], 0, 41));
     let g = graph(
         nodes.clone(),
         inits.clone(),
@@ -419,17 +425,7 @@ fn relu6_per_channel_equalises_through_the_clip_and_keeps_the_function() {
         .iter()
         .map(|v| v * 20.0)
         .collect();
-    let inits = vec![
-        tensor_f32("w1", &[3, 2, 3, 3], &w1),
-        weight("w2", &[2, 3, 3, 3], 1, 42),
-        tensor_f32("zero", &[], &[0.0]),
-        tensor_f32("six", &[], &[6.0]),
-    ];
-    let nodes = vec![
-        conv("conv1", &["x", "w1"], "c1"),
-        node("Clip", "relu6", &["c1", "zero", "six"], &["r"]),
-        conv("conv2", &["r", "w2"], "y"),
-    ];
+    let (nodes, inits) = conv_relu6_conv(tensor_f32("w1", &[3, 2, 3, 3], &w1));
     let g = graph(
         nodes,
         inits,

@@ -52,19 +52,7 @@ fn batchnorm(name: &str, x: &str, y: &str, channels: i64, seed: u64) -> (NodePro
     let c = channels as usize;
     let scale: Vec<f32> = seeded(c, seed).iter().map(|v| v + 1.5).collect();
     let var: Vec<f32> = seeded(c, seed + 3).iter().map(|v| v.abs() + 0.1).collect();
-    let params = vec![
-        tensor_f32(&format!("{name}.scale"), &[channels], &scale),
-        tensor_f32(&format!("{name}.B"), &[channels], &seeded(c, seed + 1)),
-        tensor_f32(&format!("{name}.mean"), &[channels], &seeded(c, seed + 2)),
-        tensor_f32(&format!("{name}.var"), &[channels], &var),
-    ];
-    let inputs: Vec<String> = ["scale", "B", "mean", "var"]
-        .iter()
-        .map(|p| format!("{name}.{p}"))
-        .collect();
-    let mut ins = vec![x];
-    ins.extend(inputs.iter().map(String::as_str));
-    (node("BatchNormalization", name, &ins, &[y]), params)
+    batchnorm_node(name, x, y, &scale, &seeded(c, seed + 1), &seeded(c, seed + 2), &var)
 }
 
 fn conv(name: &str, inputs: &[&str], y: &str) -> NodeProto {

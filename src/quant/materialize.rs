@@ -40,12 +40,7 @@ pub fn required_opset(plan: &Plan) -> i64 {
 }
 
 fn axis_attr(axis: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some("axis".into()),
-        r#type: Some(AttributeType::Int as i32),
-        i: Some(axis),
-        ..Default::default()
-    }
+    int_attr("axis", axis)
 }
 
 fn new_node(name: &str, op: &str, inputs: Vec<String>, output: &str, order: u64) -> Node {

@@ -33,7 +33,7 @@ use crate::calib::stats::CalibrationStats;
 use crate::error::{Error, Result};
 use crate::ir::Model;
 use crate::quant::plan::{float16_possible, node_key, Plan, Precision};
-use crate::verify::sensitivity::{Noise, Probe};
+use crate::verify::sensitivity::{worst_sqnr_db, Noise, Probe};
 
 /// Measurements of the search at most (the first is the all-int8 model's).
 pub const MAX_ROUNDS: usize = 10;
@@ -195,14 +195,6 @@ fn base_weight_bytes(model: &Model, plan: &Plan) -> u64 {
         .sum()
 }
 
-fn db(signal: &[f64], noise: &[f64]) -> f64 {
-    signal
-        .iter()
-        .zip(noise)
-        .map(|(&s, &n)| crate::verify::metrics::sqnr_from_sums(s, n.max(0.0)))
-        .fold(f64::INFINITY, f64::min)
-}
-
 /// Measures every layer's sensitivity (in parallel across layers).
 pub fn measure_sensitivity(
     model: &Model,
@@ -316,7 +308,7 @@ impl Search<'_> {
 
     /// Takes the best affordable upgrade; false when none is left or none helps.
     fn step(&mut self, goal: &Goal) -> bool {
-        let now = db(self.signal, &self.predicted(None));
+        let now = worst_sqnr_db(self.signal, &self.predicted(None));
         let mut best: Option<(f64, usize, Precision)> = None;
         for i in 0..self.layers.len() {
             let l = &self.layers[i];
@@ -335,7 +327,7 @@ impl Search<'_> {
                         continue;
                     }
                 }
-                let benefit = db(self.signal, &self.predicted(Some((i, p)))) - now;
+                let benefit = worst_sqnr_db(self.signal, &self.predicted(Some((i, p)))) - now;
                 if benefit <= 1e-9 {
                     continue;
                 }
@@ -414,7 +406,7 @@ pub fn assign(model: &Model, plan: &Plan, stats: &CalibrationStats, probe: &Prob
         steps.push((
             layer,
             p,
-            db(&probe.signal, &search.predicted(None)),
+            worst_sqnr_db(&probe.signal, &search.predicted(None)),
             search.weight_bytes,
         ));
     }
@@ -690,7 +682,7 @@ mod tests {
             &signal,
             &[Precision::Int16, Precision::Float16, Precision::Float],
         );
-        let before = db(&signal, &s.predicted(None));
+        let before = worst_sqnr_db(&signal, &s.predicted(None));
         assert!((before - 10.0 * (1.0 / (2.0 * 0.0085f64)).log10()).abs() < 1e-9);
         assert!(s.step(&Goal::default()));
         // int16 on "a" removes 97% of its noise for 100 extra bytes: best per byte.
@@ -698,7 +690,7 @@ mod tests {
         assert!(s.step(&Goal::default()));
         // Next per byte: int16 on "b" (all of its noise) beats 10 000 extra bytes for "c".
         assert_eq!(s.raised[1], ("b".to_string(), Precision::Int16));
-        let after = db(&signal, &s.predicted(None));
+        let after = worst_sqnr_db(&signal, &s.predicted(None));
         assert!(after > before + 2.0, "{before} -> {after}");
     }
 

@@ -171,10 +171,7 @@ impl<'a> Probe<'a> {
                         e[k] += noise[i][k];
                     }
                 }
-                s.iter()
-                    .zip(&e)
-                    .map(|(&s, &e)| sqnr_from_sums(s, e))
-                    .fold(f64::INFINITY, f64::min)
+                worst_sqnr_db(&s, &e)
             })
             .collect();
         values.sort_by(f64::total_cmp);
@@ -183,11 +180,7 @@ impl<'a> Probe<'a> {
 
     /// Output SQNR in dB: the worst compared output.
     pub fn sqnr_db(&self, noise: &[f64]) -> f64 {
-        self.signal
-            .iter()
-            .zip(noise)
-            .map(|(&s, &n)| sqnr_from_sums(s, n))
-            .fold(f64::INFINITY, f64::min)
+        worst_sqnr_db(&self.signal, noise)
     }
 }
 
@@ -200,4 +193,14 @@ pub fn sum_samples(per_sample: &[Vec<f64>]) -> Vec<f64> {
         }
     }
     total
+}
+
+/// SQNR in dB of the worst output, from per-output Σf² and Σ(f − q)² (a negative noise, which
+/// the additive predictions of `quant::mixed` can reach, counts as none).
+pub fn worst_sqnr_db(signal: &[f64], noise: &[f64]) -> f64 {
+    signal
+        .iter()
+        .zip(noise)
+        .map(|(&s, &n)| sqnr_from_sums(s, n.max(0.0)))
+        .fold(f64::INFINITY, f64::min)
 }

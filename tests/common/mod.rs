@@ -77,6 +77,33 @@ pub fn seeded(n: usize, seed: u64) -> Vec<f32> {
 }
 
 /// A tensor value info; a dim < 0 is symbolic ("n").
+/// BatchNormalization `name` over `x` with the given statistics, as constants
+/// `<name>.{scale,B,mean,var}`.
+pub fn batchnorm_node(
+    name: &str,
+    x: &str,
+    y: &str,
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+) -> (NodeProto, Vec<TensorProto>) {
+    let c = gamma.len() as i64;
+    let params = vec![
+        tensor_f32(&format!("{name}.scale"), &[c], gamma),
+        tensor_f32(&format!("{name}.B"), &[c], beta),
+        tensor_f32(&format!("{name}.mean"), &[c], mean),
+        tensor_f32(&format!("{name}.var"), &[c], var),
+    ];
+    let ins: Vec<String> = ["scale", "B", "mean", "var"]
+        .iter()
+        .map(|p| format!("{name}.{p}"))
+        .collect();
+    let mut inputs = vec![x];
+    inputs.extend(ins.iter().map(String::as_str));
+    (node("BatchNormalization", name, &inputs, &[y]), params)
+}
+
 /// A float32 value info with static dims.
 pub fn f32_info(name: &str, dims: &[i64]) -> ValueInfoProto {
     value_info(name, DataType::Float, dims)
