@@ -278,9 +278,51 @@ pub struct QuantizedTensor {
 /// Below this many elements rayon's task overhead outweighs the work.
 const PAR_MIN_LEN: usize = 1 << 14;
 
+/// Shrink factors tried for a per-tensor weight range: 1.00, 0.99, …, 0.21.
+const SHRINK_STEPS: usize = 80;
+
+/// Parameters of a per-tensor weight: its [lo, hi] shrunk by the factor f ∈ {1.00, 0.99, …,
+/// 0.21} that minimises Σ (w − dq(q(w)))² (the first, widest, on ties).
+///
+/// Why: one scale serves every output channel, so min/max lets the widest channel (after
+/// BatchNorm folding, often 10–30× the median) set a step that rounds the narrow ones to a few
+/// levels. Clipping a few large weights for a finer step everywhere lowers the total error; the
+/// same least-squares grid search as Banner et al., "Post training 4-bit quantization of
+/// convolutional networks for rapid-deployment" (NeurIPS 2019) and NNCF/PPQ use. Per-channel
+/// ranges keep min/max: measured, the search changed per-channel output SQNR by −0.3 to +0.4 dB.
+fn least_squares_params(values: &[f32], lo: f32, hi: f32, scheme: &Scheme) -> QParams {
+    let (qmin, qmax) = scheme.qrange();
+    let squared_error = |p: QParams| -> f64 {
+        values
+            .iter()
+            .filter(|v| v.is_finite())
+            .map(|&v| {
+                let d = dequantize(quantize(v, p, scheme.dtype).clamp(qmin, qmax), p) as f64 - v as f64;
+                d * d
+            })
+            .sum()
+    };
+    let candidates: Vec<(QParams, f64)> = (0..SHRINK_STEPS)
+        .into_par_iter()
+        .map(|k| {
+            let f = 1.0 - k as f32 / 100.0;
+            let p = params_for_range(lo * f, hi * f, scheme);
+            (p, squared_error(p))
+        })
+        .collect();
+    let mut best = candidates[0];
+    for &c in &candidates[1..] {
+        if c.1 < best.1 {
+            best = c;
+        }
+    }
+    best.0
+}
+
 /// Quantizes a weight: per-tensor when `axis` is None, else per-channel along `axis` (Conv
 /// weights axis 0, ConvTranspose 1, Gemm by transB, MatMul the last axis). Each channel's
-/// [min, max] goes through [`params_for_range`]; values are quantized as QuantizeLinear would
+/// [min, max] goes through [`params_for_range`], a per-tensor range through
+/// [`least_squares_params`]; values are quantized as QuantizeLinear would
 /// and clamped to the scheme's range (f32 rounding could otherwise step one past a narrow or
 /// reduced bound).
 pub fn quantize_weights(values: &[f32], dims: &[i64], axis: Option<usize>, scheme: &Scheme) -> Result<QuantizedTensor> {
@@ -303,7 +345,7 @@ pub fn quantize_weights(values: &[f32], dims: &[i64], axis: Option<usize>, schem
                 .with_min_len(PAR_MIN_LEN)
                 .fold(|| (0.0, 0.0), minmax)
                 .reduce(|| (0.0, 0.0), merge);
-            (vec![params_for_range(lo, hi, scheme)], 1, 1)
+            (vec![least_squares_params(values, lo, hi, scheme)], 1, 1)
         }
         Some(axis) => {
             let (outer, channels, inner) = channel_layout(dims, axis).ok_or_else(|| {
@@ -905,6 +947,57 @@ mod tests {
         assert_eq!(q3.params[0].scale, f32_of(2.0 / 127.0));
         assert_eq!(q3.params[1].scale, f32_of(8.0 / 127.0));
         assert_within_half_step(&q3, &w3, |i| (i / 2) % 2);
+    }
+
+    #[test]
+    fn per_tensor_range_minimises_squared_error() {
+        let s8 = scheme(QuantDtype::Int8, true);
+        let squared_error = |q: &QuantizedTensor, w: &[f32]| -> f64 {
+            q.dequantized()
+                .iter()
+                .zip(w)
+                .map(|(&d, &x)| ((d - x) as f64).powi(2))
+                .sum()
+        };
+        // Laplace-distributed weights (the inverse CDF on a regular grid): the largest of 10⁵
+        // sits at 11.5 b, where 8 bits lose more to coarse steps than clipping costs.
+        let n = 100_000;
+        let w: Vec<f32> = (0..n)
+            .map(|i| {
+                let u = (i as f64 + 0.5) / n as f64 * 2.0 - 1.0;
+                (-u.signum() * (1.0 - u.abs()).ln()) as f32
+            })
+            .collect();
+        let q = quantize_weights(&w, &[n as i64], None, &s8).unwrap();
+        let (lo, hi) = w.iter().fold((0f32, 0f32), |(l, h), &v| (l.min(v), h.max(v)));
+        let minmax = params_for_range(lo, hi, &s8);
+        let q_minmax = QuantizedTensor {
+            values: w
+                .iter()
+                .map(|&v| quantize(v, minmax, QuantDtype::Int8).clamp(-127, 127))
+                .collect(),
+            params: vec![minmax],
+            ..q.clone()
+        };
+        assert!(
+            q.params[0].scale < 0.9 * minmax.scale,
+            "{:?} vs {minmax:?}",
+            q.params[0]
+        );
+        assert!(
+            squared_error(&q, &w) < 0.9 * squared_error(&q_minmax, &w),
+            "{} vs {}",
+            squared_error(&q, &w),
+            squared_error(&q_minmax, &w)
+        );
+        // The widest weights are clipped, never wrapped.
+        assert_eq!(q.values.iter().max(), Some(&127));
+        assert_eq!(q.values.iter().min(), Some(&-127));
+        // Evenly spread weights keep their min/max range: shrinking only clips.
+        let even: Vec<f32> = (0..=254).map(|i| (i as f32 - 127.0) / 127.0).collect();
+        let qe = quantize_weights(&even, &[255], None, &s8).unwrap();
+        assert_eq!(qe.params[0], params_for_range(-1.0, 1.0, &s8));
+        assert_within_half_step(&qe, &even, |_| 0);
     }
 
     #[test]
