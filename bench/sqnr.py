@@ -7,6 +7,10 @@ SQNR = 10·log10(Σ f² / Σ (f − q)²) over all samples and elements of each 
 agreement for outputs shaped like class scores ([1, C] per sample: argmax per sample; [N, C]:
 argmax per row).
 
+With --bootstrap, each float output's SQNR also gets its 90% interval over 2000 resamplings of
+the eval samples (with replacement, fixed seed), and every model after the first the paired
+interval of its difference from the first: on a few hundred samples a whole dB can be chance.
+
 Several quantized models of one float model share one float run. With --json, a model that fails
 a check (checker, ONNX Runtime, OpenVINO) is recorded with the error instead of stopping the run,
 and OUT.json gets per model and per output: SQNR, top-1 agreement, and for outputs with one vector
@@ -74,6 +78,34 @@ def compare(names, ref, got):
     return outputs, parts
 
 
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def per_sample_energies(ref, got):
+    """{output name: (signal, noise) per sample} for the float outputs."""
+    energies = {}
+    for i, (f, q) in enumerate(zip(ref, got)):
+        if np.issubdtype(f.dtype, np.floating):
+            f64, q64 = f.astype(np.float64).reshape(len(f), -1), q.astype(np.float64).reshape(len(q), -1)
+            energies[i] = (np.sum(f64**2, axis=1), np.sum((f64 - q64) ** 2, axis=1))
+    return energies
+
+
+def bootstrap_text(energies, first, resamples):
+    """'90% [a, b]' per output, and the paired difference from the first model's."""
+    parts = []
+    for i, (signal, noise) in energies.items():
+        db = 10 * np.log10(signal[resamples].sum(axis=1) / np.maximum(noise[resamples].sum(axis=1), 1e-300))
+        text = f"90% [{np.percentile(db, 5):.2f}, {np.percentile(db, 95):.2f}]"
+        if first is not None:
+            s0, n0 = first[i]
+            db0 = 10 * np.log10(s0[resamples].sum(axis=1) / np.maximum(n0[resamples].sum(axis=1), 1e-300))
+            diff = db - db0
+            text += f", minus the first model's: 90% [{np.percentile(diff, 5):+.2f}, {np.percentile(diff, 95):+.2f}]"
+        parts.append(text)
+    return "; ".join(parts)
+
+
 def tensorrt_rules(quant):
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in quant.graph.initializer}
     producer = {o: n.op_type for n in quant.graph.node for o in n.output}
@@ -124,6 +156,13 @@ def check(path, args, data, reference):
     outputs, parts = compare(names, ref, got)
     record["outputs"] = outputs
     line = f"{path}: checker ok; " + "; ".join(parts) + trt
+    if args.bootstrap:
+        energies = per_sample_energies(ref, got)
+        n = len(next(iter(energies.values()))[0]) if energies else 0
+        resamples = np.random.default_rng(0).integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))
+        line += "; bootstrap " + bootstrap_text(energies, args.first_energies, resamples)
+        if args.first_energies is None:
+            args.first_energies = energies
     if args.openvino:
         import openvino as ov
 
@@ -149,8 +188,10 @@ def main():
     ap.add_argument("--openvino", action="store_true")
     ap.add_argument("--tensorrt-rules", action="store_true", help="also check TensorRT's placement rules")
     ap.add_argument("--min-sqnr", type=float, help="exit 1 when a float output's SQNR is below this (dB)")
+    ap.add_argument("--bootstrap", action="store_true", help="90%% intervals, and paired differences from the first model")
     ap.add_argument("--json", help="write per-model results here; a failing model is recorded, not fatal")
     args = ap.parse_args()
+    args.first_energies = None
     data = dict(np.load(args.data))
     cache = {}
 
