@@ -154,6 +154,15 @@ pub fn main_job(args: MainJob) -> Result<()> {
         let stats = match &source {
             Some(source) => calibration_stats(&model, source, args.stats.as_deref())?,
             None => {
+                if let Some(stats_path) = &args.stats {
+                    return Err(Error::config(
+                        &config_path,
+                        format!(
+                            "--stats {} holds calibration statistics, but the config has no `calibration:`: without data the ranges come from BatchNorm statistics (data-free mode); add `calibration: {{data: …}}` or drop --stats",
+                            stats_path.display()
+                        ),
+                    ));
+                }
                 let sigmas = crate::calib::datafree::DEFAULT_SIGMAS;
                 eprintln!(
                     "onnxq: data-free: activation ranges from {} folded BatchNorms (β ± {sigmas}·|γ|), no calibration data",

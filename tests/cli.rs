@@ -145,6 +145,23 @@ fn bad_configs_are_usage_errors() {
         assert_fails(&onnxq(&[s(&model), "--config", s(&cfg), "-o", s(&out)]), 1, &needles);
         assert!(!out.exists());
     }
+    // --stats without calibration data (data-free mode) would be silently ignored: refused.
+    let cfg = config(dir.path(), "passes: [fold_batchnorm]\n");
+    let stats = dir.path().join("stats.json");
+    assert_fails(
+        &onnxq(&[
+            s(&repo("models/ppocr_mobile_v2_cls.onnx")),
+            "--config",
+            s(&cfg),
+            "--stats",
+            s(&stats),
+            "-o",
+            s(&out),
+        ]),
+        1,
+        &["--stats", "no `calibration:`", "data-free", s(&cfg)],
+    );
+    assert!(!out.exists() && !stats.exists());
     let missing = dir.path().join("nope.yaml");
     assert_fails(&onnxq(&[s(&model), "--config", s(&missing)]), 1, &[s(&missing)]);
     // Missing --config, unknown flag: usage errors, exit 1.

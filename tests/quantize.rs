@@ -265,8 +265,8 @@ fn conv_relu_conv_gets_qdq_per_channel_weights_and_int32_bias() {
     assert_eq!(ops(&quant, "QuantizeLinear").len(), 2);
     assert_eq!(
         ops(&quant, "DequantizeLinear").len(),
-        2 + 2 + 2,
-        "2 activations, 2 weights, 2 biases"
+        2 + 2 + 1,
+        "2 activations, 2 weights, 1 bias: conv2 writes the graph output, which is not quantized, so no integer kernel would use an int32 b2"
     );
     for t in ["x", "r"] {
         assert_eq!(dtype(&quant, &format!("{t}::zero_point")), DataType::Uint8);
@@ -326,8 +326,9 @@ fn conv_relu_conv_gets_qdq_per_channel_weights_and_int32_bias() {
     // Every consumer rewired; the float weights and biases are gone.
     assert_eq!(node_named(&quant, "conv1").inputs, ["x::dq", "W1::dq", "b1::dq"]);
     assert_eq!(node_named(&quant, "relu").inputs, ["c1"]);
-    assert_eq!(node_named(&quant, "conv2").inputs, ["r::dq", "W2::dq", "b2::dq"]);
-    for gone in ["W1", "b1", "W2", "b2"] {
+    assert_eq!(node_named(&quant, "conv2").inputs, ["r::dq", "W2::dq", "b2"]);
+    assert_eq!(dtype(&quant, "b2"), DataType::Float);
+    for gone in ["W1", "b1", "W2"] {
         assert!(!quant.graph.constants.contains_key(gone), "{gone} should be removed");
     }
     assert!(plan.kept_float.is_empty(), "{:?}", plan.kept_float);
@@ -769,7 +770,11 @@ fn plan_and_qdq_are_byte_identical_whatever_the_thread_count() {
     use prost::Message;
     let quant = Model::from_proto(onnxq::proto::ModelProto::decode(first.0.as_slice()).unwrap()).unwrap();
     assert_eq!(node_named(&quant, "Wf::dq").attribute("axis").map(|a| a.i()), Some(1));
-    assert_eq!(node_named(&quant, "fc").inputs, ["f::dq", "Wf::dq", "bf::dq"]);
+    assert_eq!(
+        node_named(&quant, "fc").inputs,
+        ["f::dq", "Wf::dq", "bf"],
+        "fc writes the float graph output: float bias"
+    );
     assert_eq!(dtype(&quant, "b2::quantized"), DataType::Int32);
 }
 
@@ -1279,8 +1284,15 @@ fn restricting_a_plan_keeps_only_that_layer_quantized() {
     let only = plan.restricted_to(&["y".to_string()].into());
     assert_eq!(only.activations.keys().collect::<Vec<_>>(), ["r"]);
     assert_eq!(only.weights.keys().collect::<Vec<_>>(), ["W2"]);
-    assert_eq!(only.biases.keys().collect::<Vec<_>>(), ["b2"]);
+    assert!(
+        only.biases.is_empty(),
+        "conv2 writes the float graph output: b2 stays float"
+    );
     assert!(only.kept_float["x"].contains("'c1' at float"), "{:?}", only.kept_float);
+    let first = plan.restricted_to(&["c1".to_string()].into());
+    assert_eq!(first.activations.keys().collect::<Vec<_>>(), ["x"]);
+    assert_eq!(first.weights.keys().collect::<Vec<_>>(), ["W1"]);
+    assert_eq!(first.biases.keys().collect::<Vec<_>>(), ["b1"]);
     // A pinned precision from the overrides lands in the plan.
     let pinned = build_plan(
         &float,
