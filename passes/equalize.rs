@@ -65,6 +65,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use petgraph::stable_graph::NodeIndex;
 use rayon::prelude::*;
 
+use super::rewritable::{is_graph_output, own_f32_constant, read_in_subgraph};
 use crate::error::{Error, Result};
 use crate::ir::dump::fmt_float;
 use crate::ir::{Graph, Model, Node};
@@ -288,17 +289,6 @@ pub enum Walk {
     Absorb,
 }
 
-fn is_graph_output(graph: &Graph, t: &str) -> bool {
-    graph.outputs.iter().any(|o| o.name() == t)
-}
-
-fn read_in_subgraph(graph: &Graph, t: &str) -> bool {
-    graph
-        .nodes
-        .node_weights()
-        .any(|n| n.implicit_inputs.iter().any(|i| i == t))
-}
-
 fn attr_int(node: &Node, name: &str, default: i64) -> i64 {
     node.attribute(name).map(|a| a.i()).unwrap_or(default)
 }
@@ -315,33 +305,6 @@ pub fn plural(n: usize, what: &str) -> String {
 fn fmt_dims(dims: &[usize]) -> String {
     let d: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
     format!("[{}]", d.join(","))
-}
-
-/// An f32 constant read by `reader` only (once), not a graph input, not a graph output.
-fn own_f32_constant(graph: &Graph, t: &str, reader: NodeIndex, what: &str) -> std::result::Result<(), String> {
-    if graph.inputs.iter().any(|i| i.name() == t) {
-        return Err(format!("{what} '{t}' is a graph input (a runtime may override it)"));
-    }
-    let Some(c) = graph.constants.get(t) else {
-        return Err(format!("{what} '{t}' is not a constant"));
-    };
-    if c.tensor.data_type() != DataType::Float as i32 {
-        return Err(format!(
-            "{what} '{t}' is {}, not f32",
-            tensor::dtype_name(c.tensor.data_type())
-        ));
-    }
-    let readers = graph.consumers(t);
-    if let Some(&(other, _)) = readers.iter().find(|&&(ix, _)| ix != reader) {
-        return Err(format!("{what} '{t}' is shared with {}", graph.nodes[other].label()));
-    }
-    if readers.len() > 1 {
-        return Err(format!("{what} '{t}' is read twice by one node"));
-    }
-    if is_graph_output(graph, t) || read_in_subgraph(graph, t) {
-        return Err(format!("{what} '{t}' is also a graph output or read in a subgraph"));
-    }
-    Ok(())
 }
 
 /// `ix` as a layer: None when it is not a Conv or Gemm; Err when its weights cannot be rewritten.

@@ -54,6 +54,7 @@ use std::collections::BTreeSet;
 
 use petgraph::stable_graph::NodeIndex;
 
+use super::rewritable::{is_graph_output, own_f32_constant, read_in_subgraph, shared_reason};
 use crate::error::{Error, Result};
 use crate::ir::dump::fmt_float;
 use crate::ir::{Constant, ConstantOrigin, Graph, Model};
@@ -167,17 +168,6 @@ fn fixed_constant<'g>(graph: &'g Graph, name: &str) -> Option<&'g TensorProto> {
     graph.constants.get(name).map(|c| &c.tensor)
 }
 
-fn is_graph_output(graph: &Graph, t: &str) -> bool {
-    graph.outputs.iter().any(|o| o.name() == t)
-}
-
-fn read_in_subgraph(graph: &Graph, t: &str) -> bool {
-    graph
-        .nodes
-        .node_weights()
-        .any(|n| n.implicit_inputs.iter().any(|i| i == t))
-}
-
 fn producer_of(graph: &Graph, t: &str) -> Option<NodeIndex> {
     graph
         .nodes
@@ -188,49 +178,6 @@ fn producer_of(graph: &Graph, t: &str) -> Option<NodeIndex> {
 fn fmt_dims(dims: &[i64]) -> String {
     let d: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
     format!("[{}]", d.join(","))
-}
-
-/// Why a tensor read by `reader` cannot be rewritten in place: another reader, a graph output or
-/// a read inside a subgraph would see the new value.
-fn shared_reason(graph: &Graph, t: &str, reader: NodeIndex) -> Option<String> {
-    let readers = graph.consumers(t);
-    if let Some(&(other, _)) = readers.iter().find(|&&(ix, _)| ix != reader) {
-        return Some(format!("'{t}' is also read by {}", graph.nodes[other].label()));
-    }
-    if readers.len() > 1 {
-        return Some(format!("'{t}' is read twice by {}", graph.nodes[reader].label()));
-    }
-    if is_graph_output(graph, t) {
-        return Some(format!("'{t}' is a graph output"));
-    }
-    if read_in_subgraph(graph, t) {
-        return Some(format!("'{t}' is read inside a subgraph"));
-    }
-    None
-}
-
-/// An f32 constant a fold may rewrite: fixed, and read only by `reader`.
-fn own_f32_constant(graph: &Graph, t: &str, reader: NodeIndex, what: &str) -> std::result::Result<Vec<f64>, String> {
-    if graph.inputs.iter().any(|i| i.name() == t) {
-        return Err(format!("{what} '{t}' is a graph input (a runtime may override it)"));
-    }
-    let Some(c) = graph.constants.get(t) else {
-        return Err(format!("{what} '{t}' is not a constant"));
-    };
-    if c.tensor.data_type() != DataType::Float as i32 {
-        return Err(format!(
-            "{what} '{t}' is {}, not f32",
-            tensor::dtype_name(c.tensor.data_type())
-        ));
-    }
-    if let Some(reason) = shared_reason(graph, t, reader) {
-        return Err(format!("{what} {reason}"));
-    }
-    let values = tensor::values_f64(&c.tensor).ok_or_else(|| format!("{what} '{t}' has no readable values"))?;
-    if values.len() as u64 != tensor::element_count(&c.tensor) {
-        return Err(format!("{what} '{t}' holds {} values for its shape", values.len()));
-    }
-    Ok(values)
 }
 
 fn attr_int(node: &crate::ir::Node, name: &str, default: i64) -> i64 {

@@ -6,6 +6,7 @@ pub mod correct_bias;
 mod eliminate_identity;
 mod equalize;
 mod fold_batchnorm;
+mod rewritable;
 
 pub use correct_bias::BiasCorrectionMode;
 pub use fold_batchnorm::BatchNormRecord;
