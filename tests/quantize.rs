@@ -1271,6 +1271,33 @@ fn layers_at_float16_and_int16_are_rewritten_and_verified() {
 }
 
 #[test]
+fn a_layer_whose_output_is_also_read_in_float_keeps_a_float_bias() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut float = conv_relu_conv(13, true);
+    let calib = write_data(
+        dir.path(),
+        "calib.npz",
+        vec![("x", uniform(&[1, 3, 8, 8], SAMPLES, 1, 1.0))],
+    );
+    let stats = calibrate(&float, &calib);
+    // conv1 → Relu → r, read quantized by conv2 only: an integer kernel, int32 b1; conv2 writes
+    // c2, read quantized by conv3: int32 b2.
+    let plan = build_plan(&float, &stats, &plan_options(Target::Generic, Overrides::default())).unwrap();
+    assert_eq!(plan.biases.keys().collect::<Vec<_>>(), ["b1", "b2"]);
+    // r also a graph output: read in float too, so conv1 runs in float and b1 stays float.
+    float
+        .graph
+        .outputs
+        .push(value_info("r", DataType::Float, &[1, 4, 6, 6]));
+    let stats = calibrate(&float, &calib);
+    let (plan, quant, _) = quantize(&float, &stats, &plan_options(Target::Generic, Overrides::default()));
+    assert_eq!(plan.biases.keys().collect::<Vec<_>>(), ["b2"]);
+    assert_eq!(node_named(&quant, "conv1").inputs, ["x::dq", "W1::dq", "b1"]);
+    assert_eq!(dtype(&quant, "b1"), DataType::Float);
+    assert_eq!(dtype(&quant, "b2::quantized"), DataType::Int32);
+}
+
+#[test]
 fn restricting_a_plan_keeps_only_that_layer_quantized() {
     let dir = tempfile::tempdir().unwrap();
     let float = conv_relu_conv(13, false);
