@@ -11,6 +11,10 @@ With --bootstrap, each float output's SQNR also gets its 90% interval over 2000 
 the eval samples (with replacement, fixed seed), and every model after the first the paired
 interval of its difference from the first: on a few hundred samples a whole dB can be chance.
 
+With --logits, a model whose outputs come out of a Softmax is also measured on the Softmax's
+input (the logits): an output SQNR on probabilities is dominated by the few samples near a
+decision boundary, where the Softmax is steepest.
+
 Several quantized models of one float model share one float run. With --json, a model that fails
 a check (checker, ONNX Runtime, OpenVINO) is recorded with the error instead of stopping the run,
 and OUT.json gets per model and per output: SQNR, top-1 agreement, and for outputs with one vector
@@ -28,10 +32,27 @@ import onnx
 import onnxruntime as ort
 
 
+LOGITS = False
+
+
+def with_logits(path):
+    """The model's bytes, with the input of its last Softmax added as a first output, when
+    --logits is set and the model has a Softmax; else the path."""
+    if not LOGITS:
+        return path
+    model = onnx.load(path)
+    softmax = [n for n in model.graph.node if n.op_type == "Softmax"]
+    if not softmax:
+        return path
+    logits = softmax[-1].input[0]
+    model.graph.output.insert(0, onnx.helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, None))
+    return model.SerializeToString()
+
+
 def run(path, data):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(with_logits(path), opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     n = len(data[names[0]])
     outs = [sess.run(None, {k: data[k][i] for k in names}) for i in range(n)]
@@ -91,12 +112,12 @@ def per_sample_energies(ref, got):
     return energies
 
 
-def bootstrap_text(energies, first, resamples):
-    """'90% [a, b]' per output, and the paired difference from the first model's."""
+def bootstrap_text(names, energies, first, resamples):
+    """'NAME 90% [a, b]' per float output, and the paired difference from the first model's."""
     parts = []
     for i, (signal, noise) in energies.items():
         db = 10 * np.log10(signal[resamples].sum(axis=1) / np.maximum(noise[resamples].sum(axis=1), 1e-300))
-        text = f"90% [{np.percentile(db, 5):.2f}, {np.percentile(db, 95):.2f}]"
+        text = f"{names[i]} 90% [{np.percentile(db, 5):.2f}, {np.percentile(db, 95):.2f}]"
         if first is not None:
             s0, n0 = first[i]
             db0 = 10 * np.log10(s0[resamples].sum(axis=1) / np.maximum(n0[resamples].sum(axis=1), 1e-300))
@@ -160,7 +181,7 @@ def check(path, args, data, reference):
         energies = per_sample_energies(ref, got)
         n = len(next(iter(energies.values()))[0]) if energies else 0
         resamples = np.random.default_rng(0).integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))
-        line += "; bootstrap " + bootstrap_text(energies, args.first_energies, resamples)
+        line += "; bootstrap " + bootstrap_text(names, energies, args.first_energies, resamples)
         if args.first_energies is None:
             args.first_energies = energies
     if args.openvino:
@@ -189,9 +210,12 @@ def main():
     ap.add_argument("--tensorrt-rules", action="store_true", help="also check TensorRT's placement rules")
     ap.add_argument("--min-sqnr", type=float, help="exit 1 when a float output's SQNR is below this (dB)")
     ap.add_argument("--bootstrap", action="store_true", help="90%% intervals, and paired differences from the first model")
+    ap.add_argument("--logits", action="store_true", help="also measure the input of the last Softmax")
     ap.add_argument("--json", help="write per-model results here; a failing model is recorded, not fatal")
     args = ap.parse_args()
     args.first_energies = None
+    global LOGITS
+    LOGITS = args.logits
     data = dict(np.load(args.data))
     cache = {}
 
