@@ -91,10 +91,23 @@ pub enum Relu6 {
     PerChannel,
 }
 
+/// What a HardSwish on a link does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HardSwishMode {
+    /// A HardSwish ends the chain.
+    #[default]
+    Keep,
+    /// A HardSwish on a link becomes `x · HardSigmoid(s·x)` with the channel's scale `s`
+    /// (float-preserving).
+    PerChannel,
+}
+
 #[derive(Clone, Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Options {
     pub relu6: Relu6,
+    pub hardswish: HardSwishMode,
     pub tolerance: f64,
     pub max_iterations: usize,
 }
@@ -103,6 +116,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             relu6: Relu6::Keep,
+            hardswish: HardSwishMode::Keep,
             tolerance: 1e-4,
             max_iterations: 20,
         }
@@ -136,7 +150,7 @@ impl Pass for Equalize {
 
     fn run(&self, model: &mut Model, ctx: &mut Context) -> Result<Vec<String>> {
         let graph = &mut model.graph;
-        let (chains, rejected) = find_chains(graph, Walk::Equalize(self.options.relu6))?;
+        let (chains, rejected) = find_chains(graph, Walk::Equalize(self.options.relu6, self.options.hardswish))?;
         // Pure maths per chain, in parallel on the immutable graph, collected in chain order.
         let results: Vec<std::result::Result<(Vec<LayerValues>, ChainResult), String>> = chains
             .par_iter()
@@ -177,8 +191,9 @@ impl Pass for Equalize {
             )?);
         }
         let layers: usize = chains.iter().map(|c| c.layers.len()).sum();
+        let hardswishes: usize = chains.iter().flat_map(|c| &c.links).map(|l| l.hardswish.len()).sum();
         notes.push(format!(
-            "{} equalised ({} layers), no chain from {}{}",
+            "{} equalised ({} layers), no chain from {}{}{}",
             plural(chains.len(), "chain"),
             layers,
             plural(rejected.len(), "layer"),
@@ -186,6 +201,11 @@ impl Pass for Equalize {
                 (0, _) => String::new(),
                 (_, Relu6::PerChannel) => format!("; {replaced} ReLU6 rewritten to per-channel clips"),
                 _ => format!("; {replaced} ReLU6 replaced by Relu (the function changes)"),
+            },
+            if hardswishes == 0 {
+                String::new()
+            } else {
+                format!("; {hardswishes} HardSwish rewritten per channel")
             }
         ));
         notes.extend(chain_notes);
@@ -261,6 +281,87 @@ pub struct Layer {
     pub beta: f64,
 }
 
+/// A HardSwish on a link: the op, or the `x · Clip(x + 3, 0, 6) / 6` that exporters write (the
+/// Add reads `x` at `slot`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HardSwishSite {
+    Op(NodeIndex),
+    Decomposed { add: NodeIndex, slot: usize },
+}
+
+/// The scalar value of a constant input, if it is one.
+fn scalar_constant(graph: &Graph, t: &str) -> Option<f64> {
+    if graph.inputs.iter().any(|i| i.name() == t) {
+        return None;
+    }
+    match tensor::values_f64(&graph.constants.get(t)?.tensor).as_deref() {
+        Some([v]) => Some(*v),
+        _ => None,
+    }
+}
+
+/// `t` read only by the Add and Mul of `Div(Mul(t, Clip(Add(t, 3), 0, 6)), 6)` (either operand
+/// order, or a Mul by 1/6 at the end): the site, the HardSwish's output and the nodes walked
+/// through. Every tensor in between must have that one reader and be internal.
+fn decomposed_hardswish(graph: &Graph, t: &str) -> Option<(HardSwishSite, String, Vec<NodeIndex>)> {
+    let readers = graph.consumers(t);
+    let [(a, a_slot), (b, b_slot)] = readers.as_slice() else {
+        return None;
+    };
+    let ((add, add_slot), (mul, _)) = match (graph.nodes[*a].op_type.as_str(), graph.nodes[*b].op_type.as_str()) {
+        ("Add", "Mul") => ((*a, *a_slot), (*b, *b_slot)),
+        ("Mul", "Add") => ((*b, *b_slot), (*a, *a_slot)),
+        _ => return None,
+    };
+    let node = |ix: NodeIndex| &graph.nodes[ix];
+    let default = |ix: NodeIndex| node(ix).is_default_domain() && node(ix).inputs.len() == 2;
+    if !default(add) || !default(mul) || scalar_constant(graph, &node(add).inputs[1 - add_slot]) != Some(3.0) {
+        return None;
+    }
+    // The single reader of an internal tensor.
+    let only_reader = |t: &str| -> Option<(NodeIndex, usize)> {
+        if is_graph_output(graph, t) || read_in_subgraph(graph, t) {
+            return None;
+        }
+        match graph.consumers(t).as_slice() {
+            &[r] => Some(r),
+            _ => None,
+        }
+    };
+    let (clip, 0) = only_reader(node(add).outputs.first()?)? else {
+        return None;
+    };
+    let bounds = (
+        clip_bound(graph, node(clip), 1, "min").ok()?,
+        clip_bound(graph, node(clip), 2, "max").ok()?,
+    );
+    if node(clip).op_type != "Clip" || !node(clip).is_default_domain() || bounds != (Some(0.0), Some(6.0)) {
+        return None;
+    }
+    let (gate_reader, _) = only_reader(node(clip).outputs.first()?)?;
+    if gate_reader != mul {
+        return None;
+    }
+    let (scale, 0) = only_reader(node(mul).outputs.first()?)? else {
+        return None;
+    };
+    let by = scalar_constant(graph, node(scale).inputs.get(1)?)?;
+    let sixth = match node(scale).op_type.as_str() {
+        "Div" => by == 6.0,
+        "Mul" => (by - 1.0 / 6.0).abs() < 1e-6,
+        _ => false,
+    };
+    if !sixth || !node(scale).is_default_domain() {
+        return None;
+    }
+    let output = node(scale).outputs.first().filter(|o| !o.is_empty())?.clone();
+    Some((
+        HardSwishSite::Decomposed { add, slot: add_slot },
+        output,
+        vec![add, clip, mul, scale],
+    ))
+}
+
 /// Two layers and what lies between them.
 #[derive(Clone, Debug)]
 pub struct Link {
@@ -270,6 +371,8 @@ pub struct Link {
     pub through: Vec<String>,
     /// The ReLU6 Clips on the link that `relu6: as_relu` replaces.
     pub relu6: Vec<NodeIndex>,
+    /// The HardSwishes on the link that `hardswish: per_channel` rewrites.
+    pub hardswish: Vec<HardSwishSite>,
     /// The node indices walked through (for absorb_bias: which ones are Relu).
     pub through_nodes: Vec<NodeIndex>,
 }
@@ -285,7 +388,7 @@ pub struct Chain {
 /// Which walk: equalisation (positively homogeneous activations) or bias absorption (Relu only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Walk {
-    Equalize(Relu6),
+    Equalize(Relu6, HardSwishMode),
     Absorb,
 }
 
@@ -675,6 +778,7 @@ fn walk_link(graph: &Graph, from: Layer, walk: Walk) -> std::result::Result<Link
     let mut through = Vec::new();
     let mut through_nodes = Vec::new();
     let mut relu6 = Vec::new();
+    let mut hardswish = Vec::new();
     let mut relus = 0;
     loop {
         if is_graph_output(graph, &t) {
@@ -684,6 +788,17 @@ fn walk_link(graph: &Graph, from: Layer, walk: Walk) -> std::result::Result<Link
             return Err(format!("'{t}' is read inside a subgraph"));
         }
         let readers = graph.consumers(&t);
+        if matches!(walk, Walk::Equalize(_, HardSwishMode::PerChannel)) {
+            if let Some((site, output, nodes)) = decomposed_hardswish(graph, &t) {
+                for &ix in &nodes {
+                    through.push(graph.nodes[ix].label());
+                    through_nodes.push(ix);
+                }
+                hardswish.push(site);
+                t = output;
+                continue;
+            }
+        }
         let &[(n_ix, slot)] = readers.as_slice() else {
             let names: Vec<String> = readers.iter().map(|&(r, _)| graph.nodes[r].label()).collect();
             return Err(if readers.is_empty() {
@@ -703,12 +818,12 @@ fn walk_link(graph: &Graph, from: Layer, walk: Walk) -> std::result::Result<Link
         let op = n.op_type.as_str();
         if matches!(op, "Conv" | "Gemm") {
             let to = read_layer_checked(graph, n_ix)?;
-            return check_pair(graph, from, to, through, through_nodes, relu6, walk, relus);
+            return check_pair(graph, from, to, through, through_nodes, relu6, hardswish, walk, relus);
         }
         match (walk, op) {
             (_, "Relu") => relus += 1,
-            (Walk::Equalize(_), "LeakyRelu") => {}
-            (Walk::Equalize(_), "PRelu") => {
+            (Walk::Equalize(..), "LeakyRelu") => {}
+            (Walk::Equalize(..), "PRelu") => {
                 let slope = n.inputs.get(1).and_then(|s| graph.constants.get(s));
                 if slope.is_none_or(|c| tensor::element_count(&c.tensor) != 1) {
                     return Err(format!("{label} has a slope that is not a scalar constant"));
@@ -720,11 +835,11 @@ fn walk_link(graph: &Graph, from: Layer, walk: Walk) -> std::result::Result<Link
                 let unbounded = max.is_none_or(|m| m == f64::INFINITY);
                 match (min, walk) {
                     (Some(0.0), _) if unbounded => relus += 1,
-                    (Some(0.0), Walk::Equalize(Relu6::AsRelu | Relu6::PerChannel)) if max == Some(6.0) => {
+                    (Some(0.0), Walk::Equalize(Relu6::AsRelu | Relu6::PerChannel, _)) if max == Some(6.0) => {
                         relu6.push(n_ix);
                         relus += 1;
                     }
-                    (Some(0.0), Walk::Equalize(Relu6::Keep)) if max == Some(6.0) => {
+                    (Some(0.0), Walk::Equalize(Relu6::Keep, _)) if max == Some(6.0) => {
                         return Err(format!(
                         "{label} is a ReLU6, not positively homogeneous (option `relu6: per_channel` rewrites it to a per-channel clip)"
                     ))
@@ -745,7 +860,15 @@ fn walk_link(graph: &Graph, from: Layer, walk: Walk) -> std::result::Result<Link
                     return Err(format!("{label} has an Indices output"));
                 }
             }
-            (Walk::Equalize(_), _) if NON_HOMOGENEOUS.contains(&op) => {
+            (Walk::Equalize(_, HardSwishMode::PerChannel), "HardSwish") => {
+                hardswish.push(HardSwishSite::Op(n_ix));
+            }
+            (Walk::Equalize(_, HardSwishMode::Keep), "HardSwish") => {
+                return Err(format!(
+                    "'{t}' goes to {label}, not positively homogeneous (option `hardswish: per_channel` rewrites it to x·HardSigmoid(s·x) per channel)"
+                ));
+            }
+            (Walk::Equalize(..), _) if NON_HOMOGENEOUS.contains(&op) => {
                 return Err(format!("'{t}' goes to {label}, not positively homogeneous"));
             }
             (Walk::Absorb, _) => {
@@ -776,6 +899,7 @@ fn check_pair(
     through: Vec<String>,
     through_nodes: Vec<NodeIndex>,
     relu6: Vec<NodeIndex>,
+    hardswish: Vec<HardSwishSite>,
     walk: Walk,
     relus: usize,
 ) -> std::result::Result<Link, String> {
@@ -809,6 +933,7 @@ fn check_pair(
         to,
         through,
         relu6,
+        hardswish,
         through_nodes,
     })
 }
@@ -1042,7 +1167,20 @@ fn per_channel_clip(graph: &mut Graph, ix: NodeIndex, bounds: &[f64], rank: usiz
         "{}::per_channel_clip",
         if clip.name.is_empty() { &output } else { &clip.name }
     );
-    for name in [&relu_out, &bound_name, &min_name] {
+    check_free(graph, &[&relu_out, &bound_name, &min_name])?;
+    let order = graph.nodes[ix].order;
+    clip_to_relu(graph, ix);
+    graph.nodes[ix].outputs[0] = relu_out.clone();
+    add_channel_constant(graph, &bound_name, bounds, rank);
+    graph
+        .nodes
+        .add_node(new_node(&min_name, "Min", vec![relu_out, bound_name], &output, order));
+    Ok(())
+}
+
+/// Errors when a generated name is already a constant, a node or a tensor.
+fn check_free(graph: &Graph, names: &[&String]) -> Result<()> {
+    for &name in names {
         let taken = graph.constants.contains_key(name.as_str())
             || graph
                 .nodes
@@ -1054,39 +1192,97 @@ fn per_channel_clip(graph: &mut Graph, ix: NodeIndex, bounds: &[f64], rank: usiz
             )));
         }
     }
-    let order = graph.nodes[ix].order;
-    clip_to_relu(graph, ix);
-    graph.nodes[ix].outputs[0] = relu_out.clone();
-    let mut dims = vec![bounds.len() as i64];
+    Ok(())
+}
+
+/// A per-channel f32 constant that broadcasts along the channel axis of a rank-`rank` tensor
+/// (`[C, 1, …]`; `[C]` for a Gemm's last axis).
+fn add_channel_constant(graph: &mut Graph, name: &str, values: &[f64], rank: usize) {
+    let mut dims = vec![values.len() as i64];
     if rank >= 3 {
         dims.extend(std::iter::repeat_n(1, rank - 2));
     }
     let t = TensorProto {
-        name: Some(bound_name.clone()),
+        name: Some(name.to_string()),
         dims,
         data_type: Some(DataType::Float as i32),
-        raw_data: Some(bounds.iter().flat_map(|b| (*b as f32).to_le_bytes()).collect()),
+        raw_data: Some(values.iter().flat_map(|b| (*b as f32).to_le_bytes()).collect()),
         ..Default::default()
     };
     graph.constants.insert(
-        bound_name.clone(),
+        name.to_string(),
         crate::ir::Constant {
             tensor: t,
             origin: crate::ir::ConstantOrigin::Created,
         },
     );
-    graph.nodes.add_node(Node {
-        name: min_name,
+}
+
+fn new_node(name: &str, op: &str, inputs: Vec<String>, output: &str, order: u64) -> Node {
+    Node {
+        name: name.to_string(),
         domain: String::new(),
-        op_type: "Min".into(),
-        inputs: vec![relu_out, bound_name],
-        outputs: vec![output],
+        op_type: op.to_string(),
+        inputs,
+        outputs: vec![output.to_string()],
         attributes: vec![],
         implicit_inputs: vec![],
         extra: Default::default(),
         order,
-    });
-    Ok(())
+    }
+}
+
+/// A HardSwish whose input channels were divided by `scales`: its output becomes
+/// hswish(x)/s = x · HardSigmoid(s·x) (alpha 1/6, beta 1/2), channel by channel. The op becomes
+/// `Mul(x, HardSigmoid(Mul(x, s)))`; the exported form `Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)`
+/// gets `Mul(x, s)` as the Add's input, which is x·clip(s·x + 3, 0, 6)/6 again.
+fn per_channel_hardswish(graph: &mut Graph, site: HardSwishSite, scales: &[f64], rank: usize) -> Result<String> {
+    let (ix, x) = match site {
+        HardSwishSite::Op(ix) => (ix, graph.nodes[ix].inputs[0].clone()),
+        HardSwishSite::Decomposed { add, slot } => (add, graph.nodes[add].inputs[slot].clone()),
+    };
+    let label = graph.nodes[ix].label();
+    let base = if graph.nodes[ix].name.is_empty() {
+        graph.nodes[ix].outputs[0].clone()
+    } else {
+        graph.nodes[ix].name.clone()
+    };
+    let order = graph.nodes[ix].order;
+    let (scale_name, scaled, gate) = (
+        format!("{base}::channel_scale"),
+        format!("{base}::scaled_input"),
+        format!("{base}::gate"),
+    );
+    check_free(graph, &[&scale_name, &scaled, &gate])?;
+    add_channel_constant(graph, &scale_name, scales, rank);
+    graph
+        .nodes
+        .add_node(new_node(&scaled, "Mul", vec![x.clone(), scale_name], &scaled, order));
+    match site {
+        HardSwishSite::Op(ix) => {
+            let mut sigmoid = new_node(&gate, "HardSigmoid", vec![scaled], &gate, order);
+            sigmoid.attributes = vec![float_attr("alpha", 1.0 / 6.0), float_attr("beta", 0.5)];
+            graph.nodes.add_node(sigmoid);
+            let n = &mut graph.nodes[ix];
+            n.op_type = "Mul".into();
+            n.inputs = vec![x, gate];
+            n.attributes.clear();
+            Ok(format!("{label} (HardSwish) to x·HardSigmoid(s·x)"))
+        }
+        HardSwishSite::Decomposed { add, slot } => {
+            graph.nodes[add].inputs[slot] = scaled;
+            Ok(format!("{label} (the Add of an exported HardSwish) to read s·x"))
+        }
+    }
+}
+
+fn float_attr(name: &str, value: f32) -> crate::proto::AttributeProto {
+    crate::proto::AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(crate::proto::attribute_proto::AttributeType::Float as i32),
+        f: Some(value),
+        ..Default::default()
+    }
 }
 
 fn apply_chain(
@@ -1143,6 +1339,23 @@ fn apply_chain(
                     ));
                 }
             }
+        }
+    }
+    for (link, s) in chain.links.iter().zip(&result.scales) {
+        let rank = match link.from.layout.kind {
+            Kind::Conv { .. } => link.from.layout.dims.len(),
+            Kind::Gemm { .. } => 1,
+        };
+        for &site in &link.hardswish {
+            let what = per_channel_hardswish(graph, site, s, rank)?;
+            let (lo, hi) = s
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(*v), h.max(*v)));
+            notes.push(format!(
+                "rewrote {what} per channel (s in [{}, {}]): float-preserving",
+                fmt_float(lo),
+                fmt_float(hi)
+            ));
         }
     }
     let (lo, hi) = result
