@@ -1,6 +1,6 @@
 //! `equalize` alone: snapshots of the dump diff on small graphs (Conv→Relu→Conv, a depthwise
 //! triplet, Gemm→Relu→Gemm with transB, through Pad(0) and MaxPool, the cases where it must not
-//! fire with their reasons, ReLU6 replaced on request), the outputs in tract unchanged up to float
+//! fire with their reasons, ReLU6 replaced on request, ReLU6 and HardSwish rewritten per channel), the outputs in tract unchanged up to float
 //! rounding, the per-channel ranges equal after convergence, and the shipped models.
 
 mod common;
@@ -463,6 +463,91 @@ fn relu6_per_channel_equalises_through_the_clip_and_keeps_the_function() {
 }
 
 #[test]
+fn hardswish_per_channel_equalises_through_both_forms_and_keeps_the_function() {
+    // conv1 → HardSwish (the op) → conv2 → x·Clip(x + 3, 0, 6)/6 (as exporters write it) → conv3.
+    let scaled = |t: TensorProto, k: f32| {
+        let v: Vec<f32> = onnxq::onnx::tensor::values_f32(&t)
+            .unwrap()
+            .iter()
+            .map(|v| v * k)
+            .collect();
+        tensor_f32(t.name(), &t.dims, &v)
+    };
+    let inits = vec![
+        scaled(weight("w1", &[3, 2, 3, 3], 0, 51), 8.0),
+        tensor_f32("b1", &[3], &[0.5, -0.25, 1.0]),
+        scaled(weight("w2", &[3, 3, 3, 3], 1, 52), 2.0),
+        weight("w3", &[2, 3, 3, 3], 1, 53),
+        tensor_f32("zero", &[], &[0.0]),
+        tensor_f32("three", &[], &[3.0]),
+        tensor_f32("six", &[], &[6.0]),
+    ];
+    let g = graph(
+        vec![
+            conv("conv1", &["x", "w1", "b1"], "c1"),
+            node("HardSwish", "hswish", &["c1"], &["h1"]),
+            conv("conv2", &["h1", "w2"], "c2"),
+            node("Add", "add3", &["c2", "three"], &["a"]),
+            node("Clip", "clip06", &["a", "zero", "six"], &["g"]),
+            node("Mul", "times", &["c2", "g"], &["m"]),
+            node("Div", "by6", &["m", "six"], &["h2"]),
+            conv("conv3", &["h2", "w3"], "y"),
+        ],
+        inits,
+        vec![f32_info("x", &[1, 2, 5, 5])],
+        vec![f32_info("y", &[1, 2, 5, 5])],
+    );
+    let model = Model::from_proto(common::model(g, 17)).unwrap();
+    // Both HardSwishes see inputs in their curved part and past it.
+    for (t, c) in [("c1", 3), ("c2", 3)] {
+        let mut probe = model.clone();
+        probe.graph.outputs[0] = f32_info(t, &[1, c, 5, 5]);
+        let v = &common::outputs(&probe, &[1, 2, 5, 5])[0];
+        assert!(
+            v.iter().any(|v| v.abs() > 3.0) && v.iter().any(|v| v.abs() < 3.0),
+            "{t}: {v:?}"
+        );
+    }
+    let (diff, after, ctx) = run(&model, &[spec("equalize", "{hardswish: per_channel}")]);
+    insta::assert_snapshot!(diff);
+    let notes = &ctx.pass_reports[0].notes;
+    assert!(
+        notes[0].starts_with("1 chain equalised (3 layers)") && notes[0].contains("2 HardSwish rewritten per channel"),
+        "{notes:#?}"
+    );
+    for needle in [
+        "rewrote HardSwish 'hswish' (HardSwish) to x·HardSigmoid(s·x)",
+        "rewrote Add 'add3' (the Add of an exported HardSwish) to read s·x",
+    ] {
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains(needle) && n.contains("float-preserving")),
+            "{needle}: {notes:#?}"
+        );
+    }
+    // Weights alone are balanced (no clip bound to weigh in): each pair's ranges meet.
+    let (r1, _) = conv_ranges(&after, "w1", 1);
+    let (r2_out, r2_in) = conv_ranges(&after, "w2", 1);
+    let (_, r3) = conv_ranges(&after, "w3", 1);
+    assert_equal_ranges(&r1, &r2_in, 1e-3);
+    assert_equal_ranges(&r2_out, &r3, 1e-3);
+    let (before1, _) = conv_ranges(&model, "w1", 1);
+    assert!(before1[2] / before1[0] > 4.0, "{before1:?}");
+    assert_same_outputs(&model, &after, &[1, 2, 5, 5]);
+    // Without the option, the HardSwish ends the walk and says how to go through it.
+    let (_, _, ctx) = run(&model, &[spec("equalize", "~")]);
+    assert!(
+        ctx.pass_reports[0]
+            .notes
+            .iter()
+            .any(|n| n.contains("option `hardswish: per_channel`")),
+        "{:#?}",
+        ctx.pass_reports[0].notes
+    );
+}
+
+#[test]
 fn unknown_options_are_refused() {
     let model = Model::from_proto(model(
         graph(vec![], vec![], vec![f32_info("x", &[1])], vec![f32_info("x", &[1])]),
@@ -508,6 +593,30 @@ fn ppocr_after_fold_batchnorm() {
     let (chains, rejected) = counts(notes);
     println!("ppocr_mobile_v2_cls: {chains} chains equalised, no chain from {rejected} layers");
     assert!(chains > 0, "{notes:#?}");
+    let want = run_eval(&m, "models/ppocr_mobile_v2_cls.eval.npz");
+    let got = run_eval(&after, "models/ppocr_mobile_v2_cls.eval.npz");
+    assert_close(&got, &want, 1e-4);
+}
+
+#[test]
+fn ppocr_through_its_hardswishes() {
+    let m = onnx::load_model(&repo("models/ppocr_mobile_v2_cls.onnx")).unwrap();
+    let fold = || spec("fold_batchnorm", "~");
+    let (_, _, plain) = run(&m, &[fold(), spec("equalize", "~")]);
+    let (_, after, ctx) = run(&m, &[fold(), spec("equalize", "{hardswish: per_channel}")]);
+    let notes = &ctx.pass_reports[1].notes;
+    println!("{}", notes.join("\n"));
+    let layers = |notes: &[String]| -> usize {
+        notes
+            .iter()
+            .filter(|n| n.starts_with("equalised "))
+            .map(|n| n.matches(" → ").count() + 1)
+            .sum()
+    };
+    let (before, now) = (layers(&plain.pass_reports[1].notes), layers(notes));
+    println!("ppocr_mobile_v2_cls: {before} layers equalised, {now} through its HardSwishes");
+    assert!(now >= before + 10, "{before} → {now}: {notes:#?}");
+    assert!(notes[0].contains("HardSwish rewritten per channel"), "{}", notes[0]);
     let want = run_eval(&m, "models/ppocr_mobile_v2_cls.eval.npz");
     let got = run_eval(&after, "models/ppocr_mobile_v2_cls.eval.npz");
     assert_close(&got, &want, 1e-4);

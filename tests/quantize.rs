@@ -708,6 +708,74 @@ fn quantized_conv_net_is_close_to_the_float_one() {
     assert!(held_out.passed());
 }
 
+#[test]
+fn equalising_through_hardswish_pays_off_with_per_tensor_weights() {
+    // conv1's output channels span 16× (as after folding a BatchNorm): one per-tensor scale rounds
+    // the narrow channels to a few levels, and HardSwish breaks the chain unless rewritten.
+    let w1: Vec<f32> = values(6 * 3 * 9, 71, 1.0)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * 4f32.powi((i / 27) as i32 % 4 - 1))
+        .collect();
+    // conv2 reads the narrow channels with the large weights (a BatchNorm normalised them: each
+    // channel matters as much downstream).
+    let w2: Vec<f32> = values(2 * 6, 73, 1.0)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v / 4f32.powi((i % 6) as i32 % 4 - 1))
+        .collect();
+    let g = graph(
+        vec![
+            node("Conv", "conv1", &["x", "W1", "b1"], &["c1"]),
+            node("HardSwish", "hswish", &["c1"], &["h"]),
+            node("Conv", "conv2", &["h", "W2"], &["y"]),
+        ],
+        vec![
+            tensor_f32("W1", &[6, 3, 3, 3], &w1),
+            tensor_f32("b1", &[6], &values(6, 72, 0.5)),
+            tensor_f32("W2", &[2, 6, 1, 1], &w2),
+        ],
+        vec![f32_info("x", &[1, 3, 8, 8])],
+        vec![f32_info("y", &[1, 2, 6, 6])],
+    );
+    let float = Model::from_proto(model(g, 17)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let calib = write_data(
+        dir.path(),
+        "calib.npz",
+        vec![("x", uniform(&[1, 3, 8, 8], SAMPLES, 7, 1.0))],
+    );
+    let eval = write_data(
+        dir.path(),
+        "eval.npz",
+        vec![("x", uniform(&[1, 3, 8, 8], SAMPLES, 8, 1.0))],
+    );
+    let mut options = plan_options(Target::Generic, Overrides::default());
+    options.rules.per_channel_weights = false;
+    let sqnr = |m: &Model| {
+        let (_, quant, _) = quantize(m, &calibrate(m, &calib), &options);
+        output_sqnr(&verify(&float, &quant, &open_data(&float, &eval), &VerifyOptions::default()).unwrap())
+    };
+    let mut equalised = float.clone();
+    let spec = onnxq::pipeline::PassSpec {
+        name: "equalize".into(),
+        options: serde_yaml::from_str("{hardswish: per_channel}").unwrap(),
+    };
+    onnxq::pipeline::run_pipeline(
+        &mut equalised,
+        &[spec],
+        &mut onnxq::pipeline::Context::default(),
+        &Default::default(),
+    )
+    .unwrap();
+    let (plain, better) = (sqnr(&float), sqnr(&equalised));
+    println!("per-tensor int8: {plain:.2} dB plain, {better:.2} dB equalised");
+    assert!(
+        better > plain + 6.0,
+        "per-tensor int8: {plain:.2} dB plain, {better:.2} dB equalised"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1f. Determinism
 // ---------------------------------------------------------------------------------------------
