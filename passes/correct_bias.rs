@@ -31,7 +31,9 @@
 //!   `E[max(0, z)] = β·Φ(β/|γ|) + |γ|·φ(β/|γ|)`; Clip(a, b) (ReLU6) → the doubly clipped normal
 //!   `a·Φ(α) + b·(1 − Φ(β')) + μ·(Φ(β') − Φ(α)) + σ·(φ(α) − φ(β'))`, `α = (a − μ)/σ`,
 //!   `β' = (b − μ)/σ`; HardSwish (the op, or `x·Clip(x + 3, 0, 6)/6`) → `E[hardswish(z)]` by
-//!   numerical integration (no closed form). A zero Pad just before the layer is looked through.
+//!   numerical integration (no closed form), and the per-channel forms `equalize` writes
+//!   (`x·HardSigmoid(s·x)`, or the Add reading `s·x`) → `E[hardswish(s·z)]/s`. A zero Pad just
+//!   before the layer is looked through.
 //!   Any other activation, or an input without a record, skips the layer.
 //!
 //! Passes run before the plan exists, so the pass itself only records the request
@@ -394,9 +396,18 @@ fn analytical_mean(
                     clip_bound(graph, p, 2, "max")?.unwrap_or(f64::INFINITY),
                 ),
             ),
-            (true, "HardSwish") => (p.inputs.first().map_or("", String::as_str), Activation::HardSwish),
+            (true, "HardSwish") => (p.inputs.first().map_or("", String::as_str), Activation::HardSwish(None)),
+            (true, "Mul") => match gated_hard_swish(graph, p, &producer_of) {
+                Some((x, scales)) => (x, Activation::HardSwish(Some(scales))),
+                None => {
+                    return Err(format!(
+                        "its input comes through {} (only identity, Relu, Clip and HardSwish are modelled)",
+                        p.label()
+                    ))
+                }
+            },
             (true, "Div") => match decomposed_hard_swish(graph, p, &producer_of) {
-                Some(x) => (x, Activation::HardSwish),
+                Some((x, scales)) => (x, Activation::HardSwish(scales)),
                 None => {
                     return Err(format!(
                         "its input comes through {} (not a HardSwish x·Clip(x + 3, 0, 6)/6)",
@@ -426,13 +437,27 @@ fn analytical_mean(
             record.beta.len()
         ));
     }
+    if let Activation::HardSwish(Some(s)) = &act {
+        if s.len() != channels {
+            return Err(format!(
+                "the HardSwish before it has {} channel scales, the weight expects {channels}",
+                s.len()
+            ));
+        }
+    }
     Ok(record
         .beta
         .iter()
         .zip(&record.gamma)
-        .map(|(&b, &g)| match act {
-            Activation::Clip(lo, hi) => clipped_normal_mean(b as f64, (g as f64).abs(), lo, hi),
-            Activation::HardSwish => normal_expectation(hard_swish, b as f64, (g as f64).abs()),
+        .enumerate()
+        .map(|(c, (&b, &g))| match &act {
+            Activation::Clip(lo, hi) => clipped_normal_mean(b as f64, (g as f64).abs(), *lo, *hi),
+            Activation::HardSwish(None) => normal_expectation(hard_swish, b as f64, (g as f64).abs()),
+            // equalize's per-channel form: hswish(s·z)/s.
+            Activation::HardSwish(Some(s)) => {
+                let s = s[c];
+                normal_expectation(|z| hard_swish(s * z) / s, b as f64, (g as f64).abs())
+            }
         })
         .collect())
 }
@@ -454,13 +479,56 @@ fn is_zero_pad(graph: &Graph, n: &Node) -> bool {
     constant_mode && value
 }
 
+/// The values of a positive per-channel constant (equalize's channel scales).
+fn channel_scales(graph: &Graph, t: &str) -> Option<Vec<f64>> {
+    let v = tensor::values_f64(&graph.constants.get(t)?.tensor)?;
+    v.iter().all(|s| *s > 0.0 && s.is_finite()).then_some(v)
+}
+
+/// `Mul(x, HardSigmoid(Mul(x, s)))` with alpha 1/6, beta 1/2 (operands in either order): the
+/// per-channel HardSwish `hswish(s·x)/s` that `equalize` writes; `x` and `s`.
+fn gated_hard_swish<'g>(
+    graph: &'g Graph,
+    mul: &'g Node,
+    producer_of: &dyn Fn(&str) -> Option<&'g Node>,
+) -> Option<(&'g str, Vec<f64>)> {
+    if mul.inputs.len() != 2 {
+        return None;
+    }
+    for (x, gate) in [(&mul.inputs[0], &mul.inputs[1]), (&mul.inputs[1], &mul.inputs[0])] {
+        let Some(sigmoid) = producer_of(gate).filter(|n| n.is_default_domain() && n.op_type == "HardSigmoid") else {
+            continue;
+        };
+        let attr = |name: &str, default: f32| sigmoid.attribute(name).map_or(default, |a| a.f());
+        if (attr("alpha", 0.2) - 1.0 / 6.0).abs() > 1e-6 || attr("beta", 0.5) != 0.5 {
+            continue;
+        }
+        let Some(scaled) = producer_of(sigmoid.inputs.first()?).filter(|n| n.op_type == "Mul" && n.inputs.len() == 2)
+        else {
+            continue;
+        };
+        for (a, b) in [
+            (&scaled.inputs[0], &scaled.inputs[1]),
+            (&scaled.inputs[1], &scaled.inputs[0]),
+        ] {
+            if a == x {
+                if let Some(s) = channel_scales(graph, b) {
+                    return Some((x.as_str(), s));
+                }
+            }
+        }
+    }
+    None
+}
+
 /// `Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)` (HardSwish as some exporters write it; operands of
-/// Add and Mul in either order): the `x`.
+/// Add and Mul in either order): the `x`, and the channel scales `s` when `equalize` made the
+/// Add read `Mul(x, s)` (then it is `hswish(s·x)/s`).
 fn decomposed_hard_swish<'g>(
     graph: &'g Graph,
     div: &'g Node,
     producer_of: &dyn Fn(&str) -> Option<&'g Node>,
-) -> Option<&'g str> {
+) -> Option<(&'g str, Option<Vec<f64>>)> {
     let scalar = |t: &str| {
         graph
             .constants
@@ -484,20 +552,36 @@ fn decomposed_hard_swish<'g>(
         let Some(add) = producer_of(clip.inputs.first()?).filter(|n| n.op_type == "Add" && n.inputs.len() == 2) else {
             continue;
         };
-        let three = |a: &str, b: &str| a == x.as_str() && scalar(b) == Some(3.0);
-        if three(&add.inputs[0], &add.inputs[1]) || three(&add.inputs[1], &add.inputs[0]) {
-            return Some(x.as_str());
+        for (a, b) in [(&add.inputs[0], &add.inputs[1]), (&add.inputs[1], &add.inputs[0])] {
+            if scalar(b) != Some(3.0) {
+                continue;
+            }
+            if a == x {
+                return Some((x.as_str(), None));
+            }
+            // equalize's per-channel form: the Add reads Mul(x, s).
+            let scaled = producer_of(a).filter(|n| n.op_type == "Mul" && n.inputs.len() == 2);
+            if let Some(m) = scaled {
+                for (u, v) in [(&m.inputs[0], &m.inputs[1]), (&m.inputs[1], &m.inputs[0])] {
+                    if u == x {
+                        if let Some(s) = channel_scales(graph, v) {
+                            return Some((x.as_str(), Some(s)));
+                        }
+                    }
+                }
+            }
         }
     }
     None
 }
 
 /// The activation between a BatchNorm-folded layer and the layer whose input it is.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum Activation {
     /// Identity (infinite bounds), Relu, Clip.
     Clip(f64, f64),
-    HardSwish,
+    /// HardSwish; with channel scales `s`, `equalize`'s per-channel form hswish(s·x)/s.
+    HardSwish(Option<Vec<f64>>),
 }
 
 fn hard_swish(x: f64) -> f64 {

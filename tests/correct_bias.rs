@@ -181,6 +181,80 @@ fn analytical_rewrite_and_where_it_must_not_fire() {
     }
 }
 
+#[test]
+fn analytical_correction_through_equalize_s_hardswish_op() {
+    // conv1 → BatchNorm → HardSwish → conv2; equalize rewrites the HardSwish to
+    // x·HardSigmoid(s·x): conv2's input channel c is then hswish(s_c·z)/s_c with z the folded,
+    // rescaled N(β_c/s_c, (γ_c/s_c)²), whose mean is E[hswish(N(β_c, γ_c²))]/s_c.
+    let (bn, params) = batchnorm_node(
+        "bn",
+        "c1",
+        "n1",
+        &[0.5, 2.0, 0.25],
+        &[1.0, 0.5, -0.5],
+        &[0.0; 3],
+        &[1.0; 3],
+    );
+    let mut inits = vec![weight("w1", &[3, 2, 1, 1], 1), weight("w2", &[2, 3, 1, 1], 2)];
+    inits.extend(params);
+    let g = graph(
+        vec![
+            node("Conv", "conv1", &["x", "w1"], &["c1"]),
+            bn,
+            node("HardSwish", "hswish", &["n1"], &["h"]),
+            node("Conv", "conv2", &["h", "w2"], &["y"]),
+        ],
+        inits,
+        vec![f32_info("x", &[1, 2, 4, 4])],
+        vec![f32_info("y", &[1, 2, 4, 4])],
+    );
+    let m = Model::from_proto(model(g, 17)).unwrap();
+    let specs = [
+        spec("fold_batchnorm", "~"),
+        spec("equalize", "{hardswish: per_channel}"),
+        spec("correct_bias", "{mode: analytical}"),
+    ];
+    let (float, ctx) = passes(&m, &specs);
+    let s = to_values(&float, "hswish::channel_scale");
+    assert!(
+        s.iter().any(|s| (s - 1.0).abs() > 0.1),
+        "equalisation moved something: {s:?}"
+    );
+    let stats = stats_from_batchnorm(&float, &ctx.batchnorm_records, 6.0).unwrap();
+    let plan = build_plan(&float, &stats, &per_tensor_options()).unwrap();
+    let mut after = float.clone();
+    let notes = correct_bias::apply(&mut after, &plan, Some(&stats), &ctx).unwrap();
+    assert!(
+        notes.iter().any(|n| n.starts_with("corrected Conv 'conv2'")),
+        "{notes:#?}"
+    );
+    let w2 = to_values(&float, "w2");
+    let scale = w2.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+    let hswish = |x: f64| x * (x / 6.0 + 0.5).clamp(0.0, 1.0);
+    let e: Vec<f64> = [(1.0, 0.5), (0.5, 2.0), (-0.5, 0.25)]
+        .iter()
+        .zip(&s)
+        .map(|(&(b, g), &s)| correct_bias::normal_expectation(hswish, b, g) / s as f64)
+        .collect();
+    let conv2 = after.graph.nodes.node_weights().find(|n| n.name == "conv2").unwrap();
+    let bias = to_values(&after, &conv2.inputs[2]);
+    for o in 0..2 {
+        let delta: f64 = (0..3)
+            .map(|c| {
+                let w = w2[o * 3 + c];
+                let q = ((w / scale) as f64).round_ties_even() as f32 * scale;
+                (q as f64 - w as f64) * e[c]
+            })
+            .sum();
+        assert!(
+            (bias[o] as f64 + delta).abs() < 1e-5,
+            "channel {o}: {} vs {}",
+            bias[o],
+            -delta
+        );
+    }
+}
+
 fn to_values(m: &Model, name: &str) -> Vec<f32> {
     onnxq::onnx::tensor::values_f32(&m.graph.constants[name].tensor).unwrap()
 }
@@ -396,6 +470,36 @@ fn correction_lowers_the_expected_output_error_of_a_conv_net() {
 
 // ---------------------------------------------------------------------------------------------
 // Data-free mode on the shipped ppocr model
+
+#[test]
+fn analytical_correction_sees_through_equalised_hardswishes() {
+    // equalize's per-channel HardSwish (the Add reads s·x) is hswish(s·z)/s: the same layers are
+    // corrected as without the rewrite, by amounts of the same size.
+    let m = onnxq::onnx::load_model(&repo("models/ppocr_mobile_v2_cls.onnx")).unwrap();
+    let corrections = |equalize: &str| {
+        let specs = [
+            spec("fold_batchnorm", "~"),
+            spec("equalize", equalize),
+            spec("correct_bias", "{mode: analytical}"),
+        ];
+        let (float, ctx) = passes(&m, &specs);
+        let stats = stats_from_batchnorm(&float, &ctx.batchnorm_records, 6.0).unwrap();
+        let (_, _, notes) = quantize(&float, &ctx, &stats);
+        notes
+    };
+    let (plain, per_channel) = (corrections("~"), corrections("{hardswish: per_channel}"));
+    let corrected = |notes: &[String]| notes.iter().filter(|n| n.starts_with("corrected")).count();
+    println!(
+        "{} corrected plain, {} through equalised HardSwishes",
+        corrected(&plain),
+        corrected(&per_channel)
+    );
+    assert!(corrected(&per_channel) >= corrected(&plain), "{per_channel:#?}");
+    assert!(
+        !per_channel.iter().any(|n| n.contains("not a HardSwish")),
+        "{per_channel:#?}"
+    );
+}
 
 #[test]
 fn data_free_ppocr_quantizes_most_convs() {
