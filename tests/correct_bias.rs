@@ -149,21 +149,19 @@ fn analytical_rewrite_and_where_it_must_not_fire() {
     insta::assert_snapshot!(text);
     // conv2's new bias is −Δb with Δb = (W̃2 − W2)·E[relu(N(β, γ²))], recomputed here by hand.
     let w2 = to_values(&folded, "w2");
-    let scale = w2.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
     let e: Vec<f64> = [(1.0, 0.5), (0.5, 1.0), (-0.5, 0.25)]
         .iter()
         .map(|&(b, g)| correct_bias::clipped_normal_mean(b, g, 0.0, f64::INFINITY))
         .collect();
-    let bias = to_values(
-        &after,
-        &after
-            .graph
-            .nodes
-            .node_weights()
-            .find(|n| n.name == "conv2")
-            .unwrap()
-            .inputs[2],
-    );
+    assert_corrected_by_hand(&after, &w2, &e, 1e-6);
+}
+
+/// conv2's new bias is −Δb with Δb = (W̃2 − W2)·E[x], W̃2 per-tensor int8 of `w2` [2, 3, 1, 1]
+/// and `e` the expected input per channel.
+fn assert_corrected_by_hand(after: &Model, w2: &[f32], e: &[f64], tolerance: f64) {
+    let scale = w2.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+    let conv2 = after.graph.nodes.node_weights().find(|n| n.name == "conv2").unwrap();
+    let bias = to_values(after, &conv2.inputs[2]);
     for o in 0..2 {
         let delta: f64 = (0..3)
             .map(|c| {
@@ -173,7 +171,7 @@ fn analytical_rewrite_and_where_it_must_not_fire() {
             })
             .sum();
         assert!(
-            (bias[o] as f64 + delta).abs() < 1e-6,
+            (bias[o] as f64 + delta).abs() < tolerance,
             "channel {o}: {} vs {}",
             bias[o],
             -delta
@@ -229,30 +227,13 @@ fn analytical_correction_through_equalize_s_hardswish_op() {
         "{notes:#?}"
     );
     let w2 = to_values(&float, "w2");
-    let scale = w2.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
     let hswish = |x: f64| x * (x / 6.0 + 0.5).clamp(0.0, 1.0);
     let e: Vec<f64> = [(1.0, 0.5), (0.5, 2.0), (-0.5, 0.25)]
         .iter()
         .zip(&s)
         .map(|(&(b, g), &s)| correct_bias::normal_expectation(hswish, b, g) / s as f64)
         .collect();
-    let conv2 = after.graph.nodes.node_weights().find(|n| n.name == "conv2").unwrap();
-    let bias = to_values(&after, &conv2.inputs[2]);
-    for o in 0..2 {
-        let delta: f64 = (0..3)
-            .map(|c| {
-                let w = w2[o * 3 + c];
-                let q = ((w / scale) as f64).round_ties_even() as f32 * scale;
-                (q as f64 - w as f64) * e[c]
-            })
-            .sum();
-        assert!(
-            (bias[o] as f64 + delta).abs() < 1e-5,
-            "channel {o}: {} vs {}",
-            bias[o],
-            -delta
-        );
-    }
+    assert_corrected_by_hand(&after, &w2, &e, 1e-5);
 }
 
 fn to_values(m: &Model, name: &str) -> Vec<f32> {
