@@ -27,7 +27,7 @@
 //!   `transA = 0`.
 //!
 //! Between the two layers the walk passes through, besides the activations above, the ops that
-//! commute with a positive per-channel scale: `Pad` in constant mode with value 0 whose pads
+//! commute with a positive per-channel scale: `Identity`, `Pad` in constant mode with value 0 whose pads
 //! (constants, or computed from constants only as in PyTorch's `F.pad` export, which is
 //! evaluated here) leave the channel axis alone, and `MaxPool`. A `Clip` with min 0 and no max is
 //! a Relu. Anything else ends the walk and is reported: `Clip(0, 6)` (ReLU6), HardSwish,
@@ -866,6 +866,7 @@ fn walk_link(graph: &Graph, from: Layer, walk: Walk) -> std::result::Result<Link
                     }
                 }
             }
+            (_, "Identity") => {}
             (_, "Pad") => check_pad(graph, n)?,
             (_, "MaxPool") => {
                 if n.outputs.iter().skip(1).any(|o| !o.is_empty()) {
@@ -885,7 +886,7 @@ fn walk_link(graph: &Graph, from: Layer, walk: Walk) -> std::result::Result<Link
             }
             (Walk::Absorb, _) => {
                 return Err(format!(
-                    "'{t}' goes to {label}; absorption needs Relu (and only Pad(0), MaxPool) between layers"
+                    "'{t}' goes to {label}; absorption needs Relu (and only Identity, Pad(0), MaxPool) between layers"
                 ));
             }
             _ => {

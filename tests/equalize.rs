@@ -220,7 +220,7 @@ fn gemm_relu_gemm_with_trans_b() {
 #[test]
 fn through_pad_and_maxpool() {
     // Conv → Relu → Pad (pads computed from constants as PyTorch's F.pad exports them, value 0)
-    // → MaxPool → Conv; and a second Pad with constant pads and no value input.
+    // → MaxPool → Conv; then Identity and a second Pad with constant pads and no value input.
     let mut inits = vec![
         weight("w1", &[3, 2, 3, 3], 0, 8),
         weight("w2", &[3, 3, 3, 3], 1, 9),
@@ -271,7 +271,8 @@ fn through_pad_and_maxpool() {
                 attr_ints("strides", &[1, 1]),
             ),
             node("Conv", "conv2", &["pooled", "w2"], &["c2"]),
-            node("Pad", "pad2", &["c2", "pads2"], &["padded2"]),
+            node("Identity", "same", &["c2"], &["c2b"]),
+            node("Pad", "pad2", &["c2b", "pads2"], &["padded2"]),
             node("Conv", "conv3", &["padded2", "w3"], &["y"]),
         ],
         inits,
