@@ -22,6 +22,30 @@ pub const NAMES: &[&str] = &[
     "correct_bias",
 ];
 
+/// What a pass does and its options with their defaults, for `onnxq passes`.
+pub fn describe(name: &str) -> Option<(&'static str, &'static str)> {
+    Some(match name {
+        "eliminate_identity" => ("removes Identity nodes (exact)", "none"),
+        "fold_batchnorm" => (
+            "folds BatchNormalization (or its Mul/Add form) into the Conv, ConvTranspose or Gemm before it, keeping the statistics for the passes below (exact up to rounding)",
+            "none",
+        ),
+        "equalize" => (
+            "cross-layer equalisation (Nagel et al. 2019): balances the per-channel weight ranges of consecutive layers (float-preserving)",
+            "relu6: keep|per_channel|as_relu (keep); hardswish: keep|per_channel (keep); tolerance (1e-4); max_iterations (20)",
+        ),
+        "absorb_bias" => (
+            "high-bias absorption across a Relu, from the BatchNorm statistics (exact where the pre-activation exceeds the absorbed amount)",
+            "sigmas (6); padded: skip|absorb (skip)",
+        ),
+        "correct_bias" => (
+            "bias correction: removes the expected output shift of weight rounding once the plan is known",
+            "mode: empirical|analytical (empirical with calibration data, analytical without)",
+        ),
+        _ => return None,
+    })
+}
+
 pub fn create(name: &str) -> Option<Box<dyn Pass>> {
     Some(match name {
         "eliminate_identity" => Box::new(eliminate_identity::EliminateIdentity),
@@ -31,4 +55,16 @@ pub fn create(name: &str) -> Option<Box<dyn Pass>> {
         "correct_bias" => Box::new(correct_bias::CorrectBias::default()),
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_pass_is_described_and_created() {
+        for name in super::NAMES {
+            assert!(super::describe(name).is_some(), "{name} has no description");
+            assert!(super::create(name).is_some(), "{name} cannot be created");
+        }
+        assert!(super::describe("nope").is_none());
+    }
 }

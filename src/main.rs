@@ -268,7 +268,8 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Some(Command::Passes) => {
             for name in onnxq::passes::NAMES {
-                println!("{name}");
+                let (what, options) = onnxq::passes::describe(name).unwrap_or(("", "none"));
+                println!("{name}\n    {what}\n    options: {options}");
             }
             Ok(())
         }

@@ -311,6 +311,18 @@ fn dump_after_and_stop_after_help_bisect() {
 }
 
 #[test]
+fn passes_lists_every_pass_with_its_options() {
+    let out = onnxq(&["passes"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for name in onnxq::passes::NAMES {
+        assert!(text.lines().any(|l| l == *name), "{name} missing from:\n{text}");
+    }
+    assert!(text.contains("hardswish: keep|per_channel (keep)"), "{text}");
+    assert_eq!(text.matches("options: ").count(), onnxq::passes::NAMES.len(), "{text}");
+}
+
+#[test]
 fn inspect_reports_what_the_model_is_made_of() {
     let o = onnxq(&["inspect", s(&repo("models/ppocr_mobile_v2_cls.onnx"))]);
     assert_eq!(o.status.code(), Some(0));
