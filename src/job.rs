@@ -52,36 +52,8 @@ pub fn main_job(args: MainJob) -> Result<()> {
             "quantizing needs calibration data: set `calibration: {data: calib.npz}`, or run `fold_batchnorm` for data-free ranges from the BatchNorm statistics (or `quantize: false` to only run the passes)",
         ));
     }
-    for (flag, value) in [("--dump-after", &args.dump_after), ("--stop-after", &args.stop_after)] {
-        if let Some(pass) = value {
-            if !(pass == "all" && flag == "--dump-after") && !config.pass_names().contains(pass) {
-                let runs = if config.passes.is_empty() {
-                    "it runs no passes".to_string()
-                } else {
-                    format!("it runs: {}", config.pass_names().join(", "))
-                };
-                return Err(Error::Usage(format!(
-                    "{flag} {pass}: the config does not run that pass ({runs})"
-                )));
-            }
-        }
-    }
-    let output = match args.output {
-        Some(o) => o,
-        None => {
-            let stem = model_path
-                .file_stem()
-                .map(|s| s.to_string_lossy().to_string())
-                .unwrap_or_else(|| "model".into());
-            PathBuf::from(format!("{stem}.onnxq.onnx"))
-        }
-    };
-    if same_file(&model_path, &output) {
-        return Err(Error::Usage(format!(
-            "{}: the output would overwrite the input model; choose another -o",
-            output.display()
-        )));
-    }
+    check_debug_flags(&config, &args.dump_after, &args.stop_after)?;
+    let output = output_path(&model_path, args.output)?;
 
     let t0 = Instant::now();
     let mut model = onnx::load_model(&model_path)?;
@@ -127,50 +99,9 @@ pub fn main_job(args: MainJob) -> Result<()> {
             .map(|c| DataSource::open(c, &inputs))
             .transpose()?;
         // Held-out data: the same source kinds as calibration (plain .npz/.npy when data-free), all of it.
-        let verify_data = match &config.verify {
-            Some(v) => {
-                let data = crate::pipeline::config::DataPaths::One(v.data.clone());
-                let cfg = match &config.calibration {
-                    Some(c) => crate::pipeline::config::CalibrationConfig {
-                        data,
-                        samples: None,
-                        ..c.clone()
-                    },
-                    None => {
-                        let mut m = serde_yaml::Mapping::new();
-                        m.insert(
-                            "data".into(),
-                            serde_yaml::to_value(&data.paths()[0]).expect("a path serialises"),
-                        );
-                        serde_yaml::from_value(serde_yaml::Value::Mapping(m))
-                            .map_err(|e| Error::config(&config_path, e.to_string()))?
-                    }
-                };
-                Some(DataSource::open(&cfg, &inputs)?)
-            }
-            None => None,
-        };
+        let verify_data = verify_source(&config, &config_path, &inputs)?;
         let t = Instant::now();
-        let stats = match &source {
-            Some(source) => calibration_stats(&model, source, args.stats.as_deref())?,
-            None => {
-                if let Some(stats_path) = &args.stats {
-                    return Err(Error::config(
-                        &config_path,
-                        format!(
-                            "--stats {} holds calibration statistics, but the config has no `calibration:`: without data the ranges come from BatchNorm statistics (data-free mode); add `calibration: {{data: …}}` or drop --stats",
-                            stats_path.display()
-                        ),
-                    ));
-                }
-                let sigmas = crate::calib::datafree::DEFAULT_SIGMAS;
-                eprintln!(
-                    "onnxq: data-free: activation ranges from {} folded BatchNorms (β ± {sigmas}·|γ|), no calibration data",
-                    ctx.batchnorm_records.len()
-                );
-                crate::calib::datafree::stats_from_batchnorm(&model, &ctx.batchnorm_records, sigmas)?
-            }
-        };
+        let stats = job_statistics(&model, source.as_ref(), args.stats.as_deref(), &config_path, &ctx)?;
         calibrate_ms = t.elapsed().as_secs_f64() * 1e3;
         let method = config
             .calibration
@@ -302,6 +233,105 @@ pub fn main_job(args: MainJob) -> Result<()> {
         return Err(Error::Verification(failed.join("; ")));
     }
     Ok(())
+}
+
+/// `--dump-after` and `--stop-after` must name a pass the config runs (`--dump-after all` too).
+fn check_debug_flags(config: &Config, dump_after: &Option<String>, stop_after: &Option<String>) -> Result<()> {
+    for (flag, value) in [("--dump-after", dump_after), ("--stop-after", stop_after)] {
+        if let Some(pass) = value {
+            if !(pass == "all" && flag == "--dump-after") && !config.pass_names().contains(pass) {
+                let runs = if config.passes.is_empty() {
+                    "it runs no passes".to_string()
+                } else {
+                    format!("it runs: {}", config.pass_names().join(", "))
+                };
+                return Err(Error::Usage(format!(
+                    "{flag} {pass}: the config does not run that pass ({runs})"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `-o`, or `<model stem>.onnxq.onnx`; never the input model itself.
+fn output_path(model_path: &Path, output: Option<PathBuf>) -> Result<PathBuf> {
+    let output = match output {
+        Some(o) => o,
+        None => {
+            let stem = model_path
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_else(|| "model".into());
+            PathBuf::from(format!("{stem}.onnxq.onnx"))
+        }
+    };
+    if same_file(model_path, &output) {
+        return Err(Error::Usage(format!(
+            "{}: the output would overwrite the input model; choose another -o",
+            output.display()
+        )));
+    }
+    Ok(output)
+}
+
+/// The held-out data of `verify:`, opened like the calibration data (plain .npz/.npy when
+/// data-free), all of it.
+fn verify_source(config: &Config, config_path: &Path, inputs: &[InputSpec]) -> Result<Option<DataSource>> {
+    Ok(match &config.verify {
+        Some(v) => {
+            let data = crate::pipeline::config::DataPaths::One(v.data.clone());
+            let cfg = match &config.calibration {
+                Some(c) => crate::pipeline::config::CalibrationConfig {
+                    data,
+                    samples: None,
+                    ..c.clone()
+                },
+                None => {
+                    let mut m = serde_yaml::Mapping::new();
+                    m.insert(
+                        "data".into(),
+                        serde_yaml::to_value(&data.paths()[0]).expect("a path serialises"),
+                    );
+                    serde_yaml::from_value(serde_yaml::Value::Mapping(m))
+                        .map_err(|e| Error::config(config_path, e.to_string()))?
+                }
+            };
+            Some(DataSource::open(&cfg, inputs)?)
+        }
+        None => None,
+    })
+}
+
+/// Calibration statistics from the data (reused from `stats_path` when it matches), or in
+/// data-free mode the ranges the BatchNorm records give.
+fn job_statistics(
+    model: &Model,
+    source: Option<&DataSource>,
+    stats_path: Option<&Path>,
+    config_path: &Path,
+    ctx: &Context,
+) -> Result<CalibrationStats> {
+    Ok(match source {
+        Some(source) => calibration_stats(model, source, stats_path)?,
+        None => {
+            if let Some(stats_path) = stats_path {
+                return Err(Error::config(
+                        config_path,
+                        format!(
+                            "--stats {} holds calibration statistics, but the config has no `calibration:`: without data the ranges come from BatchNorm statistics (data-free mode); add `calibration: {{data: …}}` or drop --stats",
+                            stats_path.display()
+                        ),
+                    ));
+            }
+            let sigmas = crate::calib::datafree::DEFAULT_SIGMAS;
+            eprintln!(
+                "onnxq: data-free: activation ranges from {} folded BatchNorms (β ± {sigmas}·|γ|), no calibration data",
+                ctx.batchnorm_records.len()
+            );
+            crate::calib::datafree::stats_from_batchnorm(model, &ctx.batchnorm_records, sigmas)?
+        }
+    })
 }
 
 pub fn build_plan(config: &Config, model: &Model, stats: &CalibrationStats) -> Result<crate::quant::plan::Plan> {
