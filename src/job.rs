@@ -239,7 +239,7 @@ pub fn main_job(args: MainJob) -> Result<()> {
 fn check_debug_flags(config: &Config, dump_after: &Option<String>, stop_after: &Option<String>) -> Result<()> {
     for (flag, value) in [("--dump-after", dump_after), ("--stop-after", stop_after)] {
         if let Some(pass) = value {
-            if !(pass == "all" && flag == "--dump-after") && !config.pass_names().contains(pass) {
+            if (pass != "all" || flag != "--dump-after") && !config.pass_names().contains(pass) {
                 let runs = if config.passes.is_empty() {
                     "it runs no passes".to_string()
                 } else {

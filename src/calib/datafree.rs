@@ -395,7 +395,7 @@ mod tests {
             hi: vec![-2.0, 8.0],
         };
         // Relu6 as Clip(0, 6).
-        let relu6 = x.map(|v| v.max(0.0).min(6.0), &[]);
+        let relu6 = x.map(|v| v.clamp(0.0, 6.0), &[]);
         assert_eq!(relu6.lo, [0.0, 1.0]);
         assert_eq!(relu6.hi, [0.0, 6.0]);
         // HardSwish on [−4, −2] contains its minimum at −1.5? No: f(−4) = 0, f(−2) = −2·(1/6) =

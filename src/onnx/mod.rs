@@ -288,10 +288,7 @@ pub fn save_model(model: &Model, path: &Path, options: &SaveOptions) -> Result<(
         .to_string_lossy()
         .to_string();
     let data_name = format!("{file_name}.data");
-    let data = match threshold {
-        Some(threshold) => Some(externalise(&mut proto, &data_name, threshold)),
-        None => None,
-    };
+    let data = threshold.map(|threshold| externalise(&mut proto, &data_name, threshold));
     if proto.encoded_len() as u64 > PROTOBUF_LIMIT {
         return Err(Error::model(
             path,
