@@ -1187,7 +1187,7 @@ fn per_channel_clip(graph: &mut Graph, ix: NodeIndex, bounds: &[f64], rank: usiz
     add_channel_constant(graph, &bound_name, bounds, rank);
     graph
         .nodes
-        .add_node(new_node(&min_name, "Min", vec![relu_out, bound_name], &output, order));
+        .add_node(Node::new(&min_name, "Min", vec![relu_out, bound_name], &output, order));
     Ok(())
 }
 
@@ -1231,20 +1231,6 @@ fn add_channel_constant(graph: &mut Graph, name: &str, values: &[f64], rank: usi
     );
 }
 
-fn new_node(name: &str, op: &str, inputs: Vec<String>, output: &str, order: u64) -> Node {
-    Node {
-        name: name.to_string(),
-        domain: String::new(),
-        op_type: op.to_string(),
-        inputs,
-        outputs: vec![output.to_string()],
-        attributes: vec![],
-        implicit_inputs: vec![],
-        extra: Default::default(),
-        order,
-    }
-}
-
 /// A HardSwish whose input channels were divided by `scales`: its output becomes
 /// hswish(x)/s = x · HardSigmoid(s·x) (alpha 1/6, beta 1/2), channel by channel. The op becomes
 /// `Mul(x, HardSigmoid(Mul(x, s)))`; the exported form `Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)`
@@ -1270,10 +1256,10 @@ fn per_channel_hardswish(graph: &mut Graph, site: HardSwishSite, scales: &[f64],
     add_channel_constant(graph, &scale_name, scales, rank);
     graph
         .nodes
-        .add_node(new_node(&scaled, "Mul", vec![x.clone(), scale_name], &scaled, order));
+        .add_node(Node::new(&scaled, "Mul", vec![x.clone(), scale_name], &scaled, order));
     match site {
         HardSwishSite::Op(ix) => {
-            let mut sigmoid = new_node(&gate, "HardSigmoid", vec![scaled], &gate, order);
+            let mut sigmoid = Node::new(&gate, "HardSigmoid", vec![scaled], &gate, order);
             sigmoid.attributes = vec![float_attr("alpha", 1.0 / 6.0), float_attr("beta", 0.5)];
             graph.nodes.add_node(sigmoid);
             let n = &mut graph.nodes[ix];

@@ -99,6 +99,20 @@ pub struct Edge {
 pub const ORDER_STEP: u64 = 1 << 16;
 
 impl Node {
+    /// A default-domain node with one output and no attributes, at order key `order`.
+    pub fn new(name: &str, op: &str, inputs: Vec<String>, output: &str, order: u64) -> Node {
+        Node {
+            name: name.to_string(),
+            domain: String::new(),
+            op_type: op.to_string(),
+            inputs,
+            outputs: vec![output.to_string()],
+            attributes: vec![],
+            implicit_inputs: vec![],
+            extra: Default::default(),
+            order,
+        }
+    }
     pub fn attribute(&self, name: &str) -> Option<&AttributeProto> {
         self.attributes.iter().find(|a| a.name() == name)
     }

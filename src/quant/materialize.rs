@@ -43,20 +43,6 @@ fn axis_attr(axis: i64) -> AttributeProto {
     int_attr("axis", axis)
 }
 
-fn new_node(name: &str, op: &str, inputs: Vec<String>, output: &str, order: u64) -> Node {
-    Node {
-        name: name.to_string(),
-        domain: String::new(),
-        op_type: op.to_string(),
-        inputs,
-        outputs: vec![output.to_string()],
-        attributes: vec![],
-        implicit_inputs: vec![],
-        extra: Default::default(),
-        order,
-    }
-}
-
 struct Builder<'a> {
     model: &'a mut Model,
     taken: std::collections::BTreeSet<String>,
@@ -161,7 +147,7 @@ impl Builder<'_> {
                 *input = self.constant(t, converted)?;
             } else {
                 let name = self.name(converted)?;
-                let mut cast = new_node(&name, "Cast", vec![input.clone()], &name, node.order.saturating_sub(1));
+                let mut cast = Node::new(&name, "Cast", vec![input.clone()], &name, node.order.saturating_sub(1));
                 cast.attributes
                     .push(int_attr("to", crate::proto::tensor_proto::DataType::Float16 as i64));
                 self.model.graph.nodes.add_node(cast);
@@ -176,7 +162,7 @@ impl Builder<'_> {
             .ok_or_else(|| Error::Graph(format!("float16 layer '{layer}' has no output")))?;
         let half_output = self.name(format!("{output}::float16"))?;
         let back = self.name(format!("{output}::to_float"))?;
-        let mut cast = new_node(&back, "Cast", vec![half_output.clone()], &output, node.order + 1);
+        let mut cast = Node::new(&back, "Cast", vec![half_output.clone()], &output, node.order + 1);
         cast.attributes
             .push(int_attr("to", crate::proto::tensor_proto::DataType::Float as i64));
         let n = &mut self.model.graph.nodes[ix];
@@ -244,8 +230,8 @@ pub fn materialize(model: &mut Model, plan: &Plan) -> Result<Vec<String>> {
         b.model
             .graph
             .nodes
-            .add_node(new_node(&q, "QuantizeLinear", inputs, &q, order));
-        b.model.graph.nodes.add_node(new_node(
+            .add_node(Node::new(&q, "QuantizeLinear", inputs, &q, order));
+        b.model.graph.nodes.add_node(Node::new(
             &dq,
             "DequantizeLinear",
             vec![q.clone(), scale, zero_point],
@@ -273,7 +259,7 @@ pub fn materialize(model: &mut Model, plan: &Plan) -> Result<Vec<String>> {
         let zero_point = b.constant(zero_point, format!("{w}::zero_point"))?;
         let dq = b.name(format!("{w}::dq"))?;
         let order = b.order_of_consumers(&wq.consumers).saturating_sub(1);
-        let mut node = new_node(&dq, "DequantizeLinear", vec![data, scale, zero_point], &dq, order);
+        let mut node = Node::new(&dq, "DequantizeLinear", vec![data, scale, zero_point], &dq, order);
         if let Some(axis) = wq.axis {
             node.attributes.push(axis_attr(axis as i64));
         }
@@ -302,7 +288,7 @@ pub fn materialize(model: &mut Model, plan: &Plan) -> Result<Vec<String>> {
                 let zero_point = b.constant(zero_point, format!("{bias}::zero_point"))?;
                 let dq = b.name(format!("{bias}::dq"))?;
                 let order = b.order_of_consumers(&bq.consumers).saturating_sub(1);
-                let mut node = new_node(&dq, "DequantizeLinear", vec![data, scale, zero_point], &dq, order);
+                let mut node = Node::new(&dq, "DequantizeLinear", vec![data, scale, zero_point], &dq, order);
                 if per_channel {
                     node.attributes.push(axis_attr(0));
                 }
