@@ -63,21 +63,12 @@ fn batchnorm(name: &str, x: &str, y: &str, gamma: &[f32], beta: &[f32]) -> (Node
 #[test]
 fn conv_bn_relu_conv() {
     // β − 3|γ| per channel: 5 − 1.5 = 3.5, 0.2 − 3 < 0 (nothing), 4 − 3·|−1| = 1.
-    let (bn, params) = batchnorm("bn", "c1", "n1", &[0.5, 1.0, -1.0], &[5.0, 0.2, 4.0]);
-    let mut inits = vec![weight("w1", &[3, 2, 1, 1], 1), weight("w2", &[2, 3, 1, 1], 2)];
-    inits.extend(params);
-    let g = graph(
-        vec![
-            node("Conv", "conv1", &["x", "w1"], &["c1"]),
-            bn,
-            node("Relu", "relu", &["n1"], &["r"]),
-            node("Conv", "conv2", &["r", "w2"], &["y"]),
-        ],
-        inits,
-        vec![f32_info("x", &[1, 2, 4, 4])],
-        vec![f32_info("y", &[1, 2, 4, 4])],
+    let model = conv_bn_act_conv(
+        batchnorm("bn", "c1", "n1", &[0.5, 1.0, -1.0], &[5.0, 0.2, 4.0]),
+        ("Relu", "relu", "r"),
+        weight("w1", &[3, 2, 1, 1], 1),
+        weight("w2", &[2, 3, 1, 1], 2),
     );
-    let model = Model::from_proto(model(g, 17)).unwrap();
     let (diff, folded, after, ctx) = run(&model);
     insta::assert_snapshot!(diff);
     // Every pre-activation of channels 0 and 2 is far above c: exact.

@@ -193,20 +193,12 @@ fn analytical_correction_through_equalize_s_hardswish_op() {
         &[0.0; 3],
         &[1.0; 3],
     );
-    let mut inits = vec![weight("w1", &[3, 2, 1, 1], 1), weight("w2", &[2, 3, 1, 1], 2)];
-    inits.extend(params);
-    let g = graph(
-        vec![
-            node("Conv", "conv1", &["x", "w1"], &["c1"]),
-            bn,
-            node("HardSwish", "hswish", &["n1"], &["h"]),
-            node("Conv", "conv2", &["h", "w2"], &["y"]),
-        ],
-        inits,
-        vec![f32_info("x", &[1, 2, 4, 4])],
-        vec![f32_info("y", &[1, 2, 4, 4])],
+    let m = conv_bn_act_conv(
+        (bn, params),
+        ("HardSwish", "hswish", "h"),
+        weight("w1", &[3, 2, 1, 1], 1),
+        weight("w2", &[2, 3, 1, 1], 2),
     );
-    let m = Model::from_proto(model(g, 17)).unwrap();
     let specs = [
         spec("fold_batchnorm", "~"),
         spec("equalize", "{hardswish: per_channel}"),

@@ -76,7 +76,6 @@ pub fn seeded(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// A tensor value info; a dim < 0 is symbolic ("n").
 /// BatchNormalization `name` over `x` with the given statistics, as constants
 /// `<name>.{scale,B,mean,var}`.
 pub fn batchnorm_node(
@@ -104,6 +103,31 @@ pub fn batchnorm_node(
     (node("BatchNormalization", name, &inputs, &[y]), params)
 }
 
+/// x [1, 2, 4, 4] → Conv `conv1` (`w1` [3, 2, 1, 1]) → c1 → the BatchNorm `bn` (reading c1,
+/// writing n1) → `activation` (op, name, output) → Conv `conv2` (`w2` [2, 3, 1, 1]) → y, opset 17.
+pub fn conv_bn_act_conv(
+    bn: (NodeProto, Vec<TensorProto>),
+    activation: (&str, &str, &str),
+    w1: TensorProto,
+    w2: TensorProto,
+) -> onnxq::ir::Model {
+    let (op, name, output) = activation;
+    let mut inits = vec![w1, w2];
+    inits.extend(bn.1);
+    let g = graph(
+        vec![
+            node("Conv", "conv1", &["x", "w1"], &["c1"]),
+            bn.0,
+            node(op, name, &["n1"], &[output]),
+            node("Conv", "conv2", &[output, "w2"], &["y"]),
+        ],
+        inits,
+        vec![f32_info("x", &[1, 2, 4, 4])],
+        vec![f32_info("y", &[1, 2, 4, 4])],
+    );
+    onnxq::ir::Model::from_proto(model(g, 17)).unwrap()
+}
+
 /// A float32 value info with static dims.
 pub fn f32_info(name: &str, dims: &[i64]) -> ValueInfoProto {
     value_info(name, DataType::Float, dims)
@@ -119,6 +143,7 @@ pub fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
     }
 }
 
+/// A tensor value info; a dim < 0 is symbolic ("n").
 pub fn value_info(name: &str, elem: DataType, dims: &[i64]) -> ValueInfoProto {
     let dim = dims
         .iter()
