@@ -78,6 +78,12 @@ fn write_data(dir: &Path, file: &str, arrays: Vec<(&str, Vec<Tensor>)>) -> PathB
     p
 }
 
+/// `SAMPLES` samples of the conv nets' input x [1, 3, 8, 8], uniform in [-1, 1), seeded, in
+/// `dir/file`.
+fn x_data(dir: &Path, file: &str, seed: u64) -> PathBuf {
+    write_data(dir, file, vec![("x", uniform(&[1, 3, 8, 8], SAMPLES, seed, 1.0))])
+}
+
 /// The data source the main job would open for `calibration: {data: <path>}`.
 fn open_data(model: &Model, data: &Path) -> DataSource {
     let yaml = format!("calibration: {{data: {:?}}}\n", data.to_str().unwrap());
@@ -683,16 +689,8 @@ fn output_sqnr(report: &onnxq::verify::VerifyReport) -> f64 {
 fn quantized_conv_net_is_close_to_the_float_one() {
     let dir = tempfile::tempdir().unwrap();
     let float = conv_relu_conv(11, false);
-    let calib = write_data(
-        dir.path(),
-        "calib.npz",
-        vec![("x", uniform(&[1, 3, 8, 8], SAMPLES, 1, 1.0))],
-    );
-    let eval = write_data(
-        dir.path(),
-        "eval.npz",
-        vec![("x", uniform(&[1, 3, 8, 8], SAMPLES, 2, 1.0))],
-    );
+    let calib = x_data(dir.path(), "calib.npz", 1);
+    let eval = x_data(dir.path(), "eval.npz", 2);
     let stats = calibrate(&float, &calib);
     let (_, quant, _) = quantize(&float, &stats, &plan_options(Target::Generic, Overrides::default()));
 
@@ -740,16 +738,8 @@ fn equalising_through_hardswish_pays_off_with_per_tensor_weights() {
     );
     let float = Model::from_proto(model(g, 17)).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let calib = write_data(
-        dir.path(),
-        "calib.npz",
-        vec![("x", uniform(&[1, 3, 8, 8], SAMPLES, 7, 1.0))],
-    );
-    let eval = write_data(
-        dir.path(),
-        "eval.npz",
-        vec![("x", uniform(&[1, 3, 8, 8], SAMPLES, 8, 1.0))],
-    );
+    let calib = x_data(dir.path(), "calib.npz", 7);
+    let eval = x_data(dir.path(), "eval.npz", 8);
     let mut options = plan_options(Target::Generic, Overrides::default());
     options.rules.per_channel_weights = false;
     let sqnr = |m: &Model| {
@@ -1108,11 +1098,7 @@ fn assert_int32_bias_scales_match(m: &Model) {
 fn int32_bias_scales_match_their_conv_and_gemm() {
     let dir = tempfile::tempdir().unwrap();
     let float = conv_relu_conv(11, false);
-    let data = write_data(
-        dir.path(),
-        "calib.npz",
-        vec![("x", uniform(&[1, 3, 8, 8], SAMPLES, 1, 1.0))],
-    );
+    let data = x_data(dir.path(), "calib.npz", 1);
     let (_, quant, _) = quantize(
         &float,
         &calibrate(&float, &data),
@@ -1264,11 +1250,7 @@ fn float16_layers_stay_float() {
 fn overrides_set_dtype_granularity_and_range() {
     let dir = tempfile::tempdir().unwrap();
     let float = conv_relu_conv(13, false);
-    let data = write_data(
-        dir.path(),
-        "calib.npz",
-        vec![("x", uniform(&[1, 3, 8, 8], SAMPLES, 1, 1.0))],
-    );
+    let data = x_data(dir.path(), "calib.npz", 1);
     let stats = calibrate(&float, &data);
     let rules = overrides(
         "[{node: conv1, granularity: per_tensor}, {tensor: r, dtype: int16, symmetric: true}, {tensor: x, range: [-2, 2]}]",
@@ -1295,11 +1277,7 @@ fn overrides_set_dtype_granularity_and_range() {
 fn layers_at_float16_and_int16_are_rewritten_and_verified() {
     let dir = tempfile::tempdir().unwrap();
     let float = conv_relu_conv(11, false);
-    let calib = write_data(
-        dir.path(),
-        "calib.npz",
-        vec![("x", uniform(&[1, 3, 8, 8], SAMPLES, 1, 1.0))],
-    );
+    let calib = x_data(dir.path(), "calib.npz", 1);
     let stats = calibrate(&float, &calib);
     let plan = build_plan(&float, &stats, &plan_options(Target::Generic, Overrides::default())).unwrap();
     assert_eq!(plan.layers().into_iter().collect::<Vec<_>>(), ["c1", "y"]);
@@ -1342,11 +1320,7 @@ fn layers_at_float16_and_int16_are_rewritten_and_verified() {
 fn a_layer_whose_output_is_also_read_in_float_keeps_a_float_bias() {
     let dir = tempfile::tempdir().unwrap();
     let mut float = conv_relu_conv(13, true);
-    let calib = write_data(
-        dir.path(),
-        "calib.npz",
-        vec![("x", uniform(&[1, 3, 8, 8], SAMPLES, 1, 1.0))],
-    );
+    let calib = x_data(dir.path(), "calib.npz", 1);
     let stats = calibrate(&float, &calib);
     // conv1 → Relu → r, read quantized by conv2 only: an integer kernel, int32 b1; conv2 writes
     // c2, read quantized by conv3: int32 b2.
@@ -1369,11 +1343,7 @@ fn a_layer_whose_output_is_also_read_in_float_keeps_a_float_bias() {
 fn restricting_a_plan_keeps_only_that_layer_quantized() {
     let dir = tempfile::tempdir().unwrap();
     let float = conv_relu_conv(13, false);
-    let calib = write_data(
-        dir.path(),
-        "calib.npz",
-        vec![("x", uniform(&[1, 3, 8, 8], SAMPLES, 1, 1.0))],
-    );
+    let calib = x_data(dir.path(), "calib.npz", 1);
     let stats = calibrate(&float, &calib);
     let plan = build_plan(&float, &stats, &plan_options(Target::Generic, Overrides::default())).unwrap();
     let only = plan.restricted_to(&["y".to_string()].into());
