@@ -474,6 +474,26 @@ impl Lowering {
         });
     }
 
+    /// What lowering a Q or DQ of an activation (`what`: "quantization", "dequantization") needs:
+    /// no blocks, a constant zero point, an opset with the ops it writes.
+    fn check_activation_lowering(
+        &self,
+        label: &str,
+        what: &str,
+        block: i64,
+        zero_point_not_constant: bool,
+    ) -> Result<()> {
+        if block != 0 {
+            return Err(refuse(format!(
+                "{label}: blocked {what} of an activation is not supported"
+            )));
+        }
+        if zero_point_not_constant {
+            return Err(refuse(format!("{label}: the zero point is not a constant")));
+        }
+        self.check_opset(label)
+    }
+
     fn check_opset(&self, label: &str) -> Result<()> {
         if self.opset < 11 {
             return Err(refuse(format!(
@@ -649,15 +669,7 @@ impl Lowering {
                 dtype_name(qtype as i32)
             )));
         };
-        if block != 0 {
-            return Err(refuse(format!(
-                "{label}: blocked quantization of an activation is not supported"
-            )));
-        }
-        if zp.is_some() && zp_const.is_none() {
-            return Err(refuse(format!("{label}: the zero point is not a constant")));
-        }
-        self.check_opset(&label)?;
+        self.check_activation_lowering(&label, "quantization", block, zp.is_some() && zp_const.is_none())?;
         let (scales, zps, channels) = Self::params(graph, &s, zp_const, &label)?;
         let x_rank = self.rank(&x);
         let shape = if channels > 1 {
@@ -811,15 +823,7 @@ impl Lowering {
                 )));
             }
         }
-        if block != 0 {
-            return Err(refuse(format!(
-                "{label}: blocked dequantization of an activation is not supported"
-            )));
-        }
-        if zp.is_some() && zp_const.is_none() {
-            return Err(refuse(format!("{label}: the zero point is not a constant")));
-        }
-        self.check_opset(&label)?;
+        self.check_activation_lowering(&label, "dequantization", block, zp.is_some() && zp_const.is_none())?;
         let (scales, zps, channels) = Self::params(graph, &s, zp_const, &label)?;
         let shape = if channels > 1 {
             broadcast_shape(axis, self.rank(&x), channels)
