@@ -18,7 +18,6 @@ use onnxq::ir::Model;
 use onnxq::passes::correct_bias;
 use onnxq::pipeline::config::Config;
 use onnxq::pipeline::{dump_diff, run_pipeline, Context, DebugOptions, PassSpec};
-use onnxq::proto::TensorProto;
 use onnxq::quant::materialize::materialize;
 use onnxq::quant::plan::{build_plan, Overrides, Plan, PlanOptions};
 use onnxq::quant::rules::Target;
@@ -64,19 +63,6 @@ fn quantize(model: &Model, ctx: &Context, stats: &CalibrationStats) -> (Model, P
     (q, plan, notes)
 }
 
-/// A weight whose output channel `c` (axis 0) is scaled by `(c + 1) / channels`: with one
-/// per-tensor scale the small channels lose the most, and their rounding errors do not average.
-fn weight(name: &str, dims: &[i64], seed: u64) -> TensorProto {
-    let n: i64 = dims.iter().product();
-    let per = (n / dims[0]) as usize;
-    let v: Vec<f32> = seeded(n as usize, seed)
-        .into_iter()
-        .enumerate()
-        .map(|(i, v)| v * ((i / per) as f32 + 1.0) / dims[0] as f32)
-        .collect();
-    tensor_f32(name, dims, &v)
-}
-
 // ---------------------------------------------------------------------------------------------
 // The rewrite, and where it must not fire
 
@@ -92,10 +78,10 @@ fn small_graph() -> Model {
         &[1.0; 3],
     );
     let mut inits = vec![
-        weight("w1", &[3, 2, 1, 1], 1),
-        weight("w2", &[2, 3, 1, 1], 2),
-        weight("M", &[3, 2], 3),
-        weight("G", &[3, 2], 4),
+        conv_weight("w1", &[3, 2, 1, 1], 1),
+        conv_weight("w2", &[2, 3, 1, 1], 2),
+        conv_weight("M", &[3, 2], 3),
+        conv_weight("G", &[3, 2], 4),
         tensor_f32("gc", &[2], &[0.5, -0.5]),
     ];
     inits.extend(params);
@@ -196,8 +182,8 @@ fn analytical_correction_through_equalize_s_hardswish_op() {
     let m = conv_bn_act_conv(
         (bn, params),
         ("HardSwish", "hswish", "h"),
-        weight("w1", &[3, 2, 1, 1], 1),
-        weight("w2", &[2, 3, 1, 1], 2),
+        conv_weight("w1", &[3, 2, 1, 1], 1),
+        conv_weight("w2", &[2, 3, 1, 1], 2),
     );
     let specs = [
         spec("fold_batchnorm", "~"),
@@ -270,10 +256,10 @@ fn conv_net(moments: &[(Vec<f32>, Vec<f32>)]) -> Model {
     let (bn1, p1) = batchnorm_node("bn1", "c1", "n1", &gamma1, &beta1, &moments[0].0, &moments[0].1);
     let (bn2, p2) = batchnorm_node("bn2", "c2", "n2", &gamma2, &beta2, &moments[1].0, &moments[1].1);
     let mut inits = vec![
-        weight("w1", &[8, 4, 3, 3], 21),
+        conv_weight("w1", &[8, 4, 3, 3], 21),
         tensor_f32("b1", &[8], &[0.1; 8]),
-        weight("w2", &[8, 8, 1, 1], 22),
-        weight("w3", &[4, 8, 3, 3], 23),
+        conv_weight("w2", &[8, 8, 1, 1], 22),
+        conv_weight("w3", &[4, 8, 3, 3], 23),
         tensor_f32("b3", &[4], &[0.0; 4]),
         tensor_f32("lo", &[], &[0.0]),
         tensor_f32("hi", &[], &[6.0]),

@@ -50,19 +50,6 @@ fn values(n: usize, seed: u64, gain: f32) -> Vec<f32> {
     seeded(n, seed).into_iter().map(|v| v * gain).collect()
 }
 
-/// A weight whose output channel `c` (axis 0) is scaled by `(c + 1) / channels`: every channel
-/// has its own range, so per-channel scales differ visibly.
-fn conv_weight(name: &str, dims: &[i64], seed: u64) -> TensorProto {
-    let n: i64 = dims.iter().product();
-    let per_channel = (n / dims[0]) as usize;
-    let v: Vec<f32> = seeded(n as usize, seed)
-        .into_iter()
-        .enumerate()
-        .map(|(i, v)| v * ((i / per_channel) as f32 + 1.0) / dims[0] as f32)
-        .collect();
-    tensor_f32(name, dims, &v)
-}
-
 /// `n` samples of `shape`, uniform in [-gain, gain), seeded.
 fn uniform(shape: &[usize], n: usize, seed: u64, gain: f32) -> Vec<Tensor> {
     let len = shape.iter().product();

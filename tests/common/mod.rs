@@ -76,6 +76,20 @@ pub fn seeded(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// A seeded weight whose output channel `c` (axis 0) is scaled by `(c + 1) / channels`: every
+/// channel has its own range, so per-channel scales differ visibly, and with one per-tensor scale
+/// the small channels lose the most.
+pub fn conv_weight(name: &str, dims: &[i64], seed: u64) -> TensorProto {
+    let n: i64 = dims.iter().product();
+    let per_channel = (n / dims[0]) as usize;
+    let v: Vec<f32> = seeded(n as usize, seed)
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| v * ((i / per_channel) as f32 + 1.0) / dims[0] as f32)
+        .collect();
+    tensor_f32(name, dims, &v)
+}
+
 /// BatchNormalization `name` over `x` with the given statistics, as constants
 /// `<name>.{scale,B,mean,var}`.
 pub fn batchnorm_node(
