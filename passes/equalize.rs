@@ -301,17 +301,6 @@ pub enum HardSwishSite {
     Decomposed { add: NodeIndex, slot: usize },
 }
 
-/// The scalar value of a constant input, if it is one.
-fn scalar_constant(graph: &Graph, t: &str) -> Option<f64> {
-    if graph.inputs.iter().any(|i| i.name() == t) {
-        return None;
-    }
-    match tensor::values_f64(&graph.constants.get(t)?.tensor).as_deref() {
-        Some([v]) => Some(*v),
-        _ => None,
-    }
-}
-
 /// `t` read only by the Add and Mul of `Div(Mul(t, Clip(Add(t, 3), 0, 6)), 6)` (either operand
 /// order, or a Mul by 1/6 at the end): the site, the HardSwish's output and the nodes walked
 /// through. Every tensor in between must have that one reader and be internal.
@@ -327,7 +316,7 @@ fn decomposed_hardswish(graph: &Graph, t: &str) -> Option<(HardSwishSite, String
     };
     let node = |ix: NodeIndex| &graph.nodes[ix];
     let default = |ix: NodeIndex| node(ix).is_default_domain() && node(ix).inputs.len() == 2;
-    if !default(add) || !default(mul) || scalar_constant(graph, &node(add).inputs[1 - add_slot]) != Some(3.0) {
+    if !default(add) || !default(mul) || graph.constant_scalar(&node(add).inputs[1 - add_slot]) != Some(3.0) {
         return None;
     }
     // The single reader of an internal tensor.
@@ -357,7 +346,7 @@ fn decomposed_hardswish(graph: &Graph, t: &str) -> Option<(HardSwishSite, String
     let (scale, 0) = only_reader(node(mul).outputs.first()?)? else {
         return None;
     };
-    let by = scalar_constant(graph, node(scale).inputs.get(1)?)?;
+    let by = graph.constant_scalar(node(scale).inputs.get(1)?)?;
     let sixth = match node(scale).op_type.as_str() {
         "Div" => by == 6.0,
         "Mul" => (by - 1.0 / 6.0).abs() < 1e-6,
@@ -1284,6 +1273,24 @@ fn float_attr(name: &str, value: f32) -> crate::proto::AttributeProto {
     }
 }
 
+/// (min, max) of the values; (+∞, −∞) when there are none.
+fn span<'a>(values: impl IntoIterator<Item = &'a f64>) -> (f64, f64) {
+    values
+        .into_iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(*v), hi.max(*v))
+        })
+}
+
+/// The rank of a link's tensors, for per-channel constants: a Conv's output has its weight's
+/// rank, a Gemm's output rank 2 with channels last (a `[C]` constant broadcasts).
+fn output_rank(link: &Link) -> usize {
+    match link.from.layout.kind {
+        Kind::Conv { .. } => link.from.layout.dims.len(),
+        Kind::Gemm { .. } => 1,
+    }
+}
+
 fn apply_chain(
     graph: &mut Graph,
     chain: &Chain,
@@ -1317,14 +1324,8 @@ fn apply_chain(
                 Relu6::PerChannel => {
                     // Layer output channel i was divided by s_i: so is its clip threshold.
                     let bounds: Vec<f64> = s.iter().map(|s| 6.0 / s).collect();
-                    let rank = match link.from.layout.kind {
-                        Kind::Conv { .. } => link.from.layout.dims.len(),
-                        Kind::Gemm { .. } => 1,
-                    };
-                    per_channel_clip(graph, ix, &bounds, rank)?;
-                    let (lo, hi) = bounds
-                        .iter()
-                        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), b| (l.min(*b), h.max(*b)));
+                    per_channel_clip(graph, ix, &bounds, output_rank(link))?;
+                    let (lo, hi) = span(&bounds);
                     notes.push(format!(
                         "rewrote {label} (ReLU6) to Min(Relu(x), 6/s) per channel (bounds in [{}, {}]): float-preserving",
                         fmt_float(lo),
@@ -1341,15 +1342,9 @@ fn apply_chain(
         }
     }
     for (link, s) in chain.links.iter().zip(&result.scales) {
-        let rank = match link.from.layout.kind {
-            Kind::Conv { .. } => link.from.layout.dims.len(),
-            Kind::Gemm { .. } => 1,
-        };
         for &site in &link.hardswish {
-            let what = per_channel_hardswish(graph, site, s, rank)?;
-            let (lo, hi) = s
-                .iter()
-                .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(*v), h.max(*v)));
+            let what = per_channel_hardswish(graph, site, s, output_rank(link))?;
+            let (lo, hi) = span(s);
             notes.push(format!(
                 "rewrote {what} per channel (s in [{}, {}]): float-preserving",
                 fmt_float(lo),
@@ -1357,13 +1352,7 @@ fn apply_chain(
             ));
         }
     }
-    let (lo, hi) = result
-        .scales
-        .iter()
-        .flatten()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), s| {
-            (lo.min(*s), hi.max(*s))
-        });
+    let (lo, hi) = span(result.scales.iter().flatten());
     let names: Vec<&str> = chain.layers.iter().map(|l| l.label.as_str()).collect();
     let sweeps = if result.converged {
         plural(result.iterations, "sweep")

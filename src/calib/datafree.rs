@@ -146,17 +146,6 @@ fn attr_float(n: &Node, name: &str, default: f32) -> f64 {
     n.attribute(name).map_or(default, |a| a.f()) as f64
 }
 
-/// A constant scalar input (not overridable by a runtime).
-fn constant_scalar(graph: &Graph, name: &str) -> Option<f64> {
-    if graph.inputs.iter().any(|i| i.name() == name) {
-        return None;
-    }
-    match tensor::values_f64(&graph.constants.get(name)?.tensor).as_deref() {
-        Some([v]) => Some(*v),
-        _ => None,
-    }
-}
-
 /// The range of a constant operand: its own min and max.
 fn constant_interval(graph: &Graph, name: &str) -> Option<Interval> {
     if graph.inputs.iter().any(|i| i.name() == name) {
@@ -175,7 +164,7 @@ fn constant_interval(graph: &Graph, name: &str) -> Option<Interval> {
 /// a constant.
 fn clip_bound(graph: &Graph, n: &Node, slot: usize, attr: &str) -> Option<Option<f64>> {
     match n.inputs.get(slot).filter(|s| !s.is_empty()) {
-        Some(name) => constant_scalar(graph, name).map(Some),
+        Some(name) => graph.constant_scalar(name).map(Some),
         None => Some(n.attribute(attr).map(|a| a.f() as f64)),
     }
 }
@@ -239,7 +228,7 @@ pub fn propagate(graph: &Graph, n: &Node, known: &BTreeMap<String, Interval>) ->
                 return x;
             }
             let value = match n.inputs.get(2).filter(|s| !s.is_empty()) {
-                Some(name) => constant_scalar(graph, name)?,
+                Some(name) => graph.constant_scalar(name)?,
                 None => attr_float(n, "value", 0.0),
             };
             Some(x?.with(value))

@@ -286,6 +286,18 @@ fn is_liftable_constant(n: &NodeProto) -> bool {
 }
 
 impl Graph {
+    /// The value of a one-element constant `name` that is not a graph input (a runtime could
+    /// override that).
+    pub fn constant_scalar(&self, name: &str) -> Option<f64> {
+        if self.inputs.iter().any(|i| i.name() == name) {
+            return None;
+        }
+        match crate::onnx::tensor::values_f64(&self.constants.get(name)?.tensor).as_deref() {
+            Some([v]) => Some(*v),
+            _ => None,
+        }
+    }
+
     pub fn from_proto(mut g: GraphProto) -> Result<Graph> {
         let nodes_proto = std::mem::take(&mut g.node);
         let initializers = std::mem::take(&mut g.initializer);
