@@ -32,13 +32,10 @@ import onnx
 import onnxruntime as ort
 
 
-LOGITS = False
-
-
-def with_logits(path):
+def with_logits(path, logits):
     """The model's bytes, with the input of its last Softmax added as a first output, when
-    --logits is set and the model has a Softmax; else the path."""
-    if not LOGITS:
+    `logits` (--logits) is set and the model has a Softmax; else the path."""
+    if not logits:
         return path
     model = onnx.load(path)
     softmax = [n for n in model.graph.node if n.op_type == "Softmax"]
@@ -49,10 +46,10 @@ def with_logits(path):
     return model.SerializeToString()
 
 
-def run(path, data):
+def run(path, data, logits=False):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(with_logits(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(with_logits(path, logits), opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     n = len(data[names[0]])
     outs = [sess.run(None, {k: data[k][i] for k in names}) for i in range(n)]
@@ -167,7 +164,7 @@ def check(path, args, data, reference):
         trt = tensorrt_rules(quant) if args.tensorrt_rules else ""
         stage = "ONNX Runtime"
         names, ref = reference()
-        _, got = run(path, data)
+        _, got = run(path, data, args.logits)
     except Exception as e:  # noqa: BLE001 - recorded with --json, re-raised otherwise
         if not args.json:
             raise
@@ -214,14 +211,12 @@ def main():
     ap.add_argument("--json", help="write per-model results here; a failing model is recorded, not fatal")
     args = ap.parse_args()
     args.first_energies = None
-    global LOGITS
-    LOGITS = args.logits
     data = dict(np.load(args.data))
     cache = {}
 
     def reference():
         if "ref" not in cache:
-            cache["ref"] = run(args.float_model, data)
+            cache["ref"] = run(args.float_model, data, args.logits)
         return cache["ref"]
 
     status, records = 0, []
