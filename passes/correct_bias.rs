@@ -63,7 +63,6 @@ use crate::passes::BatchNormRecord;
 use crate::pipeline::{Context, Pass};
 use crate::proto::tensor_proto::DataType;
 use crate::proto::TensorProto;
-use crate::quant::params;
 use crate::quant::plan::Plan;
 
 /// How `E[x]` is obtained (the pass option `mode`).
@@ -207,18 +206,11 @@ fn attr_float(n: &Node, name: &str, default: f32) -> f32 {
 /// The layers the plan quantizes a weight of, in topological order: a target, or the reason it
 /// is skipped.
 fn find_targets(graph: &Graph, plan: &Plan) -> Result<Vec<std::result::Result<Target, (String, String)>>> {
-    let mut out = Vec::new();
-    for ix in graph.topological_order()? {
-        let n = &graph.nodes[ix];
-        if !n.is_default_domain() || !matches!(n.op_type.as_str(), "Conv" | "ConvTranspose" | "Gemm" | "MatMul") {
-            continue;
-        }
-        let Some(weight) = n.inputs.get(1).filter(|w| plan.weights.contains_key(*w)) else {
-            continue;
-        };
-        out.push(read_target(graph, ix, weight).map_err(|r| (n.label(), r)));
-    }
-    Ok(out)
+    Ok(plan
+        .weighted_layers(graph)?
+        .into_iter()
+        .map(|(ix, weight)| read_target(graph, ix, weight).map_err(|r| (graph.nodes[ix].label(), r)))
+        .collect())
 }
 
 fn read_target(graph: &Graph, ix: NodeIndex, weight: &str) -> std::result::Result<Target, String> {
@@ -753,12 +745,11 @@ fn conv_taps(n: &Node, kernel: &[usize], shape: Option<&[usize]>) -> Option<Vec<
     Some(taps)
 }
 
-/// `W̃ − W` for a weight as the plan quantizes it.
+/// `W̃ − W` for a weight as the plan quantizes it (with `gptq`'s rounding where it chose one).
 fn weight_error(graph: &Graph, plan: &Plan, weight: &str) -> Result<Vec<f64>> {
     let t = &graph.constants[weight].tensor;
     let w = tensor::values_f32(t).ok_or_else(|| Error::Graph(format!("weight '{weight}' is not a float tensor")))?;
-    let wq = &plan.weights[weight];
-    let q = params::quantize_weights(&w, &t.dims, wq.axis, &wq.scheme)?;
+    let q = plan.quantized_weight(graph, weight)?;
     Ok(q.dequantized()
         .iter()
         .zip(&w)
@@ -902,6 +893,7 @@ pub fn apply(model: &mut Model, plan: &Plan, stats: Option<&CalibrationStats>, c
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::params;
 
     #[test]
     fn clipped_normal_matches_a_numerical_integral() {

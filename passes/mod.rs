@@ -6,6 +6,7 @@ pub mod correct_bias;
 mod eliminate_identity;
 mod equalize;
 mod fold_batchnorm;
+pub mod gptq;
 mod rewritable;
 
 pub use correct_bias::BiasCorrectionMode;
@@ -20,6 +21,7 @@ pub const NAMES: &[&str] = &[
     "equalize",
     "absorb_bias",
     "correct_bias",
+    "gptq",
 ];
 
 /// What a pass does and its options with their defaults, for `onnxq passes`.
@@ -42,6 +44,10 @@ pub fn describe(name: &str) -> Option<(&'static str, &'static str)> {
             "bias correction: removes the expected output shift of weight rounding once the plan is known",
             "mode: empirical|analytical (empirical with calibration data, analytical without)",
         ),
+        "gptq" => (
+            "GPTQ (Frantar et al. 2023): chooses each weight's rounding to minimise the layer's output error on the calibration data, on the plan's grid (runs before correct_bias)",
+            "none",
+        ),
         _ => return None,
     })
 }
@@ -53,6 +59,7 @@ pub fn create(name: &str) -> Option<Box<dyn Pass>> {
         "equalize" => Box::new(equalize::Equalize::default()),
         "absorb_bias" => Box::new(absorb_bias::AbsorbBias::default()),
         "correct_bias" => Box::new(correct_bias::CorrectBias::default()),
+        "gptq" => Box::new(gptq::Gptq),
         _ => return None,
     })
 }

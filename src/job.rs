@@ -112,12 +112,22 @@ pub fn main_job(args: MainJob) -> Result<()> {
             other => other,
         };
         let mut plan = build_plan(&config, &model, &stats).map_err(as_model_error)?;
+        let t = Instant::now();
+        let rounding = crate::passes::gptq::apply(&model, &mut plan, source.as_ref(), &ctx).map_err(as_model_error)?;
+        for n in &rounding {
+            eprintln!("  {n}");
+        }
+        if ctx.weight_rounding {
+            eprintln!("onnxq: gptq took {:.1} s", t.elapsed().as_secs_f64());
+        }
         let mut correction = Vec::new();
         if ctx.bias_correction.is_some() {
             correction =
                 crate::passes::correct_bias::apply(&mut model, &plan, Some(&stats), &ctx).map_err(as_model_error)?;
             // Biases correct_bias created are quantized too; the weights and statistics are unchanged.
+            let rounded = std::mem::take(&mut plan.rounded);
             plan = build_plan(&config, &model, &stats).map_err(as_model_error)?;
+            plan.rounded = rounded;
             for n in &correction {
                 eprintln!("  {n}");
             }
@@ -160,6 +170,7 @@ pub fn main_job(args: MainJob) -> Result<()> {
             "target": config.target,
             "method": method,
             "data_free": source.is_none(),
+            "weight_rounding": rounding,
             "bias_correction": correction,
             "calibration_samples": stats.samples,
             "plan": plan,

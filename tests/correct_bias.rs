@@ -6,17 +6,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
-use onnxq::calib::data::{write_npz, InputSpec};
 use onnxq::calib::datafree::stats_from_batchnorm;
 use onnxq::calib::observers::Method;
-use onnxq::calib::source::DataSource;
 use onnxq::calib::stats::{collect, CalibrationStats};
 use onnxq::ir::Model;
 use onnxq::passes::correct_bias;
-use onnxq::pipeline::config::Config;
 use onnxq::pipeline::{dump_diff, run_pipeline, Context, DebugOptions, PassSpec};
 use onnxq::quant::materialize::materialize;
 use onnxq::quant::plan::{build_plan, Overrides, Plan, PlanOptions};
@@ -352,16 +349,8 @@ fn calibrated_net(data: &[Tensor]) -> Model {
     conv_net(&m)
 }
 
-fn write_calibration(dir: &Path, data: &[Tensor]) -> PathBuf {
-    let p = dir.join("calib.npz");
-    write_npz(&p, &[("x".to_string(), data.to_vec())]).unwrap();
-    p
-}
-
 fn calibrate(model: &Model, data: &Path) -> CalibrationStats {
-    let yaml = format!("calibration: {{data: {:?}}}\n", data.to_str().unwrap());
-    let config = Config::parse(&yaml, Path::new("q.yaml")).unwrap();
-    let source = DataSource::open(config.calibration.as_ref().unwrap(), &InputSpec::of_graph(&model.graph)).unwrap();
+    let source = calibration_source(model, data);
     collect(model, &source, source.fingerprints().unwrap()).unwrap()
 }
 
@@ -391,7 +380,7 @@ fn correction_lowers_the_expected_output_error_of_a_conv_net() {
     let calib = samples(32, 1);
     let eval = samples(32, 2);
     let dir = tempfile::tempdir().unwrap();
-    let calib_path = write_calibration(dir.path(), &calib);
+    let calib_path = write_x_calibration(dir.path(), &calib);
     let net = calibrated_net(&calib);
 
     let mut errors = Vec::new();

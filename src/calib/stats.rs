@@ -128,7 +128,7 @@ pub fn collect(model: &Model, source: &DataSource, data_fingerprints: Vec<String
     let runner = Runner::new(model, &source.sample_shapes()?, &node_outputs)?;
     let total = source.len();
     let mut merged: Vec<Option<TensorStats>> = vec![None; names.len()];
-    let progress = Progress::new(total as u64);
+    let progress = Progress::new("calibrating", total as u64);
     let wave = (2 * rayon::current_num_threads()).max(2);
     let mut start = 0;
     while start < total {
@@ -288,7 +288,8 @@ pub struct TensorRange {
 }
 
 /// A progress bar with samples/s and ETA on a terminal; a log line every 10% otherwise.
-struct Progress {
+pub(crate) struct Progress {
+    label: &'static str,
     bar: Option<indicatif::ProgressBar>,
     total: u64,
     done: std::sync::atomic::AtomicU64,
@@ -296,17 +297,18 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(total: u64) -> Progress {
+    pub(crate) fn new(label: &'static str, total: u64) -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new(total);
-            let style = indicatif::ProgressStyle::with_template(
-                "calibrating {bar:30} {pos}/{len} samples  {per_sec}  ETA {eta}",
-            )
+            let style = indicatif::ProgressStyle::with_template(&format!(
+                "{label} {{bar:30}} {{pos}}/{{len}} samples  {{per_sec}}  ETA {{eta}}"
+            ))
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
             bar.set_style(style);
             bar
         });
         Progress {
+            label,
             bar,
             total,
             done: 0.into(),
@@ -314,7 +316,7 @@ impl Progress {
         }
     }
 
-    fn advance(&self, n: u64) {
+    pub(crate) fn advance(&self, n: u64) {
         use std::sync::atomic::Ordering;
         let before = self.done.fetch_add(n, Ordering::Relaxed);
         let after = before + n;
@@ -325,7 +327,8 @@ impl Progress {
                 if after / step != before / step || after == self.total {
                     let secs = self.started.elapsed().as_secs_f64();
                     eprintln!(
-                        "calibrating: {after}/{} samples, {:.1} samples/s",
+                        "{}: {after}/{} samples, {:.1} samples/s",
+                        self.label,
                         self.total,
                         after as f64 / secs.max(1e-9)
                     );
@@ -334,7 +337,7 @@ impl Progress {
         }
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }

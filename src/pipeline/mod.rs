@@ -21,6 +21,9 @@ pub struct Context {
     /// Set by the `correct_bias` pass: bias correction is asked for, in this mode. It runs after
     /// planning (`passes::correct_bias::apply`), when the quantized weights are known.
     pub bias_correction: Option<crate::passes::BiasCorrectionMode>,
+    /// Set by the `gptq` pass: weight roundings are chosen from calibration data after planning
+    /// (`passes::gptq::apply`), before bias correction.
+    pub weight_rounding: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

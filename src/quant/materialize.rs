@@ -243,11 +243,7 @@ pub fn materialize(model: &mut Model, plan: &Plan) -> Result<Vec<String>> {
 
     let mut weight_scales: BTreeMap<&str, Vec<f32>> = BTreeMap::new();
     for (w, wq) in &plan.weights {
-        let original = &b.model.graph.constants[w].tensor;
-        let values =
-            tensor::values_f32(original).ok_or_else(|| Error::Graph(format!("weight '{w}' is not a float tensor")))?;
-        let dims = original.dims.clone();
-        let quantized = params::quantize_weights(&values, &dims, wq.axis, &wq.scheme)?;
+        let quantized = plan.quantized_weight(&b.model.graph, w)?;
         let (data, scale, zero_point) = quantized.to_protos(
             &format!("{w}::quantized"),
             &format!("{w}::scale"),

@@ -384,6 +384,17 @@ pub fn quantize_weights(values: &[f32], dims: &[i64], axis: Option<usize>, schem
 }
 
 impl QuantizedTensor {
+    /// The parameters element `i` (flat index) is quantized with.
+    pub fn params_of(&self, i: usize) -> QParams {
+        match self.axis {
+            None => self.params[0],
+            Some(axis) => {
+                let (_, channels, inner) = channel_layout(&self.dims, axis).expect("checked when quantized");
+                self.params[(i / inner) % channels]
+            }
+        }
+    }
+
     /// The TensorProtos a DequantizeLinear needs: data in the dtype (raw little-endian bytes),
     /// scale (f32, shape [] per-tensor or [C] per-channel) and zero point (the dtype, same shape).
     pub fn to_protos(

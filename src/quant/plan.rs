@@ -11,7 +11,7 @@ use crate::calib::observers::Method;
 use crate::calib::stats::CalibrationStats;
 use crate::error::{Error, Result};
 use crate::ir::{Model, Node};
-use crate::quant::params::{params_for_range, QParams, QuantDtype, Scheme};
+use crate::quant::params::{self, params_for_range, QParams, QuantDtype, Scheme};
 use crate::quant::rules::{self, OpRole, Target, TargetRules, SENTINEL_MAGNITUDE};
 
 /// A consumer input: the consumer's first output name (unique, stable across passes) and slot.
@@ -57,6 +57,19 @@ pub struct Plan {
     /// overrides or the automatic assignment; `materialize` converts the float16 ones.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub precisions: BTreeMap<String, Precision>,
+    /// Weights whose grid points were chosen by the `gptq` pass rather than nearest rounding.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub rounded: BTreeMap<String, RoundedWeight>,
+}
+
+/// The integer values chosen for a weight under a scheme and axis; used only while the plan
+/// quantizes the weight the same way (the grid is [`params::quantize_weights`]'s either way).
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundedWeight {
+    pub scheme: Scheme,
+    pub axis: Option<usize>,
+    #[serde(skip)]
+    pub values: Vec<i32>,
 }
 
 /// The precision a layer (an op the plan quantizes) runs at, cheapest first.
@@ -606,6 +619,48 @@ impl Plan {
     }
 
     /// The layers: every op that reads a quantized activation or weight, by key, sorted.
+    /// The Conv, ConvTranspose, Gemm and MatMul nodes whose weight (input 1) this plan
+    /// quantizes, in topological order.
+    pub fn weighted_layers<'g>(
+        &self,
+        graph: &'g crate::ir::Graph,
+    ) -> Result<Vec<(petgraph::stable_graph::NodeIndex, &'g str)>> {
+        let mut out = Vec::new();
+        for ix in graph.topological_order()? {
+            let n = &graph.nodes[ix];
+            if !n.is_default_domain() || !matches!(n.op_type.as_str(), "Conv" | "ConvTranspose" | "Gemm" | "MatMul") {
+                continue;
+            }
+            if let Some(w) = n.inputs.get(1).filter(|w| self.weights.contains_key(*w)) {
+                out.push((ix, w.as_str()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A weight quantized as this plan says: the grid of [`params::quantize_weights`], at the
+    /// grid points `gptq` chose when it rounded this weight under the same scheme and axis.
+    pub fn quantized_weight(&self, graph: &crate::ir::Graph, weight: &str) -> Result<params::QuantizedTensor> {
+        let wq = self
+            .weights
+            .get(weight)
+            .ok_or_else(|| Error::Graph(format!("the plan does not quantize weight '{weight}'")))?;
+        let t = &graph
+            .constants
+            .get(weight)
+            .ok_or_else(|| Error::Graph(format!("weight '{weight}' is not a constant")))?
+            .tensor;
+        let values = crate::onnx::tensor::values_f32(t)
+            .ok_or_else(|| Error::Graph(format!("weight '{weight}' is not a float tensor")))?;
+        let mut q = params::quantize_weights(&values, &t.dims, wq.axis, &wq.scheme)?;
+        if let Some(r) = self.rounded.get(weight) {
+            if r.scheme == wq.scheme && r.axis == wq.axis && r.values.len() == q.values.len() {
+                q.values.clone_from(&r.values);
+            }
+        }
+        Ok(q)
+    }
+
     pub fn layers(&self) -> BTreeSet<String> {
         self.activations
             .values()
@@ -642,6 +697,7 @@ impl Plan {
         let reads_quantized = |(key, _): &InputRef| of(key) <= Precision::Int16;
         let mut plan = Plan {
             kept_float: self.kept_float.clone(),
+            rounded: self.rounded.clone(),
             ..Plan::default()
         };
         for (t, a) in &self.activations {

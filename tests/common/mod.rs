@@ -1,7 +1,7 @@
 //! Builders for small hand-made ONNX models, and paths of the shipped ones.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use onnxq::proto::attribute_proto::AttributeType;
 use onnxq::proto::tensor_proto::DataType;
@@ -280,4 +280,22 @@ pub fn assert_same_outputs(before: &onnxq::ir::Model, after: &onnxq::ir::Model, 
         assert!(err <= 1e-5, "output {o}: relative error {err:e}");
         assert!(w.iter().any(|v| *v != 0.0), "output {o} is all zeros: a weak check");
     }
+}
+
+/// Writes `data` as the samples of input `x` in `dir/calib.npz`.
+pub fn write_x_calibration(dir: &Path, data: &[tract_onnx::prelude::Tensor]) -> PathBuf {
+    let p = dir.join("calib.npz");
+    onnxq::calib::data::write_npz(&p, &[("x".to_string(), data.to_vec())]).unwrap();
+    p
+}
+
+/// The data source `calibration: {data: <data>}` opens for `model`.
+pub fn calibration_source(model: &onnxq::ir::Model, data: &Path) -> onnxq::calib::source::DataSource {
+    let yaml = format!("calibration: {{data: {:?}}}\n", data.to_str().unwrap());
+    let config = onnxq::pipeline::config::Config::parse(&yaml, Path::new("q.yaml")).unwrap();
+    onnxq::calib::source::DataSource::open(
+        config.calibration.as_ref().unwrap(),
+        &onnxq::calib::data::InputSpec::of_graph(&model.graph),
+    )
+    .unwrap()
 }

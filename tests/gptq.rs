@@ -1,0 +1,228 @@
+//! `gptq` after planning, on a seeded conv net with spatially correlated inputs (a 3×3 Conv, a
+//! depthwise Conv and a MatMul, per-tensor int8 weights): lower output error than nearest
+//! rounding on held-out data, the plan's grid (scales, zero points) unchanged, the same roundings
+//! with 1 and 2 threads, notes for the layers it rounds and the one it skips; and the error
+//! without calibration data.
+
+mod common;
+
+use common::*;
+use onnxq::calib::observers::Method;
+use onnxq::calib::source::DataSource;
+use onnxq::calib::stats::{collect, CalibrationStats};
+use onnxq::ir::Model;
+use onnxq::passes::gptq;
+use onnxq::pipeline::{run_pipeline, Context, DebugOptions, PassSpec};
+use onnxq::quant::materialize::materialize;
+use onnxq::quant::plan::{build_plan, Overrides, Plan, PlanOptions};
+use onnxq::quant::rules::Target;
+use onnxq::runtime::{to_f32_vec, Runner};
+use tract_onnx::prelude::{DatumType, IntoTValue, Tensor};
+
+const SHAPE: [usize; 4] = [1, 4, 16, 16];
+
+/// x → Conv(3×3, 4→8) → Relu → depthwise Conv(3×3) → Relu, the Conv output also → Transpose(NHWC)
+/// → MatMul(8→4) → y (its channels mix the same taps: correlated),
+/// and a 1×1 Conv on the side whose 8×8 input is too small for its H (skipped).
+fn net() -> Model {
+    let g = graph(
+        vec![
+            with_attr(
+                node("Conv", "conv", &["x", "w1", "b1"], &["c1"]),
+                attr_ints("pads", &[1, 1, 1, 1]),
+            ),
+            node("Relu", "relu1", &["c1"], &["r1"]),
+            with_attr(
+                with_attr(
+                    node("Conv", "depthwise", &["r1", "w2", "b2"], &["c2"]),
+                    attr_int("group", 8),
+                ),
+                attr_ints("pads", &[1, 1, 1, 1]),
+            ),
+            node("Relu", "relu2", &["c2"], &["r2"]),
+            with_attr(
+                node("Transpose", "nhwc", &["c1"], &["t"]),
+                attr_ints("perm", &[0, 2, 3, 1]),
+            ),
+            node("MatMul", "matmul", &["t", "w3"], &["y"]),
+            with_attr(
+                with_attr(
+                    node("MaxPool", "pool", &["r2"], &["p"]),
+                    attr_ints("kernel_shape", &[8, 8]),
+                ),
+                attr_ints("strides", &[8, 8]),
+            ),
+            node("Conv", "small", &["p", "w4"], &["z"]),
+        ],
+        vec![
+            conv_weight("w1", &[8, 4, 3, 3], 31),
+            tensor_f32("b1", &[8], &[0.05; 8]),
+            conv_weight("w2", &[8, 1, 3, 3], 32),
+            tensor_f32("b2", &[8], &[0.1; 8]),
+            conv_weight("w3", &[8, 4], 33),
+            conv_weight("w4", &[4, 8, 1, 1], 34),
+        ],
+        vec![f32_info("x", &[1, 4, 16, 16])],
+        vec![f32_info("y", &[1, 16, 16, 4]), f32_info("z", &[1, 4, 2, 2])],
+    );
+    Model::from_proto(model(g, 17)).unwrap()
+}
+
+/// `n` seeded samples, smooth in space (3×3 box blur of uniform noise, plus a per-channel offset):
+/// neighbouring taps are strongly correlated, as in images.
+fn samples(n: usize, seed: u64) -> Vec<Tensor> {
+    let (c, h, w) = (SHAPE[1], SHAPE[2], SHAPE[3]);
+    (0..n)
+        .map(|i| {
+            let noise = seeded(c * h * w, seed * 1000 + i as u64);
+            let mut v = vec![0f32; c * h * w];
+            for ch in 0..c {
+                for y in 0..h {
+                    for x in 0..w {
+                        let mut s = 0.0;
+                        for yy in y.saturating_sub(1)..(y + 2).min(h) {
+                            for xx in x.saturating_sub(1)..(x + 2).min(w) {
+                                s += noise[(ch * h + yy) * w + xx];
+                            }
+                        }
+                        v[(ch * h + y) * w + x] = s / 3.0 + 0.25 * ch as f32;
+                    }
+                }
+            }
+            Tensor::from_shape(&SHAPE, &v).unwrap()
+        })
+        .collect()
+}
+
+fn per_tensor_plan(model: &Model, stats: &CalibrationStats) -> Plan {
+    let mut rules = Target::Generic.rules();
+    rules.per_channel_weights = false;
+    let options = PlanOptions {
+        target: Target::Generic,
+        rules,
+        method: Method::MinMax,
+        overrides: Overrides::default(),
+    };
+    build_plan(model, stats, &options).unwrap()
+}
+
+/// The plan, with `gptq`'s roundings when `rounding`, and its notes.
+fn planned(model: &Model, source: &DataSource, stats: &CalibrationStats, rounding: bool) -> (Plan, Vec<String>) {
+    let mut ctx = Context::default();
+    if rounding {
+        let specs = [PassSpec {
+            name: "gptq".into(),
+            options: serde_yaml::Value::Null,
+        }];
+        let mut m = model.clone();
+        run_pipeline(&mut m, &specs, &mut ctx, &DebugOptions::default()).unwrap();
+        assert!(ctx.weight_rounding);
+    }
+    let mut plan = per_tensor_plan(model, stats);
+    let notes = gptq::apply(model, &mut plan, Some(source), &ctx).unwrap();
+    (plan, notes)
+}
+
+/// Mean squared error of `y` against the float model on `eval`.
+fn output_mse(float: &Model, plan: &Plan, eval: &[Tensor]) -> f64 {
+    let mut q = float.clone();
+    materialize(&mut q, plan).unwrap();
+    let lowered = onnxq::verify::lower::lower_all_qdq(&q).unwrap();
+    let run = |m: &Model| -> Vec<Vec<f32>> {
+        let runner = Runner::new(m, &[("x".into(), DatumType::F32, SHAPE.to_vec())], &[]).unwrap();
+        let y = runner.outputs.iter().position(|o| o == "y").unwrap();
+        eval.iter()
+            .map(|x| to_f32_vec(&runner.run(vec![x.clone().into_tvalue()]).unwrap()[y]).unwrap())
+            .collect()
+    };
+    let (want, got) = (run(float), run(&lowered));
+    let (mut sq, mut n) = (0f64, 0usize);
+    for (w, g) in want.iter().zip(&got) {
+        for (a, b) in w.iter().zip(g) {
+            sq += (*a as f64 - *b as f64).powi(2);
+            n += 1;
+        }
+    }
+    sq / n as f64
+}
+
+#[test]
+fn gptq_rounds_on_the_plans_grid_with_a_lower_output_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = write_x_calibration(dir.path(), &samples(32, 1));
+    let eval = samples(32, 2);
+    let m = net();
+    let source = calibration_source(&m, &calib);
+    let stats = collect(&m, &source, source.fingerprints().unwrap()).unwrap();
+
+    let (nearest, none) = planned(&m, &source, &stats, false);
+    assert!(none.is_empty() && nearest.rounded.is_empty());
+    let (rounded, notes) = planned(&m, &source, &stats, true);
+    println!("{notes:#?}");
+    for layer in ["Conv 'conv'", "Conv 'depthwise'", "MatMul 'matmul'"] {
+        assert!(
+            notes.iter().any(|n| n.starts_with(&format!("rounded {layer}"))),
+            "{layer} not rounded: {notes:#?}"
+        );
+    }
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("nearest rounding Conv 'small'") && n.contains("fewer than the 100 per column")),
+        "{notes:#?}"
+    );
+    assert_eq!(rounded.rounded.len(), 3);
+
+    // The grid is the plan's: same scales and zero points, integers within one step of nearest.
+    for (w, r) in &rounded.rounded {
+        let ours = rounded.quantized_weight(&m.graph, w).unwrap();
+        let near = nearest.quantized_weight(&m.graph, w).unwrap();
+        assert_eq!(ours.params, near.params, "{w}");
+        assert_eq!(ours.values, r.values, "{w}");
+        assert_ne!(ours.values, near.values, "{w}: nothing changed");
+        let steps = ours
+            .values
+            .iter()
+            .zip(&near.values)
+            .map(|(a, b)| (a - b).abs())
+            .max()
+            .unwrap();
+        assert!(steps <= 3, "{w}: {steps} steps from nearest");
+    }
+
+    // Held-out data: the output error is lower.
+    let (e_nearest, e_gptq) = (output_mse(&m, &nearest, &eval), output_mse(&m, &rounded, &eval));
+    println!("output mse: nearest {e_nearest:.3e}, gptq {e_gptq:.3e}");
+    assert!(e_gptq < 0.9 * e_nearest, "nearest {e_nearest:.3e}, gptq {e_gptq:.3e}");
+}
+
+#[test]
+fn gptq_is_the_same_on_one_thread_and_two() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = write_x_calibration(dir.path(), &samples(12, 3));
+    let m = net();
+    let source = calibration_source(&m, &calib);
+    let stats = collect(&m, &source, source.fingerprints().unwrap()).unwrap();
+    let with = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| planned(&m, &source, &stats, true))
+    };
+    let (one, two) = (with(1), with(2));
+    assert!(!one.0.rounded.is_empty());
+    assert_eq!(one.1, two.1);
+    for (w, r) in &one.0.rounded {
+        assert_eq!(r.values, two.0.rounded[w].values, "{w}");
+    }
+}
+
+#[test]
+fn gptq_without_calibration_data_is_an_error() {
+    let m = net();
+    let ctx = Context {
+        weight_rounding: true,
+        ..Context::default()
+    };
+    let mut plan = Plan::default();
+    let e = gptq::apply(&m, &mut plan, None, &ctx).unwrap_err().to_string();
+    assert!(e.contains("gptq needs calibration data"), "{e}");
+}
