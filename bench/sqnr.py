@@ -15,6 +15,11 @@ With --logits, a model whose outputs come out of a Softmax is also measured on t
 input (the logits): an output SQNR on probabilities is dominated by the few samples near a
 decision boundary, where the Softmax is steepest.
 
+With --mirror, every image input (4-D or more per sample: [N, 1, C, H, W]) is measured a second
+time mirrored left to right (its last axis reversed): twice the held-out images, for top-1
+agreement on small eval sets where a handful of near-ties decide it. Inputs that are not images
+are refused.
+
 Several quantized models of one float model share one float run. With --json, a model that fails
 a check (checker, ONNX Runtime, OpenVINO) is recorded with the error instead of stopping the run,
 and OUT.json gets per model and per output: SQNR, top-1 agreement, and for outputs with one vector
@@ -209,9 +214,16 @@ def main():
     ap.add_argument("--bootstrap", action="store_true", help="90%% intervals, and paired differences from the first model")
     ap.add_argument("--logits", action="store_true", help="also measure the input of the last Softmax")
     ap.add_argument("--json", help="write per-model results here; a failing model is recorded, not fatal")
+    ap.add_argument("--mirror", action="store_true", help="also the eval images mirrored left to right")
     args = ap.parse_args()
     args.first_energies = None
     data = dict(np.load(args.data))
+    if args.mirror:
+        inputs = {k: v for k, v in data.items() if not k.startswith("_")}
+        flat = [k for k, v in inputs.items() if v.ndim < 5]
+        if flat:
+            sys.exit(f"--mirror: inputs {flat} are not images ([N, 1, C, H, W])")
+        data = {k: np.concatenate([v, v[..., ::-1]]) for k, v in inputs.items()}
     cache = {}
 
     def reference():
