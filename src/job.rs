@@ -52,6 +52,23 @@ pub fn main_job(args: MainJob) -> Result<()> {
             "quantizing needs calibration data: set `calibration: {data: calib.npz}`, or run `fold_batchnorm` for data-free ranges from the BatchNorm statistics (or `quantize: false` to only run the passes)",
         ));
     }
+    let passes = config.pass_names();
+    if let Some(p) = passes.iter().find(|p| ["correct_bias", "gptq"].contains(&p.as_str())) {
+        if !config.quantize {
+            return Err(Error::config(
+                &config_path,
+                format!(
+                    "`{p}` acts on the quantized weights, and `quantize: false` writes none: remove it or quantize"
+                ),
+            ));
+        }
+    }
+    if passes.iter().any(|p| p == "gptq") && config.calibration.is_none() {
+        return Err(Error::config(
+            &config_path,
+            "`gptq` fits the weight rounding to the layers' inputs: it needs `calibration: {data: …}` (it has no data-free mode)",
+        ));
+    }
     check_debug_flags(&config, &args.dump_after, &args.stop_after)?;
     let output = output_path(&model_path, args.output)?;
 

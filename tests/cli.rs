@@ -137,6 +137,20 @@ fn bad_configs_are_usage_errors() {
         ),
         ("quantize: false\npasses: [\n", vec!["q.yaml"]),
         ("quantize: maybe\n", vec!["q.yaml", "quantize"]),
+        // Passes that act on quantized weights would do nothing.
+        (
+            "quantize: false\npasses: [correct_bias]\n",
+            vec!["`correct_bias` acts on the quantized weights", "quantize: false"],
+        ),
+        (
+            "quantize: false\npasses: [gptq]\n",
+            vec!["`gptq` acts on the quantized weights"],
+        ),
+        // gptq has no data-free mode.
+        (
+            "passes: [fold_batchnorm, gptq]\n",
+            vec!["`gptq`", "needs `calibration: {data: …}`"],
+        ),
     ];
     for (text, needles) in cases {
         let cfg = config(dir.path(), text);
