@@ -33,7 +33,8 @@
 //! - **percentile**: the smallest bin edge `T` with `#{|x| <= T} >= p/100 · N`.
 //! - **entropy**: TensorRT's calibration (Szymon Migacz, "8-bit Inference with TensorRT", GTC
 //!   2017). The |x| histogram is coarsened by an integer factor to at most [`SEARCH_BINS`] (2048)
-//!   bins. For each `i` in `levels..=nbins`: `P` = bins `0..i` with the mass of all bins `>= i`
+//!   bins, and bin 0 (where a Relu's exact zeros pile up) is levelled to bin 1's count, as in
+//!   NVIDIA's pytorch-quantization: zero is exact at any threshold. For each `i` in `levels..=nbins`: `P` = bins `0..i` with the mass of all bins `>= i`
 //!   added to bin `i-1` (outliers clipped onto the edge); `Q` = bins `0..i` without the outliers,
 //!   split into `levels` contiguous groups as evenly as possible, each group's total spread
 //!   uniformly over the bins where `P` is non-zero (as MXNet and ONNX Runtime do). Choose the `i`
@@ -455,7 +456,7 @@ impl Histogram {
     /// clipped) are skipped. With no more bins than levels, or an empty histogram, it returns the
     /// upper edge of the highest bin (0 when empty).
     pub fn entropy_threshold(&self, levels: usize) -> f64 {
-        let Some((bins, width)) = self.search_bins() else {
+        let Some((mut bins, width)) = self.search_bins() else {
             return 0.0;
         };
         let nbins = bins.len();
@@ -463,6 +464,12 @@ impl Histogram {
         if nbins <= levels {
             return nbins as f64 * width;
         }
+        // The exact zeros of a post-Relu tensor (often half of it) all land in bin 0. Grouped
+        // with the bins after it in Q, that spike costs so much divergence that the smallest
+        // thresholds win, clipping the whole tensor (efficientnet_lite1: −1.5 dB, top-1 0).
+        // Zero is exact at any threshold, so the spike carries no information about the choice:
+        // it is levelled to bin 1's count, as NVIDIA's pytorch-quantization calibrator does.
+        bins[0] = bins[1];
         // Prefix sums make each candidate O(levels): within a group every P-non-zero bin has the
         // same q, so Σ p·ln q = (group mass of P)·ln q.
         let mut count_prefix = vec![0f64; nbins + 1];
