@@ -54,6 +54,7 @@ use petgraph::stable_graph::NodeIndex;
 use rayon::prelude::*;
 
 use super::equalize::{f32_tensor, Kind, Layout};
+use super::hardswish::exported_hardswish;
 use crate::calib::stats::CalibrationStats;
 use crate::error::{Error, Result};
 use crate::ir::dump::fmt_float;
@@ -333,22 +334,6 @@ fn empirical_mean(stats: &CalibrationStats, input: &str, channels: usize) -> std
     Ok(ch.mean())
 }
 
-/// The value of a Clip bound (input or attribute); None when absent, Err when not a constant.
-fn clip_bound(graph: &Graph, n: &Node, slot: usize, attr: &str) -> std::result::Result<Option<f64>, String> {
-    if let Some(name) = n.inputs.get(slot).filter(|s| !s.is_empty()) {
-        let value = graph
-            .constants
-            .get(name)
-            .filter(|_| !graph.inputs.iter().any(|i| i.name() == name))
-            .and_then(|c| tensor::values_f64(&c.tensor));
-        return match value.as_deref() {
-            Some([v]) => Ok(Some(*v)),
-            _ => Err(format!("the {attr} of {} is not a constant scalar", n.label())),
-        };
-    }
-    Ok(n.attribute(attr).map(|a| a.f() as f64))
-}
-
 /// `E[x_c]` of a layer input from the BatchNorm record of the layer before, through the
 /// activation between them.
 fn analytical_mean(
@@ -384,29 +369,48 @@ fn analytical_mean(
             (true, "Clip") => (
                 p.inputs.first().map_or("", String::as_str),
                 Activation::Clip(
-                    clip_bound(graph, p, 1, "min")?.unwrap_or(f64::NEG_INFINITY),
-                    clip_bound(graph, p, 2, "max")?.unwrap_or(f64::INFINITY),
+                    graph.clip_bound(p, 1, "min")?.unwrap_or(f64::NEG_INFINITY),
+                    graph.clip_bound(p, 2, "max")?.unwrap_or(f64::INFINITY),
                 ),
             ),
             (true, "HardSwish") => (p.inputs.first().map_or("", String::as_str), Activation::HardSwish(None)),
-            (true, "Mul") => match gated_hard_swish(graph, p, &producer_of) {
-                Some((x, scales)) => (x, Activation::HardSwish(Some(scales))),
-                None => {
-                    return Err(format!(
-                        "its input comes through {} (only identity, Relu, Clip and HardSwish are modelled)",
-                        p.label()
-                    ))
+            (true, "Mul" | "Div") => {
+                let producer_ix = |t: &str| {
+                    graph
+                        .nodes
+                        .node_indices()
+                        .find(|&ix| graph.nodes[ix].outputs.iter().any(|o| o == t))
+                };
+                let gated = (p.op_type == "Mul")
+                    .then(|| gated_hard_swish(graph, p, &producer_of))
+                    .flatten();
+                let exported = producer_ix(input).and_then(|last| exported_hardswish(graph, last, &producer_ix));
+                match (gated, exported) {
+                    (Some((x, scales)), _) => (x, Activation::HardSwish(Some(scales))),
+                    (None, Some(hs)) => match hs.channel_scale.map(|s| channel_scales(graph, s)) {
+                        None => (hs.x, Activation::HardSwish(None)),
+                        Some(Some(scales)) => (hs.x, Activation::HardSwish(Some(scales))),
+                        Some(None) => {
+                            return Err(format!(
+                                "its input comes through {}, whose channel scales are not positive constants",
+                                p.label()
+                            ))
+                        }
+                    },
+                    (None, None) if p.op_type == "Div" => {
+                        return Err(format!(
+                            "its input comes through {} (not a HardSwish x·Clip(x + 3, 0, 6)/6)",
+                            p.label()
+                        ))
+                    }
+                    (None, None) => {
+                        return Err(format!(
+                            "its input comes through {} (only identity, Relu, Clip and HardSwish are modelled)",
+                            p.label()
+                        ))
+                    }
                 }
-            },
-            (true, "Div") => match decomposed_hard_swish(graph, p, &producer_of) {
-                Some((x, scales)) => (x, Activation::HardSwish(scales)),
-                None => {
-                    return Err(format!(
-                        "its input comes through {} (not a HardSwish x·Clip(x + 3, 0, 6)/6)",
-                        p.label()
-                    ))
-                }
-            },
+            }
             _ => {
                 return Err(format!(
                     "its input comes through {} (only identity, Relu, Clip and HardSwish are modelled)",
@@ -506,60 +510,6 @@ fn gated_hard_swish<'g>(
             if a == x {
                 if let Some(s) = channel_scales(graph, b) {
                     return Some((x.as_str(), s));
-                }
-            }
-        }
-    }
-    None
-}
-
-/// `Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)` (HardSwish as some exporters write it; operands of
-/// Add and Mul in either order): the `x`, and the channel scales `s` when `equalize` made the
-/// Add read `Mul(x, s)` (then it is `hswish(s·x)/s`).
-fn decomposed_hard_swish<'g>(
-    graph: &'g Graph,
-    div: &'g Node,
-    producer_of: &dyn Fn(&str) -> Option<&'g Node>,
-) -> Option<(&'g str, Option<Vec<f64>>)> {
-    let scalar = |t: &str| {
-        graph
-            .constants
-            .get(t)
-            .and_then(|c| tensor::values_f64(&c.tensor))
-            .and_then(|v| (v.len() == 1).then(|| v[0]))
-    };
-    (scalar(div.inputs.get(1)?)? == 6.0).then_some(())?;
-    let mul = producer_of(div.inputs.first()?).filter(|n| n.op_type == "Mul" && n.inputs.len() == 2)?;
-    for (x, gate) in [(&mul.inputs[0], &mul.inputs[1]), (&mul.inputs[1], &mul.inputs[0])] {
-        let Some(clip) = producer_of(gate).filter(|n| n.op_type == "Clip") else {
-            continue;
-        };
-        let bounds = (
-            clip.inputs.get(1).and_then(|t| scalar(t)),
-            clip.inputs.get(2).and_then(|t| scalar(t)),
-        );
-        if bounds != (Some(0.0), Some(6.0)) {
-            continue;
-        }
-        let Some(add) = producer_of(clip.inputs.first()?).filter(|n| n.op_type == "Add" && n.inputs.len() == 2) else {
-            continue;
-        };
-        for (a, b) in [(&add.inputs[0], &add.inputs[1]), (&add.inputs[1], &add.inputs[0])] {
-            if scalar(b) != Some(3.0) {
-                continue;
-            }
-            if a == x {
-                return Some((x.as_str(), None));
-            }
-            // equalize's per-channel form: the Add reads Mul(x, s).
-            let scaled = producer_of(a).filter(|n| n.op_type == "Mul" && n.inputs.len() == 2);
-            if let Some(m) = scaled {
-                for (u, v) in [(&m.inputs[0], &m.inputs[1]), (&m.inputs[1], &m.inputs[0])] {
-                    if u == x {
-                        if let Some(s) = channel_scales(graph, v) {
-                            return Some((x.as_str(), Some(s)));
-                        }
-                    }
                 }
             }
         }

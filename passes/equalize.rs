@@ -77,6 +77,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use petgraph::stable_graph::NodeIndex;
 use rayon::prelude::*;
 
+use super::hardswish::exported_hardswish;
 use super::rewritable::{is_graph_output, own_f32_constant, read_in_subgraph};
 use crate::error::{Error, Result};
 use crate::ir::dump::fmt_float;
@@ -306,19 +307,10 @@ pub enum HardSwishSite {
 /// through. Every tensor in between must have that one reader and be internal.
 fn decomposed_hardswish(graph: &Graph, t: &str) -> Option<(HardSwishSite, String, Vec<NodeIndex>)> {
     let readers = graph.consumers(t);
-    let [(a, a_slot), (b, b_slot)] = readers.as_slice() else {
+    let [(a, _), (b, _)] = readers.as_slice() else {
         return None;
-    };
-    let ((add, add_slot), (mul, _)) = match (graph.nodes[*a].op_type.as_str(), graph.nodes[*b].op_type.as_str()) {
-        ("Add", "Mul") => ((*a, *a_slot), (*b, *b_slot)),
-        ("Mul", "Add") => ((*b, *b_slot), (*a, *a_slot)),
-        _ => return None,
     };
     let node = |ix: NodeIndex| &graph.nodes[ix];
-    let default = |ix: NodeIndex| node(ix).is_default_domain() && node(ix).inputs.len() == 2;
-    if !default(add) || !default(mul) || graph.constant_scalar(&node(add).inputs[1 - add_slot]) != Some(3.0) {
-        return None;
-    }
     // The single reader of an internal tensor.
     let only_reader = |t: &str| -> Option<(NodeIndex, usize)> {
         if is_graph_output(graph, t) || read_in_subgraph(graph, t) {
@@ -329,37 +321,29 @@ fn decomposed_hardswish(graph: &Graph, t: &str) -> Option<(HardSwishSite, String
             _ => None,
         }
     };
-    let (clip, 0) = only_reader(node(add).outputs.first()?)? else {
+    let mul = [*a, *b].into_iter().find(|&ix| node(ix).op_type == "Mul")?;
+    let (last, 0) = only_reader(node(mul).outputs.first()?)? else {
         return None;
     };
-    let bounds = (
-        clip_bound(graph, node(clip), 1, "min").ok()?,
-        clip_bound(graph, node(clip), 2, "max").ok()?,
-    );
-    if node(clip).op_type != "Clip" || !node(clip).is_default_domain() || bounds != (Some(0.0), Some(6.0)) {
+    let producers = graph.producers();
+    let hs = exported_hardswish(graph, last, &|t: &str| producers.get(t).map(|&(ix, _)| ix))?;
+    let add_and_mul = (hs.add == *a && mul == *b) || (hs.add == *b && mul == *a);
+    if hs.x != t || hs.channel_scale.is_some() || hs.mul != mul || !add_and_mul {
         return None;
     }
-    let (gate_reader, _) = only_reader(node(clip).outputs.first()?)?;
-    if gate_reader != mul {
+    if only_reader(node(hs.add).outputs.first()?)? != (hs.clip, 0)
+        || only_reader(node(hs.clip).outputs.first()?)?.0 != mul
+    {
         return None;
     }
-    let (scale, 0) = only_reader(node(mul).outputs.first()?)? else {
-        return None;
-    };
-    let by = graph.constant_scalar(node(scale).inputs.get(1)?)?;
-    let sixth = match node(scale).op_type.as_str() {
-        "Div" => by == 6.0,
-        "Mul" => (by - 1.0 / 6.0).abs() < 1e-6,
-        _ => false,
-    };
-    if !sixth || !node(scale).is_default_domain() {
-        return None;
-    }
-    let output = node(scale).outputs.first().filter(|o| !o.is_empty())?.clone();
+    let output = node(last).outputs.first().filter(|o| !o.is_empty())?.clone();
     Some((
-        HardSwishSite::Decomposed { add, slot: add_slot },
+        HardSwishSite::Decomposed {
+            add: hs.add,
+            slot: hs.add_slot,
+        },
         output,
-        vec![add, clip, mul, scale],
+        vec![hs.add, hs.clip, mul, last],
     ))
 }
 
@@ -489,23 +473,6 @@ fn read_layer_checked(graph: &Graph, ix: NodeIndex) -> std::result::Result<Layer
         alpha,
         beta,
     })
-}
-
-/// The value of a Clip bound (input or attribute); `Ok(None)` when absent.
-fn clip_bound(graph: &Graph, node: &Node, slot: usize, attr: &str) -> std::result::Result<Option<f64>, String> {
-    if let Some(name) = node.inputs.get(slot).filter(|s| !s.is_empty()) {
-        let Some(c) = graph.constants.get(name) else {
-            return Err(format!("its {attr} '{name}' is not a constant"));
-        };
-        if graph.inputs.iter().any(|i| i.name() == name) {
-            return Err(format!("its {attr} '{name}' is a graph input"));
-        }
-        return match tensor::values_f64(&c.tensor).as_deref() {
-            Some([v]) => Ok(Some(*v)),
-            _ => Err(format!("its {attr} '{name}' is not a scalar")),
-        };
-    }
-    Ok(node.attribute(attr).map(|a| a.f() as f64))
 }
 
 /// The integer values of a tensor computed from constants only (PyTorch's `F.pad` export computes
@@ -831,8 +798,8 @@ fn walk_link(graph: &Graph, from: Layer, walk: Walk) -> std::result::Result<Link
                 }
             }
             (_, "Clip") => {
-                let min = clip_bound(graph, n, 1, "min").map_err(|e| format!("{label}: {e}"))?;
-                let max = clip_bound(graph, n, 2, "max").map_err(|e| format!("{label}: {e}"))?;
+                let min = graph.clip_bound(n, 1, "min")?;
+                let max = graph.clip_bound(n, 2, "max")?;
                 let unbounded = max.is_none_or(|m| m == f64::INFINITY);
                 match (min, walk) {
                     (Some(0.0), _) if unbounded => relus += 1,

@@ -7,6 +7,7 @@ mod eliminate_identity;
 mod equalize;
 mod fold_batchnorm;
 pub mod gptq;
+mod hardswish;
 mod rewritable;
 
 pub use correct_bias::BiasCorrectionMode;

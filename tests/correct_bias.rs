@@ -211,6 +211,72 @@ fn analytical_correction_through_equalize_s_hardswish_op() {
     assert_corrected_by_hand(&after, &w2, &e, 1e-5);
 }
 
+#[test]
+fn analytical_correction_through_an_exported_hardswish_ending_in_a_sixth() {
+    // conv1 → BatchNorm → Mul(Mul(n1, Clip(Add(3, n1), 0, 6)), 1/6) → conv2 (the Add's operands
+    // swapped, the last step a Mul): equalize makes the Add read s·n1, and correct_bias models it
+    // as hswish(s·z)/s, as for the Div form.
+    let (bn, params) = batchnorm_node(
+        "bn",
+        "c1",
+        "n1",
+        &[0.5, 2.0, 0.25],
+        &[1.0, 0.5, -0.5],
+        &[0.0; 3],
+        &[1.0; 3],
+    );
+    let mut inits = vec![
+        conv_weight("w1", &[3, 2, 1, 1], 1),
+        conv_weight("w2", &[2, 3, 1, 1], 2),
+        tensor_f32("three", &[], &[3.0]),
+        tensor_f32("zero", &[], &[0.0]),
+        tensor_f32("six", &[], &[6.0]),
+        tensor_f32("sixth", &[], &[1.0 / 6.0]),
+    ];
+    inits.extend(params);
+    let g = graph(
+        vec![
+            node("Conv", "conv1", &["x", "w1"], &["c1"]),
+            bn,
+            node("Add", "add", &["three", "n1"], &["a"]),
+            node("Clip", "clip", &["a", "zero", "six"], &["g"]),
+            node("Mul", "mul", &["n1", "g"], &["m"]),
+            node("Mul", "by_six", &["m", "sixth"], &["h"]),
+            node("Conv", "conv2", &["h", "w2"], &["y"]),
+        ],
+        inits,
+        vec![f32_info("x", &[1, 2, 4, 4])],
+        vec![f32_info("y", &[1, 2, 4, 4])],
+    );
+    let m = Model::from_proto(model(g, 17)).unwrap();
+    let specs = [
+        spec("fold_batchnorm", "~"),
+        spec("equalize", "{hardswish: per_channel}"),
+        spec("correct_bias", "{mode: analytical}"),
+    ];
+    let (float, ctx) = passes(&m, &specs);
+    let s = to_values(&float, "add::channel_scale");
+    assert!(
+        s.iter().any(|s| (s - 1.0).abs() > 0.1),
+        "equalisation moved something: {s:?}"
+    );
+    let stats = stats_from_batchnorm(&float, &ctx.batchnorm_records, 6.0).unwrap();
+    let plan = build_plan(&float, &stats, &per_tensor_options()).unwrap();
+    let mut after = float.clone();
+    let notes = correct_bias::apply(&mut after, &plan, Some(&stats), &ctx).unwrap();
+    assert!(
+        notes.iter().any(|n| n.starts_with("corrected Conv 'conv2'")),
+        "{notes:#?}"
+    );
+    let hswish = |x: f64| x * (x / 6.0 + 0.5).clamp(0.0, 1.0);
+    let e: Vec<f64> = [(1.0, 0.5), (0.5, 2.0), (-0.5, 0.25)]
+        .iter()
+        .zip(&s)
+        .map(|(&(b, g), &s)| correct_bias::normal_expectation(hswish, b, g) / s as f64)
+        .collect();
+    assert_corrected_by_hand(&after, &to_values(&float, "w2"), &e, 1e-5);
+}
+
 fn to_values(m: &Model, name: &str) -> Vec<f32> {
     onnxq::onnx::tensor::values_f32(&m.graph.constants[name].tensor).unwrap()
 }

@@ -160,15 +160,6 @@ fn constant_interval(graph: &Graph, name: &str) -> Option<Interval> {
     Some(Interval::scalar(lo, hi))
 }
 
-/// A Clip bound: input `slot` (opset ≥ 11) or attribute; `Some(None)` when absent, None when not
-/// a constant.
-fn clip_bound(graph: &Graph, n: &Node, slot: usize, attr: &str) -> Option<Option<f64>> {
-    match n.inputs.get(slot).filter(|s| !s.is_empty()) {
-        Some(name) => graph.constant_scalar(name).map(Some),
-        None => Some(n.attribute(attr).map(|a| a.f() as f64)),
-    }
-}
-
 fn hard_swish(x: f64) -> f64 {
     x * (x / 6.0 + 0.5).clamp(0.0, 1.0)
 }
@@ -192,8 +183,8 @@ pub fn propagate(graph: &Graph, n: &Node, known: &BTreeMap<String, Interval>) ->
     match n.op_type.as_str() {
         "Relu" => Some(x?.map(|v| v.max(0.0), &[])),
         "Clip" => {
-            let lo = clip_bound(graph, n, 1, "min")?.unwrap_or(f64::NEG_INFINITY);
-            let hi = clip_bound(graph, n, 2, "max")?.unwrap_or(f64::INFINITY);
+            let lo = graph.clip_bound(n, 1, "min").ok()?.unwrap_or(f64::NEG_INFINITY);
+            let hi = graph.clip_bound(n, 2, "max").ok()?.unwrap_or(f64::INFINITY);
             if x.is_none() && !(lo.is_finite() && hi.is_finite()) {
                 return None;
             }

@@ -298,6 +298,24 @@ impl Graph {
         }
     }
 
+    /// The value of a Clip bound of `node`: input `slot` (opset ≥ 11) or attribute `attr` (min,
+    /// max); `Ok(None)` when absent, Err with the reason when not a constant scalar.
+    pub fn clip_bound(&self, node: &Node, slot: usize, attr: &str) -> std::result::Result<Option<f64>, String> {
+        let Some(name) = node.inputs.get(slot).filter(|s| !s.is_empty()) else {
+            return Ok(node.attribute(attr).map(|a| a.f() as f64));
+        };
+        let label = node.label();
+        if self.inputs.iter().any(|i| i.name() == name) {
+            return Err(format!("the {attr} '{name}' of {label} is a graph input"));
+        }
+        if !self.constants.contains_key(name) {
+            return Err(format!("the {attr} '{name}' of {label} is not a constant"));
+        }
+        self.constant_scalar(name)
+            .map(Some)
+            .ok_or_else(|| format!("the {attr} '{name}' of {label} is not a scalar"))
+    }
+
     pub fn from_proto(mut g: GraphProto) -> Result<Graph> {
         let nodes_proto = std::mem::take(&mut g.node);
         let initializers = std::mem::take(&mut g.initializer);
