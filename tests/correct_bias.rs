@@ -162,12 +162,10 @@ fn assert_corrected_by_hand(after: &Model, w2: &[f32], e: &[f64], tolerance: f64
     }
 }
 
-#[test]
-fn analytical_correction_through_equalize_s_hardswish_op() {
-    // conv1 → BatchNorm → HardSwish → conv2; equalize rewrites the HardSwish to
-    // x·HardSigmoid(s·x): conv2's input channel c is then hswish(s_c·z)/s_c with z the folded,
-    // rescaled N(β_c/s_c, (γ_c/s_c)²), whose mean is E[hswish(N(β_c, γ_c²))]/s_c.
-    let (bn, params) = batchnorm_node(
+/// The BatchNorm before the HardSwish in the two tests below: z ~ N(β, γ²) per channel with
+/// (β, γ) = (1, 0.5), (0.5, 2), (−0.5, 0.25).
+fn hardswish_bn() -> (onnxq::proto::NodeProto, Vec<onnxq::proto::TensorProto>) {
+    batchnorm_node(
         "bn",
         "c1",
         "n1",
@@ -175,20 +173,20 @@ fn analytical_correction_through_equalize_s_hardswish_op() {
         &[1.0, 0.5, -0.5],
         &[0.0; 3],
         &[1.0; 3],
-    );
-    let m = conv_bn_act_conv(
-        (bn, params),
-        ("HardSwish", "hswish", "h"),
-        conv_weight("w1", &[3, 2, 1, 1], 1),
-        conv_weight("w2", &[2, 3, 1, 1], 2),
-    );
+    )
+}
+
+/// fold_batchnorm, equalize through the HardSwish (its channel scales in constant `scale`), then
+/// analytical correction: conv2's input channel c is hswish(s_c·z)/s_c with z the folded,
+/// rescaled N(β_c/s_c, (γ_c/s_c)²), whose mean is E[hswish(N(β_c, γ_c²))]/s_c.
+fn assert_corrected_through_hardswish(m: &Model, scale: &str) {
     let specs = [
         spec("fold_batchnorm", "~"),
         spec("equalize", "{hardswish: per_channel}"),
         spec("correct_bias", "{mode: analytical}"),
     ];
-    let (float, ctx) = passes(&m, &specs);
-    let s = to_values(&float, "hswish::channel_scale");
+    let (float, ctx) = passes(m, &specs);
+    let s = to_values(&float, scale);
     assert!(
         s.iter().any(|s| (s - 1.0).abs() > 0.1),
         "equalisation moved something: {s:?}"
@@ -201,30 +199,32 @@ fn analytical_correction_through_equalize_s_hardswish_op() {
         notes.iter().any(|n| n.starts_with("corrected Conv 'conv2'")),
         "{notes:#?}"
     );
-    let w2 = to_values(&float, "w2");
     let hswish = |x: f64| x * (x / 6.0 + 0.5).clamp(0.0, 1.0);
     let e: Vec<f64> = [(1.0, 0.5), (0.5, 2.0), (-0.5, 0.25)]
         .iter()
         .zip(&s)
         .map(|(&(b, g), &s)| correct_bias::normal_expectation(hswish, b, g) / s as f64)
         .collect();
-    assert_corrected_by_hand(&after, &w2, &e, 1e-5);
+    assert_corrected_by_hand(&after, &to_values(&float, "w2"), &e, 1e-5);
+}
+
+#[test]
+fn analytical_correction_through_equalize_s_hardswish_op() {
+    // conv1 → BatchNorm → HardSwish → conv2; equalize rewrites the HardSwish to x·HardSigmoid(s·x).
+    let m = conv_bn_act_conv(
+        hardswish_bn(),
+        ("HardSwish", "hswish", "h"),
+        conv_weight("w1", &[3, 2, 1, 1], 1),
+        conv_weight("w2", &[2, 3, 1, 1], 2),
+    );
+    assert_corrected_through_hardswish(&m, "hswish::channel_scale");
 }
 
 #[test]
 fn analytical_correction_through_an_exported_hardswish_ending_in_a_sixth() {
     // conv1 → BatchNorm → Mul(Mul(n1, Clip(Add(3, n1), 0, 6)), 1/6) → conv2 (the Add's operands
-    // swapped, the last step a Mul): equalize makes the Add read s·n1, and correct_bias models it
-    // as hswish(s·z)/s, as for the Div form.
-    let (bn, params) = batchnorm_node(
-        "bn",
-        "c1",
-        "n1",
-        &[0.5, 2.0, 0.25],
-        &[1.0, 0.5, -0.5],
-        &[0.0; 3],
-        &[1.0; 3],
-    );
+    // swapped, the last step a Mul): equalize makes the Add read s·n1.
+    let (bn, params) = hardswish_bn();
     let mut inits = vec![
         conv_weight("w1", &[3, 2, 1, 1], 1),
         conv_weight("w2", &[2, 3, 1, 1], 2),
@@ -248,33 +248,7 @@ fn analytical_correction_through_an_exported_hardswish_ending_in_a_sixth() {
         vec![f32_info("x", &[1, 2, 4, 4])],
         vec![f32_info("y", &[1, 2, 4, 4])],
     );
-    let m = Model::from_proto(model(g, 17)).unwrap();
-    let specs = [
-        spec("fold_batchnorm", "~"),
-        spec("equalize", "{hardswish: per_channel}"),
-        spec("correct_bias", "{mode: analytical}"),
-    ];
-    let (float, ctx) = passes(&m, &specs);
-    let s = to_values(&float, "add::channel_scale");
-    assert!(
-        s.iter().any(|s| (s - 1.0).abs() > 0.1),
-        "equalisation moved something: {s:?}"
-    );
-    let stats = stats_from_batchnorm(&float, &ctx.batchnorm_records, 6.0).unwrap();
-    let plan = build_plan(&float, &stats, &per_tensor_options()).unwrap();
-    let mut after = float.clone();
-    let notes = correct_bias::apply(&mut after, &plan, Some(&stats), &ctx).unwrap();
-    assert!(
-        notes.iter().any(|n| n.starts_with("corrected Conv 'conv2'")),
-        "{notes:#?}"
-    );
-    let hswish = |x: f64| x * (x / 6.0 + 0.5).clamp(0.0, 1.0);
-    let e: Vec<f64> = [(1.0, 0.5), (0.5, 2.0), (-0.5, 0.25)]
-        .iter()
-        .zip(&s)
-        .map(|(&(b, g), &s)| correct_bias::normal_expectation(hswish, b, g) / s as f64)
-        .collect();
-    assert_corrected_by_hand(&after, &to_values(&float, "w2"), &e, 1e-5);
+    assert_corrected_through_hardswish(&Model::from_proto(model(g, 17)).unwrap(), "add::channel_scale");
 }
 
 fn to_values(m: &Model, name: &str) -> Vec<f32> {
