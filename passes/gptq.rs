@@ -708,6 +708,57 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rows_and_columns_cover_each_weight_once_in_its_output_channel() {
+        use crate::passes::equalize::{Kind, Layout};
+        let cases = [
+            (
+                Kind::Conv { group: 2 },
+                vec![4, 3, 2, 2],
+                WeightOrder::RowMajor,
+                2,
+                12,
+                2,
+            ),
+            (
+                Kind::Gemm { trans_b: false },
+                vec![5, 3],
+                WeightOrder::ColumnMajor,
+                3,
+                5,
+                1,
+            ),
+            (Kind::Gemm { trans_b: true }, vec![3, 5], WeightOrder::RowMajor, 3, 5, 1),
+        ];
+        for (kind, dims, order, rows_per_group, columns, groups) in cases {
+            let t = Target {
+                label: String::new(),
+                input: String::new(),
+                weight: String::new(),
+                reader: Reader::Rows { features: columns },
+                order,
+                rows_per_group,
+                columns,
+                groups,
+            };
+            let layout = Layout {
+                kind,
+                dims: dims.clone(),
+            };
+            let channels = layout.indexer();
+            let mut seen = vec![false; dims.iter().product()];
+            for row in 0..rows_per_group * groups {
+                for c in 0..columns {
+                    let e = t.flat_index(row, c);
+                    assert!(!seen[e], "{dims:?}: element {e} twice");
+                    seen[e] = true;
+                    assert_eq!(channels(e).0, row, "{dims:?}: element {e}");
+                }
+            }
+            assert!(seen.iter().all(|&s| s), "{dims:?}");
+        }
+    }
+
+    #[test]
     fn inverse_factor_inverts() {
         let h = Array2::from_shape_vec((3, 3), vec![4.0, 1.0, 0.5, 1.0, 3.0, 0.2, 0.5, 0.2, 2.0]).unwrap();
         let mean = (4.0 + 3.0 + 2.0) / 3.0;
