@@ -34,7 +34,6 @@ use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 use tract_onnx::prelude::tract_ndarray::{Array2, ArrayView2};
-use tract_onnx::prelude::*;
 
 use crate::calib::source::DataSource;
 use crate::error::{Error, Result};
@@ -397,21 +396,13 @@ fn gram_matrices(
         let samples: Vec<SampleValues> = (start..end)
             .into_par_iter()
             .map(|i| -> Result<_> {
-                let inputs = source.sample(i)?;
                 let mut found = BTreeMap::new();
-                let mut keep = |name: &str, t: &Tensor| -> Result<()> {
+                runner.run_visiting(source.sample(i)?, |name, t| {
                     if wanted.binary_search_by(|w| w.as_str().cmp(name)).is_ok() {
                         found.insert(name.to_string(), (crate::runtime::to_f32_vec(t)?, t.shape().to_vec()));
                     }
                     Ok(())
-                };
-                for (name, value) in input_names.iter().zip(&inputs) {
-                    keep(name, value)?;
-                }
-                let outputs = runner.run(inputs)?;
-                for (name, value) in runner.outputs.iter().zip(outputs.iter()) {
-                    keep(name, value)?;
-                }
+                })?;
                 Ok(found)
             })
             .collect::<Result<_>>()?;

@@ -15,6 +15,8 @@ use crate::ir::Model;
 
 pub struct Runner {
     plan: Arc<TypedRunnableModel>,
+    /// Names of the model inputs, in the order `run` takes them.
+    input_names: Vec<String>,
     /// Names of the tensors `run` returns, in order: the graph outputs, then the requested
     /// intermediates.
     pub outputs: Vec<String>,
@@ -55,12 +57,29 @@ impl Runner {
             .into_optimized()
             .and_then(|m| m.into_runnable())
             .map_err(tract_error)?;
-        Ok(Runner { plan, outputs })
+        Ok(Runner {
+            plan,
+            input_names,
+            outputs,
+        })
     }
 
     /// Runs one sample.
     pub fn run(&self, inputs: Vec<TValue>) -> Result<TVec<TValue>> {
         self.plan.run(inputs.into()).map_err(tract_error)
+    }
+
+    /// Runs one sample and shows `visit` each input it is fed, then each tensor `run` returns, by
+    /// ONNX name; the returned tensors are dropped when it is done.
+    pub fn run_visiting(&self, inputs: Vec<TValue>, mut visit: impl FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
+        for (name, value) in self.input_names.iter().zip(&inputs) {
+            visit(name, value)?;
+        }
+        let outputs = self.run(inputs)?;
+        for (name, value) in self.outputs.iter().zip(outputs.iter()) {
+            visit(name, value)?;
+        }
+        Ok(())
     }
 
     /// Runs `count` samples in parallel; `feed(i)` makes sample i's inputs and `observe(i,

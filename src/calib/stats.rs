@@ -107,14 +107,7 @@ fn observe_sample(
         stats[slot] = Some(s);
         Ok(())
     };
-    let input_names: Vec<String> = source.sample_shapes()?.into_iter().map(|(n, _, _)| n).collect();
-    for (name, value) in input_names.iter().zip(&inputs) {
-        observe(name, value)?;
-    }
-    let outputs = runner.run(inputs)?;
-    for (name, value) in runner.outputs.iter().zip(outputs.iter()) {
-        observe(name, value)?;
-    }
+    runner.run_visiting(inputs, &mut observe)?;
     Ok(stats)
 }
 
