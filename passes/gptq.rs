@@ -302,7 +302,6 @@ impl Gram {
             }
             Reader::Conv(window) => {
                 let ConvWindow {
-                    group,
                     channels_per_group,
                     kernel,
                     strides,
@@ -317,8 +316,8 @@ impl Gram {
                 let taps: usize = kernel.iter().product();
                 let in_size: usize = spatial.iter().product();
                 let channels = shape[1];
-                // Input offset of each tap relative to the window origin, per axis.
-                let window = |p: usize, tap: usize| -> Option<usize> {
+                // Where in an input plane tap `tap` of output position `p` reads; None in the padding.
+                let tap_offset = |p: usize, tap: usize| -> Option<usize> {
                     let (mut p, mut tap) = (p, tap);
                     let mut offset = 0;
                     for a in (0..rank).rev() {
@@ -340,10 +339,9 @@ impl Gram {
                         let count = PATCH_CHUNK.min(positions - start);
                         let offsets: Vec<Option<usize>> = (start..start + count)
                             .flat_map(|p| (0..taps).map(move |k| (p, k)))
-                            .map(|(p, k)| window(p, k))
+                            .map(|(p, k)| tap_offset(p, k))
                             .collect();
                         for (g, h) in self.per_group.iter_mut().enumerate() {
-                            debug_assert!(g < *group);
                             let mut x = Array2::<f64>::zeros((count, t.columns));
                             for (r, mut row) in x.rows_mut().into_iter().enumerate() {
                                 for c in 0..*channels_per_group {
