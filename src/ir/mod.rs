@@ -116,6 +116,22 @@ impl Node {
     pub fn attribute(&self, name: &str) -> Option<&AttributeProto> {
         self.attributes.iter().find(|a| a.name() == name)
     }
+    /// An integer attribute, if present.
+    pub fn attr_int(&self, name: &str) -> Option<i64> {
+        self.attribute(name).map(|a| a.i())
+    }
+    /// A float attribute, if present.
+    pub fn attr_float(&self, name: &str) -> Option<f32> {
+        self.attribute(name).map(|a| a.f())
+    }
+    /// An integer-list attribute, if present.
+    pub fn attr_ints(&self, name: &str) -> Option<&[i64]> {
+        self.attribute(name).map(|a| a.ints.as_slice())
+    }
+    /// A string attribute, if present (lossily decoded as UTF-8).
+    pub fn attr_string(&self, name: &str) -> Option<String> {
+        self.attribute(name).map(|a| String::from_utf8_lossy(a.s()).into_owned())
+    }
     pub fn is_default_domain(&self) -> bool {
         self.domain.is_empty() || self.domain == "ai.onnx"
     }
