@@ -22,7 +22,7 @@ use onnxq::calib::source::DataSource;
 use onnxq::calib::stats::collect;
 use onnxq::pipeline::config::Config;
 use onnxq::quant::materialize::materialize;
-use onnxq::quant::plan::{build_plan, PlanOptions};
+use onnxq::quant::plan::build_plan;
 
 /// Seeded, roughly Gaussian values (sum of 4 uniforms) times `gain`, with a few outliers: the
 /// shape of a real activation's distribution, long tail included.
@@ -137,13 +137,8 @@ fn plan_and_qdq(c: &mut Criterion) {
     let calibration = config.calibration.as_ref().expect("calibration");
     let source = DataSource::open(calibration, &InputSpec::of_graph(&model.graph)).expect("data");
     let stats = collect(&model, &source, source.fingerprints().expect("data")).expect("calibration");
-    // As the main job builds them (src/main.rs).
-    let options = PlanOptions {
-        target: config.target,
-        rules: config.target_rules(),
-        method: calibration.method(),
-        overrides: config.overrides(),
-    };
+    // As the main job builds them (the `plan` stage).
+    let options = config.plan_options();
     let plan = build_plan(&model, &stats, &options).expect("plan");
     let mut g = c.benchmark_group("plan_and_qdq");
     g.bench_function("build_plan ppocr_mobile_v2_cls", |b| {

@@ -29,15 +29,14 @@
 //! Options: `padded: skip | absorb` (default skip), `sigmas` (default 6). Unknown options are
 //! errors.
 
-use petgraph::stable_graph::NodeIndex;
-
-use super::equalize::{f32_tensor, find_link, plural, Kind, Layer, LayerValues, Link, Rejected, Walk};
+use super::equalize::{find_link, plural, Kind, Layer, LayerValues, Link, Rejected, Walk};
+use super::rewritable::f32_tensor;
+use super::{Context, Pass};
 use crate::error::{Error, Result};
 use crate::ir::dump::fmt_float;
+use crate::ir::BatchNormRecord;
 use crate::ir::{Constant, ConstantOrigin, Graph, Model};
 use crate::onnx::tensor;
-use crate::passes::BatchNormRecord;
-use crate::pipeline::{Context, Pass};
 use crate::proto::tensor_proto::DataType;
 use crate::proto::TensorProto;
 
@@ -138,13 +137,6 @@ impl Pass for AbsorbBias {
     }
 }
 
-fn attr_ints(graph: &Graph, ix: NodeIndex, name: &str) -> Vec<i64> {
-    graph.nodes[ix]
-        .attribute(name)
-        .map(|a| a.ints.clone())
-        .unwrap_or_default()
-}
-
 /// Pairs to absorb across, in topological order, and the layers skipped with the reason.
 fn find_absorptions(
     graph: &Graph,
@@ -198,7 +190,11 @@ fn check_absorption(
     let w2 = LayerValues::load(graph, &link.to)?;
     let factor = link.to.alpha / link.to.beta;
     let shift2 = compute_bias_shift(&w2, &c).into_iter().map(|v| v * factor).collect();
-    let own_pads = attr_ints(graph, link.to.node, "pads").iter().any(|&p| p != 0)
+    let own_pads = graph.nodes[link.to.node]
+        .attr_ints("pads")
+        .unwrap_or_default()
+        .iter()
+        .any(|&p| p != 0)
         || graph.nodes[link.to.node]
             .attribute("auto_pad")
             .is_some_and(|a| !matches!(a.s(), b"NOTSET" | b"VALID" | b""));

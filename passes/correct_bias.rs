@@ -36,12 +36,11 @@
 //!   before the layer is looked through.
 //!   Any other activation, or an input without a record, skips the layer.
 //!
-//! Passes run before the plan exists, so the pass itself only records the request
-//! (`Context::bias_correction`); [`apply`] does the work between planning and materialisation.
-//! Changing a bias then is safe: the plan's int32 bias quantization reads the bias values at
-//! materialisation, and activation ranges move by about `Δb`, a fraction of a quantization step.
-//! A bias `apply` creates is not in that plan: the caller re-plans (same statistics) so it is
-//! quantized too.
+//! A plan pass: it runs after planning, in the order the config lists it (after `gptq` to
+//! correct the mean shift of the roundings gptq chose). Changing a bias then is safe: the plan's
+//! int32 bias quantization reads the bias values at materialisation, and activation ranges move
+//! by about `Δb`, a fraction of a quantization step. A bias [`apply`] creates is not in that
+//! plan: the pass re-plans (same statistics) so it is quantized too.
 //!
 //! Skipped, with the reason: MatMul (it has no bias input, and an Add written after planning
 //! would change the tensor names the plan is keyed by), Gemm with `transA = 1` (its features are
@@ -53,15 +52,16 @@ use std::collections::BTreeMap;
 use petgraph::stable_graph::NodeIndex;
 use rayon::prelude::*;
 
-use super::equalize::{f32_tensor, Kind, Layout};
+use super::equalize::{Kind, Layout};
 use super::hardswish::exported_hardswish;
+use super::rewritable::f32_tensor;
+use super::{Context, Pass};
 use crate::calib::stats::CalibrationStats;
 use crate::error::{Error, Result};
 use crate::ir::dump::fmt_float;
+use crate::ir::BatchNormRecord;
 use crate::ir::{Constant, ConstantOrigin, Graph, Model, Node};
 use crate::onnx::tensor;
-use crate::passes::BatchNormRecord;
-use crate::pipeline::{Context, Pass};
 use crate::proto::tensor_proto::DataType;
 use crate::proto::TensorProto;
 use crate::quant::plan::Plan;
@@ -102,12 +102,23 @@ impl Pass for CorrectBias {
         Ok(())
     }
 
-    fn run(&self, _model: &mut Model, ctx: &mut Context) -> Result<Vec<String>> {
-        ctx.bias_correction = Some(self.options.mode);
-        Ok(vec![format!(
-            "bias correction (mode {}) runs after planning, once the quantized weights are known",
-            mode_name(self.options.mode)
-        )])
+    fn phase(&self) -> super::Phase {
+        super::Phase::Plan
+    }
+
+    /// Corrects the biases against the current plan, then re-plans (same statistics) so the
+    /// biases it created get int32 quantization too; roundings chosen earlier (`gptq`) are kept.
+    fn run(&self, model: &mut Model, ctx: &mut Context) -> Result<Vec<String>> {
+        let (Some(plan), Some(stats), Some(options)) =
+            (ctx.plan.as_mut(), ctx.stats.as_ref(), ctx.plan_options.as_ref())
+        else {
+            return Err(Error::Graph("internal error: correct_bias ran before the plan".into()));
+        };
+        let notes = apply(model, plan, Some(stats), self.options.mode, &ctx.batchnorm_records)?;
+        let rounded = std::mem::take(&mut plan.rounded);
+        *plan = crate::quant::plan::build_plan(model, stats, options)?;
+        plan.rounded = rounded;
+        Ok(notes)
     }
 }
 
@@ -196,14 +207,6 @@ struct Target {
     kernel: Vec<usize>,
 }
 
-fn attr_int(n: &Node, name: &str, default: i64) -> i64 {
-    n.attribute(name).map_or(default, |a| a.i())
-}
-
-fn attr_float(n: &Node, name: &str, default: f32) -> f32 {
-    n.attribute(name).map_or(default, |a| a.f())
-}
-
 /// The layers the plan quantizes a weight of, in topological order: a target, or the reason it
 /// is skipped.
 fn find_targets(graph: &Graph, plan: &Plan) -> Result<Vec<std::result::Result<Target, (String, String)>>> {
@@ -228,7 +231,7 @@ fn read_target(graph: &Graph, ix: NodeIndex, weight: &str) -> std::result::Resul
             )
         }
         "Conv" => {
-            let group = attr_int(n, "group", 1).max(1) as usize;
+            let group = n.attr_int("group").unwrap_or(1).max(1) as usize;
             if dims.len() < 3 || !dims[0].is_multiple_of(group) {
                 return Err(bad_shape());
             }
@@ -238,7 +241,7 @@ fn read_target(graph: &Graph, ix: NodeIndex, weight: &str) -> std::result::Resul
             })
         }
         "ConvTranspose" => {
-            let group = attr_int(n, "group", 1).max(1) as usize;
+            let group = n.attr_int("group").unwrap_or(1).max(1) as usize;
             if dims.len() < 3 || !dims[0].is_multiple_of(group) {
                 return Err(bad_shape());
             }
@@ -251,20 +254,20 @@ fn read_target(graph: &Graph, ix: NodeIndex, weight: &str) -> std::result::Resul
             }
         }
         _ => {
-            if attr_int(n, "transA", 0) != 0 {
+            if n.attr_int("transA").unwrap_or(0) != 0 {
                 return Err("Gemm with transA = 1: the features of A are on axis 0, the statistics' channels on axis 1".into());
             }
             if dims.len() != 2 {
                 return Err(bad_shape());
             }
-            let (alpha, beta) = (attr_float(n, "alpha", 1.0) as f64, attr_float(n, "beta", 1.0) as f64);
+            let (alpha, beta) = (n.attr_float("alpha").unwrap_or(1.0) as f64, n.attr_float("beta").unwrap_or(1.0) as f64);
             if beta == 0.0 {
                 return Err("Gemm with beta = 0 ignores its C".into());
             }
             bias_factor = alpha / beta;
             Geometry::Layout(Layout {
                 kind: Kind::Gemm {
-                    trans_b: attr_int(n, "transB", 0) != 0,
+                    trans_b: n.attr_int("transB").unwrap_or(0) != 0,
                 },
                 dims: dims.clone(),
             })
@@ -745,13 +748,17 @@ fn subtract_from_bias(graph: &mut Graph, target: &Target, delta: &[f64]) -> Resu
     }
 }
 
-/// Corrects the biases of the layers whose weights `plan` quantizes (module docs), with the mode
-/// `ctx.bias_correction` asked for. Returns one note per corrected or skipped layer. Errors when
-/// the mode cannot run at all (empirical without calibration statistics).
-pub fn apply(model: &mut Model, plan: &Plan, stats: Option<&CalibrationStats>, ctx: &Context) -> Result<Vec<String>> {
-    let Some(requested) = ctx.bias_correction else {
-        return Ok(vec![]);
-    };
+/// Corrects the biases of the layers whose weights `plan` quantizes (module docs), in `requested`
+/// mode, `E[x]` from `stats` or from the BatchNorm `records`. Returns one note per corrected or
+/// skipped layer. Errors when the mode cannot run at all (empirical without calibration
+/// statistics).
+pub fn apply(
+    model: &mut Model,
+    plan: &Plan,
+    stats: Option<&CalibrationStats>,
+    requested: BiasCorrectionMode,
+    records: &[BatchNormRecord],
+) -> Result<Vec<String>> {
     let from_data = stats.is_some_and(|s| s.samples > 0);
     let mode = match requested {
         BiasCorrectionMode::Auto if from_data => BiasCorrectionMode::Empirical,
@@ -779,7 +786,7 @@ pub fn apply(model: &mut Model, plan: &Plan, stats: Option<&CalibrationStats>, c
         };
         let channels = t.geometry.in_channels();
         let mean = match mode {
-            BiasCorrectionMode::Analytical => analytical_mean(graph, &ctx.batchnorm_records, &t.input, channels),
+            BiasCorrectionMode::Analytical => analytical_mean(graph, records, &t.input, channels),
             _ => empirical_mean(stats.expect("checked above"), &t.input, channels),
         };
         let shape = stats

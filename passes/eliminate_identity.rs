@@ -11,9 +11,9 @@
 //!   (no node to rename, or two outputs would merge);
 //! - `y` is a graph output and `x` is read inside a subgraph.
 
+use super::{Context, Pass};
 use crate::error::Result;
 use crate::ir::Model;
-use crate::pipeline::{Context, Pass};
 
 pub struct EliminateIdentity;
 

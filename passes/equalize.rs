@@ -78,12 +78,12 @@ use petgraph::stable_graph::NodeIndex;
 use rayon::prelude::*;
 
 use super::hardswish::exported_hardswish;
-use super::rewritable::{is_graph_output, own_f32_constant, read_in_subgraph};
+use super::rewritable::{f32_tensor, is_graph_output, own_f32_constant, read_in_subgraph};
+use super::{Context, Pass};
 use crate::error::{Error, Result};
 use crate::ir::dump::fmt_float;
 use crate::ir::{Graph, Model, Node};
 use crate::onnx::tensor;
-use crate::pipeline::{Context, Pass};
 use crate::proto::tensor_proto::DataType;
 use crate::proto::TensorProto;
 
@@ -377,14 +377,6 @@ pub enum Walk {
     Absorb,
 }
 
-fn attr_int(node: &Node, name: &str, default: i64) -> i64 {
-    node.attribute(name).map(|a| a.i()).unwrap_or(default)
-}
-
-fn attr_float(node: &Node, name: &str, default: f32) -> f32 {
-    node.attribute(name).map(|a| a.f()).unwrap_or(default)
-}
-
 /// `1 chain`, `2 chains`.
 pub fn plural(n: usize, what: &str) -> String {
     format!("{n} {what}{}", if n == 1 { "" } else { "s" })
@@ -420,7 +412,7 @@ fn read_layer_checked(graph: &Graph, ix: NodeIndex) -> std::result::Result<Layer
     let dims: Vec<usize> = wt.dims.iter().map(|&d| d.max(0) as usize).collect();
     let (kind, alpha, beta) = match n.op_type.as_str() {
         "Conv" => {
-            let group = attr_int(n, "group", 1).max(1) as usize;
+            let group = n.attr_int("group").unwrap_or(1).max(1) as usize;
             if dims.len() < 3 || !dims[0].is_multiple_of(group) {
                 return Err(format!(
                     "weight '{weight}' of shape {} does not fit a Conv with group={group}",
@@ -434,12 +426,12 @@ fn read_layer_checked(graph: &Graph, ix: NodeIndex) -> std::result::Result<Layer
                 return Err(format!("Gemm B '{weight}' of shape {} is not 2-D", fmt_dims(&dims)));
             }
             let kind = Kind::Gemm {
-                trans_b: attr_int(n, "transB", 0) != 0,
+                trans_b: n.attr_int("transB").unwrap_or(0) != 0,
             };
             (
                 kind,
-                attr_float(n, "alpha", 1.0) as f64,
-                attr_float(n, "beta", 1.0) as f64,
+                n.attr_float("alpha").unwrap_or(1.0) as f64,
+                n.attr_float("beta").unwrap_or(1.0) as f64,
             )
         }
     };
@@ -507,7 +499,7 @@ pub fn eval_ints(graph: &Graph, t: &str, depth: usize) -> Option<(Vec<usize>, Ve
     match n.op_type.as_str() {
         "Identity" => input(0),
         "Cast" => {
-            let to = attr_int(n, "to", 0) as i32;
+            let to = n.attr_int("to").unwrap_or(0) as i32;
             let int = [DataType::Int64, DataType::Int32, DataType::Int16, DataType::Int8]
                 .iter()
                 .any(|d| *d as i32 == to);
@@ -529,7 +521,7 @@ pub fn eval_ints(graph: &Graph, t: &str, depth: usize) -> Option<(Vec<usize>, Ve
         }
         "Concat" => {
             let parts: Vec<_> = (0..n.inputs.len()).map(input).collect::<Option<_>>()?;
-            let axis = attr_int(n, "axis", 0);
+            let axis = n.attr_int("axis").unwrap_or(0);
             if parts.iter().any(|(d, _)| d.len() != 1) || !(axis == 0 || axis == -1) {
                 return None;
             }
@@ -539,7 +531,7 @@ pub fn eval_ints(graph: &Graph, t: &str, depth: usize) -> Option<(Vec<usize>, Ve
         "Reshape" => {
             let (dims, values) = input(0)?;
             let (_, shape) = input(1)?;
-            let allowzero = attr_int(n, "allowzero", 0) != 0;
+            let allowzero = n.attr_int("allowzero").unwrap_or(0) != 0;
             let mut out: Vec<i64> = shape
                 .iter()
                 .enumerate()
@@ -664,7 +656,7 @@ fn check_pad(graph: &Graph, n: &Node) -> std::result::Result<(), String> {
             Some(vals) if !graph.inputs.iter().any(|i| i.name() == v) => vals.iter().fold(0f64, |m, x| m.max(x.abs())),
             _ => return Err(format!("{}: its pad value '{v}' is not a constant", n.label())),
         },
-        None => attr_float(n, "value", 0.0).abs() as f64,
+        None => n.attr_float("value").unwrap_or(0.0).abs() as f64,
     };
     if value != 0.0 {
         return Err(format!("{} pads with {}, not 0", n.label(), fmt_float(value)));
@@ -879,7 +871,7 @@ fn check_pair(
     if !same_kind {
         return Err(format!("{} feeds {}, a different kind of layer", from.label, to.label));
     }
-    if matches!(to.layout.kind, Kind::Gemm { .. }) && attr_int(&graph.nodes[to.node], "transA", 0) != 0 {
+    if matches!(to.layout.kind, Kind::Gemm { .. }) && graph.nodes[to.node].attr_int("transA").unwrap_or(0) != 0 {
         return Err(format!("{} has transA = 1", to.label));
     }
     if from.layout.out_channels() != to.layout.in_channels() {
@@ -1093,18 +1085,6 @@ pub fn compute_chain(
 // ---------------------------------------------------------------------------------------------
 // apply: write back
 
-/// The tensor with new f32 values, keeping its name, dims and other fields.
-pub fn f32_tensor(old: &TensorProto, values: &[f64]) -> TensorProto {
-    TensorProto {
-        data_type: Some(DataType::Float as i32),
-        raw_data: Some(values.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect()),
-        float_data: Vec::new(),
-        external_data: Vec::new(),
-        data_location: None,
-        ..old.clone()
-    }
-}
-
 /// Replaces a Clip by a Relu reading the same input; its min/max constants go when nothing else
 /// reads them.
 pub fn clip_to_relu(graph: &mut Graph, ix: NodeIndex) {
@@ -1264,7 +1244,7 @@ fn apply_chain(
     relu6: Relu6,
     values: &[LayerValues],
     result: &ChainResult,
-    records: &mut [crate::passes::BatchNormRecord],
+    records: &mut [crate::ir::BatchNormRecord],
 ) -> Result<Vec<String>> {
     let mut notes = Vec::new();
     for (layer, v) in chain.layers.iter().zip(values) {

@@ -54,37 +54,16 @@ use std::collections::BTreeSet;
 
 use petgraph::stable_graph::NodeIndex;
 
-use super::rewritable::{is_graph_output, own_f32_constant, read_in_subgraph, shared_reason};
+use super::rewritable::{f32_tensor, is_graph_output, own_f32_constant, read_in_subgraph, shared_reason};
+use super::{Context, Pass};
 use crate::error::{Error, Result};
 use crate::ir::dump::fmt_float;
-use crate::ir::{Constant, ConstantOrigin, Graph, Model};
+use crate::ir::{BatchNormRecord, Constant, ConstantOrigin, Graph, Model};
 use crate::onnx::tensor;
-use crate::pipeline::{Context, Pass};
 use crate::proto::tensor_proto::DataType;
 use crate::proto::TensorProto;
 
 pub struct FoldBatchnorm;
-
-/// The statistics of a folded BatchNormalization, for passes that need the distribution of a
-/// layer output after the fold (bias absorption, analytical bias correction): per output channel
-/// `c`, the BN modelled the layer output as `N(beta[c], gamma[c]²)` (before any activation).
-/// Keyed by tensor name, never by node index.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct BatchNormRecord {
-    /// The tensor the folded layer now writes (the BatchNormalization's output name).
-    pub output: String,
-    /// The layer's weight constant (already rescaled).
-    pub weight: String,
-    /// BN scale γ, per output channel (mapped through any per-channel Mul folded later).
-    pub gamma: Vec<f32>,
-    /// BN bias β, per output channel (mapped through any per-channel Mul/Add folded later).
-    pub beta: Vec<f32>,
-    /// BN running mean μ of the layer output before the BN.
-    pub mean: Vec<f32>,
-    /// BN running variance σ² of the layer output before the BN.
-    pub var: Vec<f32>,
-    pub epsilon: f32,
-}
 
 /// The layer a fold rewrites, and where its output channels are.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -180,14 +159,6 @@ fn fmt_dims(dims: &[i64]) -> String {
     format!("[{}]", d.join(","))
 }
 
-fn attr_int(node: &crate::ir::Node, name: &str, default: i64) -> i64 {
-    node.attribute(name).map(|a| a.i()).unwrap_or(default)
-}
-
-fn attr_float(node: &crate::ir::Node, name: &str, default: f32) -> f32 {
-    node.attribute(name).map(|a| a.f()).unwrap_or(default)
-}
-
 /// Is `ix` a candidate, and does it fold? `None`: not a candidate at all; `Some(Err(reason))`:
 /// a candidate that must stay.
 fn find_fold(graph: &Graph, ix: NodeIndex, opset: i64) -> Option<std::result::Result<Fold, String>> {
@@ -217,8 +188,8 @@ fn match_layer(graph: &Graph, candidate: NodeIndex, x: &str) -> std::result::Res
     let p = &graph.nodes[layer_node];
     let layer = match (p.is_default_domain(), p.op_type.as_str()) {
         (true, "Conv") => Layer::Conv,
-        (true, "ConvTranspose") => Layer::ConvTranspose(attr_int(p, "group", 1).max(1) as usize),
-        (true, "Gemm") => Layer::Gemm(attr_int(p, "transB", 0) != 0),
+        (true, "ConvTranspose") => Layer::ConvTranspose(p.attr_int("group").unwrap_or(1).max(1) as usize),
+        (true, "Gemm") => Layer::Gemm(p.attr_int("transB").unwrap_or(0) != 0),
         _ => {
             return Err(format!(
                 "its input '{x}' comes from {}, not a Conv, ConvTranspose or Gemm",
@@ -281,7 +252,7 @@ fn match_layer(graph: &Graph, candidate: NodeIndex, x: &str) -> std::result::Res
         }
     }
     let beta = match layer {
-        Layer::Gemm(_) => attr_float(p, "beta", 1.0) as f64,
+        Layer::Gemm(_) => p.attr_float("beta").unwrap_or(1.0) as f64,
         _ => 1.0,
     };
     Ok(LayerMatch {
@@ -314,10 +285,10 @@ fn match_batchnorm(graph: &Graph, ix: NodeIndex, opset: i64) -> std::result::Res
             "opset {opset} BatchNormalization (is_test semantics) is not folded"
         ));
     }
-    if attr_int(bn, "training_mode", 0) != 0 {
+    if bn.attr_int("training_mode").unwrap_or(0) != 0 {
         return Err("training_mode=1".into());
     }
-    if attr_int(bn, "spatial", 1) == 0 {
+    if bn.attr_int("spatial").unwrap_or(1) == 0 {
         return Err("spatial=0 (per-activation statistics)".into());
     }
     if bn.inputs.len() != 5 || bn.outputs.first().is_none_or(|o| o.is_empty()) {
@@ -347,7 +318,7 @@ fn match_batchnorm(graph: &Graph, ix: NodeIndex, opset: i64) -> std::result::Res
         }
         params.push(v);
     }
-    let epsilon = attr_float(bn, "epsilon", 1e-5);
+    let epsilon = bn.attr_float("epsilon").unwrap_or(1e-5);
     let [gamma, beta, mean, var] = <[Vec<f64>; 4]>::try_from(params).expect("four parameters");
     let mut a = Vec::with_capacity(channels);
     let mut d = Vec::with_capacity(channels);
@@ -492,19 +463,6 @@ fn fold_bias(bias: Option<&[f64]>, beta: f64, a: &[f64], d: &[f64]) -> Option<Ve
     Some((0..channels).map(|c| (a[c] * (beta * b[c]) + d[c]) as f32).collect())
 }
 
-/// The tensor with new f32 values (and dims), keeping its name and other fields.
-fn f32_tensor(old: &TensorProto, dims: Vec<i64>, values: &[f32]) -> TensorProto {
-    TensorProto {
-        dims,
-        data_type: Some(DataType::Float as i32),
-        raw_data: Some(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        float_data: Vec::new(),
-        external_data: Vec::new(),
-        data_location: None,
-        ..old.clone()
-    }
-}
-
 /// Writes a fold back: weight, bias, the layer takes over the candidate's output, the candidate
 /// and the constants only it read go, the records follow. Returns the note.
 fn apply_fold(graph: &mut Graph, fold: Fold, records: &mut Vec<BatchNormRecord>) -> Result<String> {
@@ -518,7 +476,7 @@ fn apply_fold(graph: &mut Graph, fold: Fold, records: &mut Vec<BatchNormRecord>)
     let w = &graph.constants[&t.weight].tensor;
     let w_values = tensor::values_f64(w).ok_or_else(|| Error::Graph(format!("weight '{}' unreadable", t.weight)))?;
     let scaled = scale_weight(t.layer, &w_values, &w.dims, &fold.a);
-    let new_w = f32_tensor(w, w.dims.clone(), &scaled);
+    let new_w = f32_tensor(w, &scaled);
     graph.set_constant(&t.weight, new_w)?;
 
     let old_bias = match &t.bias {
@@ -533,14 +491,18 @@ fn apply_fold(graph: &mut Graph, fold: Fold, records: &mut Vec<BatchNormRecord>)
         let dims = vec![channels as i64];
         match &t.bias {
             Some(b) => {
-                let new_b = f32_tensor(&graph.constants[b].tensor, dims, &values);
+                let new_b = TensorProto {
+                    dims,
+                    ..f32_tensor(&graph.constants[b].tensor, &values)
+                };
                 graph.set_constant(b, new_b)?;
             }
             None => {
                 let name = graph.fresh_name(&format!("{}::bias", t.weight));
                 let new_b = TensorProto {
                     name: Some(name.clone()),
-                    ..f32_tensor(&TensorProto::default(), dims, &values)
+                    dims,
+                    ..f32_tensor(&TensorProto::default(), &values)
                 };
                 let created = Constant {
                     tensor: new_b,

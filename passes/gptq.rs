@@ -35,11 +35,11 @@ use std::collections::BTreeMap;
 use rayon::prelude::*;
 use tract_onnx::prelude::tract_ndarray::{Array2, ArrayView2};
 
+use super::{Context, Pass};
 use crate::calib::source::DataSource;
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Model, Node};
 use crate::onnx::tensor;
-use crate::pipeline::{Context, Pass};
 use crate::quant::params::{self, QuantizedTensor};
 use crate::quant::plan::{Plan, RoundedWeight};
 use crate::runtime::Runner;
@@ -58,11 +58,27 @@ impl Pass for Gptq {
         "gptq"
     }
 
-    fn run(&self, _model: &mut Model, ctx: &mut Context) -> Result<Vec<String>> {
-        ctx.weight_rounding = true;
-        Ok(vec![
-            "requested: weight rounding by GPTQ once the plan is known (before bias correction)".into(),
-        ])
+    fn phase(&self) -> super::Phase {
+        super::Phase::Plan
+    }
+
+    fn requires(&self) -> &'static [super::Requirement] {
+        &[super::Requirement::CalibrationData(
+            "fits the weight rounding to the layers' inputs (it has no data-free mode)",
+        )]
+    }
+
+    fn run(&self, model: &mut Model, ctx: &mut Context) -> Result<Vec<String>> {
+        let started = std::time::Instant::now();
+        let (Some(plan), Some(source)) = (ctx.plan.as_mut(), ctx.calibration.as_ref()) else {
+            return Err(Error::Graph(
+                "gptq needs calibration data (`calibration: {data: …}`) and a plan: it fits the rounding to the layers' inputs"
+                    .into(),
+            ));
+        };
+        let notes = apply(model, plan, source)?;
+        eprintln!("onnxq: gptq took {:.1} s", started.elapsed().as_secs_f64());
+        Ok(notes)
     }
 }
 
@@ -160,10 +176,6 @@ fn ints(n: &Node, name: &str) -> Option<Vec<i64>> {
     n.attribute(name).map(|a| a.ints.clone())
 }
 
-fn attr_int(n: &Node, name: &str, default: i64) -> i64 {
-    n.attribute(name).map_or(default, |a| a.i())
-}
-
 fn read_target(graph: &Graph, n: &Node, weight: &str) -> std::result::Result<Target, String> {
     let wt = &graph.constants[weight].tensor;
     let dims: Vec<usize> = wt.dims.iter().map(|&d| d.max(0) as usize).collect();
@@ -174,7 +186,7 @@ fn read_target(graph: &Graph, n: &Node, weight: &str) -> std::result::Result<Tar
     let input = n.inputs[0].clone();
     let (reader, order, rows_per_group, columns, groups) = match n.op_type.as_str() {
         "Conv" => {
-            let group = attr_int(n, "group", 1).max(1) as usize;
+            let group = n.attr_int("group").unwrap_or(1).max(1) as usize;
             if dims.len() < 3 || !dims[0].is_multiple_of(group) {
                 return Err(bad_shape());
             }
@@ -208,13 +220,13 @@ fn read_target(graph: &Graph, n: &Node, weight: &str) -> std::result::Result<Tar
             (reader, WeightOrder::RowMajor, dims[0] / group, columns, group)
         }
         "Gemm" => {
-            if attr_int(n, "transA", 0) != 0 {
+            if n.attr_int("transA").unwrap_or(0) != 0 {
                 return Err("Gemm with transA = 1 (the features of A are on axis 0)".into());
             }
             if dims.len() != 2 {
                 return Err(bad_shape());
             }
-            let trans_b = attr_int(n, "transB", 0) != 0;
+            let trans_b = n.attr_int("transB").unwrap_or(0) != 0;
             let (rows, columns) = if trans_b {
                 (dims[0], dims[1])
             } else {
@@ -634,15 +646,12 @@ fn round_layer(
 
 /// Chooses the rounding of every weight the plan quantizes that GPTQ applies to, from the
 /// calibration data (module docs), and records it in `plan.rounded`. Returns one note per layer.
-pub fn apply(model: &Model, plan: &mut Plan, source: Option<&DataSource>, ctx: &Context) -> Result<Vec<String>> {
-    if !ctx.weight_rounding {
-        return Ok(vec![]);
-    }
-    let Some(source) = source.filter(|s| !s.is_empty()) else {
+pub fn apply(model: &Model, plan: &mut Plan, source: &DataSource) -> Result<Vec<String>> {
+    if source.is_empty() {
         return Err(Error::Graph(
             "gptq needs calibration data (`calibration: {data: …}`): it fits the rounding to the layers' inputs".into(),
         ));
-    };
+    }
     let graph = &model.graph;
     let mut notes = Vec::new();
     let mut targets = Vec::new();

@@ -1,5 +1,7 @@
-//! The registry of passes: one explicit list of names, one constructor. The YAML `passes:` list
-//! names passes from here; an unknown name is an error that lists these.
+//! The passes: the `Pass` trait, the `Context` they share, and the registry (one explicit list of
+//! names, one constructor). The YAML `passes:` list names passes from here; an unknown name is an
+//! error that lists these. The fixed stages (calibrate, plan, materialize, ...) implement the
+//! same trait in `pipeline::stages`; `pipeline` runs both.
 
 mod absorb_bias;
 pub mod correct_bias;
@@ -11,9 +13,121 @@ mod hardswish;
 mod rewritable;
 
 pub use correct_bias::BiasCorrectionMode;
-pub use fold_batchnorm::BatchNormRecord;
 
-use crate::pipeline::Pass;
+use crate::calib::source::DataSource;
+use crate::calib::stats::CalibrationStats;
+use crate::error::Result;
+use crate::ir::{BatchNormRecord, Model};
+use crate::quant::plan::{Plan, PlanOptions};
+
+/// When a pass runs: on the float graph before calibration, or on the plan once it exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Rewrites the float graph (before calibration: the statistics are taken on its result).
+    Graph,
+    /// Reads and changes the quantization plan (`Context::plan`), in the order listed, after
+    /// planning and before mixed precision; needs `quantize: true`.
+    Plan,
+}
+
+/// What a pass needs beyond its phase, checked when the config is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Requirement {
+    /// `calibration: {data: …}`; the text says why, for the error.
+    CalibrationData(&'static str),
+}
+
+pub trait Pass {
+    fn name(&self) -> &'static str;
+    fn phase(&self) -> Phase {
+        Phase::Graph
+    }
+    fn requires(&self) -> &'static [Requirement] {
+        &[]
+    }
+    /// Takes the pass's options from the config (`passes: [{name: {option: value}}]`). Passes
+    /// without options refuse any.
+    fn configure(&mut self, options: &serde_yaml::Value) -> std::result::Result<(), String> {
+        match options {
+            serde_yaml::Value::Null => Ok(()),
+            _ => Err(format!("pass `{}` takes no options", self.name())),
+        }
+    }
+    /// Rewrites the model (and, in the plan phase, the plan). Returns notes for the report (what
+    /// changed, what was left and why). A precondition that does not hold is an error, never a
+    /// silent skip.
+    fn run(&self, model: &mut Model, ctx: &mut Context) -> Result<Vec<String>>;
+}
+
+/// What passes and stages share, as explicit fields, each set by the step named in its doc.
+/// Everything is keyed by tensor name, never by node index.
+#[derive(Default)]
+pub struct Context {
+    /// One entry per step run: what it changed, for the report.
+    pub pass_reports: Vec<PassReport>,
+    /// The BatchNormalization statistics `fold_batchnorm` folded away, keyed by the folded layer's
+    /// output tensor, for bias absorption, analytical bias correction and data-free ranges.
+    pub batchnorm_records: Vec<BatchNormRecord>,
+    /// The calibration data (`calibrate`; None in data-free mode).
+    pub calibration: Option<DataSource>,
+    /// Activation statistics of the float model after the graph passes (`calibrate`).
+    pub stats: Option<CalibrationStats>,
+    /// How the plan is built (`plan`), so a plan pass can re-plan after changing the graph.
+    pub plan_options: Option<PlanOptions>,
+    /// What gets Q/DQ with which parameters (`plan`, then the plan passes and mixed precision).
+    pub plan: Option<Plan>,
+    /// The model after the graph passes, which the quantized model is verified against
+    /// (`calibrate`).
+    pub float_model: Option<Model>,
+    /// The model as loaded, when the job also verifies against it (set by the job).
+    pub original_model: Option<Model>,
+    /// Held-out data for `verify` (`calibrate` opens it, so bad data fails early).
+    pub verify_data: Option<DataSource>,
+    /// The mixed-precision search's result (`mixed_precision`).
+    pub mixed_precision: Option<crate::quant::mixed::Assignment>,
+    /// The verification against `float_model`, and against `original_model` (`verify`).
+    pub verification: Option<crate::verify::VerifyReport>,
+    pub verification_against_original: Option<crate::verify::VerifyReport>,
+}
+
+impl Context {
+    /// A stable text of what the stages have produced so far (statistics ranges, the plan), for
+    /// `--dump-after`: appended to the graph dump, so a plan step's dump diff shows the plan change.
+    pub fn dump(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        if let Some(stats) = &self.stats {
+            writeln!(out, "# statistics: {} samples", stats.samples).expect("writing to a String");
+            for (name, t) in &stats.tensors {
+                writeln!(
+                    out,
+                    "stats {name}: min={} max={} count={}",
+                    crate::ir::dump::fmt_float(t.min as f64),
+                    crate::ir::dump::fmt_float(t.max as f64),
+                    t.count
+                )
+                .expect("writing to a String");
+            }
+        }
+        if let Some(plan) = &self.plan {
+            writeln!(out, "# plan").expect("writing to a String");
+            out.push_str(&serde_json::to_string_pretty(plan).expect("the plan serialises"));
+            out.push('\n');
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PassReport {
+    pub pass: String,
+    /// One line per rewrite or per rejected candidate, with its reason.
+    pub notes: Vec<String>,
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+    /// Wall time of the step.
+    pub ms: f64,
+}
 
 /// Every pass onnxq has, by the name the config uses.
 pub const NAMES: &[&str] = &[
@@ -46,7 +160,7 @@ pub fn describe(name: &str) -> Option<(&'static str, &'static str)> {
             "mode: empirical|analytical (empirical with calibration data, analytical without)",
         ),
         "gptq" => (
-            "GPTQ (Frantar et al. 2023): chooses each weight's rounding to minimise the layer's output error on the calibration data, on the plan's grid (runs before correct_bias)",
+            "GPTQ (Frantar et al. 2023): chooses each weight's rounding to minimise the layer's output error on the calibration data, on the plan's grid (list it before correct_bias, which then removes the mean shift left)",
             "none",
         ),
         _ => return None,

@@ -1,11 +1,25 @@
 //! Whether a pass may rewrite a constant in place: the checks (and their messages) shared by
-//! fold_batchnorm and equalize.
+//! fold_batchnorm and equalize; and the rewritten constant itself ([`f32_tensor`]).
 
 use petgraph::stable_graph::NodeIndex;
 
 use crate::ir::Graph;
 use crate::onnx::tensor;
 use crate::proto::tensor_proto::DataType;
+use crate::proto::TensorProto;
+
+/// The tensor with new f32 values (rounded from f64 to nearest; f32 values are kept exactly),
+/// keeping its name, dims and other fields; stored in `raw_data`.
+pub fn f32_tensor<T: Copy + Into<f64>>(old: &TensorProto, values: &[T]) -> TensorProto {
+    TensorProto {
+        data_type: Some(DataType::Float as i32),
+        raw_data: Some(values.iter().flat_map(|v| ((*v).into() as f32).to_le_bytes()).collect()),
+        float_data: Vec::new(),
+        external_data: Vec::new(),
+        data_location: None,
+        ..old.clone()
+    }
+}
 
 pub fn is_graph_output(graph: &Graph, t: &str) -> bool {
     graph.outputs.iter().any(|o| o.name() == t)

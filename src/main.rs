@@ -49,14 +49,17 @@ struct MainArgs {
     /// when the model would exceed protobuf's 2 GiB limit).
     #[arg(long)]
     external_data: bool,
-    /// Dump the graph before and after this pass ("all" for every pass) into --dump-dir.
-    #[arg(long, value_name = "PASS|all")]
+    /// Dump the graph (and the statistics and plan, once they exist) before and after this pass
+    /// or stage (calibrate, plan, mixed_precision, materialize, verify; "all" for every step)
+    /// into --dump-dir.
+    #[arg(long, value_name = "STEP|all")]
     dump_after: Option<String>,
     /// Folder for --dump-after files [default: ./onnxq-dumps].
     #[arg(long, value_name = "DIR")]
     dump_dir: Option<PathBuf>,
-    /// Stop the pipeline after this pass (to bisect a misbehaving pipeline).
-    #[arg(long, value_name = "PASS")]
+    /// Stop the pipeline after this pass or stage and write the model as it stands, with the
+    /// report so far (to bisect a misbehaving pipeline).
+    #[arg(long, value_name = "STEP")]
     stop_after: Option<String>,
     /// Calibration statistics file: reused when it matches the model and data, written otherwise.
     #[arg(long)]
@@ -228,16 +231,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         }) => {
             let float_model = onnx::load_model(&float)?;
             let quant_model = onnx::load_model(&quantized)?;
-            let data_config = onnxq::pipeline::config::CalibrationConfig {
-                data: onnxq::pipeline::config::DataPaths::One(data),
-                samples: None,
-                method: Default::default(),
-                ema_constant: 0.01,
-                percentile: 99.99,
-                bits: 8,
-                images: None,
-                input: None,
-            };
+            let data_config = onnxq::calib::config::CalibrationConfig::of_file(data);
             let source = DataSource::open(&data_config, &InputSpec::of_graph(&float_model.graph))?;
             let options = onnxq::verify::VerifyOptions {
                 min_sqnr_db,
@@ -267,9 +261,16 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Some(Command::Passes) => {
+            println!(
+                "The pipeline: graph passes, calibrate, plan, plan passes, mixed_precision, materialize, verify.\n"
+            );
             for name in onnxq::passes::NAMES {
                 let (what, options) = onnxq::passes::describe(name).unwrap_or(("", "none"));
-                println!("{name}\n    {what}\n    options: {options}");
+                let phase = match onnxq::passes::create(name).map(|p| p.phase()) {
+                    Some(onnxq::passes::Phase::Plan) => "plan pass",
+                    _ => "graph pass",
+                };
+                println!("{name} ({phase})\n    {what}\n    options: {options}");
             }
             Ok(())
         }

@@ -330,7 +330,12 @@ fn passes_lists_every_pass_with_its_options() {
     assert_eq!(out.status.code(), Some(0));
     let text = String::from_utf8_lossy(&out.stdout);
     for name in onnxq::passes::NAMES {
-        assert!(text.lines().any(|l| l == *name), "{name} missing from:\n{text}");
+        let phase = match *name {
+            "gptq" | "correct_bias" => "plan pass",
+            _ => "graph pass",
+        };
+        let line = format!("{name} ({phase})");
+        assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
     }
     assert!(text.contains("hardswish: keep|per_channel (keep)"), "{text}");
     assert_eq!(text.matches("options: ").count(), onnxq::passes::NAMES.len(), "{text}");

@@ -14,7 +14,9 @@ use onnxq::calib::observers::Method;
 use onnxq::calib::stats::{collect, CalibrationStats};
 use onnxq::ir::Model;
 use onnxq::passes::correct_bias;
-use onnxq::pipeline::{dump_diff, run_pipeline, Context, DebugOptions, PassSpec};
+use onnxq::passes::BiasCorrectionMode::{Analytical, Empirical};
+use onnxq::passes::Context;
+use onnxq::pipeline::{dump_diff, run_pipeline, DebugOptions, PassSpec};
 use onnxq::quant::materialize::materialize;
 use onnxq::quant::plan::{build_plan, Overrides, Plan, PlanOptions};
 use onnxq::quant::rules::Target;
@@ -48,13 +50,36 @@ fn per_tensor_options() -> PlanOptions {
     }
 }
 
-/// What the main job does: plan, correct, re-plan (created biases get quantized), materialise.
-fn quantize(model: &Model, ctx: &Context, stats: &CalibrationStats) -> (Model, Plan, Vec<String>) {
-    let options = per_tensor_options();
+/// What the main job does: plan, then the `correct_bias` plan pass with `options` when given
+/// (it corrects, then re-plans so created biases get quantized), then materialise. Returns the
+/// quantized model, the plan and the pass's notes.
+fn quantize(
+    model: &Model,
+    ctx: Context,
+    stats: &CalibrationStats,
+    options: Option<&str>,
+) -> (Model, Plan, Vec<String>) {
+    let options_plan = per_tensor_options();
     let mut m = model.clone();
-    let plan = build_plan(&m, stats, &options).unwrap();
-    let notes = correct_bias::apply(&mut m, &plan, Some(stats), ctx).unwrap();
-    let plan = build_plan(&m, stats, &options).unwrap();
+    let mut ctx = Context {
+        plan: Some(build_plan(&m, stats, &options_plan).unwrap()),
+        stats: Some(stats.clone()),
+        plan_options: Some(options_plan),
+        pass_reports: vec![],
+        ..ctx
+    };
+    let mut notes = vec![];
+    if let Some(options) = options {
+        run_pipeline(
+            &mut m,
+            &[spec("correct_bias", options)],
+            &mut ctx,
+            &DebugOptions::default(),
+        )
+        .unwrap();
+        notes = ctx.pass_reports[0].notes.clone();
+    }
+    let plan = ctx.plan.unwrap();
     let mut q = m.clone();
     materialize(&mut q, &plan).unwrap();
     (q, plan, notes)
@@ -111,18 +136,11 @@ fn small_graph() -> Model {
 
 #[test]
 fn analytical_rewrite_and_where_it_must_not_fire() {
-    let (folded, ctx) = passes(
-        &small_graph(),
-        &[spec("fold_batchnorm", "~"), spec("correct_bias", "{mode: analytical}")],
-    );
-    assert_eq!(
-        ctx.pass_reports[1].notes,
-        ["bias correction (mode analytical) runs after planning, once the quantized weights are known"]
-    );
+    let (folded, ctx) = passes(&small_graph(), &[spec("fold_batchnorm", "~")]);
     let stats = stats_from_batchnorm(&folded, &ctx.batchnorm_records, 6.0).unwrap();
     let plan = build_plan(&folded, &stats, &per_tensor_options()).unwrap();
     let mut after = folded.clone();
-    let notes = correct_bias::apply(&mut after, &plan, Some(&stats), &ctx).unwrap();
+    let notes = correct_bias::apply(&mut after, &plan, Some(&stats), Analytical, &ctx.batchnorm_records).unwrap();
     let mut text = dump_diff(&folded.to_string(), &after.to_string());
     text.push_str("--- notes\n");
     for n in &notes {
@@ -183,7 +201,6 @@ fn assert_corrected_through_hardswish(m: &Model, scale: &str) {
     let specs = [
         spec("fold_batchnorm", "~"),
         spec("equalize", "{hardswish: per_channel}"),
-        spec("correct_bias", "{mode: analytical}"),
     ];
     let (float, ctx) = passes(m, &specs);
     let s = to_values(&float, scale);
@@ -194,7 +211,7 @@ fn assert_corrected_through_hardswish(m: &Model, scale: &str) {
     let stats = stats_from_batchnorm(&float, &ctx.batchnorm_records, 6.0).unwrap();
     let plan = build_plan(&float, &stats, &per_tensor_options()).unwrap();
     let mut after = float.clone();
-    let notes = correct_bias::apply(&mut after, &plan, Some(&stats), &ctx).unwrap();
+    let notes = correct_bias::apply(&mut after, &plan, Some(&stats), Analytical, &ctx.batchnorm_records).unwrap();
     assert!(
         notes.iter().any(|n| n.starts_with("corrected Conv 'conv2'")),
         "{notes:#?}"
@@ -263,13 +280,17 @@ fn bad_modes_are_errors() {
         .unwrap();
     assert!(err.contains("correct_bias"), "{err}");
     // Empirical without data: an error, not a silent switch.
-    let (folded, ctx) = passes(
-        &small_graph(),
-        &[spec("fold_batchnorm", "~"), spec("correct_bias", "{mode: empirical}")],
-    );
+    let (folded, ctx) = passes(&small_graph(), &[spec("fold_batchnorm", "~")]);
     let stats = stats_from_batchnorm(&folded, &ctx.batchnorm_records, 6.0).unwrap();
     let plan = build_plan(&folded, &stats, &per_tensor_options()).unwrap();
-    let err = correct_bias::apply(&mut folded.clone(), &plan, Some(&stats), &ctx).unwrap_err();
+    let err = correct_bias::apply(
+        &mut folded.clone(),
+        &plan,
+        Some(&stats),
+        Empirical,
+        &ctx.batchnorm_records,
+    )
+    .unwrap_err();
     assert!(
         err.to_string()
             .contains("mode empirical needs statistics from calibration data"),
@@ -425,13 +446,10 @@ fn correction_lowers_the_expected_output_error_of_a_conv_net() {
 
     let mut errors = Vec::new();
     for mode in [None, Some("empirical"), Some("analytical")] {
-        let mut specs = vec![spec("fold_batchnorm", "~")];
-        if let Some(mode) = mode {
-            specs.push(spec("correct_bias", &format!("{{mode: {mode}}}")));
-        }
-        let (folded, ctx) = passes(&net, &specs);
+        let (folded, ctx) = passes(&net, &[spec("fold_batchnorm", "~")]);
         let stats = calibrate(&folded, &calib_path);
-        let (quant, _, notes) = quantize(&folded, &ctx, &stats);
+        let options = mode.map(|mode| format!("{{mode: {mode}}}"));
+        let (quant, _, notes) = quantize(&folded, ctx, &stats, options.as_deref());
         let corrected = notes.iter().filter(|n| n.starts_with("corrected")).count();
         match mode {
             None => assert!(notes.is_empty()),
@@ -465,14 +483,10 @@ fn analytical_correction_sees_through_equalised_hardswishes() {
     // corrected as without the rewrite, by amounts of the same size.
     let m = onnxq::onnx::load_model(&repo("models/ppocr_mobile_v2_cls.onnx")).unwrap();
     let corrections = |equalize: &str| {
-        let specs = [
-            spec("fold_batchnorm", "~"),
-            spec("equalize", equalize),
-            spec("correct_bias", "{mode: analytical}"),
-        ];
+        let specs = [spec("fold_batchnorm", "~"), spec("equalize", equalize)];
         let (float, ctx) = passes(&m, &specs);
         let stats = stats_from_batchnorm(&float, &ctx.batchnorm_records, 6.0).unwrap();
-        let (_, _, notes) = quantize(&float, &ctx, &stats);
+        let (_, _, notes) = quantize(&float, ctx, &stats, Some("{mode: analytical}"));
         notes
     };
     let (plain, per_channel) = (corrections("~"), corrections("{hardswish: per_channel}"));
@@ -496,13 +510,12 @@ fn data_free_ppocr_quantizes_most_convs() {
         spec("fold_batchnorm", "~"),
         spec("equalize", "~"),
         spec("absorb_bias", "~"),
-        spec("correct_bias", "~"),
     ];
     let (float, ctx) = passes(&m, &specs);
     let stats = stats_from_batchnorm(&float, &ctx.batchnorm_records, 6.0).unwrap();
     assert_eq!(stats.samples, 0);
     assert_eq!(stats.fingerprint.data, ["data-free"]);
-    let (quant, plan, notes) = quantize(&float, &ctx, &stats);
+    let (quant, plan, notes) = quantize(&float, ctx, &stats, Some("~"));
     // Auto mode without data is analytical.
     assert!(notes[0].starts_with("bias correction (mode analytical)"), "{notes:#?}");
     // Through Relu and the exported HardSwish (x·Clip(x + 3, 0, 6)/6); the squeeze-excitation

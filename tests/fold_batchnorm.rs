@@ -8,7 +8,8 @@ mod common;
 use common::*;
 use onnxq::ir::Model;
 use onnxq::onnx;
-use onnxq::pipeline::{dump_diff, run_passes, Context, DebugOptions};
+use onnxq::passes::Context;
+use onnxq::pipeline::{dump_diff, run_passes, DebugOptions};
 use onnxq::proto::{AttributeProto, NodeProto, TensorProto};
 
 /// Runs the pass; returns the dump diff with the notes appended, the model after, and the context.

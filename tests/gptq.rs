@@ -2,7 +2,8 @@
 //! depthwise Conv and a MatMul, per-tensor int8 weights): lower output error than nearest
 //! rounding on held-out data, the plan's grid (scales, zero points) unchanged, the same roundings
 //! with 1 and 2 threads, notes for the layers it rounds and the one it skips; and the error
-//! without calibration data.
+//! without calibration data. Then the pipeline end to end on the same net: plan passes in the
+//! order listed, their dumps, `--stop-after` at a stage, and a graph pass listed too late.
 
 mod common;
 
@@ -12,7 +13,8 @@ use onnxq::calib::source::DataSource;
 use onnxq::calib::stats::{collect, CalibrationStats};
 use onnxq::ir::Model;
 use onnxq::passes::gptq;
-use onnxq::pipeline::{run_pipeline, Context, DebugOptions, PassSpec};
+use onnxq::passes::Context;
+use onnxq::pipeline::{run_pipeline, DebugOptions, PassSpec};
 use onnxq::quant::materialize::materialize;
 use onnxq::quant::plan::{build_plan, Overrides, Plan, PlanOptions};
 use onnxq::quant::rules::Target;
@@ -108,18 +110,12 @@ fn per_tensor_plan(model: &Model, stats: &CalibrationStats) -> Plan {
 
 /// The plan, with `gptq`'s roundings when `rounding`, and its notes.
 fn planned(model: &Model, source: &DataSource, stats: &CalibrationStats, rounding: bool) -> (Plan, Vec<String>) {
-    let mut ctx = Context::default();
-    if rounding {
-        let specs = [PassSpec {
-            name: "gptq".into(),
-            options: serde_yaml::Value::Null,
-        }];
-        let mut m = model.clone();
-        run_pipeline(&mut m, &specs, &mut ctx, &DebugOptions::default()).unwrap();
-        assert!(ctx.weight_rounding);
-    }
     let mut plan = per_tensor_plan(model, stats);
-    let notes = gptq::apply(model, &mut plan, Some(source), &ctx).unwrap();
+    let notes = if rounding {
+        gptq::apply(model, &mut plan, source).unwrap()
+    } else {
+        vec![]
+    };
     (plan, notes)
 }
 
@@ -217,12 +213,156 @@ fn gptq_is_the_same_on_one_thread_and_two() {
 
 #[test]
 fn gptq_without_calibration_data_is_an_error() {
-    let m = net();
-    let ctx = Context {
-        weight_rounding: true,
+    let mut m = net();
+    let mut ctx = Context {
+        plan: Some(Plan::default()),
         ..Context::default()
     };
-    let mut plan = Plan::default();
-    let e = gptq::apply(&m, &mut plan, None, &ctx).unwrap_err().to_string();
+    let specs = [PassSpec {
+        name: "gptq".into(),
+        options: serde_yaml::Value::Null,
+    }];
+    let e = run_pipeline(&mut m, &specs, &mut ctx, &DebugOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("gptq needs calibration data"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pipeline end to end (the `onnxq` binary): plan passes run in the order listed, dump what
+// they change, and `--stop-after` stops the job at any step.
+
+/// A folder with the net as `net.onnx`, 16 calibration samples, and `q.yaml` running `passes`.
+fn job_dir(passes: &str) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("net.onnx");
+    std::fs::write(&model, encode(&net().to_proto().unwrap())).unwrap();
+    let calib = write_x_calibration(dir.path(), &samples(16, 5));
+    let config = dir.path().join("q.yaml");
+    let yaml = format!(
+        "calibration: {{data: {:?}}}\nweights: {{granularity: per_tensor}}\npasses: {passes}\n",
+        calib.to_str().unwrap()
+    );
+    std::fs::write(&config, yaml).unwrap();
+    (dir, model, config)
+}
+
+fn run_job(model: &std::path::Path, config: &std::path::Path, extra: &[&str]) -> (Vec<u8>, serde_json::Value) {
+    let dir = config.parent().unwrap();
+    let (out, report) = (dir.join("out.onnx"), dir.join("report.json"));
+    let mut args = vec![
+        model.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_onnxq"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    (std::fs::read(&out).unwrap(), report)
+}
+
+fn step_names(report: &serde_json::Value) -> Vec<String> {
+    report["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pass"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn plan_passes_run_in_the_order_listed() {
+    let (_d1, model, config) = job_dir("[gptq, correct_bias]");
+    let (gptq_first, report) = run_job(&model, &config, &[]);
+    assert_eq!(
+        step_names(&report),
+        ["calibrate", "plan", "gptq", "correct_bias", "materialize"]
+    );
+    let (_d2, model, config) = job_dir("[correct_bias, gptq]");
+    let (bias_first, report) = run_job(&model, &config, &[]);
+    assert_eq!(
+        step_names(&report),
+        ["calibrate", "plan", "correct_bias", "gptq", "materialize"]
+    );
+    // Corrected before the rounding is chosen, the biases remove nearest rounding's shift, not
+    // gptq's: another model.
+    assert_ne!(gptq_first, bias_first);
+    let (again, _) = run_job(&model, &config, &[]);
+    assert_eq!(again, bias_first, "the same config gives the same bytes");
+}
+
+#[test]
+fn a_plan_pass_dumps_what_it_changed() {
+    let (dir, model, config) = job_dir("[gptq, correct_bias]");
+    let dumps = dir.path().join("dumps");
+    run_job(
+        &model,
+        &config,
+        &["--dump-after", "all", "--dump-dir", dumps.to_str().unwrap()],
+    );
+    let diff = |stem: &str| std::fs::read_to_string(dumps.join(format!("{stem}.diff"))).unwrap();
+    let changed = |d: &str| {
+        d.lines()
+            .filter(|l| (l.starts_with('+') || l.starts_with('-')) && !l.starts_with("+++") && !l.starts_with("---"))
+            .count()
+    };
+    // gptq changes only the plan (which weights it rounded), correct_bias the biases and the
+    // plan; calibrate adds the statistics, plan the plan, materialize the Q/DQ nodes.
+    let gptq = diff("03-gptq");
+    assert!(gptq.contains("+  \"rounded\": {"), "{gptq}");
+    let correct = diff("04-correct_bias");
+    assert!(
+        correct.lines().any(|l| l.starts_with("+const") && l.contains(" b1: ")),
+        "{correct}"
+    );
+    assert!(changed(&diff("01-calibrate")) > 0 && diff("01-calibrate").contains("+stats x:"));
+    assert!(diff("02-plan").contains("+# plan"));
+    assert!(diff("05-materialize").contains("QuantizeLinear"));
+}
+
+#[test]
+fn stop_after_a_step_writes_the_model_as_it_stands() {
+    let (dir, model, config) = job_dir("[gptq, correct_bias]");
+    let (_, report) = run_job(&model, &config, &["--stop-after", "calibrate"]);
+    assert_eq!(step_names(&report), ["calibrate"]);
+    assert!(report["quantization"].is_null());
+    let written = onnxq::onnx::load_model(&dir.path().join("out.onnx")).unwrap();
+    assert!(written
+        .graph
+        .nodes
+        .node_weights()
+        .all(|n| n.op_type != "QuantizeLinear"));
+    let (_, report) = run_job(&model, &config, &["--stop-after", "gptq"]);
+    assert_eq!(step_names(&report), ["calibrate", "plan", "gptq"]);
+    assert!(!report["quantization"]["plan"].is_null());
+}
+
+#[test]
+fn a_graph_pass_after_a_plan_pass_is_a_config_error() {
+    let (dir, model, config) = job_dir("[gptq, fold_batchnorm]");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_onnxq"))
+        .args([
+            model.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "-o",
+            dir.path().join("out.onnx").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("`fold_batchnorm` rewrites the float graph") && stderr.contains("listed after `gptq`"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("out.onnx").exists());
 }

@@ -6,7 +6,8 @@ mod common;
 
 use common::*;
 use onnxq::ir::Model;
-use onnxq::pipeline::{dump_diff, run_passes, Context, DebugOptions};
+use onnxq::passes::Context;
+use onnxq::pipeline::{dump_diff, run_passes, DebugOptions};
 use onnxq::proto::tensor_proto::DataType;
 
 /// Runs one pass; returns the dump diff with the pass's notes appended, and the model after.

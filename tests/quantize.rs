@@ -94,9 +94,12 @@ fn plan_options(target: Target, exclude: Overrides) -> PlanOptions {
 
 /// The exclusions of a config's `overrides:` (YAML list).
 fn overrides(yaml: &str) -> Overrides {
-    Config::parse(&format!("overrides: {yaml}\n"), Path::new("q.yaml"))
-        .unwrap()
-        .overrides()
+    Config::parse(
+        &format!("calibration: {{data: d.npz}}\noverrides: {yaml}\n"),
+        Path::new("q.yaml"),
+    )
+    .unwrap()
+    .overrides()
 }
 
 /// Plan, then materialise into a copy: (plan, quantized model, notes).
@@ -741,7 +744,7 @@ fn equalising_through_hardswish_pays_off_with_per_tensor_weights() {
     onnxq::pipeline::run_pipeline(
         &mut equalised,
         &[spec],
-        &mut onnxq::pipeline::Context::default(),
+        &mut onnxq::passes::Context::default(),
         &Default::default(),
     )
     .unwrap();

@@ -33,9 +33,9 @@ use std::collections::BTreeMap;
 use crate::calib::observers::TensorStats;
 use crate::calib::stats::{model_fingerprint, CalibrationStats, Fingerprint, STATS_FORMAT};
 use crate::error::{Error, Result};
+use crate::ir::BatchNormRecord;
 use crate::ir::{Graph, Model, Node};
 use crate::onnx::tensor;
-use crate::passes::BatchNormRecord;
 
 /// The number of standard deviations either side of β (module docs).
 pub const DEFAULT_SIGMAS: f32 = 6.0;
@@ -142,10 +142,6 @@ pub fn batchnorm_interval(record: &BatchNormRecord, sigmas: f64) -> Interval {
     Interval { lo, hi }
 }
 
-fn attr_float(n: &Node, name: &str, default: f32) -> f64 {
-    n.attribute(name).map_or(default, |a| a.f()) as f64
-}
-
 /// The range of a constant operand: its own min and max.
 fn constant_interval(graph: &Graph, name: &str) -> Option<Interval> {
     if graph.inputs.iter().any(|i| i.name() == name) {
@@ -191,12 +187,15 @@ pub fn propagate(graph: &Graph, n: &Node, known: &BTreeMap<String, Interval>) ->
             Some(bounded(lo, hi, &|v: f64| v.max(lo).min(hi)))
         }
         "LeakyRelu" => {
-            let alpha = attr_float(n, "alpha", 0.01);
+            let alpha = n.attr_float("alpha").unwrap_or(0.01) as f64;
             (alpha >= 0.0).then_some(())?;
             Some(x?.map(|v| if v >= 0.0 { v } else { alpha * v }, &[]))
         }
         "HardSigmoid" => {
-            let (alpha, beta) = (attr_float(n, "alpha", 0.2), attr_float(n, "beta", 0.5));
+            let (alpha, beta) = (
+                n.attr_float("alpha").unwrap_or(0.2) as f64,
+                n.attr_float("beta").unwrap_or(0.5) as f64,
+            );
             Some(bounded(0.0, 1.0, &|v: f64| (alpha * v + beta).clamp(0.0, 1.0)))
         }
         "HardSwish" => Some(x?.map(hard_swish, &[-1.5])),
@@ -220,7 +219,7 @@ pub fn propagate(graph: &Graph, n: &Node, known: &BTreeMap<String, Interval>) ->
             }
             let value = match n.inputs.get(2).filter(|s| !s.is_empty()) {
                 Some(name) => graph.constant_scalar(name)?,
-                None => attr_float(n, "value", 0.0),
+                None => n.attr_float("value").unwrap_or(0.0) as f64,
             };
             Some(x?.with(value))
         }

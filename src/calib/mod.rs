@@ -1,5 +1,7 @@
-//! Calibration: data sources (this issue: .npz/.npy), later streaming observers and statistics.
+//! Calibration: the `calibration:` config, data sources (.npz/.npy shards, image folders),
+//! streaming observers, the statistics file, and data-free ranges from BatchNorm statistics.
 
+pub mod config;
 pub mod data;
 pub mod datafree;
 pub mod images;

@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 
 use tract_onnx::prelude::{DatumType, IntoTValue, TValue};
 
+use crate::calib::config::CalibrationConfig;
 use crate::calib::data::{Dataset, InputSpec};
 use crate::calib::images::{self, ImagePreprocess};
 use crate::error::{Error, Result};
 use crate::onnx::tensor::Fnv64;
-use crate::pipeline::config::CalibrationConfig;
 
 pub enum DataSource {
     /// Arrays already bound to the model inputs, shard after shard.

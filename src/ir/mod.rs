@@ -10,7 +10,10 @@
 //!   Subgraph attributes (If/Loop/Scan bodies) and local functions are carried as protos; the names
 //!   a subgraph captures from the outer scope become implicit inputs, so ordering stays correct.
 
+pub mod batchnorm;
 pub mod dump;
+
+pub use batchnorm::BatchNormRecord;
 
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 
@@ -130,7 +133,8 @@ impl Node {
     }
     /// A string attribute, if present (lossily decoded as UTF-8).
     pub fn attr_string(&self, name: &str) -> Option<String> {
-        self.attribute(name).map(|a| String::from_utf8_lossy(a.s()).into_owned())
+        self.attribute(name)
+            .map(|a| String::from_utf8_lossy(a.s()).into_owned())
     }
     pub fn is_default_domain(&self) -> bool {
         self.domain.is_empty() || self.domain == "ai.onnx"

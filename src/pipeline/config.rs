@@ -5,16 +5,17 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::calib::config::CalibrationConfig;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Insert Q/DQ nodes. Quantization lands with the main-job issue: until then only `false`
-    /// is accepted.
+    /// Quantize (calibrate, plan, write Q/DQ); `false` only runs the graph passes.
     #[serde(default = "default_true")]
     pub quantize: bool,
-    /// Graph passes to run, in order: a name, or `{name: {option: value}}` (see `onnxq passes`).
+    /// Passes to run, in order: a name, or `{name: {option: value}}` (see `onnxq passes`). Graph
+    /// passes come first; plan passes run after planning, in the order listed.
     #[serde(default, deserialize_with = "deserialize_passes")]
     pub passes: Vec<crate::pipeline::PassSpec>,
     /// Activation statistics from real inputs.
@@ -58,8 +59,11 @@ pub struct MixedPrecisionConfig {
     pub samples: usize,
 }
 
+/// Calibration samples the sensitivity analysis and the mixed-precision search run on by default.
+pub const DEFAULT_MIXED_SAMPLES: usize = 32;
+
 fn default_mixed_samples() -> usize {
-    32
+    DEFAULT_MIXED_SAMPLES
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -122,127 +126,6 @@ pub struct VerifyConfig {
     /// Fail (exit code 3) when any output's cosine similarity is below this.
     #[serde(default)]
     pub min_cosine: Option<f64>,
-}
-
-/// `calibration:` — where the data comes from and how ranges are chosen from the statistics.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CalibrationConfig {
-    /// A `.npz`/`.npy` file, a list of them (shards, read in order), or a folder of images.
-    /// Relative paths are relative to the config file.
-    pub data: DataPaths,
-    /// Use at most this many samples (in file order).
-    #[serde(default)]
-    pub samples: Option<usize>,
-    /// How a tensor's range is chosen from its statistics.
-    #[serde(default)]
-    pub method: MethodName,
-    /// `ema`: the moving-average constant.
-    #[serde(default = "default_ema_constant")]
-    pub ema_constant: f64,
-    /// `percentile`: the percentile of |x| kept.
-    #[serde(default = "default_percentile")]
-    pub percentile: f64,
-    /// `entropy` and `mse`: the bit width the search optimises for.
-    #[serde(default = "default_bits")]
-    pub bits: u32,
-    /// Preprocessing of a folder of images (required when `data` is a folder).
-    #[serde(default)]
-    pub images: Option<crate::calib::images::ImagePreprocess>,
-    /// The model input images feed (default: the model's only input).
-    #[serde(default)]
-    pub input: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum DataPaths {
-    One(PathBuf),
-    Many(Vec<PathBuf>),
-}
-
-impl DataPaths {
-    pub fn paths(&self) -> Vec<PathBuf> {
-        match self {
-            DataPaths::One(p) => vec![p.clone()],
-            DataPaths::Many(v) => v.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MethodName {
-    /// The default: with onnxq's placement rules it meets every target on the five shared
-    /// models (bench/quantize_all.sh), where percentile, entropy and mse each miss one.
-    #[default]
-    Minmax,
-    Ema,
-    Percentile,
-    Entropy,
-    Mse,
-}
-
-fn default_ema_constant() -> f64 {
-    0.01
-}
-fn default_percentile() -> f64 {
-    99.99
-}
-fn default_bits() -> u32 {
-    8
-}
-
-impl CalibrationConfig {
-    /// The observer method with its parameters.
-    pub fn method(&self) -> crate::calib::observers::Method {
-        use crate::calib::observers::Method;
-        match self.method {
-            MethodName::Minmax => Method::MinMax,
-            MethodName::Ema => Method::Ema {
-                constant: self.ema_constant,
-            },
-            MethodName::Percentile => Method::Percentile {
-                percentile: self.percentile,
-            },
-            MethodName::Entropy => Method::Entropy { bits: self.bits },
-            MethodName::Mse => Method::Mse { bits: self.bits },
-        }
-    }
-
-    fn validate(&mut self, path: &Path) -> Result<()> {
-        let bad = |m: String| Err(Error::config(path, format!("calibration: {m}")));
-        if !(self.ema_constant > 0.0 && self.ema_constant <= 1.0) {
-            return bad(format!("ema_constant must be in (0, 1], got {}", self.ema_constant));
-        }
-        if !(self.percentile > 0.0 && self.percentile <= 100.0) {
-            return bad(format!("percentile must be in (0, 100], got {}", self.percentile));
-        }
-        if !(2..=16).contains(&self.bits) {
-            return bad(format!("bits must be between 2 and 16, got {}", self.bits));
-        }
-        if self.samples == Some(0) {
-            return bad("samples must be at least 1".into());
-        }
-        if let Some(images) = &self.images {
-            if let Err(m) = images.validate() {
-                return bad(format!("images: {m}"));
-            }
-        }
-        // Relative data paths are relative to the config file.
-        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let resolve = |p: &PathBuf| if p.is_absolute() { p.clone() } else { base.join(p) };
-        self.data = match &self.data {
-            DataPaths::One(p) => DataPaths::One(resolve(p)),
-            DataPaths::Many(v) => {
-                if v.is_empty() {
-                    return bad("data: the list of files is empty".into());
-                }
-                DataPaths::Many(v.iter().map(resolve).collect())
-            }
-        };
-        Ok(())
-    }
 }
 
 fn default_true() -> bool {
@@ -327,6 +210,20 @@ impl Config {
             rules.activations.symmetric = s;
         }
         rules
+    }
+
+    /// How the plan is built: the target, its rules with the config's choices, the calibration
+    /// method (data-free statistics give one range whatever the method) and the overrides.
+    pub fn plan_options(&self) -> crate::quant::plan::PlanOptions {
+        crate::quant::plan::PlanOptions {
+            target: self.target,
+            rules: self.target_rules(),
+            method: self
+                .calibration
+                .as_ref()
+                .map_or(crate::calib::observers::Method::MinMax, |c| c.method()),
+            overrides: self.overrides(),
+        }
     }
 
     /// The `overrides:` rules, compiled (anchored: a pattern matches the whole name).
@@ -513,13 +410,18 @@ impl Config {
                 return bad("measures layers on calibration data: set `calibration: {data: calib.npz}`".into());
             }
         }
+        self.validate_passes(path)
+    }
+
+    /// Every pass exists and takes its options; plan passes come after the graph passes and need
+    /// a plan (`quantize: true`); each pass's requirements hold; and quantizing without data
+    /// has a BatchNorm fold to take ranges from.
+    fn validate_passes(&self, path: &Path) -> Result<()> {
+        use crate::passes::{Phase, Requirement};
+        let mut first_plan_pass: Option<&str> = None;
         for spec in &self.passes {
             let name = &spec.name;
-            if crate::passes::create(name).is_some() {
-                if let Err(m) = crate::pipeline::create_pass(spec) {
-                    return Err(Error::config(path, format!("passes: {m}")));
-                }
-            } else {
+            if crate::passes::create(name).is_none() {
                 let known = crate::passes::NAMES;
                 let hint = closest(name, known)
                     .map(|c| format!(" (did you mean `{c}`?)"))
@@ -529,6 +431,48 @@ impl Config {
                     format!("unknown pass `{name}`{hint}; valid passes: {}", known.join(", ")),
                 ));
             }
+            let pass = crate::pipeline::create_pass(spec).map_err(|m| Error::config(path, format!("passes: {m}")))?;
+            match pass.phase() {
+                Phase::Plan => {
+                    first_plan_pass.get_or_insert(pass.name());
+                    if !self.quantize {
+                        return Err(Error::config(
+                            path,
+                            format!(
+                                "`{name}` acts on the quantized weights, and `quantize: false` writes none: remove it or quantize"
+                            ),
+                        ));
+                    }
+                }
+                Phase::Graph => {
+                    if let Some(plan_pass) = first_plan_pass {
+                        return Err(Error::config(
+                            path,
+                            format!(
+                                "passes: `{name}` rewrites the float graph, so it runs before calibration, but it is listed after `{plan_pass}`, which changes the plan made from that calibration: list the graph passes first"
+                            ),
+                        ));
+                    }
+                }
+            }
+            for requirement in pass.requires() {
+                match requirement {
+                    Requirement::CalibrationData(why) => {
+                        if self.calibration.is_none() {
+                            return Err(Error::config(
+                                path,
+                                format!("`{name}` {why}: it needs `calibration: {{data: …}}`"),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        if self.quantize && self.calibration.is_none() && !self.pass_names().iter().any(|p| p == "fold_batchnorm") {
+            return Err(Error::config(
+                path,
+                "quantizing needs calibration data: set `calibration: {data: calib.npz}`, or run `fold_batchnorm` for data-free ranges from the BatchNorm statistics (or `quantize: false` to only run the passes)",
+            ));
         }
         Ok(())
     }
@@ -609,8 +553,36 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let c = parse("").unwrap();
-        assert!(c.quantize && c.passes.is_empty() && c.calibration.is_none());
+        // Quantizing is the default, and it needs data (or a BatchNorm fold for data-free ranges).
+        let err = parse("").unwrap_err().to_string();
+        assert!(err.contains("quantizing needs calibration data"), "{err}");
+        let c = parse("calibration: {data: d.npz}").unwrap();
+        assert!(c.quantize && c.passes.is_empty() && c.verify.is_none());
+    }
+
+    #[test]
+    fn plan_passes_come_after_graph_passes_and_need_what_they_require() {
+        let data = "calibration: {data: d.npz}\n";
+        assert!(parse(&format!("{data}passes: [fold_batchnorm, gptq, correct_bias]")).is_ok());
+        assert!(parse(&format!("{data}passes: [correct_bias, gptq]")).is_ok());
+        let err = parse(&format!("{data}passes: [gptq, equalize]"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`equalize` rewrites the float graph") && err.contains("after `gptq`"),
+            "{err}"
+        );
+        let err = parse("passes: [fold_batchnorm, gptq]").unwrap_err().to_string();
+        assert!(
+            err.contains("`gptq` fits the weight rounding") && err.contains("needs `calibration:"),
+            "{err}"
+        );
+        let err = parse(&format!("{data}quantize: false\npasses: [correct_bias]"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`quantize: false` writes none"), "{err}");
+        // Data-free correction: fold_batchnorm gives the ranges.
+        assert!(parse("passes: [fold_batchnorm, correct_bias]").is_ok());
     }
 
     #[test]

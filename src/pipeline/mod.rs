@@ -1,63 +1,107 @@
-//! The pass manager: a tiny `Pass` trait, one explicit registry of pass names (passes/mod.rs),
-//! validation after every pass, dumps before/after on request, and stopping after a given pass
-//! to bisect a pipeline.
+//! The pipeline: the steps a config runs, in one visible list ([`steps`]), and the pass manager
+//! that runs them ([`run`]): validation after every step, dumps before/after on request, and
+//! stopping after any step to bisect a pipeline.
+//!
+//! The steps, in order: the config's graph passes; then, when quantizing, the stages
+//! `calibrate` and `plan`, the config's plan passes in the order listed, `mixed_precision` (when
+//! configured), `materialize` and `verify` (when configured). Passes and stages implement one
+//! trait ([`crate::passes::Pass`]), so `--dump-after` and `--stop-after` work for each.
 
 pub mod config;
+pub mod stages;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::ir::Model;
+use crate::passes::{Context, Pass, PassReport, Phase};
+use config::Config;
 
-/// What passes share and report. Later issues add the BatchNorm records, calibration statistics
-/// and the quantization plan here, as explicit fields.
-#[derive(Debug, Default)]
-pub struct Context {
-    /// One entry per pass run: what it changed, for the report.
-    pub pass_reports: Vec<PassReport>,
-    /// The BatchNormalization statistics `fold_batchnorm` folded away, keyed by the folded layer's
-    /// output tensor, for bias absorption and analytical bias correction.
-    pub batchnorm_records: Vec<crate::passes::BatchNormRecord>,
-    /// Set by the `correct_bias` pass: bias correction is asked for, in this mode. It runs after
-    /// planning (`passes::correct_bias::apply`), when the quantized weights are known.
-    pub bias_correction: Option<crate::passes::BiasCorrectionMode>,
-    /// Set by the `gptq` pass: weight roundings are chosen from calibration data after planning
-    /// (`passes::gptq::apply`), before bias correction.
-    pub weight_rounding: bool,
+/// What the job knows beyond the config: file paths of the command line.
+#[derive(Debug, Default, Clone)]
+pub struct JobFiles {
+    /// The config file, for error messages.
+    pub config: PathBuf,
+    /// Calibration statistics file: reused when it matches, written otherwise.
+    pub stats: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct PassReport {
-    pub pass: String,
-    /// One line per rewrite or per rejected candidate, with its reason.
-    pub notes: Vec<String>,
-    pub nodes_before: usize,
-    pub nodes_after: usize,
-}
-
-pub trait Pass {
-    fn name(&self) -> &'static str;
-    /// Takes the pass's options from the config (`passes: [{name: {option: value}}]`). Passes
-    /// without options refuse any.
-    fn configure(&mut self, options: &serde_yaml::Value) -> std::result::Result<(), String> {
-        match options {
-            serde_yaml::Value::Null => Ok(()),
-            _ => Err(format!("pass `{}` takes no options", self.name())),
+/// The steps `config` runs, in order (module docs). The config was validated when loaded
+/// (names, options, phase order, requirements), so building cannot fail.
+pub fn steps(config: &Config, files: &JobFiles) -> Vec<Box<dyn Pass>> {
+    let passes: Vec<Box<dyn Pass>> = config
+        .passes
+        .iter()
+        .map(|spec| create_pass(spec).expect("validated when the config was loaded"))
+        .collect();
+    let (graph_passes, plan_passes): (Vec<_>, Vec<_>) = passes.into_iter().partition(|p| p.phase() == Phase::Graph);
+    let mut steps = graph_passes;
+    if config.quantize {
+        steps.push(Box::new(stages::Calibrate::new(config, files)));
+        steps.push(Box::new(stages::Plan::new(config)));
+        steps.extend(plan_passes);
+        if let Some(stage) = stages::MixedPrecision::new(config) {
+            steps.push(Box::new(stage));
+        }
+        steps.push(Box::new(stages::Materialize));
+        if let Some(stage) = stages::Verify::new(config) {
+            steps.push(Box::new(stage));
         }
     }
-    /// Rewrites the model. Returns notes for the report (what changed, what was left and why).
-    /// A precondition that does not hold is an error, never a silent skip.
-    fn run(&self, model: &mut Model, ctx: &mut Context) -> Result<Vec<String>>;
+    steps
+}
+
+/// The names of `steps`, for messages and for checking `--dump-after`/`--stop-after`.
+pub fn step_names(steps: &[Box<dyn Pass>]) -> Vec<&'static str> {
+    steps.iter().map(|s| s.name()).collect()
+}
+
+/// `steps` up to and including the one named `last` (all of them when it is not there).
+pub fn through(mut steps: Vec<Box<dyn Pass>>, last: &str) -> Vec<Box<dyn Pass>> {
+    if let Some(i) = steps.iter().position(|s| s.name() == last) {
+        steps.truncate(i + 1);
+    }
+    steps
+}
+
+/// `steps` before the first one named in `names` (all of them when none is there).
+pub fn before(mut steps: Vec<Box<dyn Pass>>, names: &[&str]) -> Vec<Box<dyn Pass>> {
+    if let Some(i) = steps.iter().position(|s| names.contains(&s.name())) {
+        steps.truncate(i);
+    }
+    steps
 }
 
 #[derive(Debug, Default, Clone)]
 pub struct DebugOptions {
-    /// Write `NN-pass.before.txt`, `NN-pass.after.txt` and `NN-pass.diff` into this folder.
+    /// Write `NN-step.before.txt`, `NN-step.after.txt` and `NN-step.diff` into this folder.
     pub dump_dir: Option<PathBuf>,
-    /// Which passes to dump: a pass name or "all".
+    /// Which steps to dump: a pass or stage name, or "all".
     pub dump_after: Option<String>,
-    /// Stop the pipeline after this pass.
+    /// Stop the pipeline after this step.
     pub stop_after: Option<String>,
+}
+
+impl DebugOptions {
+    /// `--dump-after` and `--stop-after` must name a step the config runs (`--dump-after all` too).
+    pub fn check(&self, steps: &[Box<dyn Pass>]) -> Result<()> {
+        let names = step_names(steps);
+        for (flag, value) in [("--dump-after", &self.dump_after), ("--stop-after", &self.stop_after)] {
+            if let Some(step) = value {
+                if (step != "all" || flag != "--dump-after") && !names.contains(&step.as_str()) {
+                    let runs = if names.is_empty() {
+                        "it runs no passes".to_string()
+                    } else {
+                        format!("it runs: {}", names.join(", "))
+                    };
+                    return Err(Error::Usage(format!(
+                        "{flag} {step}: the config does not run that pass or stage ({runs})"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Unified diff of two dumps, for `--dump-after` and snapshot tests.
@@ -67,19 +111,6 @@ pub fn dump_diff(before: &str, after: &str) -> String {
         .context_radius(1)
         .header("before", "after")
         .to_string()
-}
-
-/// Runs the passes in order, checking the graph after each; an error names the failing pass
-/// and the passes that ran before it.
-pub fn run_passes(model: &mut Model, names: &[String], ctx: &mut Context, debug: &DebugOptions) -> Result<()> {
-    let specs: Vec<PassSpec> = names
-        .iter()
-        .map(|n| PassSpec {
-            name: n.clone(),
-            options: serde_yaml::Value::Null,
-        })
-        .collect();
-    run_pipeline(model, &specs, ctx, debug)
 }
 
 /// A pass as the config names it, with its options (Null when none).
@@ -96,48 +127,93 @@ pub fn create_pass(spec: &PassSpec) -> std::result::Result<Box<dyn Pass>, String
     Ok(pass)
 }
 
-/// Runs configured passes in order (see [`run_passes`]).
-pub fn run_pipeline(model: &mut Model, specs: &[PassSpec], ctx: &mut Context, debug: &DebugOptions) -> Result<()> {
-    let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
-    for (i, spec) in specs.iter().enumerate() {
-        let name = &spec.name;
-        let pass = create_pass(spec).map_err(Error::Usage)?;
+/// Runs the steps in order, checking the graph after each; an error names the failing step and
+/// the steps that ran before it. Stops after `debug.stop_after`.
+pub fn run(model: &mut Model, steps: &[Box<dyn Pass>], ctx: &mut Context, debug: &DebugOptions) -> Result<()> {
+    let names = step_names(steps);
+    for (i, step) in steps.iter().enumerate() {
+        let name = step.name();
         let wants_dump = debug.dump_after.as_deref().is_some_and(|d| d == "all" || d == name);
-        let before = wants_dump.then(|| model.to_string());
+        let before = wants_dump.then(|| dump_text(model, ctx));
         let nodes_before = model.graph.nodes.node_count();
-        let context = |e: Error| {
-            let earlier = if i == 0 {
-                "none".to_string()
-            } else {
-                names[..i].join(", ")
-            };
-            Error::Graph(format!("pass `{name}` (after: {earlier}): {e}"))
+        let kind = if crate::passes::NAMES.contains(&name) {
+            "pass"
+        } else {
+            "stage"
         };
-        let notes = pass.run(model, ctx).map_err(context)?;
+        let context = |e: Error| match e {
+            Error::Graph(m) => {
+                let earlier = if i == 0 {
+                    "none".to_string()
+                } else {
+                    names[..i].join(", ")
+                };
+                Error::Graph(format!("{kind} `{name}` (after: {earlier}): {m}"))
+            }
+            other => other,
+        };
+        let started = std::time::Instant::now();
+        let notes = step.run(model, ctx).map_err(context)?;
         model.graph.rebuild_edges().map_err(context)?;
         model.graph.check().map_err(context)?;
+        // A plan pass's notes are what it did to the plan: worth seeing (a stage prints its own).
+        if kind == "pass" && step.phase() == Phase::Plan {
+            for n in &notes {
+                eprintln!("  {n}");
+            }
+        }
         ctx.pass_reports.push(PassReport {
-            pass: name.clone(),
+            pass: name.to_string(),
             notes,
             nodes_before,
             nodes_after: model.graph.nodes.node_count(),
+            ms: started.elapsed().as_secs_f64() * 1e3,
         });
         if let (Some(before), Some(dir)) = (before, debug.dump_dir.as_ref()) {
-            let after = model.to_string();
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-            let stem = format!("{:02}-{name}", i + 1);
-            for (suffix, text) in [
-                ("before.txt", before.clone()),
-                ("after.txt", after.clone()),
-                ("diff", dump_diff(&before, &after)),
-            ] {
-                let path = dir.join(format!("{stem}.{suffix}"));
-                crate::onnx::write_atomic(&path, text.as_bytes())?;
-            }
+            write_dump(dir, &format!("{:02}-{name}", i + 1), &before, &dump_text(model, ctx))?;
         }
-        if debug.stop_after.as_deref() == Some(name.as_str()) {
+        if debug.stop_after.as_deref() == Some(name) {
             break;
         }
     }
     Ok(())
+}
+
+/// The graph dump followed by what the stages produced so far (statistics, plan).
+fn dump_text(model: &Model, ctx: &Context) -> String {
+    format!("{model}{}", ctx.dump())
+}
+
+fn write_dump(dir: &Path, stem: &str, before: &str, after: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    for (suffix, text) in [
+        ("before.txt", before),
+        ("after.txt", after),
+        ("diff", &dump_diff(before, after)),
+    ] {
+        crate::onnx::write_atomic(&dir.join(format!("{stem}.{suffix}")), text.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Runs configured passes in order (see [`run`]); for tests and tools that run passes alone.
+pub fn run_pipeline(model: &mut Model, specs: &[PassSpec], ctx: &mut Context, debug: &DebugOptions) -> Result<()> {
+    let steps = specs
+        .iter()
+        .map(create_pass)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(Error::Usage)?;
+    run(model, &steps, ctx, debug)
+}
+
+/// Runs the named passes, without options, in order (see [`run`]).
+pub fn run_passes(model: &mut Model, names: &[String], ctx: &mut Context, debug: &DebugOptions) -> Result<()> {
+    let specs: Vec<PassSpec> = names
+        .iter()
+        .map(|n| PassSpec {
+            name: n.clone(),
+            options: serde_yaml::Value::Null,
+        })
+        .collect();
+    run_pipeline(model, &specs, ctx, debug)
 }

@@ -3,7 +3,7 @@
 //! A layer is an op the plan quantizes (keyed by its first output). Its candidates are int8
 //! (W8A8, the plan as built), int16 (A16W8: 16-bit activations, 8-bit weights), float16 and float.
 //!
-//! Sensitivity, measured in tract on calibration samples (`verify::sensitivity`): for each layer,
+//! Sensitivity, measured in tract on calibration samples (`quant::probe`): for each layer,
 //! the output noise with only that layer quantized (at int8, and at int16 when it is a
 //! candidate), and the output SQNR with every layer but that one quantized (the gain of keeping it
 //! at a higher precision, reported). Quantization noise of different layers is close to
@@ -33,7 +33,7 @@ use crate::calib::stats::CalibrationStats;
 use crate::error::{Error, Result};
 use crate::ir::Model;
 use crate::quant::plan::{float16_possible, node_key, Plan, Precision};
-use crate::verify::sensitivity::{worst_sqnr_db, Noise, Probe};
+use crate::quant::probe::{worst_sqnr_db, Noise, Probe};
 
 /// Measurements of the search at most (the first is the all-int8 model's).
 pub const MAX_ROUNDS: usize = 10;
@@ -364,7 +364,7 @@ pub fn assign(model: &Model, plan: &Plan, stats: &CalibrationStats, probe: &Prob
     }
     let pinned = plan.precisions.clone();
     let all_int8_samples = probe.sample_noise(plan)?;
-    let all_int8 = crate::verify::sensitivity::sum_samples(&all_int8_samples);
+    let all_int8 = crate::quant::probe::sum_samples(&all_int8_samples);
     let all_int8_db = probe.sqnr_db(&all_int8);
     let with_int16 = goal.candidates.contains(&Precision::Int16);
     let searchable = Plan {
@@ -435,7 +435,7 @@ pub fn assign(model: &Model, plan: &Plan, stats: &CalibrationStats, probe: &Prob
         let raised = prefix(k);
         let samples = probe.sample_noise(&plan.with_precisions(&raised.iter().cloned().collect()))?;
         let m = (
-            probe.sqnr_db(&crate::verify::sensitivity::sum_samples(&samples)),
+            probe.sqnr_db(&crate::quant::probe::sum_samples(&samples)),
             probe.sqnr_lower_db(&samples),
         );
         rounds.push(Round {

@@ -1,8 +1,10 @@
-//! Quantization: scale/zero-point maths, the plan (what gets Q/DQ with which parameters), and
-//! its materialisation into QuantizeLinear/DequantizeLinear nodes.
+//! Quantization: scale/zero-point maths, the op rules and targets, the plan (what gets Q/DQ with
+//! which parameters), the mixed-precision search and the probe it measures with, and the plan's
+//! materialisation into QuantizeLinear/DequantizeLinear nodes.
 
 pub mod materialize;
 pub mod mixed;
 pub mod params;
 pub mod plan;
+pub mod probe;
 pub mod rules;

@@ -38,7 +38,6 @@
 
 pub mod lower;
 pub mod metrics;
-pub mod sensitivity;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;

@@ -1,0 +1,350 @@
+//! The fixed stages of a quantizing pipeline, as passes of the plan phase: `calibrate`, `plan`,
+//! `mixed_precision`, `materialize`, `verify` (in that order, with the config's plan passes
+//! between `plan` and `mixed_precision`; see [`super::steps`]). Each reads what the steps before
+//! it left in the [`Context`] and leaves its own result there.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::calib::config::CalibrationConfig;
+use crate::calib::data::InputSpec;
+use crate::calib::source::DataSource;
+use crate::calib::stats::{self, CalibrationStats, Fingerprint};
+use crate::error::{Error, Result};
+use crate::ir::{BatchNormRecord, Model};
+use crate::passes::{Context, Pass, Phase};
+use crate::quant::plan::{MatchKind, Overrides, PlanOptions};
+use crate::verify::VerifyOptions;
+
+use super::config::Config;
+use super::JobFiles;
+
+/// Samples below which calibration ranges are unreliable.
+pub const FEW_SAMPLES: usize = 16;
+
+/// Opens the calibration and held-out data, checks the overrides against the model, and takes the
+/// activation statistics (from the data, reused from `--stats` when they match, or data-free from
+/// the folded BatchNorms). Keeps the float model for `verify`.
+pub struct Calibrate {
+    config_path: PathBuf,
+    stats_path: Option<PathBuf>,
+    calibration: Option<CalibrationConfig>,
+    verify_data: Option<PathBuf>,
+    overrides: Overrides,
+}
+
+impl Calibrate {
+    pub fn new(config: &Config, files: &JobFiles) -> Calibrate {
+        Calibrate {
+            config_path: files.config.clone(),
+            stats_path: files.stats.clone(),
+            calibration: config.calibration.clone(),
+            verify_data: config.verify.as_ref().map(|v| v.data.clone()),
+            overrides: config.overrides(),
+        }
+    }
+}
+
+impl Pass for Calibrate {
+    fn name(&self) -> &'static str {
+        "calibrate"
+    }
+    fn phase(&self) -> Phase {
+        Phase::Plan
+    }
+    fn run(&self, model: &mut Model, ctx: &mut Context) -> Result<Vec<String>> {
+        // What can fail fast first: overrides that match nothing, unreadable or mismatched data.
+        check_overrides(&self.overrides, &self.config_path, model)?;
+        let inputs = InputSpec::of_graph(&model.graph);
+        ctx.calibration = self
+            .calibration
+            .as_ref()
+            .map(|c| DataSource::open(c, &inputs))
+            .transpose()?;
+        ctx.verify_data = self
+            .verify_data
+            .as_ref()
+            .map(|path| {
+                // Held-out data: the same source kinds as calibration (plain .npz/.npy when data-free), all of it.
+                let config = match &self.calibration {
+                    Some(c) => CalibrationConfig {
+                        data: crate::calib::config::DataPaths::One(path.clone()),
+                        samples: None,
+                        ..c.clone()
+                    },
+                    None => CalibrationConfig::of_file(path.clone()),
+                };
+                DataSource::open(&config, &inputs)
+            })
+            .transpose()?;
+        let stats = match &ctx.calibration {
+            Some(source) => calibration_stats(model, source, self.stats_path.as_deref())?,
+            None => self.data_free_stats(model, &ctx.batchnorm_records)?,
+        };
+        let notes = vec![format!("{} tensors on {} samples", stats.tensors.len(), stats.samples)];
+        ctx.stats = Some(stats);
+        if self.verify_data.is_some() {
+            ctx.float_model = Some(model.clone());
+        }
+        Ok(notes)
+    }
+}
+
+impl Calibrate {
+    /// Data-free mode: the ranges the BatchNorm records give.
+    fn data_free_stats(&self, model: &Model, records: &[BatchNormRecord]) -> Result<CalibrationStats> {
+        if let Some(stats_path) = &self.stats_path {
+            return Err(Error::config(
+                &self.config_path,
+                format!(
+                    "--stats {} holds calibration statistics, but the config has no `calibration:`: without data the ranges come from BatchNorm statistics (data-free mode); add `calibration: {{data: …}}` or drop --stats",
+                    stats_path.display()
+                ),
+            ));
+        }
+        if records.is_empty() {
+            return Err(Error::config(
+                &self.config_path,
+                "no calibration data, and fold_batchnorm folded no BatchNorm: data-free mode has no ranges to start from; set `calibration: {data: calib.npz}`",
+            ));
+        }
+        let sigmas = crate::calib::datafree::DEFAULT_SIGMAS;
+        eprintln!(
+            "onnxq: data-free: activation ranges from {} folded BatchNorms (β ± {sigmas}·|γ|), no calibration data",
+            records.len()
+        );
+        crate::calib::datafree::stats_from_batchnorm(model, records, sigmas)
+    }
+}
+
+/// Statistics for `model` on `source`: reused from `stats_path` when it matches, else collected
+/// (and saved there when a path is given).
+pub fn calibration_stats(model: &Model, source: &DataSource, stats_path: Option<&Path>) -> Result<CalibrationStats> {
+    if source.len() < FEW_SAMPLES {
+        eprintln!(
+            "warning: calibrating on {} samples; ranges from fewer than {FEW_SAMPLES} are unreliable",
+            source.len()
+        );
+    }
+    let (graph, weights) = stats::model_fingerprint(model);
+    let fingerprint = Fingerprint {
+        graph,
+        weights,
+        data: source.fingerprints()?,
+    };
+    if let Some(path) = stats_path.filter(|p| p.exists()) {
+        let s = CalibrationStats::load(path)?;
+        s.check_fingerprint(&fingerprint, path)?;
+        eprintln!(
+            "onnxq: reusing statistics from {} ({} samples)",
+            path.display(),
+            s.samples
+        );
+        return Ok(s);
+    }
+    let t = Instant::now();
+    let s = stats::collect(model, source, fingerprint.data.clone())?;
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "onnxq: calibrated {} tensors on {} samples in {secs:.2} s ({:.1} samples/s)",
+        s.tensors.len(),
+        s.samples,
+        s.samples as f64 / secs.max(1e-9)
+    );
+    if let Some(path) = stats_path {
+        s.save(path)?;
+        eprintln!("onnxq: wrote statistics to {}", path.display());
+    }
+    Ok(s)
+}
+
+/// Every override must match something in the model: a typo would silently do nothing.
+pub fn check_overrides(overrides: &Overrides, config_path: &Path, model: &Model) -> Result<()> {
+    let g = &model.graph;
+    for rule in &overrides.rules {
+        let re = &rule.regex;
+        let hit = match rule.kind {
+            MatchKind::Tensor => {
+                g.constants.keys().any(|t| re.is_match(t))
+                    || g.inputs.iter().any(|i| re.is_match(i.name()))
+                    || g.nodes.node_weights().any(|n| n.outputs.iter().any(|o| re.is_match(o)))
+            }
+            MatchKind::Node => g.nodes.node_weights().any(|n| re.is_match(&n.name)),
+            MatchKind::OpType => g.nodes.node_weights().any(|n| re.is_match(&n.op_type)),
+        };
+        if !hit {
+            return Err(Error::config(
+                config_path,
+                format!(
+                    "override {:?} `{}` matches nothing in the model",
+                    rule.kind, rule.pattern
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Builds the plan from the statistics: what gets Q/DQ with which parameters.
+pub struct Plan {
+    options: PlanOptions,
+}
+
+impl Plan {
+    pub fn new(config: &Config) -> Plan {
+        Plan {
+            options: config.plan_options(),
+        }
+    }
+}
+
+impl Pass for Plan {
+    fn name(&self) -> &'static str {
+        "plan"
+    }
+    fn phase(&self) -> Phase {
+        Phase::Plan
+    }
+    fn run(&self, model: &mut Model, ctx: &mut Context) -> Result<Vec<String>> {
+        let stats = ctx
+            .stats
+            .as_ref()
+            .ok_or_else(|| Error::Graph("internal error: `plan` ran before `calibrate`".into()))?;
+        let plan = crate::quant::plan::build_plan(model, stats, &self.options)?;
+        let notes = vec![plan.summary()];
+        ctx.plan = Some(plan);
+        ctx.plan_options = Some(self.options.clone());
+        Ok(notes)
+    }
+}
+
+/// Raises the precision of the layers that need it, from their measured sensitivity, until the
+/// goal is reached or the budget spent (`quant::mixed`).
+pub struct MixedPrecision {
+    goal: crate::quant::mixed::Goal,
+    samples: usize,
+}
+
+impl MixedPrecision {
+    /// The stage, when the config asks for mixed precision.
+    pub fn new(config: &Config) -> Option<MixedPrecision> {
+        Some(MixedPrecision {
+            goal: config.mixed_precision_goal()?,
+            samples: config.mixed_precision.as_ref()?.samples,
+        })
+    }
+}
+
+impl Pass for MixedPrecision {
+    fn name(&self) -> &'static str {
+        "mixed_precision"
+    }
+    fn phase(&self) -> Phase {
+        Phase::Plan
+    }
+    fn run(&self, model: &mut Model, ctx: &mut Context) -> Result<Vec<String>> {
+        let (Some(source), Some(stats), Some(plan)) = (&ctx.calibration, &ctx.stats, &mut ctx.plan) else {
+            return Err(Error::Graph(
+                "internal error: `mixed_precision` needs calibration data, statistics and a plan".into(),
+            ));
+        };
+        let started = Instant::now();
+        let probe = crate::quant::probe::Probe::new(model, source, self.samples)?;
+        eprintln!(
+            "onnxq: mixed precision: measuring {} layers on {} samples",
+            plan.layers().len(),
+            probe.samples()
+        );
+        let assignment = crate::quant::mixed::assign(model, plan, stats, &probe, &self.goal)?;
+        eprint!("{assignment}");
+        eprintln!("onnxq: mixed precision took {:.1} s", started.elapsed().as_secs_f64());
+        *plan = plan.with_precisions(&assignment.raised.iter().cloned().collect());
+        let notes = vec![format!(
+            "{} layers raised: {:.2} dB on the probe samples",
+            assignment.raised.len(),
+            assignment.final_db
+        )];
+        ctx.mixed_precision = Some(assignment);
+        Ok(notes)
+    }
+}
+
+/// Turns the plan into QuantizeLinear/DequantizeLinear nodes (the only step that writes them).
+pub struct Materialize;
+
+impl Pass for Materialize {
+    fn name(&self) -> &'static str {
+        "materialize"
+    }
+    fn phase(&self) -> Phase {
+        Phase::Plan
+    }
+    fn run(&self, model: &mut Model, ctx: &mut Context) -> Result<Vec<String>> {
+        let plan = ctx
+            .plan
+            .as_ref()
+            .ok_or_else(|| Error::Graph("internal error: `materialize` ran before `plan`".into()))?;
+        let notes = crate::quant::materialize::materialize(model, plan)?;
+        eprintln!(
+            "onnxq: plan: {}{}",
+            plan.summary(),
+            if ctx.calibration.is_none() {
+                " (data-free: ranges from BatchNorm statistics)"
+            } else {
+                ""
+            }
+        );
+        for n in &notes {
+            eprintln!("  {n}");
+        }
+        Ok(notes)
+    }
+}
+
+/// Runs the float and the quantized model side by side on the held-out data (`verify:`), and
+/// the model as loaded too when the job kept it.
+pub struct Verify {
+    options: VerifyOptions,
+}
+
+impl Verify {
+    /// The stage, when the config has `verify:`.
+    pub fn new(config: &Config) -> Option<Verify> {
+        let v = config.verify.as_ref()?;
+        Some(Verify {
+            options: VerifyOptions {
+                min_sqnr_db: v.min_sqnr_db,
+                min_cosine: v.min_cosine,
+                ..Default::default()
+            },
+        })
+    }
+}
+
+impl Pass for Verify {
+    fn name(&self) -> &'static str {
+        "verify"
+    }
+    fn phase(&self) -> Phase {
+        Phase::Plan
+    }
+    fn run(&self, model: &mut Model, ctx: &mut Context) -> Result<Vec<String>> {
+        let (Some(data), Some(float)) = (&ctx.verify_data, &ctx.float_model) else {
+            return Err(Error::Graph(
+                "internal error: `verify` needs the held-out data and the float model from `calibrate`".into(),
+            ));
+        };
+        if ctx.calibration.as_ref().map(|s| s.fingerprints()).transpose()? == Some(data.fingerprints()?) {
+            eprintln!("warning: verifying on the calibration data: the figures are optimistic; use held-out data");
+        }
+        ctx.verification = Some(crate::verify::verify(float, model, data, &self.options)?);
+        if let Some(original) = &ctx.original_model {
+            let options = VerifyOptions {
+                per_layer: false,
+                ..self.options.clone()
+            };
+            ctx.verification_against_original = Some(crate::verify::verify(original, model, data, &options)?);
+        }
+        Ok(vec![])
+    }
+}
