@@ -366,3 +366,51 @@ fn a_graph_pass_after_a_plan_pass_is_a_config_error() {
     );
     assert!(!dir.path().join("out.onnx").exists());
 }
+
+/// A plan pass needs only the trait: here one written outside the crate, spliced into the
+/// pipeline a config describes, keeps the first weight of the plan float.
+struct KeepFirstWeightFloat;
+
+impl onnxq::passes::Pass for KeepFirstWeightFloat {
+    fn name(&self) -> &'static str {
+        "keep_first_weight_float"
+    }
+    fn phase(&self) -> onnxq::passes::Phase {
+        onnxq::passes::Phase::Plan
+    }
+    fn run(&self, _model: &mut Model, ctx: &mut Context) -> onnxq::Result<Vec<String>> {
+        let plan = ctx.plan.as_mut().expect("a plan pass runs after `plan`");
+        let weight = plan.weights.keys().next().cloned().expect("the net has weights");
+        plan.weights.remove(&weight);
+        plan.kept_float.insert(weight.clone(), "kept float by a test pass".into());
+        Ok(vec![format!("kept {weight} float")])
+    }
+}
+
+#[test]
+fn a_plan_pass_plugs_into_the_step_list() {
+    let (dir, model_path, config_path) = job_dir("[gptq]");
+    let config = onnxq::pipeline::config::Config::load(&config_path).unwrap();
+    let files = onnxq::pipeline::JobFiles {
+        config: config_path.clone(),
+        stats: None,
+    };
+    let mut steps = onnxq::pipeline::steps(&config, &files);
+    let at = steps.iter().position(|s| s.name() == "materialize").unwrap();
+    steps.insert(at, Box::new(KeepFirstWeightFloat));
+    assert_eq!(
+        onnxq::pipeline::step_names(&steps),
+        ["calibrate", "plan", "gptq", "keep_first_weight_float", "materialize"]
+    );
+    let mut model = onnxq::onnx::load_model(&model_path).unwrap();
+    let mut ctx = Context::default();
+    onnxq::pipeline::run(&mut model, &steps, &mut ctx, &DebugOptions::default()).unwrap();
+    let kept = &ctx.pass_reports[3].notes[0];
+    assert_eq!(kept, "kept w1 float");
+    // w1 is read as float by its Conv; the other weights go through DequantizeLinear.
+    let conv = model.graph.nodes.node_weights().find(|n| n.name == "conv").unwrap();
+    assert_eq!(conv.inputs[1], "w1");
+    let depthwise = model.graph.nodes.node_weights().find(|n| n.name == "depthwise").unwrap();
+    assert_ne!(depthwise.inputs[1], "w2");
+    drop(dir);
+}
