@@ -382,7 +382,8 @@ impl onnxq::passes::Pass for KeepFirstWeightFloat {
         let plan = ctx.plan.as_mut().expect("a plan pass runs after `plan`");
         let weight = plan.weights.keys().next().cloned().expect("the net has weights");
         plan.weights.remove(&weight);
-        plan.kept_float.insert(weight.clone(), "kept float by a test pass".into());
+        plan.kept_float
+            .insert(weight.clone(), "kept float by a test pass".into());
         Ok(vec![format!("kept {weight} float")])
     }
 }
@@ -410,7 +411,12 @@ fn a_plan_pass_plugs_into_the_step_list() {
     // w1 is read as float by its Conv; the other weights go through DequantizeLinear.
     let conv = model.graph.nodes.node_weights().find(|n| n.name == "conv").unwrap();
     assert_eq!(conv.inputs[1], "w1");
-    let depthwise = model.graph.nodes.node_weights().find(|n| n.name == "depthwise").unwrap();
+    let depthwise = model
+        .graph
+        .nodes
+        .node_weights()
+        .find(|n| n.name == "depthwise")
+        .unwrap();
     assert_ne!(depthwise.inputs[1], "w2");
     drop(dir);
 }

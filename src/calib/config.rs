@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::calib::images::ImagePreprocess;
-use crate::calib::observers::{Method, DEFAULT_BITS, DEFAULT_EMA_CONSTANT, DEFAULT_PERCENTILE};
+use crate::calib::observers::{
+    default_bits, default_ema_constant, default_percentile, Method, DEFAULT_BITS, DEFAULT_EMA_CONSTANT,
+    DEFAULT_PERCENTILE,
+};
 use crate::error::{Error, Result};
 
 /// `calibration:` — where the data comes from and how ranges are chosen from the statistics.
@@ -87,16 +90,6 @@ impl MethodName {
             MethodName::Mse => "mse",
         }
     }
-}
-
-fn default_ema_constant() -> f64 {
-    DEFAULT_EMA_CONSTANT
-}
-fn default_percentile() -> f64 {
-    DEFAULT_PERCENTILE
-}
-fn default_bits() -> u32 {
-    DEFAULT_BITS
 }
 
 impl CalibrationConfig {

@@ -768,13 +768,14 @@ pub enum Method {
     },
 }
 
-fn default_ema_constant() -> f64 {
+/// The methods' parameter defaults, for serde (here and in the `calibration:` config).
+pub(crate) fn default_ema_constant() -> f64 {
     DEFAULT_EMA_CONSTANT
 }
-fn default_percentile() -> f64 {
+pub(crate) fn default_percentile() -> f64 {
     DEFAULT_PERCENTILE
 }
-fn default_bits() -> u32 {
+pub(crate) fn default_bits() -> u32 {
     DEFAULT_BITS
 }
 
