@@ -165,46 +165,6 @@ pub fn weighted_op_types() -> impl Iterator<Item = &'static str> {
         .map(|r| r.op_type)
 }
 
-// The table's former views, for the planner until it asks the registry.
-
-/// The role of an op, if onnxq quantizes it; `None` keeps it float.
-pub fn op_role(op_type: &str) -> Option<OpRole> {
-    Some(match op_type {
-        "Conv" | "ConvTranspose" | "Gemm" | "MatMul" => OpRole::Weighted,
-        "Add" | "Concat" => OpRole::Join,
-        "AveragePool" | "GlobalAveragePool" => OpRole::Pool,
-        "MaxPool" | "GlobalMaxPool" | "Reshape" | "Transpose" | "Flatten" | "Squeeze" | "Unsqueeze" | "Slice"
-        | "Identity" | "DepthToSpace" | "SpaceToDepth" | "Resize" | "Split" => OpRole::PassThrough,
-        _ => return None,
-    })
-}
-
-/// Input slots that carry data (not shapes, axes, scales or weights) for an op with a role.
-pub fn data_inputs(op_type: &str, input_count: usize) -> Vec<usize> {
-    match op_type {
-        "Add" | "Concat" => (0..input_count).collect(),
-        // MatMul: both operands may be activations (attention); constants are weights.
-        "MatMul" => vec![0, 1],
-        // Gemm: A always; B when it is not a constant (checked by the planner).
-        "Gemm" => vec![0, 1],
-        _ => vec![0],
-    }
-}
-
-/// For a weighted op, the weight input and its output-channel axis given the weight's rank and
-/// the node's attributes; None when that input is not a constant weight.
-pub fn weight_axis(op_type: &str, weight_rank: usize, trans_b: bool) -> Option<usize> {
-    match op_type {
-        "Conv" => Some(0),
-        "ConvTranspose" => Some(1),
-        // Gemm B is [K, N], or [N, K] with transB: the output column axis.
-        "Gemm" => Some(if trans_b { 0 } else { 1 }),
-        // MatMul B [.., K, N]: the last axis holds output columns.
-        "MatMul" => weight_rank.checked_sub(1),
-        _ => None,
-    }
-}
-
 /// Ranges this wide are sentinels (float32-min attention masks, "minus infinity" padding), not
 /// signal: quantizing them would make the scale useless for the real values.
 pub const SENTINEL_MAGNITUDE: f32 = 1e30;
