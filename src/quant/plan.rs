@@ -597,8 +597,8 @@ pub fn pinned_precisions(model: &Model, plan: &Plan, overrides: &Overrides) -> R
 /// Largest finite float16.
 pub const FLOAT16_MAX: f32 = 65504.0;
 
-/// Whether a layer can run in float16: a Conv, ConvTranspose, Gemm or MatMul whose float
-/// inputs (calibrated ranges and constant weights) fit float16's range.
+/// Whether a layer can run in float16: a weighted op (Conv, ConvTranspose, Gemm, MatMul) whose
+/// float inputs (calibrated ranges and constant weights) fit float16's range.
 pub fn float16_possible(model: &Model, plan: &Plan, key: &str) -> std::result::Result<(), String> {
     let g = &model.graph;
     let n = g
@@ -606,10 +606,12 @@ pub fn float16_possible(model: &Model, plan: &Plan, key: &str) -> std::result::R
         .node_weights()
         .find(|n| node_key(n) == key)
         .ok_or_else(|| format!("no layer '{key}'"))?;
-    if !n.is_default_domain() || !matches!(n.op_type.as_str(), "Conv" | "ConvTranspose" | "Gemm" | "MatMul") {
+    if !rules::rule_for(n).is_some_and(|r| r.role == OpRole::Weighted) {
+        let offered: Vec<&str> = rules::weighted_op_types().collect();
         return Err(format!(
-            "{} ops stay in float32 (float16 is offered for Conv, ConvTranspose, Gemm, MatMul)",
-            n.op_type
+            "{} ops stay in float32 (float16 is offered for {})",
+            n.op_type,
+            offered.join(", ")
         ));
     }
     for t in n.inputs.iter().filter(|t| !t.is_empty()) {
@@ -649,8 +651,7 @@ impl Plan {
         )
     }
 
-    /// The layers: every op that reads a quantized activation or weight, by key, sorted.
-    /// The Conv, ConvTranspose, Gemm and MatMul nodes whose weight (input 1) this plan
+    /// The weighted nodes (Conv, ConvTranspose, Gemm, MatMul) whose weight (input 1) this plan
     /// quantizes, in topological order.
     pub fn weighted_layers<'g>(
         &self,
@@ -659,10 +660,10 @@ impl Plan {
         let mut out = Vec::new();
         for ix in graph.topological_order()? {
             let n = &graph.nodes[ix];
-            if !n.is_default_domain() || !matches!(n.op_type.as_str(), "Conv" | "ConvTranspose" | "Gemm" | "MatMul") {
+            let Some(weight) = rules::rule_for(n).and_then(|r| r.weight) else {
                 continue;
-            }
-            if let Some(w) = n.inputs.get(1).filter(|w| self.weights.contains_key(*w)) {
+            };
+            if let Some(w) = n.inputs.get(weight.slot).filter(|w| self.weights.contains_key(*w)) {
                 out.push((ix, w.as_str()));
             }
         }
@@ -692,6 +693,7 @@ impl Plan {
         Ok(q)
     }
 
+    /// The layers: every op that reads a quantized activation or weight, by key, sorted.
     pub fn layers(&self) -> BTreeSet<String> {
         self.activations
             .values()
