@@ -1,9 +1,8 @@
 //! Joins: ops that combine activations (residual Add, Concat). Every input gets Q/DQ where the
 //! target quantizes joins; Concat's inputs and output share one scale.
 
-use super::{DataInputs, OpRole, Rule};
+use super::{DataInputs, OpRole, Rule, TargetRules};
 use crate::ir::Node;
-use crate::quant::rules::TargetRules;
 
 pub(super) const RULES: &[Rule] = &[
     // An int8 Add of two activations; the residual ones stay float unless the target wants them

@@ -9,44 +9,36 @@ use crate::ir::Node;
 pub(super) const RULES: &[Rule] = &[
     // W is [M, C/group, kH, kW]: the output channels are axis 0; B[M] joins the accumulator.
     Rule {
-        weight: Some(WeightRule {
-            slot: 1,
-            axis: |_, _| Some(0),
-        }),
         bias: Some(BIAS),
-        ..Rule::new("Conv", OpRole::Weighted)
+        ..weighted("Conv", |_, _| Some(0))
     },
     // W is [C, M/group, kH, kW]: the output channels are axis 1; B[M] joins the accumulator.
     Rule {
-        weight: Some(WeightRule {
-            slot: 1,
-            axis: |_, _| Some(1),
-        }),
         bias: Some(BIAS),
-        ..Rule::new("ConvTranspose", OpRole::Weighted)
+        ..weighted("ConvTranspose", |_, _| Some(1))
     },
     // B is [K, N], or [N, K] with transB: the output columns are axis 1, or 0; B may be an
     // activation (then it is data, not a weight); C[N] joins the accumulator.
     Rule {
         data: DataInputs::Slots(&[0, 1]),
-        weight: Some(WeightRule {
-            slot: 1,
-            axis: gemm_weight_axis,
-        }),
         bias: Some(BIAS),
-        ..Rule::new("Gemm", OpRole::Weighted)
+        ..weighted("Gemm", gemm_weight_axis)
     },
     // Both operands may be activations (attention); a constant B [.., K, N] has its output
     // columns on the last axis. No bias input.
     Rule {
         data: DataInputs::Slots(&[0, 1]),
-        weight: Some(WeightRule {
-            slot: 1,
-            axis: |_, rank| rank.checked_sub(1),
-        }),
-        ..Rule::new("MatMul", OpRole::Weighted)
+        ..weighted("MatMul", |_, rank| rank.checked_sub(1))
     },
 ];
+
+/// A weighted op: input 0 is data, input 1 the weight, per channel on `axis(node, rank)`.
+const fn weighted(op_type: &'static str, axis: fn(&Node, usize) -> Option<usize>) -> Rule {
+    Rule {
+        weight: Some(WeightRule { slot: 1, axis }),
+        ..Rule::new(op_type, OpRole::Weighted)
+    }
+}
 
 /// Conv's B and Gemm's C, input 2. Gemm's C goes int32 only with `transA = 0`, as onnxq always
 /// has; `transA` is Gemm's attribute, the Convs have none and read 0.
