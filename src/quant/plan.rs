@@ -3,16 +3,18 @@
 //! *before* any node is written. The plan is inspectable (`--dry-run`), serialisable, and keyed by
 //! tensor name; only `materialize` turns it into QuantizeLinear/DequantizeLinear nodes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use petgraph::stable_graph::NodeIndex;
 
 use serde::Serialize;
 
 use crate::calib::observers::Method;
 use crate::calib::stats::CalibrationStats;
 use crate::error::{Error, Result};
-use crate::ir::{Model, Node};
+use crate::ir::{Graph, Model, Node};
 use crate::quant::params::{self, params_for_range, QParams, QuantDtype, Scheme};
-use crate::quant::rules::{self, OpRole, Target, TargetRules, SENTINEL_MAGNITUDE};
+use crate::quant::rules::{self, OpRole, Rule, Target, TargetRules, WeightRule, SENTINEL_MAGNITUDE};
 
 /// A consumer input: the consumer's first output name (unique, stable across passes) and slot.
 pub type InputRef = (String, usize);
@@ -220,23 +222,6 @@ pub fn node_key(n: &Node) -> String {
         .unwrap_or_else(|| n.name.clone())
 }
 
-fn attr_int(n: &Node, name: &str, default: i64) -> i64 {
-    n.attribute(name).map_or(default, |a| a.i())
-}
-
-/// The role an op plays here (Resize counts as pass-through only in nearest mode).
-fn role_of(n: &Node) -> Option<OpRole> {
-    if !n.is_default_domain() {
-        return None;
-    }
-    let role = rules::op_role(&n.op_type)?;
-    if n.op_type == "Resize" {
-        let nearest = n.attribute("mode").is_none_or(|a| a.s() == b"nearest");
-        return Some(if nearest { OpRole::PassThrough } else { OpRole::Pool });
-    }
-    Some(role)
-}
-
 /// Why a tensor whose every quantized reader moved to a higher precision stays float.
 fn float_reason(consumers: &[InputRef], of: &impl Fn(&str) -> Precision) -> String {
     let readers: Vec<String> = consumers
@@ -248,196 +233,248 @@ fn float_reason(consumers: &[InputRef], of: &impl Fn(&str) -> Precision) -> Stri
 
 /// Builds the plan. Every activation a quantized op reads is either in `activations` or in
 /// `kept_float` with the reason.
+///
+/// One walk over the graph asks the op registry ([`rules::rule_for`]) what each node quantizes
+/// and applies the overrides and the target; then tied tensors get shared parameters, and
+/// int32 biases stay only where an integer kernel would use them.
 pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions) -> Result<Plan> {
     let g = &model.graph;
     let order = g.topological_order()?;
-    let producers = g.producers();
-    let rules = &options.rules;
-    let mut plan = Plan::default();
-    // tensor -> consumers reading the quantized version
-    let mut wanted: BTreeMap<String, Vec<InputRef>> = BTreeMap::new();
-    let mut ties: Vec<(String, String)> = Vec::new();
-    let mut pending_pass_through: Vec<(String, String, String, usize)> = Vec::new();
-
-    // Tensors computed from constants only (Paddle's Reshape(bias)): constants for quantization.
-    let mut constant_derived: BTreeSet<&str> = g.constants.keys().map(String::as_str).collect();
+    let mut walk = Walk::new(g, stats, options, &order);
     for &ix in &order {
-        let n = &g.nodes[ix];
-        if !n.inputs.is_empty()
-            && n.implicit_inputs.is_empty()
-            && n.inputs
-                .iter()
-                .all(|i| i.is_empty() || constant_derived.contains(i.as_str()))
-        {
-            constant_derived.extend(n.outputs.iter().map(String::as_str));
+        walk.node(&g.nodes[ix]);
+    }
+    let (mut plan, wanted, ties) = walk.finish();
+    share_parameters(&mut plan, &wanted, &ties, stats, options);
+    keep_fused_biases(&mut plan, g);
+    if plan.activations.is_empty() && plan.weights.is_empty() {
+        return Err(Error::Graph(
+            "nothing to quantize: the model has no op onnxq quantizes with a float input".into(),
+        ));
+    }
+    let pinned = pinned_precisions(model, &plan, &options.overrides)?;
+    if !pinned.is_empty() {
+        plan = plan.with_precisions(&pinned);
+    }
+    Ok(plan)
+}
+
+/// The walk over the graph: what each node's rule asks for, before any parameter is chosen.
+struct Walk<'a> {
+    g: &'a Graph,
+    stats: &'a CalibrationStats,
+    options: &'a PlanOptions,
+    producers: HashMap<&'a str, (NodeIndex, usize)>,
+    /// Tensors computed from constants only (Paddle's Reshape(bias)): constants for quantization.
+    constant_derived: BTreeSet<&'a str>,
+    /// Weights, biases and kept-float tensors; activations are chosen after the walk.
+    plan: Plan,
+    /// Tensor -> the consumer inputs reading its quantized version.
+    wanted: BTreeMap<String, Vec<InputRef>>,
+    /// Tensors that share parameters where both are quantized.
+    ties: Vec<(String, String)>,
+    /// Pass-through inputs (input, output, consumer, slot), decided after the walk.
+    pending_pass_through: Vec<(String, String, String, usize)>,
+}
+
+impl<'a> Walk<'a> {
+    fn new(g: &'a Graph, stats: &'a CalibrationStats, options: &'a PlanOptions, order: &[NodeIndex]) -> Walk<'a> {
+        let mut constant_derived: BTreeSet<&str> = g.constants.keys().map(String::as_str).collect();
+        for &ix in order {
+            let n = &g.nodes[ix];
+            if !n.inputs.is_empty()
+                && n.implicit_inputs.is_empty()
+                && n.inputs
+                    .iter()
+                    .all(|i| i.is_empty() || constant_derived.contains(i.as_str()))
+            {
+                constant_derived.extend(n.outputs.iter().map(String::as_str));
+            }
+        }
+        Walk {
+            g,
+            stats,
+            options,
+            producers: g.producers(),
+            constant_derived,
+            plan: Plan::default(),
+            wanted: BTreeMap::new(),
+            ties: Vec::new(),
+            pending_pass_through: Vec::new(),
         }
     }
-    let is_constant = |t: &str| constant_derived.contains(t);
-    // Weights and biases are quantized from float32 only (f16 models keep their f16 layers float:
-    // their Q/DQ would need f16 scales).
-    let is_float_constant = |t: &str| {
-        g.constants
+
+    fn is_constant(&self, t: &str) -> bool {
+        self.constant_derived.contains(t)
+    }
+
+    /// Weights and biases are quantized from float32 only (f16 models keep their f16 layers
+    /// float: their Q/DQ would need f16 scales).
+    fn is_float_constant(&self, t: &str) -> bool {
+        self.g
+            .constants
             .get(t)
             .is_some_and(|c| c.tensor.data_type() == crate::proto::tensor_proto::DataType::Float as i32)
-    };
-    let readers = |t: &str| {
-        g.nodes
+    }
+
+    fn readers(&self, t: &str) -> usize {
+        self.g
+            .nodes
             .node_weights()
             .filter(|n| n.inputs.iter().any(|i| i == t))
             .count()
-    };
-    let produced_by_weighted = |t: &str| {
-        producers
-            .get(t)
-            .is_some_and(|&(ix, _)| role_of(&g.nodes[ix]) == Some(OpRole::Weighted))
-    };
+    }
 
-    for &ix in &order {
-        let n = &g.nodes[ix];
-        let Some(role) = role_of(n) else { continue };
+    /// One node: what its rule quantizes, unless an override or the target keeps it float.
+    fn node(&mut self, n: &Node) {
+        let Some(rule) = rules::rule_for(n) else { return };
         let key = node_key(n);
-        if let Some(reason) = options.overrides.node(n) {
+        if let Some(reason) = self.options.overrides.node(n) {
             for t in n
                 .inputs
                 .iter()
-                .filter(|t| !t.is_empty() && !g.constants.contains_key(*t))
+                .filter(|t| !t.is_empty() && !self.g.constants.contains_key(*t))
             {
-                plan.kept_float
+                self.plan
+                    .kept_float
                     .entry(t.clone())
                     .or_insert_with(|| format!("{} {reason}", n.label()));
             }
-            continue;
+            return;
         }
-        if rules.only_weighted_inputs && role != OpRole::Weighted {
-            continue;
+        if rule
+            .why_float(n, &self.options.rules, &|t: &str| self.is_constant(t))
+            .is_some()
+        {
+            return;
         }
-        if role == OpRole::Join && (!rules.quantize_joins || (n.op_type == "Add" && !rules.quantize_residual_adds)) {
-            continue;
+        if let Some(weight) = rule.weight {
+            self.weight(n, rule, weight, &key);
         }
-        // An Add with a constant operand is a bias add: quantizing it gains nothing, and
-        // OpenVINO's Add transformation rejects a dequantized constant operand.
-        if n.op_type == "Add" && n.inputs.iter().any(|t| is_constant(t)) {
-            continue;
+        for slot in rule.data_inputs(n.inputs.len()) {
+            self.data_input(n, rule, slot, &key);
         }
-        let mut data: Vec<usize> = rules::data_inputs(&n.op_type, n.inputs.len());
-        if role == OpRole::Weighted {
-            data.retain(|&s| n.inputs.get(s).is_some_and(|t| !is_float_constant(t)));
-            // The weight: input 1 when it is a float constant.
-            if let Some(w) = n.inputs.get(1).filter(|t| is_float_constant(t)) {
-                let wt = &g.constants[w].tensor;
-                let trans_b = attr_int(n, "transB", 0) != 0;
-                let (scheme, per_channel) = options.overrides.weight(n, w, rules.weights, rules.per_channel_weights);
-                let axis = rules::weight_axis(&n.op_type, wt.dims.len(), trans_b).filter(|_| per_channel);
-                let axis = axis.filter(|&a| a < wt.dims.len() && wt.dims.len() > 1);
-                if options.overrides.tensor(w).is_none() {
-                    let entry = plan.weights.entry(w.clone()).or_insert(WeightQuant {
-                        scheme,
-                        axis,
-                        consumers: vec![],
-                    });
-                    if entry.axis != axis {
-                        // Shared by ops wanting different axes: per-tensor serves both.
-                        entry.axis = None;
-                    }
-                    entry.consumers.push((key.clone(), 1));
-                    // Bias: Conv/ConvTranspose input 2, Gemm C, when 1-D float constant.
-                    if rules.int32_bias && matches!(n.op_type.as_str(), "Conv" | "ConvTranspose" | "Gemm") {
-                        if let Some(b) = n.inputs.get(2).filter(|t| is_float_constant(t)) {
-                            let bt = &g.constants[b].tensor;
-                            // A bias read by two ops would need two int32 versions (one per
-                            // input scale): a shared bias stays float.
-                            if bt.dims.len() == 1 && attr_int(n, "transA", 0) == 0 && readers(b) == 1 {
-                                plan.biases.entry(b.clone()).or_insert(BiasQuant {
-                                    input: n.inputs[0].clone(),
-                                    weight: w.clone(),
-                                    consumers: vec![],
-                                });
-                                plan.biases
-                                    .get_mut(b)
-                                    .expect("inserted")
-                                    .consumers
-                                    .push((key.clone(), 2));
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        for s in data {
-            let Some(t) = n.inputs.get(s).filter(|t| !t.is_empty()) else {
-                continue;
-            };
-            if is_constant(t) {
-                continue;
-            }
-            // TensorRT fuses a weighted op with what follows: never Q/DQ its output.
-            if options.target == Target::Tensorrt && produced_by_weighted(t) {
-                plan.kept_float
-                    .entry(t.clone())
-                    .or_insert_with(|| "output of a weighted op (TensorRT fuses it)".into());
-                continue;
-            }
-            if let Some(reason) = options.overrides.tensor(t) {
-                plan.kept_float.entry(t.clone()).or_insert(reason);
-                continue;
-            }
-            let Some(st) = stats.tensors.get(t) else {
-                let reason = if stats.is_data_free() {
-                    "no range: data-free mode derives none for it (no BatchNorm statistics reach it)"
-                } else {
-                    "not a float activation (integer or shape tensor)"
-                };
-                plan.kept_float.entry(t.clone()).or_insert_with(|| reason.into());
-                continue;
-            };
-            if st.min.abs() >= SENTINEL_MAGNITUDE || st.max.abs() >= SENTINEL_MAGNITUDE {
-                plan.kept_float.entry(t.clone()).or_insert_with(|| {
-                    format!(
-                        "sentinel-dominated range [{:e}, {:e}] (e.g. an attention mask)",
-                        st.min, st.max
-                    )
-                });
-                continue;
-            }
-            if role == OpRole::PassThrough {
-                // Decided below, once it is known whether a quantized op reads the output.
-                if let Some(o) = n.outputs.first() {
-                    pending_pass_through.push((t.clone(), o.clone(), key.clone(), s));
-                }
-            } else {
-                wanted.entry(t.clone()).or_default().push((key.clone(), s));
-            }
-        }
-        // Tie parameters: Concat inputs with each other; pass-through input with output.
-        match role {
-            OpRole::PassThrough => {
-                if let (Some(i), Some(o)) = (n.inputs.first(), n.outputs.first()) {
-                    ties.push((i.clone(), o.clone()));
-                }
-            }
-            _ if n.op_type == "Concat" => {
-                for i in n.inputs.iter().skip(1) {
-                    ties.push((n.inputs[0].clone(), i.clone()));
-                }
-                if let Some(o) = n.outputs.first() {
-                    ties.push((n.inputs[0].clone(), o.clone()));
-                }
-            }
-            _ => {}
-        }
-    }
-    // A pass-through op is quantized only to let a quantized reader of its output run in int8:
-    // walk them backwards so chains (Reshape -> Transpose -> MatMul) resolve.
-    for (input, output, key, slot) in pending_pass_through.into_iter().rev() {
-        if wanted.contains_key(&output) {
-            wanted.entry(input).or_default().push((key, slot));
-        }
-    }
-    for t in wanted.keys() {
-        plan.kept_float.remove(t);
+        self.ties.extend(rule.ties(n));
     }
 
-    // Union-find over tied tensors that are both quantized.
+    /// A weighted node's weight, when it is a float constant, and its bias where it may go int32.
+    fn weight(&mut self, n: &Node, rule: &Rule, weight: WeightRule, key: &str) {
+        let Some(w) = n.inputs.get(weight.slot).filter(|t| self.is_float_constant(t)) else {
+            return;
+        };
+        let rank = self.g.constants[w].tensor.dims.len();
+        let rules = &self.options.rules;
+        let (scheme, per_channel) = self
+            .options
+            .overrides
+            .weight(n, w, rules.weights, rules.per_channel_weights);
+        let axis = (weight.axis)(n, rank).filter(|&a| per_channel && a < rank && rank > 1);
+        if self.options.overrides.tensor(w).is_some() {
+            return;
+        }
+        let entry = self.plan.weights.entry(w.clone()).or_insert(WeightQuant {
+            scheme,
+            axis,
+            consumers: vec![],
+        });
+        if entry.axis != axis {
+            // Shared by ops wanting different axes: per-tensor serves both.
+            entry.axis = None;
+        }
+        entry.consumers.push((key.to_string(), weight.slot));
+        let Some(bias) = rule.int32_bias(rules) else { return };
+        let Some(b) = n.inputs.get(bias.slot).filter(|t| self.is_float_constant(t)) else {
+            return;
+        };
+        // A bias read by two ops would need two int32 versions (one per input scale): a shared
+        // bias stays float.
+        if self.g.constants[b].tensor.dims.len() == 1 && (bias.when)(n) && self.readers(b) == 1 {
+            let entry = self.plan.biases.entry(b.clone()).or_insert(BiasQuant {
+                input: n.inputs[0].clone(),
+                weight: w.clone(),
+                consumers: vec![],
+            });
+            entry.consumers.push((key.to_string(), bias.slot));
+        }
+    }
+
+    /// A data input: wanted quantized (a pass-through op's pending), or kept float with the reason.
+    fn data_input(&mut self, n: &Node, rule: &Rule, slot: usize, key: &str) {
+        let Some(t) = n.inputs.get(slot).filter(|t| !t.is_empty()) else {
+            return;
+        };
+        if self.is_constant(t) {
+            return;
+        }
+        if let Some(reason) = self.kept_float_reason(t) {
+            self.plan.kept_float.entry(t.clone()).or_insert(reason);
+        } else if rule.role == OpRole::PassThrough {
+            // Decided after the walk, once it is known whether a quantized op reads the output.
+            if let Some(o) = n.outputs.first() {
+                self.pending_pass_through
+                    .push((t.clone(), o.clone(), key.to_string(), slot));
+            }
+        } else {
+            self.wanted.entry(t.clone()).or_default().push((key.to_string(), slot));
+        }
+    }
+
+    /// Why an activation a quantized op reads stays float, if it does.
+    fn kept_float_reason(&self, t: &str) -> Option<String> {
+        let produced_by_weighted = || {
+            self.producers
+                .get(t)
+                .is_some_and(|&(ix, _)| rules::rule_for(&self.g.nodes[ix]).is_some_and(|r| r.role == OpRole::Weighted))
+        };
+        if self.options.target.fuses_weighted_outputs() && produced_by_weighted() {
+            return Some("output of a weighted op (TensorRT fuses it)".into());
+        }
+        if let Some(reason) = self.options.overrides.tensor(t) {
+            return Some(reason);
+        }
+        let Some(st) = self.stats.tensors.get(t) else {
+            let reason = if self.stats.is_data_free() {
+                "no range: data-free mode derives none for it (no BatchNorm statistics reach it)"
+            } else {
+                "not a float activation (integer or shape tensor)"
+            };
+            return Some(reason.into());
+        };
+        if st.min.abs() >= SENTINEL_MAGNITUDE || st.max.abs() >= SENTINEL_MAGNITUDE {
+            return Some(format!(
+                "sentinel-dominated range [{:e}, {:e}] (e.g. an attention mask)",
+                st.min, st.max
+            ));
+        }
+        None
+    }
+
+    /// The plan so far, the activations to quantize (tensor -> readers) and the ties. A
+    /// pass-through op is quantized only to let a quantized reader of its output run in int8:
+    /// they are walked backwards so chains (Reshape -> Transpose -> MatMul) resolve.
+    fn finish(mut self) -> (Plan, BTreeMap<String, Vec<InputRef>>, Vec<(String, String)>) {
+        for (input, output, key, slot) in self.pending_pass_through.into_iter().rev() {
+            if self.wanted.contains_key(&output) {
+                self.wanted.entry(input).or_default().push((key, slot));
+            }
+        }
+        for t in self.wanted.keys() {
+            self.plan.kept_float.remove(t);
+        }
+        (self.plan, self.wanted, self.ties)
+    }
+}
+
+/// The activations' parameters: tied tensors that are both quantized (union-find) share one
+/// range, the union of theirs, and one scheme.
+fn share_parameters(
+    plan: &mut Plan,
+    wanted: &BTreeMap<String, Vec<InputRef>>,
+    ties: &[(String, String)],
+    stats: &CalibrationStats,
+    options: &PlanOptions,
+) {
+    let rules = &options.rules;
     let names: Vec<&String> = wanted.keys().collect();
     let index: BTreeMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
     let mut parent: Vec<usize> = (0..names.len()).collect();
@@ -448,7 +485,7 @@ pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions
         }
         i
     }
-    for (a, b) in &ties {
+    for (a, b) in ties {
         if let (Some(&a), Some(&b)) = (index.get(a.as_str()), index.get(b.as_str())) {
             let (ra, rb) = (find(&mut parent, a), find(&mut parent, b));
             if ra != rb {
@@ -490,12 +527,16 @@ pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions
             );
         }
     }
-    // A bias goes int32 only when its input and weight are both quantized, and the layer's
-    // output is quantized right after it (directly or through one Relu/Clip): the pattern
-    // runtimes fuse into an integer kernel (QLinearConv), the only one that uses an int32 bias.
-    // Elsewhere the layer runs in float on dequantized inputs and an int32 bias would only add
-    // its rounding, a systematic per-channel shift that averaging (GlobalAveragePool, SE
-    // blocks) does not wash out: ppocr_mobile_v2_cls with folded BatchNorms, 22.4 → 24.8 dB.
+}
+
+/// Keeps a bias int32 only when its input and weight are both quantized, and the layer's
+/// output is quantized right after it (directly or through one of the
+/// [`rules::FUSED_ACTIVATIONS`]): the pattern runtimes fuse into an integer kernel
+/// (QLinearConv), the only one that uses an int32 bias. Elsewhere the layer runs in float on
+/// dequantized inputs and an int32 bias would only add its rounding, a systematic per-channel
+/// shift that averaging (GlobalAveragePool, SE blocks) does not wash out: ppocr_mobile_v2_cls
+/// with folded BatchNorms, 22.4 → 24.8 dB.
+fn keep_fused_biases(plan: &mut Plan, g: &Graph) {
     // Every read of `t` is of its quantized version (no float reader, not a graph output).
     let only_read_quantized = |t: &str| {
         let reads = g
@@ -512,7 +553,7 @@ pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions
                 .node_weights()
                 .filter(|n| n.inputs.iter().any(|i| i == layer_output))
                 .collect();
-            matches!(readers.as_slice(), [r] if matches!(r.op_type.as_str(), "Relu" | "Clip")
+            matches!(readers.as_slice(), [r] if rules::FUSED_ACTIVATIONS.contains(&r.op_type.as_str())
                 && r.inputs.iter().filter(|i| *i == layer_output).count() == 1
                 && !g.outputs.iter().any(|o| o.name() == layer_output)
                 && r.outputs.first().is_some_and(|o| only_read_quantized(o)))
@@ -527,16 +568,6 @@ pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions
     plan.biases.retain(|name, b| {
         fused.contains(name) && plan.activations.contains_key(&b.input) && plan.weights.contains_key(&b.weight)
     });
-    if plan.activations.is_empty() && plan.weights.is_empty() {
-        return Err(Error::Graph(
-            "nothing to quantize: the model has no op onnxq quantizes with a float input".into(),
-        ));
-    }
-    let pinned = pinned_precisions(model, &plan, &options.overrides)?;
-    if !pinned.is_empty() {
-        plan = plan.with_precisions(&pinned);
-    }
-    Ok(plan)
 }
 
 /// The precisions the overrides pin, for the plan's layers; float16 only where it is possible.
@@ -566,8 +597,8 @@ pub fn pinned_precisions(model: &Model, plan: &Plan, overrides: &Overrides) -> R
 /// Largest finite float16.
 pub const FLOAT16_MAX: f32 = 65504.0;
 
-/// Whether a layer can run in float16: a Conv, ConvTranspose, Gemm or MatMul whose float
-/// inputs (calibrated ranges and constant weights) fit float16's range.
+/// Whether a layer can run in float16: a weighted op (Conv, ConvTranspose, Gemm, MatMul) whose
+/// float inputs (calibrated ranges and constant weights) fit float16's range.
 pub fn float16_possible(model: &Model, plan: &Plan, key: &str) -> std::result::Result<(), String> {
     let g = &model.graph;
     let n = g
@@ -575,10 +606,12 @@ pub fn float16_possible(model: &Model, plan: &Plan, key: &str) -> std::result::R
         .node_weights()
         .find(|n| node_key(n) == key)
         .ok_or_else(|| format!("no layer '{key}'"))?;
-    if !n.is_default_domain() || !matches!(n.op_type.as_str(), "Conv" | "ConvTranspose" | "Gemm" | "MatMul") {
+    if !rules::rule_for(n).is_some_and(|r| r.role == OpRole::Weighted) {
+        let offered: Vec<&str> = rules::weighted_op_types().collect();
         return Err(format!(
-            "{} ops stay in float32 (float16 is offered for Conv, ConvTranspose, Gemm, MatMul)",
-            n.op_type
+            "{} ops stay in float32 (float16 is offered for {})",
+            n.op_type,
+            offered.join(", ")
         ));
     }
     for t in n.inputs.iter().filter(|t| !t.is_empty()) {
@@ -618,8 +651,7 @@ impl Plan {
         )
     }
 
-    /// The layers: every op that reads a quantized activation or weight, by key, sorted.
-    /// The Conv, ConvTranspose, Gemm and MatMul nodes whose weight (input 1) this plan
+    /// The weighted nodes (Conv, ConvTranspose, Gemm, MatMul) whose weight (input 1) this plan
     /// quantizes, in topological order.
     pub fn weighted_layers<'g>(
         &self,
@@ -628,10 +660,10 @@ impl Plan {
         let mut out = Vec::new();
         for ix in graph.topological_order()? {
             let n = &graph.nodes[ix];
-            if !n.is_default_domain() || !matches!(n.op_type.as_str(), "Conv" | "ConvTranspose" | "Gemm" | "MatMul") {
+            let Some(weight) = rules::rule_for(n).and_then(|r| r.weight) else {
                 continue;
-            }
-            if let Some(w) = n.inputs.get(1).filter(|w| self.weights.contains_key(*w)) {
+            };
+            if let Some(w) = n.inputs.get(weight.slot).filter(|w| self.weights.contains_key(*w)) {
                 out.push((ix, w.as_str()));
             }
         }
@@ -661,6 +693,7 @@ impl Plan {
         Ok(q)
     }
 
+    /// The layers: every op that reads a quantized activation or weight, by key, sorted.
     pub fn layers(&self) -> BTreeSet<String> {
         self.activations
             .values()

@@ -1,62 +1,8 @@
-//! Which ops are quantized, which of their inputs are data, and what each target backend
-//! expects. One table, one place: the planner and (later) a lint read the same rules.
+//! Target backends: what each expects of a QDQ model (schemes, bias, where Q/DQ may go).
 
 use serde::{Deserialize, Serialize};
 
 use crate::quant::params::{QuantDtype, Scheme};
-
-/// How an op takes part in quantization.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OpRole {
-    /// Computes with a weight: its data inputs get Q/DQ, its weight is quantized
-    /// (per-channel on `weight_axis`), its bias goes int32 or stays float per target.
-    Weighted,
-    /// Joins activations (residual Add, Concat): inputs get Q/DQ; Concat inputs share one scale.
-    Join,
-    /// Reorders or selects values without arithmetic (MaxPool, Reshape, Transpose, ...): its
-    /// output must share the input's parameters so backends run it in int8.
-    PassThrough,
-    /// Averages (AveragePool, GlobalAveragePool): inputs get Q/DQ.
-    Pool,
-}
-
-/// The role of an op, if onnxq quantizes it; `None` keeps it float.
-pub fn op_role(op_type: &str) -> Option<OpRole> {
-    Some(match op_type {
-        "Conv" | "ConvTranspose" | "Gemm" | "MatMul" => OpRole::Weighted,
-        "Add" | "Concat" => OpRole::Join,
-        "AveragePool" | "GlobalAveragePool" => OpRole::Pool,
-        "MaxPool" | "GlobalMaxPool" | "Reshape" | "Transpose" | "Flatten" | "Squeeze" | "Unsqueeze" | "Slice"
-        | "Identity" | "DepthToSpace" | "SpaceToDepth" | "Resize" | "Split" => OpRole::PassThrough,
-        _ => return None,
-    })
-}
-
-/// Input slots that carry data (not shapes, axes, scales or weights) for an op with a role.
-pub fn data_inputs(op_type: &str, input_count: usize) -> Vec<usize> {
-    match op_type {
-        "Add" | "Concat" => (0..input_count).collect(),
-        // MatMul: both operands may be activations (attention); constants are weights.
-        "MatMul" => vec![0, 1],
-        // Gemm: A always; B when it is not a constant (checked by the planner).
-        "Gemm" => vec![0, 1],
-        _ => vec![0],
-    }
-}
-
-/// For a weighted op, the weight input and its output-channel axis given the weight's rank and
-/// the node's attributes; None when that input is not a constant weight.
-pub fn weight_axis(op_type: &str, weight_rank: usize, trans_b: bool) -> Option<usize> {
-    match op_type {
-        "Conv" => Some(0),
-        "ConvTranspose" => Some(1),
-        // Gemm B is [K, N], or [N, K] with transB: the output column axis.
-        "Gemm" => Some(if trans_b { 0 } else { 1 }),
-        // MatMul B [.., K, N]: the last axis holds output columns.
-        "MatMul" => weight_rank.checked_sub(1),
-        _ => None,
-    }
-}
 
 /// Target backends: each a fixed rule set.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,8 +83,10 @@ impl Target {
             },
         }
     }
-}
 
-/// Ranges this wide are sentinels (float32-min attention masks, "minus infinity" padding), not
-/// signal: quantizing them would make the scale useless for the real values.
-pub const SENTINEL_MAGNITUDE: f32 = 1e30;
+    /// TensorRT fuses a weighted op with what follows it: a Q/DQ on a weighted op's output would
+    /// split the fusion, so the output stays float even where a quantized op reads it.
+    pub fn fuses_weighted_outputs(self) -> bool {
+        self == Target::Tensorrt
+    }
+}
