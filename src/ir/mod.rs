@@ -11,6 +11,7 @@
 //!   a subgraph captures from the outer scope become implicit inputs, so ordering stays correct.
 
 pub mod dump;
+pub mod tensor;
 
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 
@@ -130,7 +131,8 @@ impl Node {
     }
     /// A string attribute, if present (lossily decoded as UTF-8).
     pub fn attr_string(&self, name: &str) -> Option<String> {
-        self.attribute(name).map(|a| String::from_utf8_lossy(a.s()).into_owned())
+        self.attribute(name)
+            .map(|a| String::from_utf8_lossy(a.s()).into_owned())
     }
     pub fn is_default_domain(&self) -> bool {
         self.domain.is_empty() || self.domain == "ai.onnx"
@@ -308,7 +310,7 @@ impl Graph {
         if self.inputs.iter().any(|i| i.name() == name) {
             return None;
         }
-        match crate::onnx::tensor::values_f64(&self.constants.get(name)?.tensor).as_deref() {
+        match tensor::values_f64(&self.constants.get(name)?.tensor).as_deref() {
             Some([v]) => Some(*v),
             _ => None,
         }

@@ -56,8 +56,8 @@ use std::collections::{BTreeSet, HashMap};
 use petgraph::stable_graph::NodeIndex;
 
 use crate::error::{Error, Result};
-use crate::ir::{Constant, ConstantOrigin, Graph, Model, Node};
-use crate::onnx::{schema_since, tensor};
+use crate::ir::{tensor, Constant, ConstantOrigin, Graph, Model, Node};
+use crate::onnx::schema_since;
 use crate::proto::attribute_proto::AttributeType;
 use crate::proto::tensor_proto::DataType;
 use crate::proto::{AttributeProto, GraphProto, NodeProto, OperatorSetIdProto, TensorProto, ValueInfoProto};

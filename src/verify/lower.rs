@@ -37,8 +37,8 @@ use std::collections::{BTreeSet, HashMap};
 use petgraph::stable_graph::NodeIndex;
 
 use crate::error::{Error, Result};
+use crate::ir::tensor::{dtype_name, element_count, raw_bytes, values_f32, values_i128};
 use crate::ir::{Constant, ConstantOrigin, Graph, Model, Node};
-use crate::onnx::tensor::{dtype_name, element_count, raw_bytes, values_f32, values_i128};
 use crate::proto::attribute_proto::AttributeType;
 use crate::proto::tensor_proto::DataType;
 use crate::proto::{AttributeProto, TensorProto};
