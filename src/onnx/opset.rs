@@ -56,7 +56,8 @@ use std::collections::{BTreeSet, HashMap};
 use petgraph::stable_graph::NodeIndex;
 
 use crate::error::{Error, Result};
-use crate::ir::{tensor, Constant, ConstantOrigin, Graph, Model, Node};
+use crate::ir::tensor::{self, float_tensor, i64_tensor};
+use crate::ir::{Constant, ConstantOrigin, Graph, Model, Node};
 use crate::onnx::schema_since;
 use crate::proto::attribute_proto::AttributeType;
 use crate::proto::tensor_proto::DataType;
@@ -1091,82 +1092,7 @@ fn infer_node(n: &Node, facts: &Facts) -> Vec<Fact> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tensors and attributes the conversions create.
-
-fn i64_tensor(dims: Vec<i64>, values: &[i64]) -> TensorProto {
-    TensorProto {
-        dims,
-        data_type: Some(DataType::Int64 as i32),
-        raw_data: Some(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        ..Default::default()
-    }
-}
-
-/// f32 to IEEE half, round to nearest even.
-fn f32_to_f16(x: f32) -> u16 {
-    let bits = x.to_bits();
-    let sign = ((bits >> 16) & 0x8000) as u16;
-    let exp = ((bits >> 23) & 0xff) as i32;
-    let frac = bits & 0x7f_ffff;
-    if exp == 0xff {
-        return sign | 0x7c00 | if frac != 0 { 0x200 } else { 0 };
-    }
-    let e = exp - 127 + 15;
-    if e >= 0x1f {
-        return sign | 0x7c00;
-    }
-    if e <= 0 {
-        if e < -10 {
-            return sign;
-        }
-        let m = frac | 0x80_0000;
-        let shift = (14 - e) as u32;
-        let half = 1u32 << (shift - 1);
-        let rest = m & ((1u32 << shift) - 1);
-        let mut h = (m >> shift) as u16;
-        if rest > half || (rest == half && h & 1 == 1) {
-            h += 1;
-        }
-        return sign | h;
-    }
-    let mut h = ((e as u32) << 10 | (frac >> 13)) as u16;
-    let rest = frac & 0x1fff;
-    if rest > 0x1000 || (rest == 0x1000 && h & 1 == 1) {
-        h += 1; // may carry into the exponent, up to infinity: correct
-    }
-    sign | h
-}
-
-fn f32_to_bf16(x: f32) -> u16 {
-    let bits = x.to_bits();
-    if x.is_nan() {
-        return ((bits >> 16) | 0x40) as u16;
-    }
-    let round = 0x7fff + ((bits >> 16) & 1);
-    ((bits.wrapping_add(round)) >> 16) as u16
-}
-
-/// A float tensor of the given element type (f32, f64, f16 or bf16).
-fn float_tensor(dtype: i32, dims: Vec<i64>, values: &[f64]) -> TensorProto {
-    let raw: Vec<u8> = match DataType::try_from(dtype) {
-        Ok(DataType::Double) => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        Ok(DataType::Float16) => values
-            .iter()
-            .flat_map(|&v| f32_to_f16(v as f32).to_le_bytes())
-            .collect(),
-        Ok(DataType::Bfloat16) => values
-            .iter()
-            .flat_map(|&v| f32_to_bf16(v as f32).to_le_bytes())
-            .collect(),
-        _ => values.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect(),
-    };
-    TensorProto {
-        dims,
-        data_type: Some(dtype),
-        raw_data: Some(raw),
-        ..Default::default()
-    }
-}
+// Attributes the conversions create.
 
 fn int_attr(name: &str, v: i64) -> AttributeProto {
     AttributeProto {
@@ -2679,19 +2605,5 @@ mod tests {
             &else_branch
         );
         m.graph.check().unwrap();
-    }
-
-    #[test]
-    fn half_floats_are_encoded_exactly() {
-        assert_eq!(f32_to_f16(1.0), 0x3c00);
-        assert_eq!(f32_to_f16(-2.0), 0xc000);
-        assert_eq!(f32_to_f16(65504.0), 0x7bff);
-        assert_eq!(f32_to_f16(f32::MAX), 0x7c00);
-        assert_eq!(f32_to_f16(2f32.powi(-24)), 0x0001);
-        assert_eq!(f32_to_f16(6.0), 0x4600);
-        for h in [0x3c00u16, 0x0001, 0x03ff, 0x0400, 0x7bff, 0xbc00, 0x3555] {
-            assert_eq!(f32_to_f16(tensor::f16_to_f32(h)), h);
-        }
-        assert_eq!(f32_to_bf16(1.0), 0x3f80);
     }
 }
