@@ -1,27 +1,29 @@
-//! The conversions of the nodes whose operator changed between two opsets (which (operator,
-//! opset) pair needs one is in [`super::table`]), by the opset at which the change happened:
-//! - 9  BatchNormalization: `spatial` removed (1 dropped; 0 refused). Upsample: `scales`
-//!   attribute becomes an input.
-//! - 10 Slice: `starts`/`ends`/`axes` attributes become int64 inputs. TopK: `k` becomes the input
-//!   `K`. Dropout: the mask output becomes bool (dropped when unused, refused when read).
-//!   Upsample is deprecated: it becomes Resize.
-//! - 11 Clip: `min`/`max` become inputs (scalars of the input's type). Pad: `pads`/`value` become
-//!   inputs. Resize: `roi` input added; Resize-10's asymmetric coordinates (and, for nearest,
-//!   flooring) made explicit. Scatter is deprecated: it becomes ScatterElements.
-//! - 12 Dropout: `ratio` becomes an input.
-//! - 13 Softmax/LogSoftmax/Hardmax: before 13 the input was coerced to 2-D at `axis` and normalised
-//!   over all trailing dimensions; from 13 over the one `axis`, whose default went from 1 to -1.
-//!   Nothing changes when `axis` is the last dimension (explicitly -1, or `rank - 1` with the rank
-//!   known); otherwise the node is wrapped as `Reshape(op(Flatten(x, axis), axis = -1), Shape(x))`,
-//!   which is exact for any rank, known or not. Squeeze/Unsqueeze/ReduceSum/Split: `axes`/`split` become
-//!   inputs. Resize: `tf_half_pixel_for_nn` removed (refused); `scales` omitted when `sizes` is
-//!   given. Erf: integer types removed (refused).
-//! - 14 BatchNormalization: the training outputs went (dropped when unused, refused when read).
-//! - 16 RoiAlign: default `coordinate_transformation_mode` changed: the old one made explicit.
-//! - 18 ReduceL1/L2/LogSum/LogSumExp/Max/Mean/Min/Prod/SumSquare: `axes` becomes an input. Split
-//!   without a `split` input needs `num_outputs`.
-//! - 20 DFT: `axis` becomes an input. GridSample: modes `bilinear`/`bicubic` renamed.
-//! - 21 GroupNormalization: scale and bias are per channel instead of per group (repeated).
+//! The conversions, one function per kind of change (which (operator, opset) pair needs which
+//! kind is in [`super::table`]); every change leaves a note for the report:
+//!
+//! - attributes that became inputs, all through the one [`Converter::attribute_to_input`]:
+//!   9 Upsample `scales`; 10 Slice `starts`/`ends`/`axes`, TopK `k` (the input `K`); 11 Clip
+//!   `min`/`max` (scalars of the input's type), Pad `pads` and `value`; 12 Dropout `ratio`; 13
+//!   Squeeze/Unsqueeze/ReduceSum `axes`, Split `split`; 18 ReduceL1/L2/LogSum/LogSumExp/Max/
+//!   Mean/Min/Prod/SumSquare `axes`; 20 DFT `axis`.
+//! - outputs that changed or went, dropped when unused and refused when read: 10 Dropout's mask
+//!   (its type became bool); 14 BatchNormalization's training outputs.
+//! - deprecated operators renamed to their successor: 10 Upsample → Resize (Resize-10 is
+//!   Upsample-9 under a new name), 11 Scatter → ScatterElements.
+//! - attributes restated: 9 BatchNormalization `spatial` removed (1 dropped; 0 refused); 16
+//!   RoiAlign's old default `coordinate_transformation_mode` made explicit; 18 Split without a
+//!   `split` input gets `num_outputs`; 20 GridSample modes `bilinear`/`bicubic` renamed.
+//! - checks, for what was removed without an equivalent: 9 Scan (Scan-8 is batched: refused);
+//!   13 Erf of an integer type (refused).
+//! - rewrites of changed semantics, one function each: 11 Resize (a `roi` input added;
+//!   Resize-10's asymmetric coordinates and, for nearest, flooring made explicit); 13 Resize
+//!   (`tf_half_pixel_for_nn` refused; `scales` omitted when `sizes` is given); 13
+//!   Softmax/LogSoftmax/Hardmax (before 13 the input was coerced to 2-D at `axis` and normalised
+//!   over all trailing dimensions, from 13 over the one `axis`, whose default went from 1 to -1:
+//!   nothing changes when `axis` is the last dimension (explicitly -1, or `rank - 1` with the
+//!   rank known); otherwise the node is wrapped as `Reshape(op(Flatten(x, axis), axis = -1),
+//!   Shape(x))`, which is exact for any rank, known or not); 21 GroupNormalization (scale and
+//!   bias per channel instead of per group: repeated).
 //!
 //! Created constants are named `<node>::<what>` (node name, or its first output when unnamed),
 //! made unique with `_1`, `_2`, ... in the rare case of a clash; created nodes take the order key
@@ -34,14 +36,14 @@ use petgraph::stable_graph::NodeIndex;
 
 use super::infer::{constant_fact, infer_facts, normalize_axis, Facts};
 use super::listed;
-use super::table::{step_kind, StepKind, REDUCE_AXES_18};
+use super::table::{step_kind, Conversion, StepKind, REDUCE_AXES_18};
 use crate::error::{Error, Result};
 use crate::ir::tensor::{self, float_tensor, i64_tensor};
 use crate::ir::{Constant, ConstantOrigin, Graph, Model, Node};
 use crate::onnx::schema_since;
 use crate::proto::attribute_proto::AttributeType;
 use crate::proto::tensor_proto::DataType;
-use crate::proto::{AttributeProto, GraphProto, NodeProto, TensorProto};
+use crate::proto::{AttributeProto, GraphProto, TensorProto};
 
 // ---------------------------------------------------------------------------------------------
 // Unique names for what the conversions create.
@@ -145,18 +147,18 @@ fn set_input(n: &mut Node, slot: usize, name: String) {
     n.inputs[slot] = name;
 }
 
-fn new_node(name: String, op: &str, inputs: Vec<String>, output: String, order: u64) -> Node {
-    Node {
-        name,
-        domain: String::new(),
-        op_type: op.to_string(),
-        inputs,
-        outputs: vec![output],
-        attributes: Vec::new(),
-        implicit_inputs: Vec::new(),
-        extra: NodeProto::default(),
-        order,
-    }
+/// How [`Converter::attribute_to_input`] stores an attribute's value.
+enum AsInput {
+    /// An `ints` attribute, as a 1-D int64 tensor.
+    Ints,
+    /// An `int` attribute, as an int64 tensor of these dims (`[1]`, or `[]` for a scalar).
+    Int(Vec<i64>),
+    /// A `floats` attribute, as a 1-D float32 tensor.
+    Floats,
+    /// A `float` attribute, as a float32 scalar.
+    Float,
+    /// A `float` attribute, as a scalar of the data's element type (which the note names).
+    LikeData(i32),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -220,7 +222,7 @@ pub(super) fn convert_graph(
                 };
                 match step_kind(&op, v) {
                     StepKind::Compatible => {}
-                    StepKind::Convert => conv.step(ix, &op, v, &mut st).map_err(|e| match e {
+                    StepKind::Convert(kind) => conv.step(ix, &op, v, kind, &mut st).map_err(|e| match e {
                         Error::Graph(m) => Error::Graph(format!("{prefix}{m}")),
                         e => e,
                     })?,
@@ -360,22 +362,64 @@ impl Converter<'_> {
         Ok(())
     }
 
+    /// The one way an attribute becomes an input: the value of `a` (already taken off the
+    /// node), stored `as_input`, becomes the constant `<node>::<what>` wired to input `slot`, and
+    /// the note says `attribute <name> <value> → input '<constant>'`.
+    fn attribute_to_input(
+        &mut self,
+        ix: NodeIndex,
+        a: &AttributeProto,
+        what: &str,
+        slot: usize,
+        as_input: AsInput,
+        st: &mut NodeState,
+    ) {
+        let f32_type = DataType::Float as i32;
+        let (t, shown, typed) = match as_input {
+            AsInput::Ints => (
+                i64_tensor(vec![a.ints.len() as i64], &a.ints),
+                format!("{:?}", a.ints),
+                String::new(),
+            ),
+            AsInput::Int(dims) => (i64_tensor(dims, &[a.i()]), a.i().to_string(), String::new()),
+            AsInput::Floats => {
+                let values: Vec<f64> = a.floats.iter().map(|&f| f as f64).collect();
+                (
+                    float_tensor(f32_type, vec![values.len() as i64], &values),
+                    format!("{:?}", a.floats),
+                    String::new(),
+                )
+            }
+            AsInput::Float => (
+                float_tensor(f32_type, vec![], &[a.f() as f64]),
+                a.f().to_string(),
+                String::new(),
+            ),
+            AsInput::LikeData(dtype) => (
+                float_tensor(dtype, vec![], &[a.f() as f64]),
+                a.f().to_string(),
+                format!(" ({})", tensor::dtype_name(dtype)),
+            ),
+        };
+        let name = self.add_constant(ix, what, t);
+        set_input(self.node_mut(ix), slot, name.clone());
+        st.changes
+            .push(format!("attribute {} {shown} → input '{name}'{typed}", a.name()));
+    }
+
     /// Moves an integer-list attribute to an int64 1-D constant input at `slot`.
     fn ints_attr_to_input(&mut self, ix: NodeIndex, attr: &str, slot: usize, st: &mut NodeState) {
         let Some(a) = take_attr(self.node_mut(ix), attr) else {
             return;
         };
-        let values = a.ints.clone();
-        if values.is_empty() && attr == "axes" {
+        if a.ints.is_empty() && attr == "axes" {
             // An empty list meant "all axes", as an absent input does; an empty input would not
             // (Reduce* with noop_with_empty_axes, and Squeeze, read it differently).
             st.changes
                 .push("empty attribute axes dropped (all axes, as before)".into());
             return;
         }
-        let name = self.add_constant(ix, attr, i64_tensor(vec![values.len() as i64], &values));
-        set_input(self.node_mut(ix), slot, name.clone());
-        st.changes.push(format!("attribute {attr} {values:?} → input '{name}'"));
+        self.attribute_to_input(ix, &a, attr, slot, AsInput::Ints, st);
     }
 
     /// The element type of the node's input 0, for constants that must match it; float32 with a
@@ -392,54 +436,35 @@ impl Converter<'_> {
         }
     }
 
-    fn step(&mut self, ix: NodeIndex, op: &str, v: i64, st: &mut NodeState) -> Result<()> {
-        match (op, v) {
-            ("BatchNormalization", 9) => match take_attr(self.node_mut(ix), "spatial").map(|a| a.i()) {
-                Some(0) => return Err(self.refuse(
-                    ix,
-                    "spatial = 0 (per-activation statistics) was removed in opset 9; fold or rewrite the node first",
-                )),
-                Some(_) => st
-                    .changes
-                    .push("attribute spatial = 1 (the only behaviour from opset 9) dropped".into()),
-                None => {}
+    /// Converts the node across the redefinition of `op` at opset `v`, a conversion of `kind`.
+    fn step(&mut self, ix: NodeIndex, op: &str, v: i64, kind: Conversion, st: &mut NodeState) -> Result<()> {
+        match kind {
+            Conversion::AttributesToInputs => self.attributes_to_inputs(ix, op, v, st),
+            Conversion::DropOutputs => self.drop_changed_outputs(ix, op, v, st),
+            Conversion::Rename => self.rename(ix, op, v, st),
+            Conversion::RestateAttributes => self.restate_attributes(ix, op, v, st),
+            Conversion::Check => self.check(ix, op, v),
+            Conversion::Rewrite => match (op, v) {
+                ("Resize", 11) => self.resize_11(ix, st),
+                ("Resize", 13) => self.resize_13(ix, st),
+                ("Softmax" | "LogSoftmax" | "Hardmax", 13) => self.softmax_13(ix, st),
+                ("GroupNormalization", 21) => self.group_norm_21(ix, st),
+                _ => Err(self.no_conversion(ix, op, v)),
             },
-            ("BatchNormalization", 14) => self.drop_outputs(
-                ix,
-                1,
-                "training statistics",
-                "from opset 14 BatchNormalization has them in training mode only",
-                st,
-            )?,
-            ("Scan", 9) => {
-                return Err(self.refuse(
-                    ix,
-                    "Scan-8 has a batch axis and sequence_lens, Scan-9 has neither; onnxq does not rewrite it",
-                ))
-            }
+        }
+    }
+
+    /// For a pair the table gives a kind whose function has no case for it.
+    fn no_conversion(&self, ix: NodeIndex, op: &str, v: i64) -> Error {
+        self.refuse(ix, format!("no conversion for {op} at opset {v}"))
+    }
+
+    /// Attributes that became inputs.
+    fn attributes_to_inputs(&mut self, ix: NodeIndex, op: &str, v: i64, st: &mut NodeState) -> Result<()> {
+        match (op, v) {
             ("Upsample", 9) => {
                 if let Some(a) = take_attr(self.node_mut(ix), "scales") {
-                    let scales: Vec<f64> = a.floats.iter().map(|&f| f as f64).collect();
-                    let t = float_tensor(DataType::Float as i32, vec![scales.len() as i64], &scales);
-                    let name = self.add_constant(ix, "scales", t);
-                    set_input(self.node_mut(ix), 1, name.clone());
-                    st.changes
-                        .push(format!("attribute scales {:?} → input '{name}'", a.floats));
-                }
-            }
-            ("Upsample", 10) => {
-                // Resize-10 is Upsample-9 under a new name (same inputs, same `mode`).
-                self.node_mut(ix).op_type = "Resize".into();
-                st.from_upsample = true;
-                st.changes.push("deprecated Upsample → Resize".into());
-            }
-            ("Dropout", 10) => self.drop_outputs(ix, 1, "mask", "its type changed to bool in opset 10", st)?,
-            ("Dropout", 12) => {
-                if let Some(a) = take_attr(self.node_mut(ix), "ratio") {
-                    let t = float_tensor(DataType::Float as i32, vec![], &[a.f() as f64]);
-                    let name = self.add_constant(ix, "ratio", t);
-                    set_input(self.node_mut(ix), 1, name.clone());
-                    st.changes.push(format!("attribute ratio {} → input '{name}'", a.f()));
+                    self.attribute_to_input(ix, &a, "scales", 1, AsInput::Floats, st);
                 }
             }
             ("Slice", 10) => {
@@ -451,9 +476,7 @@ impl Converter<'_> {
                 let Some(a) = take_attr(self.node_mut(ix), "k") else {
                     return Err(self.refuse(ix, "TopK-1 without its required attribute k"));
                 };
-                let name = self.add_constant(ix, "k", i64_tensor(vec![1], &[a.i()]));
-                set_input(self.node_mut(ix), 1, name.clone());
-                st.changes.push(format!("attribute k {} → input '{name}'", a.i()));
+                self.attribute_to_input(ix, &a, "k", 1, AsInput::Int(vec![1]), st);
             }
             ("Clip", 11) => {
                 let min = take_attr(self.node_mut(ix), "min");
@@ -462,15 +485,7 @@ impl Converter<'_> {
                     let dtype = self.data_dtype(ix, st);
                     for (a, slot) in [(min, 1), (max, 2)] {
                         let Some(a) = a else { continue };
-                        let t = float_tensor(dtype, vec![], &[a.f() as f64]);
-                        let name = self.add_constant(ix, a.name(), t);
-                        set_input(self.node_mut(ix), slot, name.clone());
-                        st.changes.push(format!(
-                            "attribute {} {} → input '{name}' ({})",
-                            a.name(),
-                            a.f(),
-                            tensor::dtype_name(dtype)
-                        ));
+                        self.attribute_to_input(ix, &a, a.name(), slot, AsInput::LikeData(dtype), st);
                     }
                 }
             }
@@ -479,76 +494,79 @@ impl Converter<'_> {
                 let Some(pads) = take_attr(self.node_mut(ix), "pads") else {
                     return Err(self.refuse(ix, "Pad-2 without its required attribute pads"));
                 };
-                let name = self.add_constant(ix, "pads", i64_tensor(vec![pads.ints.len() as i64], &pads.ints));
-                set_input(self.node_mut(ix), 1, name.clone());
-                st.changes
-                    .push(format!("attribute pads {:?} → input '{name}'", pads.ints));
+                self.attribute_to_input(ix, &pads, "pads", 1, AsInput::Ints, st);
                 if let Some(value) = take_attr(self.node_mut(ix), "value") {
                     if mode == "constant" && value.f() != 0.0 {
                         let dtype = self.data_dtype(ix, st);
-                        let t = float_tensor(dtype, vec![], &[value.f() as f64]);
-                        let name = self.add_constant(ix, "constant_value", t);
-                        set_input(self.node_mut(ix), 2, name.clone());
-                        st.changes.push(format!(
-                            "attribute value {} → input '{name}' ({})",
-                            value.f(),
-                            tensor::dtype_name(dtype)
-                        ));
+                        self.attribute_to_input(ix, &value, "constant_value", 2, AsInput::LikeData(dtype), st);
                     } else {
                         st.changes
                             .push(format!("attribute value {} dropped (default or unused)", value.f()));
                     }
                 }
             }
-            ("Resize", 11) => self.resize_11(ix, st)?,
-            ("Resize", 13) => {
-                if self.node(ix).attr_string("coordinate_transformation_mode").as_deref()
-                    == Some("tf_half_pixel_for_nn")
-                {
-                    return Err(self.refuse(
-                        ix,
-                        "coordinate_transformation_mode 'tf_half_pixel_for_nn' was removed in opset 13",
-                    ));
-                }
-                let n = self.node(ix);
-                let has_sizes = n.inputs.get(3).is_some_and(|s| !s.is_empty());
-                if has_sizes && n.inputs.get(2).is_some_and(|s| !s.is_empty()) {
-                    let scales = n.inputs[2].clone();
-                    self.node_mut(ix).inputs[2] = String::new();
-                    self.release_constant(&scales);
-                    st.changes
-                        .push(format!("empty scales '{scales}' omitted (sizes given)"));
+            ("Dropout", 12) => {
+                if let Some(a) = take_attr(self.node_mut(ix), "ratio") {
+                    self.attribute_to_input(ix, &a, "ratio", 1, AsInput::Float, st);
                 }
             }
-            ("Scatter", 11) => {
-                self.node_mut(ix).op_type = "ScatterElements".into();
-                st.changes.push("deprecated Scatter → ScatterElements".into());
-            }
-            ("Softmax" | "LogSoftmax" | "Hardmax", 13) => self.softmax_13(ix, st)?,
             ("ReduceSum" | "Squeeze" | "Unsqueeze", 13) => self.ints_attr_to_input(ix, "axes", 1, st),
-            (_, 18) if listed(REDUCE_AXES_18, op) => self.ints_attr_to_input(ix, "axes", 1, st),
-            ("Erf", 13) => {
-                let input = self.node(ix).inputs.first().cloned().unwrap_or_default();
-                if let Some(d) = self.dtype_of(&input).filter(|&d| !tensor::is_float(d)) {
-                    return Err(self.refuse(
-                        ix,
-                        format!(
-                            "Erf of {} input: integer types were removed in opset 13",
-                            tensor::dtype_name(d)
-                        ),
-                    ));
-                }
-            }
             ("Split", 13) => self.ints_attr_to_input(ix, "split", 1, st),
-            ("Split", 18) => {
-                let n = self.node(ix);
-                let has_split = n.inputs.get(1).is_some_and(|s| !s.is_empty());
-                if !has_split && n.attribute("num_outputs").is_none() {
-                    let count = n.outputs.len() as i64;
-                    set_attr(self.node_mut(ix), int_attr("num_outputs", count));
-                    st.changes.push(format!("num_outputs = {count} set (equal split)"));
-                }
+            (_, 18) if listed(REDUCE_AXES_18, op) => self.ints_attr_to_input(ix, "axes", 1, st),
+            ("DFT", 20) => {
+                // Absent, the attribute's default (1) becomes the input.
+                let a = take_attr(self.node_mut(ix), "axis").unwrap_or_else(|| int_attr("axis", 1));
+                self.attribute_to_input(ix, &a, "axis", 2, AsInput::Int(vec![]), st);
             }
+            _ => return Err(self.no_conversion(ix, op, v)),
+        }
+        Ok(())
+    }
+
+    /// Outputs that changed or went: dropped when nothing reads them, else refused.
+    fn drop_changed_outputs(&mut self, ix: NodeIndex, op: &str, v: i64, st: &mut NodeState) -> Result<()> {
+        match (op, v) {
+            ("Dropout", 10) => self.drop_outputs(ix, 1, "mask", "its type changed to bool in opset 10", st),
+            ("BatchNormalization", 14) => self.drop_outputs(
+                ix,
+                1,
+                "training statistics",
+                "from opset 14 BatchNormalization has them in training mode only",
+                st,
+            ),
+            _ => Err(self.no_conversion(ix, op, v)),
+        }
+    }
+
+    /// A deprecated operator renamed to its successor, which has the same signature.
+    fn rename(&mut self, ix: NodeIndex, op: &str, v: i64, st: &mut NodeState) -> Result<()> {
+        let successor = match (op, v) {
+            // Resize-10 is Upsample-9 under a new name (same inputs, same `mode`).
+            ("Upsample", 10) => {
+                st.from_upsample = true;
+                "Resize"
+            }
+            ("Scatter", 11) => "ScatterElements",
+            _ => return Err(self.no_conversion(ix, op, v)),
+        };
+        self.node_mut(ix).op_type = successor.into();
+        st.changes.push(format!("deprecated {op} → {successor}"));
+        Ok(())
+    }
+
+    /// Attributes removed, renamed, or whose default changed.
+    fn restate_attributes(&mut self, ix: NodeIndex, op: &str, v: i64, st: &mut NodeState) -> Result<()> {
+        match (op, v) {
+            ("BatchNormalization", 9) => match take_attr(self.node_mut(ix), "spatial").map(|a| a.i()) {
+                Some(0) => return Err(self.refuse(
+                    ix,
+                    "spatial = 0 (per-activation statistics) was removed in opset 9; fold or rewrite the node first",
+                )),
+                Some(_) => st
+                    .changes
+                    .push("attribute spatial = 1 (the only behaviour from opset 9) dropped".into()),
+                None => {}
+            },
             ("RoiAlign", 16) => {
                 if self.node(ix).attribute("coordinate_transformation_mode").is_none() {
                     set_attr(
@@ -557,6 +575,15 @@ impl Converter<'_> {
                     );
                     st.changes
                         .push("coordinate_transformation_mode = output_half_pixel (the old default)".into());
+                }
+            }
+            ("Split", 18) => {
+                let n = self.node(ix);
+                let has_split = n.inputs.get(1).is_some_and(|s| !s.is_empty());
+                if !has_split && n.attribute("num_outputs").is_none() {
+                    let count = n.outputs.len() as i64;
+                    set_attr(self.node_mut(ix), int_attr("num_outputs", count));
+                    st.changes.push(format!("num_outputs = {count} set (equal split)"));
                 }
             }
             ("GridSample", 20) => {
@@ -570,16 +597,33 @@ impl Converter<'_> {
                     st.changes.push(format!("mode {mode} → {renamed}"));
                 }
             }
-            ("DFT", 20) => {
-                let axis = take_attr(self.node_mut(ix), "axis").map(|a| a.i()).unwrap_or(1);
-                let name = self.add_constant(ix, "axis", i64_tensor(vec![], &[axis]));
-                set_input(self.node_mut(ix), 2, name.clone());
-                st.changes.push(format!("attribute axis {axis} → input '{name}'"));
-            }
-            ("GroupNormalization", 21) => self.group_norm_21(ix, st)?,
-            _ => return Err(self.refuse(ix, format!("no conversion for {op} at opset {v}"))),
+            _ => return Err(self.no_conversion(ix, op, v)),
         }
         Ok(())
+    }
+
+    /// Forms that were removed without an equivalent: refused when the node uses them.
+    fn check(&self, ix: NodeIndex, op: &str, v: i64) -> Result<()> {
+        match (op, v) {
+            ("Scan", 9) => Err(self.refuse(
+                ix,
+                "Scan-8 has a batch axis and sequence_lens, Scan-9 has neither; onnxq does not rewrite it",
+            )),
+            ("Erf", 13) => {
+                let input = self.node(ix).inputs.first().cloned().unwrap_or_default();
+                if let Some(d) = self.dtype_of(&input).filter(|&d| !tensor::is_float(d)) {
+                    return Err(self.refuse(
+                        ix,
+                        format!(
+                            "Erf of {} input: integer types were removed in opset 13",
+                            tensor::dtype_name(d)
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+            _ => Err(self.no_conversion(ix, op, v)),
+        }
     }
 
     /// Resize-10 (X, scales) → Resize-11 (X, roi, scales): Resize-10 samples at `x_out / scale`
@@ -630,6 +674,27 @@ impl Converter<'_> {
         Ok(())
     }
 
+    /// Resize-13: `tf_half_pixel_for_nn` was removed (refused), and `scales` must be omitted
+    /// when `sizes` is given (Resize-11 wanted an empty tensor there).
+    fn resize_13(&mut self, ix: NodeIndex, st: &mut NodeState) -> Result<()> {
+        if self.node(ix).attr_string("coordinate_transformation_mode").as_deref() == Some("tf_half_pixel_for_nn") {
+            return Err(self.refuse(
+                ix,
+                "coordinate_transformation_mode 'tf_half_pixel_for_nn' was removed in opset 13",
+            ));
+        }
+        let n = self.node(ix);
+        let has_sizes = n.inputs.get(3).is_some_and(|s| !s.is_empty());
+        if has_sizes && n.inputs.get(2).is_some_and(|s| !s.is_empty()) {
+            let scales = n.inputs[2].clone();
+            self.node_mut(ix).inputs[2] = String::new();
+            self.release_constant(&scales);
+            st.changes
+                .push(format!("empty scales '{scales}' omitted (sizes given)"));
+        }
+        Ok(())
+    }
+
     /// Softmax, LogSoftmax, Hardmax: opset 13 normalises over `axis` alone instead of over the
     /// input flattened to 2-D at `axis`; the same thing when `axis` is the last dimension.
     fn softmax_13(&mut self, ix: NodeIndex, st: &mut NodeState) -> Result<()> {
@@ -665,16 +730,10 @@ impl Converter<'_> {
         let shape_out = self.names.fresh(&base, "input_shape");
         let reshape = self.names.fresh(&base, "reshape");
         let inner_out = self.names.fresh(&base, "2d");
-        let mut flatten = new_node(flat, "Flatten", vec![input.clone()], flat_out.clone(), order);
+        let mut flatten = Node::new(&flat, "Flatten", vec![input.clone()], &flat_out, order);
         flatten.attributes.push(int_attr("axis", axis));
-        let shape_node = new_node(shape, "Shape", vec![input], shape_out.clone(), order);
-        let reshape_node = new_node(
-            reshape,
-            "Reshape",
-            vec![inner_out.clone(), shape_out],
-            output.clone(),
-            order,
-        );
+        let shape_node = Node::new(&shape, "Shape", vec![input], &shape_out, order);
+        let reshape_node = Node::new(&reshape, "Reshape", vec![inner_out.clone(), shape_out], &output, order);
         let n = self.node_mut(ix);
         n.inputs[0] = flat_out;
         n.outputs[0] = inner_out;
@@ -735,14 +794,14 @@ impl Converter<'_> {
         let base = self.base(ix);
         let order = n.order;
         let c = self.names.fresh(&base, "channels");
-        let mut shape = new_node(c.clone(), "Shape", vec![n.inputs[0].clone()], c.clone(), order);
+        let mut shape = Node::new(&c, "Shape", vec![n.inputs[0].clone()], &c, order);
         shape.attributes = vec![int_attr("start", 1), int_attr("end", 2)];
         let g = self.add_constant(ix, "num_groups", i64_tensor(vec![1], &[groups]));
         let per = self.names.fresh(&base, "channels_per_group");
-        let div = new_node(per.clone(), "Div", vec![c, g], per.clone(), order);
+        let div = Node::new(&per, "Div", vec![c, g], &per, order);
         let one = self.add_constant(ix, "one", i64_tensor(vec![1], &[1]));
         let expand_to = self.names.fresh(&base, "expand_shape");
-        let mut concat = new_node(expand_to.clone(), "Concat", vec![one, per], expand_to.clone(), order);
+        let mut concat = Node::new(&expand_to, "Concat", vec![one, per], &expand_to, order);
         concat.attributes = vec![int_attr("axis", 0)];
         let column = self.add_constant(ix, "column", i64_tensor(vec![2], &[-1, 1]));
         let flat = self.add_constant(ix, "flat", i64_tensor(vec![1], &[-1]));
@@ -751,27 +810,15 @@ impl Converter<'_> {
             let col = self.names.fresh(&base, &format!("{what}_column"));
             let wide = self.names.fresh(&base, &format!("{what}_expanded"));
             let out = self.names.fresh(&base, &format!("{what}_per_channel"));
-            added.push(new_node(
-                col.clone(),
+            added.push(Node::new(
+                &col,
                 "Reshape",
                 vec![n.inputs[slot].clone(), column.clone()],
-                col.clone(),
+                &col,
                 order,
             ));
-            added.push(new_node(
-                wide.clone(),
-                "Expand",
-                vec![col, expand_to.clone()],
-                wide.clone(),
-                order,
-            ));
-            added.push(new_node(
-                out.clone(),
-                "Reshape",
-                vec![wide, flat.clone()],
-                out.clone(),
-                order,
-            ));
+            added.push(Node::new(&wide, "Expand", vec![col, expand_to.clone()], &wide, order));
+            added.push(Node::new(&out, "Reshape", vec![wide, flat.clone()], &out, order));
             self.node_mut(ix).inputs[slot] = out.clone();
             st.changes
                 .push(format!("{what} repeated per channel in the graph → '{out}'"));

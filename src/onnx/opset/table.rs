@@ -1,7 +1,7 @@
 //! The reviewed table of redefinitions: for every (operator, opset version) at which an ONNX
 //! operator was redefined, up to [`super::MAX_TARGET_OPSET`], whether a model crossing it needs
 //! nothing (compatible: types added, constraints relaxed, attributes added with the old
-//! behaviour as default) or a conversion (see [`super::convert`]). Reviewed
+//! behaviour as default) or a conversion, and which kind (see [`super::convert`]). Reviewed
 //! against the ONNX changelog and the onnx 1.23 schemas. A pair that is in neither list is
 //! refused, so that a schema table regenerated with newer operators cannot slip through.
 
@@ -12,10 +12,27 @@ use super::listed;
 pub(super) enum StepKind {
     /// Types added, constraints relaxed, attributes added with the old behaviour as default.
     Compatible,
-    /// Needs a conversion (or a check that may refuse): see `Converter::step`.
-    Convert,
+    /// Needs a conversion (or a check that may refuse) of this kind.
+    Convert(Conversion),
     /// Not reviewed: refused.
     Unknown,
+}
+
+/// The kinds of conversion, one function each in [`super::convert`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Conversion {
+    /// Attributes that became inputs: moved into constants wired to the new input slots.
+    AttributesToInputs,
+    /// Optional outputs that changed or went: dropped when nothing reads them, else refused.
+    DropOutputs,
+    /// A deprecated operator: renamed to its successor, which has the same signature.
+    Rename,
+    /// Attributes removed, renamed, or whose default changed: dropped, renamed or made explicit.
+    RestateAttributes,
+    /// Types or forms that were removed and have no equivalent: refused when used.
+    Check,
+    /// A semantic change: the node is rewritten (Resize, Softmax family, GroupNormalization).
+    Rewrite,
 }
 
 /// Redefinitions that need nothing, by opset (reviewed against the ONNX changelog and the
@@ -93,32 +110,24 @@ pub(super) const REDUCE_AXES_18: &str =
 
 /// What crossing the redefinition of `op` at opset `v` needs.
 pub(super) fn step_kind(op: &str, v: i64) -> StepKind {
-    let convert = matches!(
-        (op, v),
-        ("BatchNormalization", 9 | 14)
-            | ("Upsample", 9 | 10)
-            | ("Scan", 9)
-            | ("Dropout", 10 | 12)
-            | ("Slice", 10)
-            | ("TopK", 10)
-            | ("Clip", 11)
-            | ("Pad", 11)
-            | ("Resize", 11 | 13)
-            | ("Scatter", 11)
-            | ("Softmax" | "LogSoftmax" | "Hardmax", 13)
-            | ("ReduceSum" | "Squeeze" | "Unsqueeze" | "Erf", 13)
-            | ("Split", 13 | 18)
-            | ("RoiAlign", 16)
-            | ("GridSample" | "DFT", 20)
-            | ("GroupNormalization", 21)
-    ) || (v == 18 && listed(REDUCE_AXES_18, op));
-    if convert {
-        StepKind::Convert
-    } else if COMPATIBLE.iter().any(|(version, ops)| *version == v && listed(ops, op)) {
-        StepKind::Compatible
-    } else {
-        StepKind::Unknown
-    }
+    use Conversion::*;
+    let conversion = match (op, v) {
+        ("Upsample", 9)
+        | ("Slice" | "TopK", 10)
+        | ("Clip" | "Pad", 11)
+        | ("Dropout", 12)
+        | ("ReduceSum" | "Squeeze" | "Unsqueeze" | "Split", 13)
+        | ("DFT", 20) => AttributesToInputs,
+        (_, 18) if listed(REDUCE_AXES_18, op) => AttributesToInputs,
+        ("Dropout", 10) | ("BatchNormalization", 14) => DropOutputs,
+        ("Upsample", 10) | ("Scatter", 11) => Rename,
+        ("BatchNormalization", 9) | ("RoiAlign", 16) | ("Split", 18) | ("GridSample", 20) => RestateAttributes,
+        ("Scan", 9) | ("Erf", 13) => Check,
+        ("Resize", 11 | 13) | ("Softmax" | "LogSoftmax" | "Hardmax", 13) | ("GroupNormalization", 21) => Rewrite,
+        _ if COMPATIBLE.iter().any(|(version, ops)| *version == v && listed(ops, op)) => return StepKind::Compatible,
+        _ => return StepKind::Unknown,
+    };
+    StepKind::Convert(conversion)
 }
 
 #[cfg(test)]
@@ -143,8 +152,11 @@ mod tests {
                 }
             }
         }
-        assert_eq!(step_kind("Softmax", 13), StepKind::Convert);
-        assert_eq!(step_kind("ReduceMean", 18), StepKind::Convert);
+        assert_eq!(step_kind("Softmax", 13), StepKind::Convert(Conversion::Rewrite));
+        assert_eq!(
+            step_kind("ReduceMean", 18),
+            StepKind::Convert(Conversion::AttributesToInputs)
+        );
         assert_eq!(step_kind("ReduceMean", 13), StepKind::Compatible);
         assert_eq!(step_kind("Conv", 11), StepKind::Compatible);
         assert_eq!(step_kind("Conv", 12), StepKind::Unknown);

@@ -780,3 +780,33 @@ fn nodes_inside_subgraphs_are_converted() {
     );
     m.graph.check().unwrap();
 }
+
+#[test]
+fn dropout_ratio_and_dft_axis_become_inputs() {
+    let mut m = model(
+        vec![node("Dropout", "drop", &["x"], &["y"], vec![float("ratio", 0.25)])],
+        vec![f32vi("x", &[2])],
+        vec![f32vi("y", &[2])],
+        9,
+    );
+    let notes = upgrade_opset(&mut m, 12).unwrap();
+    assert_eq!(notes, ["Dropout 'drop': attribute ratio 0.25 → input 'drop::ratio'"]);
+    assert_eq!(find(&m, "drop").inputs, ["x", "drop::ratio"]);
+    assert_eq!(
+        const_f64(&m, "drop::ratio"),
+        (DataType::Float as i32, vec![], vec![0.25])
+    );
+
+    // DFT-17 without an axis attribute: its default, 1, becomes the input at 20.
+    let mut m = model(
+        vec![node("DFT", "dft", &["x"], &["y"], vec![])],
+        vec![f32vi("x", &[1, 8, 1])],
+        vec![f32vi("y", &[1, 8, 2])],
+        17,
+    );
+    let notes = upgrade_opset(&mut m, 20).unwrap();
+    assert_eq!(notes, ["DFT 'dft': attribute axis 1 → input 'dft::axis'"]);
+    assert_eq!(find(&m, "dft").inputs, ["x", "", "dft::axis"]);
+    assert_eq!(const_i64(&m, "dft::axis"), (vec![], vec![1]));
+    m.graph.check().unwrap();
+}
