@@ -11,6 +11,7 @@
 //!   a subgraph captures from the outer scope become implicit inputs, so ordering stays correct.
 
 pub mod dump;
+pub mod ops;
 pub mod tensor;
 
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
