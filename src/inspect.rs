@@ -5,8 +5,7 @@ use std::fmt::{self, Write as _};
 
 use serde::Serialize;
 
-use crate::ir::{dump, Model};
-use crate::onnx::tensor;
+use crate::ir::{dump, tensor, Model};
 use crate::proto::TypeProto;
 
 #[derive(Debug, Serialize)]

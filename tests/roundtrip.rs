@@ -166,7 +166,7 @@ fn subgraph_captures_order_the_export_and_bodies_survive() {
     let kept: Vec<&str> = g.value_info.iter().map(|v| v.name()).collect();
     assert_eq!(kept, vec!["y"], "symbolic value_info must be dropped, static kept");
     let k = &model.graph.constants["k"].tensor;
-    assert_eq!(onnxq::onnx::tensor::values_f32(k), Some(vec![0.5, 2.0]));
+    assert_eq!(onnxq::ir::tensor::values_f32(k), Some(vec![0.5, 2.0]));
 }
 
 #[test]
@@ -198,7 +198,7 @@ fn external_data_is_read_and_written() {
 
     let back = onnx::load_model(&path).unwrap();
     assert_eq!(
-        onnxq::onnx::tensor::values_f32(&back.graph.constants["w"].tensor).unwrap(),
+        onnxq::ir::tensor::values_f32(&back.graph.constants["w"].tensor).unwrap(),
         weights
     );
     assert_eq!(back.to_string(), model.to_string());
@@ -218,7 +218,7 @@ fn a_changed_constant_node_is_written_with_its_new_value() {
     let conv = model.graph.nodes.node_weights().find(|n| n.op_type == "Conv").unwrap();
     let name = conv.inputs[1].clone();
     let mut t = model.graph.constants[&name].tensor.clone();
-    let doubled: Vec<f32> = onnxq::onnx::tensor::values_f32(&t)
+    let doubled: Vec<f32> = onnxq::ir::tensor::values_f32(&t)
         .unwrap()
         .iter()
         .map(|v| v * 2.0)
@@ -237,7 +237,7 @@ fn a_changed_constant_node_is_written_with_its_new_value() {
     assert_eq!(node.op_type(), "Constant");
     let value = node.attribute[0].t.as_ref().unwrap();
     assert_eq!(node.attribute[0].name(), "value");
-    assert_eq!(onnxq::onnx::tensor::values_f32(value).unwrap(), doubled);
+    assert_eq!(onnxq::ir::tensor::values_f32(value).unwrap(), doubled);
     assert!(model.graph.set_constant("no such weight", value.clone()).is_err());
 }
 

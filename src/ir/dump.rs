@@ -4,8 +4,7 @@
 
 use std::fmt::{self, Write};
 
-use crate::ir::{ConstantOrigin, Graph, Model};
-use crate::onnx::tensor;
+use crate::ir::{tensor, ConstantOrigin, Graph, Model};
 use crate::proto::attribute_proto::AttributeType;
 use crate::proto::{AttributeProto, TensorProto, TypeProto, ValueInfoProto};
 

@@ -12,6 +12,8 @@
 
 pub mod batchnorm;
 pub mod dump;
+pub mod ops;
+pub mod tensor;
 
 pub use batchnorm::BatchNormRecord;
 
@@ -312,7 +314,7 @@ impl Graph {
         if self.inputs.iter().any(|i| i.name() == name) {
             return None;
         }
-        match crate::onnx::tensor::values_f64(&self.constants.get(name)?.tensor).as_deref() {
+        match tensor::values_f64(&self.constants.get(name)?.tensor).as_deref() {
             Some([v]) => Some(*v),
             _ => None,
         }

@@ -3,13 +3,15 @@
 
 pub mod opset;
 pub mod schemas;
-pub mod tensor;
+
+pub use crate::ir::tensor; // TEMPORARY: callers outside src/onnx are moved at merge
 
 use std::path::{Component, Path, PathBuf};
 
 use prost::Message;
 
 use crate::error::{Error, Result};
+use crate::ir::tensor::{byte_size, dtype_name, raw_bytes};
 use crate::ir::Model;
 use crate::proto::tensor_proto::DataLocation;
 use crate::proto::{GraphProto, ModelProto, StringStringEntryProto, TensorProto};
@@ -136,7 +138,7 @@ fn resolve_external_graph(g: &mut GraphProto, dir: &Path, model_path: &Path) -> 
                 .transpose()
         };
         let offset = number("offset")?.unwrap_or(0);
-        let expected = tensor::byte_size(t);
+        let expected = byte_size(t);
         let length = number("length")?.unwrap_or(expected);
         if length != expected {
             return Err(Error::model(
@@ -144,7 +146,7 @@ fn resolve_external_graph(g: &mut GraphProto, dir: &Path, model_path: &Path) -> 
                 format!(
                     "tensor '{name}': external length {length} but dims {:?} of {} need {expected} bytes",
                     t.dims,
-                    tensor::dtype_name(t.data_type())
+                    dtype_name(t.data_type())
                 ),
             ));
         }
@@ -307,7 +309,7 @@ fn externalise(proto: &mut ModelProto, location: &str, threshold: u64) -> Vec<u8
     let mut data = Vec::new();
     let Some(graph) = proto.graph.as_mut() else { return data };
     for t in &mut graph.initializer {
-        let Some(bytes) = tensor::raw_bytes(t).map(|b| b.into_owned()) else {
+        let Some(bytes) = raw_bytes(t).map(|b| b.into_owned()) else {
             continue;
         };
         if (bytes.len() as u64) < threshold {

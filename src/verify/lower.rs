@@ -37,8 +37,8 @@ use std::collections::{BTreeSet, HashMap};
 use petgraph::stable_graph::NodeIndex;
 
 use crate::error::{Error, Result};
+use crate::ir::tensor::{dtype_name, element_count, raw_bytes, values_f32, values_i128};
 use crate::ir::{Constant, ConstantOrigin, Graph, Model, Node};
-use crate::onnx::tensor::{dtype_name, element_count, raw_bytes, values_f32, values_i128};
 use crate::proto::attribute_proto::AttributeType;
 use crate::proto::tensor_proto::DataType;
 use crate::proto::{AttributeProto, TensorProto};
@@ -86,7 +86,7 @@ fn widen_float16_layers(graph: &mut Graph) -> Result<Vec<String>> {
         .map(|(n, _)| n.clone())
         .collect();
     for n in graph.nodes.node_weights() {
-        if n.op_type == "Cast" && n.is_default_domain() && attr_int(n, "to") == Some(half as i64) {
+        if n.op_type == "Cast" && n.is_default_domain() && n.attr_int("to") == Some(half as i64) {
             half_tensors.extend(n.outputs.iter().cloned());
         }
     }
@@ -238,10 +238,6 @@ pub(crate) fn int_values(t: &TensorProto) -> Option<Vec<i64>> {
                 .collect()
         }),
     }
-}
-
-fn attr_int(node: &Node, name: &str) -> Option<i64> {
-    node.attribute(name).map(|a| a.i())
 }
 
 fn cast_attr(to: DataType) -> AttributeProto {
@@ -644,12 +640,12 @@ impl Lowering {
                 // Unknown zero-point type: nothing to decide on, leave it to tract.
                 None => return Ok(false),
             },
-            None => match attr_int(node, "output_dtype").filter(|&t| t != 0) {
+            None => match node.attr_int("output_dtype").filter(|&t| t != 0) {
                 Some(t) => dtype_of(t as i32),
                 None => DataType::Uint8,
             },
         };
-        let block = attr_int(node, "block_size").unwrap_or(0);
+        let block = node.attr_int("block_size").unwrap_or(0);
         let scale_is_const = graph.constants.contains_key(&s);
         let tract_runs = matches!(qtype, DataType::Int8 | DataType::Uint8)
             && (zp.is_some() || qtype == DataType::Uint8)
@@ -673,7 +669,7 @@ impl Lowering {
         let (scales, zps, channels) = Self::params(graph, &s, zp_const, &label)?;
         let x_rank = self.rank(&x);
         let shape = if channels > 1 {
-            let axis = attr_int(node, "axis").unwrap_or(1);
+            let axis = node.attr_int("axis").unwrap_or(1);
             broadcast_shape(axis, x_rank, channels)
                 .map_err(|m| refuse(format!("{label}: per-axis quantization of '{x}': {m}")))?
         } else {
@@ -763,8 +759,8 @@ impl Lowering {
         let s = node.inputs.get(1).cloned().unwrap_or_default();
         let zp = node.inputs.get(2).filter(|z| !z.is_empty()).cloned();
         let zp_const = zp.as_ref().and_then(|z| graph.constants.get(z));
-        let axis = attr_int(node, "axis").unwrap_or(1);
-        let block = attr_int(node, "block_size").unwrap_or(0);
+        let axis = node.attr_int("axis").unwrap_or(1);
+        let block = node.attr_int("block_size").unwrap_or(0);
         let scale_f32_const = graph
             .constants
             .get(&s)
