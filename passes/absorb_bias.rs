@@ -34,9 +34,9 @@ use super::rewritable::f32_tensor;
 use super::{Context, Pass};
 use crate::error::{Error, Result};
 use crate::ir::dump::fmt_float;
+use crate::ir::tensor;
 use crate::ir::BatchNormRecord;
 use crate::ir::{Constant, ConstantOrigin, Graph, Model};
-use crate::onnx::tensor;
 use crate::proto::tensor_proto::DataType;
 use crate::proto::TensorProto;
 

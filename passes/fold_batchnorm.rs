@@ -58,8 +58,8 @@ use super::rewritable::{f32_tensor, is_graph_output, own_f32_constant, read_in_s
 use super::{Context, Pass};
 use crate::error::{Error, Result};
 use crate::ir::dump::fmt_float;
+use crate::ir::tensor;
 use crate::ir::{BatchNormRecord, Constant, ConstantOrigin, Graph, Model};
-use crate::onnx::tensor;
 use crate::proto::tensor_proto::DataType;
 use crate::proto::TensorProto;
 

@@ -3,8 +3,8 @@
 
 use petgraph::stable_graph::NodeIndex;
 
+use crate::ir::tensor;
 use crate::ir::Graph;
-use crate::onnx::tensor;
 use crate::proto::tensor_proto::DataType;
 use crate::proto::TensorProto;
 

@@ -102,7 +102,7 @@ fn modules_depend_one_way() {
 
 #[test]
 fn references_are_read_from_paths_and_groups() {
-    let text = "use crate::ir::Model;\nuse crate::{calib, quant::plan::Plan};\nlet x = crate::onnx::tensor::f(1);\n#[cfg(test)]\nuse crate::job;";
+    let text = "use crate::ir::Model;\nuse crate::{calib, quant::plan::Plan};\nlet x = crate::onnx::schemas::f(1);\n#[cfg(test)]\nuse crate::job;";
     let found: Vec<String> = references(text).into_iter().collect();
     assert_eq!(found, ["calib", "ir", "onnx", "quant"]);
 }

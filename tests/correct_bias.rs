@@ -269,7 +269,7 @@ fn analytical_correction_through_an_exported_hardswish_ending_in_a_sixth() {
 }
 
 fn to_values(m: &Model, name: &str) -> Vec<f32> {
-    onnxq::onnx::tensor::values_f32(&m.graph.constants[name].tensor).unwrap()
+    onnxq::ir::tensor::values_f32(&m.graph.constants[name].tensor).unwrap()
 }
 
 #[test]

@@ -83,7 +83,7 @@ fn conv(name: &str, inputs: &[&str], y: &str) -> NodeProto {
 }
 
 fn values(m: &Model, name: &str) -> Vec<f32> {
-    onnx::tensor::values_f32(&m.graph.constants[name].tensor).unwrap()
+    onnxq::ir::tensor::values_f32(&m.graph.constants[name].tensor).unwrap()
 }
 
 /// Per-channel max |W| of a [O, I/g, k…] Conv weight: (per output channel, per input channel).
@@ -422,7 +422,7 @@ fn relu6_as_relu_replaces_the_clip_and_says_so() {
 fn relu6_per_channel_equalises_through_the_clip_and_keeps_the_function() {
     // Large conv1 weights: the clip at 6 is active on the seeded input.
     let w1 = weight("w1", &[3, 2, 3, 3], 0, 41);
-    let w1: Vec<f32> = onnxq::onnx::tensor::values_f32(&w1)
+    let w1: Vec<f32> = onnxq::ir::tensor::values_f32(&w1)
         .unwrap()
         .iter()
         .map(|v| v * 20.0)
@@ -468,7 +468,7 @@ fn relu6_per_channel_equalises_through_the_clip_and_keeps_the_function() {
 fn hardswish_per_channel_equalises_through_both_forms_and_keeps_the_function() {
     // conv1 → HardSwish (the op) → conv2 → x·Clip(x + 3, 0, 6)/6 (as exporters write it) → conv3.
     let scaled = |t: TensorProto, k: f32| {
-        let v: Vec<f32> = onnxq::onnx::tensor::values_f32(&t)
+        let v: Vec<f32> = onnxq::ir::tensor::values_f32(&t)
             .unwrap()
             .iter()
             .map(|v| v * k)

@@ -86,7 +86,7 @@ fn conv_with_bias_then_batchnorm() {
     assert_eq!((r.output.as_str(), r.weight.as_str()), ("y", "w"));
     let values = |name: &str| {
         let t = model.graph.constants[name].tensor.clone();
-        onnx::tensor::values_f32(&t).unwrap()
+        onnxq::ir::tensor::values_f32(&t).unwrap()
     };
     assert_eq!(r.gamma, values("bn.scale"));
     assert_eq!(r.beta, values("bn.B"));
@@ -128,8 +128,8 @@ fn conv_without_bias_then_batchnorm() {
         .unwrap();
     let written = constant.attribute[0].t.clone().unwrap();
     assert_eq!(
-        onnx::tensor::values_f32(&written),
-        onnx::tensor::values_f32(&after.graph.constants["w"].tensor)
+        onnxq::ir::tensor::values_f32(&written),
+        onnxq::ir::tensor::values_f32(&after.graph.constants["w"].tensor)
     );
 }
 
@@ -260,8 +260,8 @@ fn records_follow_a_later_affine_fold() {
         panic!()
     };
     assert_eq!(r.output, "y");
-    let gamma = onnx::tensor::values_f32(&model.graph.constants["bn.scale"].tensor).unwrap();
-    let beta = onnx::tensor::values_f32(&model.graph.constants["bn.B"].tensor).unwrap();
+    let gamma = onnxq::ir::tensor::values_f32(&model.graph.constants["bn.scale"].tensor).unwrap();
+    let beta = onnxq::ir::tensor::values_f32(&model.graph.constants["bn.B"].tensor).unwrap();
     assert_eq!(r.gamma, [gamma[0] * 2.0, gamma[1] * -0.5]);
     assert_eq!(r.beta, [beta[0] * 2.0 + 1.0, beta[1] * -0.5 + 3.0]);
 }

@@ -535,7 +535,7 @@ fn quantized_weights_are_folded_to_float_constants() {
     );
     let m = Model::from_proto(model(g, 21)).unwrap();
     let lowered = lower_for_tract(&m).unwrap();
-    let values = |name: &str| onnxq::onnx::tensor::values_f32(&lowered.graph.constants[name].tensor).unwrap();
+    let values = |name: &str| onnxq::ir::tensor::values_f32(&lowered.graph.constants[name].tensor).unwrap();
     let want16: Vec<f32> = w16
         .iter()
         .enumerate()
@@ -631,7 +631,7 @@ fn all_qdq_lowered_is_exact_fake_quantization() {
     let lowered = lower_all_qdq(&m).unwrap();
     let ops: Vec<&str> = lowered.graph.nodes.node_weights().map(|n| n.op_type.as_str()).collect();
     assert!(!ops.iter().any(|o| o.contains("Quantize")), "{ops:?}");
-    let wf = onnxq::onnx::tensor::values_f32(&lowered.graph.constants["w::dq"].tensor).unwrap();
+    let wf = onnxq::ir::tensor::values_f32(&lowered.graph.constants["w::dq"].tensor).unwrap();
     let want_w: Vec<f32> = w
         .iter()
         .enumerate()

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use tract_onnx::prelude::{DatumType, IntoTValue, TValue, Tensor};
 
 use crate::error::{Error, Result};
+use crate::ir::tensor::dtype_name;
 use crate::ir::Graph;
-use crate::onnx::tensor::dtype_name;
 use crate::proto::tensor_proto::DataType;
 
 /// One array of a data file: all samples of one model input.

@@ -33,9 +33,9 @@ use std::collections::BTreeMap;
 use crate::calib::observers::TensorStats;
 use crate::calib::stats::{model_fingerprint, CalibrationStats, Fingerprint, STATS_FORMAT};
 use crate::error::{Error, Result};
+use crate::ir::tensor;
 use crate::ir::BatchNormRecord;
 use crate::ir::{Graph, Model, Node};
-use crate::onnx::tensor;
 
 /// The number of standard deviations either side of β (module docs).
 pub const DEFAULT_SIGMAS: f32 = 6.0;

@@ -10,7 +10,7 @@ use crate::calib::config::CalibrationConfig;
 use crate::calib::data::{Dataset, InputSpec};
 use crate::calib::images::{self, ImagePreprocess};
 use crate::error::{Error, Result};
-use crate::onnx::tensor::Fnv64;
+use crate::ir::tensor::Fnv64;
 
 pub enum DataSource {
     /// Arrays already bound to the model inputs, shard after shard.

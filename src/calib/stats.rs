@@ -17,8 +17,8 @@ use tract_onnx::prelude::{DatumType, TValue, Tensor};
 use crate::calib::observers::{Method, TensorStats};
 use crate::calib::source::DataSource;
 use crate::error::{Error, Result};
+use crate::ir::tensor::Fnv64;
 use crate::ir::Model;
-use crate::onnx::tensor::Fnv64;
 use crate::runtime::Runner;
 
 /// Bumped when the file layout changes.

@@ -4,8 +4,6 @@
 pub mod opset;
 pub mod schemas;
 
-pub use crate::ir::tensor; // TEMPORARY: callers outside src/onnx are moved at merge
-
 use std::path::{Component, Path, PathBuf};
 
 use prost::Message;

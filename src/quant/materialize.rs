@@ -15,8 +15,8 @@
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
+use crate::ir::tensor;
 use crate::ir::{Constant, ConstantOrigin, Model, Node};
-use crate::onnx::tensor;
 use crate::proto::attribute_proto::AttributeType;
 use crate::proto::{AttributeProto, TensorProto};
 use crate::quant::params::{self, BiasQuantization, QuantDtype};

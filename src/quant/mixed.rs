@@ -189,7 +189,7 @@ fn base_weight_bytes(model: &Model, plan: &Plan) -> u64 {
             if plan.weights.contains_key(name) {
                 elements
             } else {
-                crate::onnx::tensor::byte_size(&c.tensor)
+                crate::ir::tensor::byte_size(&c.tensor)
             }
         })
         .sum()

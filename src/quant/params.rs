@@ -106,7 +106,7 @@ impl QuantDtype {
 
     /// Short name (`i8`, `u8`, `i16`, `u16`), as in dumps.
     pub fn name(self) -> &'static str {
-        crate::onnx::tensor::dtype_name(self.onnx_type())
+        crate::ir::tensor::dtype_name(self.onnx_type())
     }
 }
 
@@ -611,7 +611,7 @@ pub fn bias_protos(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::onnx::tensor::{values_f32, values_i128};
+    use crate::ir::tensor::{values_f32, values_i128};
 
     fn scheme(dtype: QuantDtype, symmetric: bool) -> Scheme {
         Scheme {

@@ -619,7 +619,7 @@ pub fn float16_possible(model: &Model, plan: &Plan, key: &str) -> std::result::R
             if c.tensor.data_type() != crate::proto::tensor_proto::DataType::Float as i32 {
                 return Err(format!("input '{t}' is not float32"));
             }
-            let values = crate::onnx::tensor::values_f32(&c.tensor).unwrap_or_default();
+            let values = crate::ir::tensor::values_f32(&c.tensor).unwrap_or_default();
             if values.iter().any(|v| v.abs() > FLOAT16_MAX) {
                 return Err(format!("weight '{t}' exceeds float16's range"));
             }
@@ -682,7 +682,7 @@ impl Plan {
             .get(weight)
             .ok_or_else(|| Error::Graph(format!("weight '{weight}' is not a constant")))?
             .tensor;
-        let values = crate::onnx::tensor::values_f32(t)
+        let values = crate::ir::tensor::values_f32(t)
             .ok_or_else(|| Error::Graph(format!("weight '{weight}' is not a float tensor")))?;
         let mut q = params::quantize_weights(&values, &t.dims, wq.axis, &wq.scheme)?;
         if let Some(r) = self.rounded.get(weight) {

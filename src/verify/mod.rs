@@ -602,7 +602,7 @@ fn matched_layers(float: &Model, quant: &Model, lowered: &Model) -> Result<Vec<L
             }
         }
     }
-    let is_float_type = |t: i32| crate::onnx::tensor::is_float(t);
+    let is_float_type = |t: i32| crate::ir::tensor::is_float(t);
     // dynamic: depends on a runtime input; integer: known or guessed to hold integers.
     let mut dynamic: HashSet<String> = g.runtime_inputs().map(|i| i.name().to_string()).collect();
     let mut integer: HashSet<String> = g
