@@ -112,7 +112,7 @@ impl Pass for CorrectBias {
         let (Some(plan), Some(stats), Some(options)) =
             (ctx.plan.as_mut(), ctx.stats.as_ref(), ctx.plan_options.as_ref())
         else {
-            return Err(Error::Graph("internal error: correct_bias ran before the plan".into()));
+            return Err(Error::internal("correct_bias ran before the plan"));
         };
         let notes = apply(model, plan, Some(stats), self.options.mode, &ctx.batchnorm_records)?;
         let rounded = std::mem::take(&mut plan.rounded);

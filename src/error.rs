@@ -35,6 +35,10 @@ pub enum Error {
     /// Verification thresholds were not met: exit code 3.
     #[error("verification failed: {0}")]
     Verification(String),
+    /// onnxq's own state is inconsistent (a bug in onnxq, not in the user's model or data):
+    /// exit code 4.
+    #[error("internal error: {0} (this is a bug in onnxq, please report it with the command and model)")]
+    Internal(String),
 }
 
 impl Error {
@@ -56,6 +60,9 @@ impl Error {
             message: message.into(),
         }
     }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Error::Internal(message.into())
+    }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
@@ -70,6 +77,7 @@ impl Error {
             Error::Io { .. } | Error::Model { .. } | Error::Data { .. } => 2,
             Error::Graph(_) | Error::Runtime(_) => 2,
             Error::Verification(_) => 3,
+            Error::Internal(_) => 4,
         }
     }
 }

@@ -210,9 +210,7 @@ pub fn sensitivity(
     let started = Instant::now();
     let (model, ctx) = run_steps(model_path, &steps)?;
     let (Some(source), Some(stats), Some(plan)) = (&ctx.calibration, &ctx.stats, &ctx.plan) else {
-        return Err(Error::Graph(
-            "internal error: sensitivity ran without calibration data or plan".into(),
-        ));
+        return Err(Error::internal("sensitivity ran without calibration data or plan"));
     };
     let samples = config
         .mixed_precision
@@ -280,7 +278,7 @@ pub fn calibrate(model_path: &Path, config_path: &Path, stats_path: &Path, repor
     let (_, ctx) = run_steps(model_path, &steps)?;
     let collected = ctx
         .stats
-        .ok_or_else(|| Error::Graph("internal error: `calibrate` left no statistics".into()))?;
+        .ok_or_else(|| Error::internal("`calibrate` left no statistics"))?;
     let method = calibration.method();
     let ranges = collected.ranges(&method);
     let clipping = ranges.iter().filter(|r| r.clipped_values > 0.0).count();

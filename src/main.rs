@@ -1,5 +1,5 @@
 //! The `onnxq` command line. Exit codes: 0 ok, 1 usage or config error, 2 bad model or data,
-//! 3 verification failed.
+//! 3 verification failed, 4 internal error (a bug in onnxq).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -21,7 +21,7 @@ use onnxq::onnx;
     about = "Post-training quantization compiler for ONNX models",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
-    after_help = "Exit codes: 0 ok, 1 usage or config error, 2 bad model or data, 3 verification failed."
+    after_help = "Exit codes: 0 ok, 1 usage or config error, 2 bad model or data, 3 verification failed, 4 internal error (a bug in onnxq)."
 )]
 struct Cli {
     #[command(subcommand)]

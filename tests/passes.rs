@@ -110,3 +110,37 @@ fn eliminate_identity_must_not_fire() {
     insta::assert_snapshot!(diff);
     assert_eq!(after.to_string(), model.to_string(), "nothing may change");
 }
+
+/// A pass that leaves a node reading a tensor nobody writes: the kind of bug a new pass can have.
+struct BreaksTheGraph;
+
+impl onnxq::passes::Pass for BreaksTheGraph {
+    fn name(&self) -> &'static str {
+        "breaks_the_graph"
+    }
+    fn run(&self, model: &mut Model, _ctx: &mut Context) -> onnxq::Result<Vec<String>> {
+        let n = onnxq::ir::Node::new("dangling", "Relu", vec!["nowhere".into()], "z", 0);
+        model.graph.nodes.add_node(n);
+        Ok(vec![])
+    }
+}
+
+#[test]
+fn a_graph_a_step_leaves_inconsistent_is_an_internal_error() {
+    let g = graph(
+        vec![node("Relu", "relu", &["x"], &["y"])],
+        vec![],
+        vec![f32_info("x")],
+        vec![f32_info("y")],
+    );
+    let mut m = Model::from_proto(model(g, 17)).unwrap();
+    let steps: Vec<Box<dyn onnxq::passes::Pass>> = vec![Box::new(BreaksTheGraph)];
+    let e = onnxq::pipeline::run(&mut m, &steps, &mut Context::default(), &DebugOptions::default()).unwrap_err();
+    assert_eq!(e.exit_code(), 4, "{e}");
+    let text = e.to_string();
+    assert!(
+        text.starts_with("internal error: stage `breaks_the_graph` left an inconsistent graph")
+            && text.ends_with("(this is a bug in onnxq, please report it with the command and model)"),
+        "{text}"
+    );
+}

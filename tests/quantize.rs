@@ -1515,3 +1515,55 @@ fn mixed_precision_config_errors() {
         assert!(stderr(&o).contains(needle), "{yaml}: {}", stderr(&o));
     }
 }
+
+/// Regression: two float16 layers in a row (conv2 → conv3) stopped with "generated name
+/// 'c2::float16' already exists in the model", exit code 2. conv3 now reads conv2's float16
+/// output directly, and a model naming its own tensor like a generated one still quantizes.
+#[test]
+fn consecutive_float16_layers_share_the_float16_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let float = conv_relu_conv(11, true);
+    let calib = x_data(dir.path(), "calib.npz", 1);
+    let stats = calibrate(&float, &calib);
+    let plan = build_plan(&float, &stats, &plan_options(Target::Generic, Overrides::default())).unwrap();
+    let mixed = plan.with_precisions(
+        &[
+            ("c2".to_string(), Precision::Float16),
+            ("y".to_string(), Precision::Float16),
+        ]
+        .into(),
+    );
+    let mut after = float.clone();
+    materialize(&mut after, &mixed).unwrap();
+    after.graph.check().unwrap();
+    assert_eq!(node_named(&after, "conv2").outputs, ["c2::float16"]);
+    assert_eq!(node_named(&after, "conv3").inputs, ["c2::float16", "W3::float16"]);
+    assert_eq!(dtype(&after, "W3::float16"), DataType::Float16);
+    let data = open_data(&float, &calib);
+    let report = verify(&float, &after, &data, &VerifyOptions::default()).unwrap();
+    assert!(output_sqnr(&report) > 30.0, "{report}");
+
+    // A tensor of the model already called like a generated name: the generated one moves aside.
+    let mut clash = float.clone();
+    let relu = clash
+        .graph
+        .nodes
+        .node_indices()
+        .find(|&ix| clash.graph.nodes[ix].name == "relu")
+        .unwrap();
+    clash.graph.nodes[relu].outputs[0] = "c2::float16".into();
+    let conv2 = clash
+        .graph
+        .nodes
+        .node_indices()
+        .find(|&ix| clash.graph.nodes[ix].name == "conv2")
+        .unwrap();
+    clash.graph.nodes[conv2].inputs[0] = "c2::float16".into();
+    clash.graph.rebuild_edges().unwrap();
+    let stats = calibrate(&clash, &calib);
+    let plan = build_plan(&clash, &stats, &plan_options(Target::Generic, Overrides::default())).unwrap();
+    let mixed = plan.with_precisions(&[("c2".to_string(), Precision::Float16)].into());
+    materialize(&mut clash, &mixed).unwrap();
+    clash.graph.check().unwrap();
+    assert_eq!(node_named(&clash, "conv2").outputs, ["c2::float16.1"]);
+}

@@ -150,12 +150,15 @@ pub fn run(model: &mut Model, steps: &[Box<dyn Pass>], ctx: &mut Context, debug:
                 };
                 Error::Graph(format!("{kind} `{name}` (after: {earlier}): {m}"))
             }
+            Error::Internal(m) => Error::Internal(format!("{kind} `{name}`: {m}")),
             other => other,
         };
+        // The model was checked when loaded: a graph a step leaves inconsistent is onnxq's bug.
+        let broke = |e: Error| Error::internal(format!("{kind} `{name}` left an inconsistent graph: {e}"));
         let started = std::time::Instant::now();
         let notes = step.run(model, ctx).map_err(context)?;
-        model.graph.rebuild_edges().map_err(context)?;
-        model.graph.check().map_err(context)?;
+        model.graph.rebuild_edges().map_err(broke)?;
+        model.graph.check().map_err(broke)?;
         // A plan pass's notes are what it did to the plan: worth seeing (a stage prints its own).
         if kind == "pass" && step.phase() == Phase::Plan {
             for n in &notes {

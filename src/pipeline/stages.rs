@@ -209,7 +209,7 @@ impl Pass for Plan {
         let stats = ctx
             .stats
             .as_ref()
-            .ok_or_else(|| Error::Graph("internal error: `plan` ran before `calibrate`".into()))?;
+            .ok_or_else(|| Error::internal("`plan` ran before `calibrate`"))?;
         let plan = crate::quant::plan::build_plan(model, stats, &self.options)?;
         let notes = vec![plan.summary()];
         ctx.plan = Some(plan);
@@ -244,8 +244,8 @@ impl Pass for MixedPrecision {
     }
     fn run(&self, model: &mut Model, ctx: &mut Context) -> Result<Vec<String>> {
         let (Some(source), Some(stats), Some(plan)) = (&ctx.calibration, &ctx.stats, &mut ctx.plan) else {
-            return Err(Error::Graph(
-                "internal error: `mixed_precision` needs calibration data, statistics and a plan".into(),
+            return Err(Error::internal(
+                "`mixed_precision` needs calibration data, statistics and a plan",
             ));
         };
         let started = Instant::now();
@@ -283,7 +283,7 @@ impl Pass for Materialize {
         let plan = ctx
             .plan
             .as_ref()
-            .ok_or_else(|| Error::Graph("internal error: `materialize` ran before `plan`".into()))?;
+            .ok_or_else(|| Error::internal("`materialize` ran before `plan`"))?;
         let notes = crate::quant::materialize::materialize(model, plan)?;
         eprintln!(
             "onnxq: plan: {}{}",
@@ -330,8 +330,8 @@ impl Pass for Verify {
     }
     fn run(&self, model: &mut Model, ctx: &mut Context) -> Result<Vec<String>> {
         let (Some(data), Some(float)) = (&ctx.verify_data, &ctx.float_model) else {
-            return Err(Error::Graph(
-                "internal error: `verify` needs the held-out data and the float model from `calibrate`".into(),
+            return Err(Error::internal(
+                "`verify` needs the held-out data and the float model from `calibrate`",
             ));
         };
         if ctx.calibration.as_ref().map(|s| s.fingerprints()).transpose()? == Some(data.fingerprints()?) {

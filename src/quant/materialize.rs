@@ -46,19 +46,22 @@ fn axis_attr(axis: i64) -> AttributeProto {
 struct Builder<'a> {
     model: &'a mut Model,
     taken: std::collections::BTreeSet<String>,
-    /// Float16 versions made so far (of a constant, or a Cast of an activation), by original.
+    /// Float16 versions made so far (of a constant, a Cast of an activation, or a float16 layer's
+    /// own output), by original.
     float16: BTreeMap<String, String>,
 }
 
 impl Builder<'_> {
-    /// Reserves a generated name, refusing a clash with an existing tensor.
+    /// Reserves a generated name: `name`, or `name.1`, `name.2`… when the model already has it
+    /// (a model may name its own tensors like onnxq's generated ones).
     fn name(&mut self, name: String) -> Result<String> {
-        if !self.taken.insert(name.clone()) {
-            return Err(Error::Graph(format!(
-                "generated name '{name}' already exists in the model"
-            )));
+        let mut unique = name.clone();
+        let mut k = 1;
+        while !self.taken.insert(unique.clone()) {
+            unique = format!("{name}.{k}");
+            k += 1;
         }
-        Ok(name)
+        Ok(unique)
     }
 
     fn constant(&mut self, mut t: TensorProto, name: String) -> Result<String> {
@@ -82,7 +85,9 @@ impl Builder<'_> {
                 .nodes
                 .node_weights_mut()
                 .find(|n| n.outputs.first().is_some_and(|o| o == key) || (n.outputs.is_empty() && &n.name == key))
-                .ok_or_else(|| Error::Graph(format!("plan names a consumer '{key}' that is not in the graph")))?;
+                .ok_or_else(|| {
+                    Error::internal(format!("the plan names a consumer '{key}' that is not in the graph"))
+                })?;
             let input = node
                 .inputs
                 .get_mut(*slot)
@@ -118,7 +123,11 @@ impl Builder<'_> {
             .nodes
             .node_indices()
             .find(|&ix| node_key(&g.nodes[ix]) == layer)
-            .ok_or_else(|| Error::Graph(format!("plan names a float16 layer '{layer}' that is not in the graph")))?;
+            .ok_or_else(|| {
+                Error::internal(format!(
+                    "the plan names a float16 layer '{layer}' that is not in the graph"
+                ))
+            })?;
         let node = g.nodes[ix].clone();
         let mut inputs = node.inputs.clone();
         let mut converted_constants = Vec::new();
@@ -167,8 +176,10 @@ impl Builder<'_> {
             .push(int_attr("to", crate::proto::tensor_proto::DataType::Float as i64));
         let n = &mut self.model.graph.nodes[ix];
         n.inputs = inputs;
-        n.outputs[0] = half_output;
+        n.outputs[0] = half_output.clone();
         self.model.graph.nodes.add_node(cast);
+        // A float16 layer after this one reads the float16 output directly (no Cast pair).
+        self.float16.insert(output, half_output);
         Ok(converted_constants)
     }
 }
@@ -294,8 +305,24 @@ pub fn materialize(model: &mut Model, plan: &Plan) -> Result<Vec<String>> {
         }
     }
 
+    // In topological order, so a float16 layer's float16 output exists before its readers.
     let mut float16_constants = Vec::new();
-    for (layer, _) in plan.precisions.iter().filter(|(_, &p)| p == Precision::Float16) {
+    let order = b.model.graph.topological_order()?;
+    let float16_layers: Vec<String> = order
+        .iter()
+        .map(|&ix| node_key(&b.model.graph.nodes[ix]))
+        .filter(|key| plan.precisions.get(key) == Some(&Precision::Float16))
+        .collect();
+    if let Some((missing, _)) = plan
+        .precisions
+        .iter()
+        .find(|(key, &p)| p == Precision::Float16 && !float16_layers.contains(key))
+    {
+        return Err(Error::internal(format!(
+            "the plan names a float16 layer '{missing}' that is not in the graph"
+        )));
+    }
+    for layer in &float16_layers {
         float16_constants.extend(b.float16_layer(layer)?);
     }
 

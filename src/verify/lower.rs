@@ -104,17 +104,19 @@ fn widen_float16_layers(graph: &mut Graph) -> Result<Vec<String>> {
         }
         name
     };
-    let layers: Vec<NodeIndex> = graph
-        .nodes
-        .node_indices()
-        .filter(|&ix| {
-            let n = &graph.nodes[ix];
-            n.is_default_domain()
-                && FLOAT16_LAYER_OPS.contains(&n.op_type.as_str())
-                && n.inputs.iter().any(|i| half_tensors.contains(i))
-                && n.outputs.len() == 1
-        })
-        .collect();
+    // A float16 layer's output is float16 too, and may feed the next float16 layer directly.
+    let mut layers: Vec<NodeIndex> = Vec::new();
+    for ix in graph.topological_order()? {
+        let n = &graph.nodes[ix];
+        if n.is_default_domain()
+            && FLOAT16_LAYER_OPS.contains(&n.op_type.as_str())
+            && n.inputs.iter().any(|i| half_tensors.contains(i))
+            && n.outputs.len() == 1
+        {
+            half_tensors.insert(n.outputs[0].clone());
+            layers.push(ix);
+        }
+    }
     let mut widened: HashMap<String, String> = HashMap::new();
     let mut notes = Vec::new();
     for ix in layers {
