@@ -35,6 +35,10 @@ pub enum Error {
     /// Verification thresholds were not met: exit code 3.
     #[error("verification failed: {0}")]
     Verification(String),
+    /// A model breaks a target's Q/DQ rules (`onnxq lint`, or the main job's own output): exit
+    /// code 3.
+    #[error("lint: {0}")]
+    Lint(String),
     /// onnxq's own state is inconsistent (a bug in onnxq, not in the user's model or data):
     /// exit code 4.
     #[error("internal error: {0} (this is a bug in onnxq, please report it with the command and model)")]
@@ -76,7 +80,7 @@ impl Error {
             Error::Usage(_) | Error::Config { .. } => 1,
             Error::Io { .. } | Error::Model { .. } | Error::Data { .. } => 2,
             Error::Graph(_) | Error::Runtime(_) => 2,
-            Error::Verification(_) => 3,
+            Error::Verification(_) | Error::Lint(_) => 3,
             Error::Internal(_) => 4,
         }
     }

@@ -8,6 +8,7 @@ pub mod error;
 pub mod inspect;
 pub mod ir;
 pub mod job;
+pub mod lint;
 pub mod onnx;
 pub mod pipeline;
 pub mod quant;

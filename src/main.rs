@@ -50,7 +50,7 @@ struct MainArgs {
     #[arg(long)]
     external_data: bool,
     /// Dump the graph (and the statistics and plan, once they exist) before and after this pass
-    /// or stage (calibrate, plan, mixed_precision, materialize, verify; "all" for every step)
+    /// or stage (calibrate, plan, mixed_precision, materialize, lint, verify; "all" for every step)
     /// into --dump-dir.
     #[arg(long, value_name = "STEP|all")]
     dump_after: Option<String>,
@@ -143,6 +143,17 @@ enum Command {
         /// Write the table as JSON.
         #[arg(long)]
         report: Option<PathBuf>,
+    },
+    /// Check a QDQ model (onnxq's or another tool's) against a target backend's Q/DQ rules;
+    /// each finding names the node, the rule and the fix. Exit code 3 when a rule is broken.
+    Lint {
+        model: PathBuf,
+        /// The backend: tensorrt (rules), onnxruntime (which layers run as integer kernels).
+        #[arg(long)]
+        target: String,
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Print a commented starter configuration for a model.
     Init { model: PathBuf },
@@ -255,6 +266,61 @@ fn dispatch(cli: Cli) -> Result<()> {
             stats,
             report,
         }) => onnxq::job::sensitivity(&model, &config, stats.as_deref(), report.as_deref()),
+        Some(Command::Lint { model, target, json }) => {
+            let target: onnxq::quant::rules::Target = serde_yaml::from_value(serde_yaml::Value::String(target.clone()))
+                .map_err(|_| {
+                    Error::Usage(format!(
+                        "--target {target}: not a target (generic, tensorrt, openvino, onnxruntime)"
+                    ))
+                })?;
+            let m = onnx::load_model(&model)?;
+            let findings = onnxq::lint::lint(&m, target)?;
+            let layers = if target == onnxq::quant::rules::Target::Onnxruntime {
+                onnxq::lint::integer_layers(&m)?
+            } else {
+                vec![]
+            };
+            if json {
+                let layers: Vec<serde_json::Value> = layers
+                    .iter()
+                    .map(|(node, v)| serde_json::json!({"node": node, "integer_kernel": v.is_ok(), "reason": v.as_ref().err()}))
+                    .collect();
+                let report = serde_json::json!({"target": target, "findings": findings, "layers": layers});
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("lint report serialises")
+                );
+            } else {
+                for f in &findings {
+                    println!("{f}");
+                }
+                for (node, v) in &layers {
+                    match v {
+                        Ok(()) => println!("{node}: runs as an integer kernel"),
+                        Err(reason) => println!("{node}: runs in float: {reason}"),
+                    }
+                }
+            }
+            let name = onnxq::lint::target_name(target);
+            if !layers.is_empty() {
+                let integer = layers.iter().filter(|(_, v)| v.is_ok()).count();
+                eprintln!(
+                    "onnxq: {integer} of {} layers run as integer kernels in {name}",
+                    layers.len()
+                );
+            }
+            match findings.len() {
+                0 if onnxq::lint::has_rules(target) => {
+                    eprintln!("onnxq: {}: no rule of target {name} broken", model.display());
+                    Ok(())
+                }
+                0 => Ok(()),
+                n => Err(Error::Lint(format!(
+                    "{}: {n} rule(s) of target {name} broken",
+                    model.display()
+                ))),
+            }
+        }
         Some(Command::Init { model }) => {
             let m = onnx::load_model(&model)?;
             print!("{}", starter_config(&model, &m));
@@ -262,7 +328,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Some(Command::Passes) => {
             println!(
-                "The pipeline: graph passes, calibrate, plan, plan passes, mixed_precision, materialize, verify.\n"
+                "The pipeline: graph passes, calibrate, plan, plan passes, mixed_precision, materialize, lint, verify.\n"
             );
             for name in onnxq::passes::NAMES {
                 let (what, options) = onnxq::passes::describe(name).unwrap_or(("", "none"));

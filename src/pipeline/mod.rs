@@ -4,7 +4,8 @@
 //!
 //! The steps, in order: the config's graph passes; then, when quantizing, the stages
 //! `calibrate` and `plan`, the config's plan passes in the order listed, `mixed_precision` (when
-//! configured), `materialize` and `verify` (when configured). Passes and stages implement one
+//! configured), `materialize`, `lint` (when the target has Q/DQ rules) and `verify` (when
+//! configured). Passes and stages implement one
 //! trait ([`crate::passes::Pass`]), so `--dump-after` and `--stop-after` work for each.
 
 pub mod config;
@@ -44,6 +45,9 @@ pub fn steps(config: &Config, files: &JobFiles) -> Vec<Box<dyn Pass>> {
             steps.push(Box::new(stage));
         }
         steps.push(Box::new(stages::Materialize));
+        if let Some(stage) = stages::Lint::new(config) {
+            steps.push(Box::new(stage));
+        }
         if let Some(stage) = stages::Verify::new(config) {
             steps.push(Box::new(stage));
         }

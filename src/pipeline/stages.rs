@@ -1,5 +1,5 @@
 //! The fixed stages of a quantizing pipeline, as passes of the plan phase: `calibrate`, `plan`,
-//! `mixed_precision`, `materialize`, `verify` (in that order, with the config's plan passes
+//! `mixed_precision`, `materialize`, `lint`, `verify` (in that order, with the config's plan passes
 //! between `plan` and `mixed_precision`; see [`super::steps`]). Each reads what the steps before
 //! it left in the [`Context`] and leaves its own result there.
 
@@ -298,6 +298,44 @@ impl Pass for Materialize {
             eprintln!("  {n}");
         }
         Ok(notes)
+    }
+}
+
+/// Checks the written Q/DQ against the target's rules (`crate::lint`): a broken rule here is a
+/// bug in onnxq's plan, and stops the job (exit code 3) before anything is written.
+pub struct Lint {
+    target: crate::quant::rules::Target,
+}
+
+impl Lint {
+    /// The stage, when the config's target has rules.
+    pub fn new(config: &Config) -> Option<Lint> {
+        crate::lint::has_rules(config.target).then_some(Lint { target: config.target })
+    }
+}
+
+impl Pass for Lint {
+    fn name(&self) -> &'static str {
+        "lint"
+    }
+    fn phase(&self) -> Phase {
+        Phase::Plan
+    }
+    fn run(&self, model: &mut Model, _ctx: &mut Context) -> Result<Vec<String>> {
+        let findings = crate::lint::lint(model, self.target)?;
+        if findings.is_empty() {
+            return Ok(vec![format!(
+                "no rule of target {} broken",
+                crate::lint::target_name(self.target)
+            )]);
+        }
+        let list: Vec<String> = findings.iter().map(|f| f.to_string()).collect();
+        Err(Error::Lint(format!(
+            "the quantized model breaks {} rule(s) of target {} (a bug in onnxq's plan, please report it): {}",
+            findings.len(),
+            crate::lint::target_name(self.target),
+            list.join("; ")
+        )))
     }
 }
 
