@@ -388,6 +388,10 @@ calibration:
 # weights: {{dtype: int8, granularity: per_channel, symmetric: true}}
 # activations: {{dtype: uint8, symmetric: false}}
 
+# Passes (`onnxq passes` lists them): graph passes rewrite the float model before calibration;
+# plan passes (gptq, correct_bias) then change the plan, in the order listed.
+# passes: [fold_batchnorm, equalize, absorb_bias, gptq, correct_bias]
+
 # Keep parts float: by tensor, node or op_type (regular expressions matching the whole name);
 # pin a layer's precision (int8, int16 = A16W8, float16, float) by node or op_type.
 # overrides:
