@@ -34,8 +34,8 @@ use super::rewritable::f32_tensor;
 use super::{Context, Pass};
 use crate::error::{Error, Result};
 use crate::ir::dump::fmt_float;
-use crate::ir::tensor;
 use crate::ir::BatchNormRecord;
+use crate::ir::{ops, tensor};
 use crate::ir::{Constant, ConstantOrigin, Graph, Model};
 use crate::proto::tensor_proto::DataType;
 use crate::proto::TensorProto;
@@ -190,14 +190,8 @@ fn check_absorption(
     let w2 = LayerValues::load(graph, &link.to)?;
     let factor = link.to.alpha / link.to.beta;
     let shift2 = compute_bias_shift(&w2, &c).into_iter().map(|v| v * factor).collect();
-    let own_pads = graph.nodes[link.to.node]
-        .attr_ints("pads")
-        .unwrap_or_default()
-        .iter()
-        .any(|&p| p != 0)
-        || graph.nodes[link.to.node]
-            .attribute("auto_pad")
-            .is_some_and(|a| !matches!(a.s(), b"NOTSET" | b"VALID" | b""));
+    let own_pads =
+        matches!(link.to.layout.kind, Kind::Conv { .. }) && ops::Conv::view(&graph.nodes[link.to.node])?.is_padded();
     let pad_between = link.through_nodes.iter().any(|&n| graph.nodes[n].op_type == "Pad");
     if (own_pads || pad_between) && !allow_padded {
         return Err(format!(

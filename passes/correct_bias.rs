@@ -59,6 +59,7 @@ use super::{Context, Pass};
 use crate::calib::stats::CalibrationStats;
 use crate::error::{Error, Result};
 use crate::ir::dump::fmt_float;
+use crate::ir::ops::{self, AutoPad};
 use crate::ir::tensor;
 use crate::ir::BatchNormRecord;
 use crate::ir::{Constant, ConstantOrigin, Graph, Model, Node};
@@ -230,45 +231,47 @@ fn read_target(graph: &Graph, ix: NodeIndex, weight: &str) -> std::result::Resul
                     .into(),
             )
         }
-        "Conv" => {
-            let group = n.attr_int("group").unwrap_or(1).max(1) as usize;
+        "Conv" | "ConvTranspose" => {
+            let conv = ops::Conv::view(n)?;
+            let group = conv.group;
             if dims.len() < 3 || !dims[0].is_multiple_of(group) {
                 return Err(bad_shape());
             }
-            Geometry::Layout(Layout {
-                kind: Kind::Conv { group },
-                dims: dims.clone(),
-            })
-        }
-        "ConvTranspose" => {
-            let group = n.attr_int("group").unwrap_or(1).max(1) as usize;
-            if dims.len() < 3 || !dims[0].is_multiple_of(group) {
-                return Err(bad_shape());
-            }
-            let strides = n.attribute("strides").map(|a| a.ints.clone()).unwrap_or_default();
-            let stride_product = strides.iter().map(|&s| s.max(1) as usize).product::<usize>();
-            Geometry::ConvTranspose {
-                dims: dims.clone(),
-                group,
-                stride_product,
+            let rank = dims.len() - 2;
+            if conv.transposed {
+                Geometry::ConvTranspose {
+                    dims: dims.clone(),
+                    group,
+                    stride_product: conv.strides(rank)?.iter().product(),
+                }
+            } else {
+                // The lists `conv_taps` reads: a malformed one is a reason here, not a silent
+                // "borders ignored" there.
+                conv.strides(rank)?;
+                conv.dilations(rank)?;
+                if conv.auto_pad == AutoPad::NotSet {
+                    conv.pads(rank)?;
+                }
+                Geometry::Layout(Layout {
+                    kind: Kind::Conv { group },
+                    dims: dims.clone(),
+                })
             }
         }
         _ => {
-            if n.attr_int("transA").unwrap_or(0) != 0 {
+            let gemm = ops::Gemm::view(n)?;
+            if gemm.trans_a {
                 return Err("Gemm with transA = 1: the features of A are on axis 0, the statistics' channels on axis 1".into());
             }
             if dims.len() != 2 {
                 return Err(bad_shape());
             }
-            let (alpha, beta) = (n.attr_float("alpha").unwrap_or(1.0) as f64, n.attr_float("beta").unwrap_or(1.0) as f64);
-            if beta == 0.0 {
+            if gemm.beta == 0.0 {
                 return Err("Gemm with beta = 0 ignores its C".into());
             }
-            bias_factor = alpha / beta;
+            bias_factor = gemm.alpha as f64 / gemm.beta as f64;
             Geometry::Layout(Layout {
-                kind: Kind::Gemm {
-                    trans_b: n.attr_int("transB").unwrap_or(0) != 0,
-                },
+                kind: Kind::Gemm { trans_b: gemm.trans_b },
                 dims: dims.clone(),
             })
         }
@@ -653,39 +656,33 @@ pub fn tap_fractions(
 
 /// `f_k` of every kernel position of a Conv (row-major over the kernel axes), from the input's
 /// sample shape in the statistics; None when unknown (then borders are ignored).
-fn conv_taps(n: &Node, kernel: &[usize], shape: Option<&[usize]>) -> Option<Vec<f64>> {
+fn conv_taps(conv: &ops::Conv, kernel: &[usize], shape: Option<&[usize]>) -> Option<Vec<f64>> {
     let shape = shape?;
     let rank = kernel.len();
     if shape.len() != rank + 2 {
         return None;
     }
-    let ints = |name: &str, default: usize, len: usize| -> Vec<usize> {
-        n.attribute(name)
-            .map(|a| a.ints.iter().map(|&v| v.max(0) as usize).collect())
-            .filter(|v: &Vec<usize>| v.len() == len)
-            .unwrap_or_else(|| vec![default; len])
-    };
-    let strides = ints("strides", 1, rank);
-    let dilations = ints("dilations", 1, rank);
-    let auto_pad = n.attribute("auto_pad").map(|a| a.s().to_vec()).unwrap_or_default();
+    // `read_target` checked these lists against the kernel's rank.
+    let strides = conv.strides(rank).ok()?;
+    let dilations = conv.dilations(rank).ok()?;
     let mut per_axis = Vec::with_capacity(rank);
     for d in 0..rank {
         let input = shape[2 + d];
-        let (begin, end) = match auto_pad.as_slice() {
-            b"SAME_UPPER" | b"SAME_LOWER" => {
+        let (begin, end) = match conv.auto_pad {
+            AutoPad::SameUpper | AutoPad::SameLower => {
                 let out = input.div_ceil(strides[d].max(1));
                 let span = dilations[d].max(1) * (kernel[d].max(1) - 1) + 1;
                 let total = ((out.max(1) - 1) * strides[d].max(1) + span).saturating_sub(input);
-                if auto_pad == b"SAME_UPPER" {
+                if conv.auto_pad == AutoPad::SameUpper {
                     (total / 2, total - total / 2)
                 } else {
                     (total - total / 2, total / 2)
                 }
             }
-            b"VALID" => (0, 0),
-            _ => {
-                let pads = ints("pads", 0, 2 * rank);
-                (pads[d], pads[rank + d])
+            AutoPad::Valid => (0, 0),
+            AutoPad::NotSet => {
+                let (begin, end) = conv.pads(rank).ok()?;
+                (begin[d], end[d])
             }
         };
         per_axis.push(tap_fractions(input, kernel[d], strides[d], begin, end, dilations[d])?);
@@ -792,9 +789,11 @@ pub fn apply(
         let shape = stats
             .and_then(|s| s.tensors.get(&t.input))
             .and_then(|s| s.sample_shape.as_deref());
+        // A Conv target's view read in `read_target` already.
         let taps = (!t.kernel.is_empty())
-            .then(|| conv_taps(&graph.nodes[t.node], &t.kernel, shape))
-            .flatten();
+            .then(|| ops::Conv::view(&graph.nodes[t.node]).ok())
+            .flatten()
+            .and_then(|conv| conv_taps(&conv, &t.kernel, shape));
         match mean {
             Ok(m) if m.iter().all(|v| v.is_finite()) => work.push((t, m, taps)),
             Ok(_) => notes.push(format!("not corrected {}: E[x] is not finite", t.label)),

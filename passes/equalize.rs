@@ -82,7 +82,7 @@ use super::rewritable::{f32_tensor, is_graph_output, own_f32_constant, read_in_s
 use super::{Context, Pass};
 use crate::error::{Error, Result};
 use crate::ir::dump::fmt_float;
-use crate::ir::tensor;
+use crate::ir::{ops, tensor};
 use crate::ir::{Graph, Model, Node};
 use crate::proto::tensor_proto::DataType;
 use crate::proto::TensorProto;
@@ -403,38 +403,40 @@ fn read_layer_checked(graph: &Graph, ix: NodeIndex) -> std::result::Result<Layer
     if output.is_empty() || n.outputs.len() != 1 {
         return Err(format!("{label} has no single output"));
     }
-    let weight = n.inputs.get(1).cloned().unwrap_or_default();
-    if weight.is_empty() {
-        return Err(format!("{label} has no weight input"));
-    }
-    own_f32_constant(graph, &weight, ix, "weight")?;
-    let wt = &graph.constants[&weight].tensor;
-    let dims: Vec<usize> = wt.dims.iter().map(|&d| d.max(0) as usize).collect();
+    // The views refuse a malformed layer (no weight, group < 1, …) with the reason.
     let (kind, alpha, beta) = match n.op_type.as_str() {
-        "Conv" => {
-            let group = n.attr_int("group").unwrap_or(1).max(1) as usize;
-            if dims.len() < 3 || !dims[0].is_multiple_of(group) {
-                return Err(format!(
-                    "weight '{weight}' of shape {} does not fit a Conv with group={group}",
-                    fmt_dims(&dims)
-                ));
-            }
-            (Kind::Conv { group }, 1.0, 1.0)
-        }
+        "Conv" => (
+            Kind::Conv {
+                group: ops::Conv::view(n)?.group,
+            },
+            1.0,
+            1.0,
+        ),
         _ => {
-            if dims.len() != 2 {
-                return Err(format!("Gemm B '{weight}' of shape {} is not 2-D", fmt_dims(&dims)));
-            }
-            let kind = Kind::Gemm {
-                trans_b: n.attr_int("transB").unwrap_or(0) != 0,
-            };
+            let gemm = ops::Gemm::view(n)?;
             (
-                kind,
-                n.attr_float("alpha").unwrap_or(1.0) as f64,
-                n.attr_float("beta").unwrap_or(1.0) as f64,
+                Kind::Gemm { trans_b: gemm.trans_b },
+                gemm.alpha as f64,
+                gemm.beta as f64,
             )
         }
     };
+    let weight = n.inputs[ops::WEIGHT_SLOT].clone();
+    own_f32_constant(graph, &weight, ix, "weight")?;
+    let wt = &graph.constants[&weight].tensor;
+    let dims: Vec<usize> = wt.dims.iter().map(|&d| d.max(0) as usize).collect();
+    match kind {
+        Kind::Conv { group } if dims.len() < 3 || !dims[0].is_multiple_of(group) => {
+            return Err(format!(
+                "weight '{weight}' of shape {} does not fit a Conv with group={group}",
+                fmt_dims(&dims)
+            ));
+        }
+        Kind::Gemm { .. } if dims.len() != 2 => {
+            return Err(format!("Gemm B '{weight}' of shape {} is not 2-D", fmt_dims(&dims)));
+        }
+        _ => {}
+    }
     let layout = Layout { kind, dims };
     if tensor::element_count(wt) != layout.dims.iter().product::<usize>() as u64 {
         return Err(format!("weight '{weight}' has a bad element count"));
@@ -871,7 +873,7 @@ fn check_pair(
     if !same_kind {
         return Err(format!("{} feeds {}, a different kind of layer", from.label, to.label));
     }
-    if matches!(to.layout.kind, Kind::Gemm { .. }) && graph.nodes[to.node].attr_int("transA").unwrap_or(0) != 0 {
+    if matches!(to.layout.kind, Kind::Gemm { .. }) && ops::Gemm::view(&graph.nodes[to.node])?.trans_a {
         return Err(format!("{} has transA = 1", to.label));
     }
     if from.layout.out_channels() != to.layout.in_channels() {

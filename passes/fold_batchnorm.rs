@@ -58,7 +58,7 @@ use super::rewritable::{f32_tensor, is_graph_output, own_f32_constant, read_in_s
 use super::{Context, Pass};
 use crate::error::{Error, Result};
 use crate::ir::dump::fmt_float;
-use crate::ir::tensor;
+use crate::ir::{ops, tensor};
 use crate::ir::{BatchNormRecord, Constant, ConstantOrigin, Graph, Model};
 use crate::proto::tensor_proto::DataType;
 use crate::proto::TensorProto;
@@ -186,10 +186,16 @@ fn match_layer(graph: &Graph, candidate: NodeIndex, x: &str) -> std::result::Res
         ));
     };
     let p = &graph.nodes[layer_node];
-    let layer = match (p.is_default_domain(), p.op_type.as_str()) {
-        (true, "Conv") => Layer::Conv,
-        (true, "ConvTranspose") => Layer::ConvTranspose(p.attr_int("group").unwrap_or(1).max(1) as usize),
-        (true, "Gemm") => Layer::Gemm(p.attr_int("transB").unwrap_or(0) != 0),
+    // The views refuse a malformed layer (no weight, group < 1, …) with the reason.
+    let (layer, beta, bias_slot) = match (p.is_default_domain(), p.op_type.as_str()) {
+        (true, "Conv" | "ConvTranspose") => match ops::Conv::view(p)? {
+            c if c.transposed => (Layer::ConvTranspose(c.group), 1.0, c.bias_slot),
+            c => (Layer::Conv, 1.0, c.bias_slot),
+        },
+        (true, "Gemm") => {
+            let g = ops::Gemm::view(p)?;
+            (Layer::Gemm(g.trans_b), g.beta as f64, g.bias_slot)
+        }
         _ => {
             return Err(format!(
                 "its input '{x}' comes from {}, not a Conv, ConvTranspose or Gemm",
@@ -204,10 +210,7 @@ fn match_layer(graph: &Graph, candidate: NodeIndex, x: &str) -> std::result::Res
     if let Some(reason) = shared_reason(graph, x, candidate) {
         return Err(format!("output of {label}: {reason}"));
     }
-    let weight = p.inputs.get(1).cloned().unwrap_or_default();
-    if weight.is_empty() {
-        return Err(format!("{label} has no weight input"));
-    }
+    let weight = p.inputs[ops::WEIGHT_SLOT].clone();
     own_f32_constant(graph, &weight, layer_node, "weight")?;
     let wdims = &graph.constants[&weight].tensor.dims;
     let channels = match layer {
@@ -236,7 +239,7 @@ fn match_layer(graph: &Graph, candidate: NodeIndex, x: &str) -> std::result::Res
             wdims[if trans_b { 0 } else { 1 }] as usize
         }
     };
-    let bias = p.inputs.get(2).filter(|b| !b.is_empty()).cloned();
+    let bias = bias_slot.map(|slot| p.inputs[slot].clone());
     if let Some(b) = &bias {
         own_f32_constant(graph, b, layer_node, "bias")?;
         let bdims = &graph.constants[b].tensor.dims;
@@ -251,10 +254,6 @@ fn match_layer(graph: &Graph, candidate: NodeIndex, x: &str) -> std::result::Res
             ));
         }
     }
-    let beta = match layer {
-        Layer::Gemm(_) => p.attr_float("beta").unwrap_or(1.0) as f64,
-        _ => 1.0,
-    };
     Ok(LayerMatch {
         node: layer_node,
         layer,

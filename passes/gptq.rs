@@ -38,6 +38,7 @@ use tract_onnx::prelude::tract_ndarray::{Array2, ArrayView2};
 use super::{Context, Pass};
 use crate::calib::source::DataSource;
 use crate::error::{Error, Result};
+use crate::ir::ops::{self, AutoPad};
 use crate::ir::tensor;
 use crate::ir::{Graph, Model, Node};
 use crate::quant::params::{self, QuantizedTensor};
@@ -172,10 +173,6 @@ impl Target {
     }
 }
 
-fn ints(n: &Node, name: &str) -> Option<Vec<i64>> {
-    n.attribute(name).map(|a| a.ints.clone())
-}
-
 fn read_target(graph: &Graph, n: &Node, weight: &str) -> std::result::Result<Target, String> {
     let wt = &graph.constants[weight].tensor;
     let dims: Vec<usize> = wt.dims.iter().map(|&d| d.max(0) as usize).collect();
@@ -186,47 +183,38 @@ fn read_target(graph: &Graph, n: &Node, weight: &str) -> std::result::Result<Tar
     let input = n.inputs[0].clone();
     let (reader, order, rows_per_group, columns, groups) = match n.op_type.as_str() {
         "Conv" => {
-            let group = n.attr_int("group").unwrap_or(1).max(1) as usize;
+            let conv = ops::Conv::view(n)?;
+            let group = conv.group;
             if dims.len() < 3 || !dims[0].is_multiple_of(group) {
                 return Err(bad_shape());
             }
-            if n.attribute("auto_pad")
-                .is_some_and(|a| !matches!(a.s(), b"NOTSET" | b""))
-            {
+            if conv.auto_pad != AutoPad::NotSet {
                 return Err("Conv with auto_pad (explicit pads only)".into());
             }
             let kernel = dims[2..].to_vec();
             let rank = kernel.len();
-            let get = |name: &str, default: usize, len: usize| -> std::result::Result<Vec<usize>, String> {
-                match ints(n, name) {
-                    None => Ok(vec![default; len]),
-                    Some(v) if v.len() == len && v.iter().all(|&x| x >= 0) => {
-                        Ok(v.iter().map(|&x| x as usize).collect())
-                    }
-                    Some(v) => Err(format!("Conv {name} {v:?} does not fit a {rank}-D kernel")),
-                }
-            };
-            let pads = get("pads", 0, 2 * rank)?;
+            let (pads_begin, pads_end) = conv.pads(rank)?;
             let reader = Reader::Conv(ConvWindow {
                 group,
                 channels_per_group: dims[1],
-                strides: get("strides", 1, rank)?.iter().map(|&s| s.max(1)).collect(),
-                dilations: get("dilations", 1, rank)?.iter().map(|&s| s.max(1)).collect(),
-                pads_begin: pads[..rank].to_vec(),
-                pads_end: pads[rank..].to_vec(),
+                strides: conv.strides(rank)?,
+                dilations: conv.dilations(rank)?,
+                pads_begin,
+                pads_end,
                 kernel: kernel.clone(),
             });
             let columns = dims[1] * kernel.iter().product::<usize>();
             (reader, WeightOrder::RowMajor, dims[0] / group, columns, group)
         }
         "Gemm" => {
-            if n.attr_int("transA").unwrap_or(0) != 0 {
+            let gemm = ops::Gemm::view(n)?;
+            if gemm.trans_a {
                 return Err("Gemm with transA = 1 (the features of A are on axis 0)".into());
             }
             if dims.len() != 2 {
                 return Err(bad_shape());
             }
-            let trans_b = n.attr_int("transB").unwrap_or(0) != 0;
+            let trans_b = gemm.trans_b;
             let (rows, columns) = if trans_b {
                 (dims[0], dims[1])
             } else {
@@ -240,7 +228,8 @@ fn read_target(graph: &Graph, n: &Node, weight: &str) -> std::result::Result<Tar
             (Reader::Rows { features: columns }, order, rows, columns, 1)
         }
         "MatMul" => {
-            if dims.len() != 2 || n.inputs.get(1).map(String::as_str) != Some(weight) {
+            let matmul = ops::MatMul::view(n)?;
+            if dims.len() != 2 || n.inputs[matmul.weight_slot] != weight {
                 return Err("MatMul whose weight is not its 2-D second input".into());
             }
             (

@@ -331,6 +331,33 @@ fn must_not_fire() {
     assert!(ctx.batchnorm_records.is_empty());
 }
 
+/// A Conv with `group: 0` (malformed: ONNX wants a positive group) is no candidate: the BN stays,
+/// and the notes say why (the `ir::ops` view refuses the node), instead of a panic or a fold
+/// that reads the group as 1.
+#[test]
+fn malformed_conv_is_kept_with_its_reason() {
+    let (bn, params) = batchnorm("bn", "c", "y", 2, 180);
+    let mut inits = vec![weight("w", &[2, 2, 1, 1], 31)];
+    inits.extend(params);
+    let conv = with_attr(node("Conv", "conv", &["x", "w"], &["c"]), attr_int("group", 0));
+    let g = graph(
+        vec![conv, bn],
+        inits,
+        vec![f32_info("x", &[1, 2, 2, 2])],
+        vec![f32_info("y", &[1, 2, 2, 2])],
+    );
+    let model = Model::from_proto(model(g, 17)).unwrap();
+    let (_, after, ctx) = run_fold(&model);
+    assert_eq!(after.to_string(), model.to_string(), "nothing may change");
+    assert!(ctx.batchnorm_records.is_empty());
+    let notes = &ctx.pass_reports[0].notes;
+    assert!(
+        notes.iter().any(|n| n.starts_with("kept BatchNormalization 'bn'")
+            && n.contains("Conv 'conv': group 0 is not a positive number")),
+        "{notes:?}"
+    );
+}
+
 fn assert_close(got: &[Vec<Vec<f32>>], want: &[Vec<Vec<f32>>], tolerance: f64) {
     assert_eq!(got.len(), want.len());
     let outputs = want[0].len();

@@ -4,51 +4,70 @@
 //! `b_q[c] + Σ x_q·W_q[c]` is one integer accumulator (QLinearConv, QGemm).
 
 use super::{BiasRule, DataInputs, OpRole, Rule, WeightRule};
-use crate::ir::Node;
+use crate::ir::{ops, Node};
 
 pub(super) const RULES: &[Rule] = &[
     // W is [M, C/group, kH, kW]: the output channels are axis 0; B[M] joins the accumulator.
     Rule {
-        bias: Some(BIAS),
-        ..weighted("Conv", |_, _| Some(0))
+        bias: Some(CONV_BIAS),
+        ..weighted("Conv", conv_weight_axis)
     },
     // W is [C, M/group, kH, kW]: the output channels are axis 1; B[M] joins the accumulator.
     Rule {
-        bias: Some(BIAS),
-        ..weighted("ConvTranspose", |_, _| Some(1))
+        bias: Some(CONV_BIAS),
+        ..weighted("ConvTranspose", conv_weight_axis)
     },
     // B is [K, N], or [N, K] with transB: the output columns are axis 1, or 0; B may be an
     // activation (then it is data, not a weight); C[N] joins the accumulator.
     Rule {
         data: DataInputs::Slots(&[0, 1]),
-        bias: Some(BIAS),
+        bias: Some(GEMM_BIAS),
         ..weighted("Gemm", gemm_weight_axis)
     },
     // Both operands may be activations (attention); a constant B [.., K, N] has its output
     // columns on the last axis. No bias input.
     Rule {
         data: DataInputs::Slots(&[0, 1]),
-        ..weighted("MatMul", |_, rank| rank.checked_sub(1))
+        ..weighted("MatMul", matmul_weight_axis)
     },
 ];
 
 /// A weighted op: input 0 is data, input 1 the weight, per channel on `axis(node, rank)`.
 const fn weighted(op_type: &'static str, axis: fn(&Node, usize) -> Option<usize>) -> Rule {
     Rule {
-        weight: Some(WeightRule { slot: 1, axis }),
+        weight: Some(WeightRule {
+            slot: ops::WEIGHT_SLOT,
+            axis,
+        }),
         ..Rule::new(op_type, OpRole::Weighted)
     }
 }
 
-/// Conv's B and Gemm's C, input 2. Gemm's C goes int32 only with `transA = 0`, as onnxq always
-/// has; `transA` is Gemm's attribute, the Convs have none and read 0.
-const BIAS: BiasRule = BiasRule {
-    slot: 2,
-    when: |n| n.attr_int("transA").unwrap_or(0) == 0,
+/// Conv's and ConvTranspose's B, input 2.
+const CONV_BIAS: BiasRule = BiasRule {
+    slot: ops::BIAS_SLOT,
+    when: |_| true,
 };
 
+/// Gemm's C, input 2: int32 only with `transA = 0`, as onnxq always has.
+const GEMM_BIAS: BiasRule = BiasRule {
+    slot: ops::BIAS_SLOT,
+    when: |n| ops::Gemm::view(n).is_ok_and(|g| !g.trans_a),
+};
+
+// The axes are the views' (`ir::ops`); a node its view refuses (a Conv with `group: 0`) has
+// no output-channel axis, so its weight is quantized per tensor.
+
+fn conv_weight_axis(n: &Node, _rank: usize) -> Option<usize> {
+    ops::Conv::view(n).ok().map(|c| c.weight_output_axis)
+}
+
 fn gemm_weight_axis(n: &Node, _rank: usize) -> Option<usize> {
-    Some(if n.attr_int("transB").unwrap_or(0) != 0 { 0 } else { 1 })
+    ops::Gemm::view(n).ok().map(|g| g.weight_output_axis)
+}
+
+fn matmul_weight_axis(n: &Node, rank: usize) -> Option<usize> {
+    ops::MatMul::view(n).ok()?.weight_output_axis(rank)
 }
 
 /// The activations an integer kernel applies to its own accumulator (QLinearConv followed by
