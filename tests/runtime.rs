@@ -88,3 +88,64 @@ fn a_round_trip_leaves_tract_outputs_bit_identical() {
     };
     assert_eq!(run(&m), run(&back));
 }
+
+/// Every node output of a shipped model, in topological order.
+fn every_node_output(m: &onnxq::ir::Model) -> Vec<String> {
+    let order = m.graph.topological_order().unwrap();
+    order
+        .into_iter()
+        .flat_map(|ix| m.graph.nodes[ix].outputs.clone())
+        .filter(|o| !o.is_empty())
+        .collect()
+}
+
+#[test]
+fn visiting_shows_each_input_and_each_returned_tensor_once_with_the_values_run_returns() {
+    use onnxq::error::Error;
+    for model in ["ppocr_mobile_v2_cls", "crepe_tiny"] {
+        let m = onnx::load_model(&repo(&format!("models/{model}.onnx"))).unwrap();
+        let data = Dataset::load(&repo(&format!("models/{model}.eval.npz"))).unwrap();
+        let bound = data.bind(&InputSpec::of_graph(&m.graph)).unwrap();
+        let extra = every_node_output(&m);
+        let runner = Runner::new(&m, &bound.sample_shapes(), &extra).unwrap();
+        let inputs: Vec<String> = bound.sample_shapes().into_iter().map(|(n, _, _)| n).collect();
+        for i in 0..2 {
+            let returned = runner.run(bound.sample(i).unwrap()).unwrap();
+            let mut seen: Vec<(String, Vec<f32>)> = Vec::new();
+            runner
+                .run_visiting(bound.sample(i).unwrap(), |name, t| {
+                    seen.push((name.to_string(), to_f32_vec(t)?));
+                    Ok(())
+                })
+                .unwrap();
+            // The fed inputs first, in order, then every returned tensor exactly once.
+            let (fed, rest) = seen.split_at(inputs.len());
+            assert_eq!(
+                fed.iter().map(|s| &s.0).collect::<Vec<_>>(),
+                inputs.iter().collect::<Vec<_>>()
+            );
+            assert_eq!(rest.len(), runner.outputs.len(), "{model}");
+            for (name, value) in runner.outputs.iter().zip(&returned) {
+                let shown: Vec<&Vec<f32>> = rest.iter().filter(|s| &s.0 == name).map(|s| &s.1).collect();
+                assert_eq!(shown.len(), 1, "{model}: {name} shown {} times", shown.len());
+                // Bit-identical (NaN-free models: plain equality is bit equality here).
+                assert_eq!(shown[0], &to_f32_vec(value).unwrap(), "{model}: {name}");
+            }
+        }
+        // A visitor failing on every returned tensor: the error is the one of the first tensor
+        // in `outputs` order, as when they were visited in that order.
+        let err = runner
+            .run_visiting(bound.sample(0).unwrap(), |name, _| {
+                if inputs.iter().any(|n| n == name) {
+                    Ok(())
+                } else {
+                    Err(Error::Runtime(format!("refused {name}")))
+                }
+            })
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            Error::Runtime(format!("refused {}", runner.outputs[0])).to_string()
+        );
+    }
+}
