@@ -12,7 +12,7 @@
 //! Work-arounds for what tract trips on: value_info and declared output shapes are ignored
 //! (symbolic dims there break its shape analysis); input shapes are fixed before optimising.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
 use tract_onnx::prelude::*;
@@ -24,14 +24,10 @@ use crate::ir::Model;
 
 pub struct Runner {
     plan: Arc<TypedRunnableModel>,
-    /// The same optimised model, planned to keep only its sinks to the end of a run: what
-    /// `run_visiting` runs.
-    visiting: Arc<TypedRunnableModel>,
-    /// Per node of the optimised model: `(output slot, index into outputs)` of each returned
-    /// tensor it produces (several names can share an outlet).
-    produced: Vec<Vec<(usize, usize)>>,
-    /// The returned tensors tract folded to constants: `(index into outputs, value)`.
-    constants: Vec<(usize, Arc<Tensor>)>,
+    /// The optimised model `plan` runs.
+    model: Arc<TypedModel>,
+    /// What `run_visiting` runs, made on its first call.
+    visiting: OnceLock<Visiting>,
     /// Names of the model inputs, in the order `run` takes them.
     input_names: Vec<String>,
     /// Names of the tensors `run` returns, in order: the graph outputs, then the requested
@@ -72,12 +68,10 @@ impl Runner {
         typed.select_outputs_by_name(&outputs).map_err(tract_error)?;
         let optimized = Arc::new(typed.into_optimized().map_err(tract_error)?);
         let plan = SimplePlan::new(optimized.clone()).map_err(tract_error)?;
-        let (visiting, produced, constants) = visiting_plan(&optimized)?;
         Ok(Runner {
             plan,
-            visiting,
-            produced,
-            constants,
+            model: optimized,
+            visiting: OnceLock::new(),
             input_names,
             outputs,
         })
@@ -108,24 +102,34 @@ impl Runner {
                 failed = Some((index, e));
             }
         };
-        for (index, value) in &self.constants {
+        let visiting = self.visiting()?;
+        for (index, value) in &visiting.constants {
             show(*index, value);
         }
-        let mut state = SimpleState::new(&self.visiting).map_err(tract_error)?;
-        let run = state.run_plan_with_eval(inputs.into(), |ctx, op_state, node, node_inputs| {
-            let values = tract_onnx::tract_core::plan::eval(ctx, op_state, node, node_inputs)?;
-            for &(slot, index) in &self.produced[node.id] {
-                show(index, &values[slot]);
-            }
-            TractResult::Ok(values)
-        });
-        // What the plan keeps to the end (its sinks) goes with the state.
-        drop(state);
-        run.map_err(tract_error)?;
+        let mut state = SimpleState::new(&visiting.plan).map_err(tract_error)?;
+        // What it returns (the sinks, already shown) is dropped at once.
+        state
+            .run_plan_with_eval(inputs.into(), |ctx, op_state, node, node_inputs| {
+                let values = tract_onnx::tract_core::plan::eval(ctx, op_state, node, node_inputs)?;
+                for &(slot, index) in &visiting.produced[node.id] {
+                    show(index, &values[slot]);
+                }
+                TractResult::Ok(values)
+            })
+            .map_err(tract_error)?;
         match failed {
             Some((_, e)) => Err(e),
             None => Ok(()),
         }
+    }
+
+    fn visiting(&self) -> Result<&Visiting> {
+        if let Some(v) = self.visiting.get() {
+            return Ok(v);
+        }
+        // Two threads may both build it: the plans are the same, the first one set is kept.
+        let built = Visiting::new(&self.model)?;
+        Ok(self.visiting.get_or_init(|| built))
     }
 
     /// Runs `count` samples in parallel; `feed(i)` makes sample i's inputs and `observe(i,
@@ -144,53 +148,59 @@ impl Runner {
     }
 }
 
-/// A plan over `model` for `Runner::run_visiting`: it computes every model output but keeps to
-/// the end of the run only those no node reads (sinks, which tract never flushes anyway), so the
-/// others are dropped after their last reader; and where each model output comes from.
-#[allow(clippy::type_complexity)]
-fn visiting_plan(
-    model: &Arc<TypedModel>,
-) -> Result<(
-    Arc<TypedRunnableModel>,
-    Vec<Vec<(usize, usize)>>,
-    Vec<(usize, Arc<Tensor>)>,
-)> {
-    let outlets = model.output_outlets().map_err(tract_error)?;
-    let mut produced: Vec<Vec<(usize, usize)>> = vec![Vec::new(); model.nodes().len()];
-    let mut constants = Vec::new();
-    for (index, outlet) in outlets.iter().enumerate() {
-        match model.node(outlet.node).op_as::<Const>() {
-            Some(k) => constants.push((index, k.val().clone())),
-            None => produced[outlet.node].push((outlet.slot, index)),
-        }
-    }
-    let is_sink = |node: usize| model.node(node).outputs.iter().all(|o| o.successors.is_empty());
-    let mut kept: Vec<OutletId> = Vec::new();
-    for outlet in outlets {
-        if !produced[outlet.node].is_empty() && is_sink(outlet.node) && !kept.contains(outlet) {
-            kept.push(*outlet);
-        }
-    }
-    let build = |kept: &[OutletId]| {
-        #[allow(deprecated)]
-        SimplePlan::build_with_outputs_and_deps(model.clone(), kept, &[], &RunOptions::default()).map_err(tract_error)
-    };
-    let mut plan = build(&kept)?;
-    // Every model output reaches a sink in an optimised model; should one not, keep it too.
-    let missing: Vec<OutletId> = outlets
-        .iter()
-        .filter(|o| !produced[o.node].is_empty() && !plan.order_without_consts().contains(&o.node))
-        .copied()
-        .collect();
-    if !missing.is_empty() {
-        for o in missing {
-            if !kept.contains(&o) {
-                kept.push(o);
+/// A plan for `Runner::run_visiting` over the same optimised model as `Runner::plan`: it
+/// computes every model output but keeps to the end of the run only those no node reads (sinks,
+/// which tract never flushes anyway), so the others are dropped after their last reader.
+struct Visiting {
+    plan: Arc<TypedRunnableModel>,
+    /// Per node: `(output slot, index into Runner::outputs)` of each returned tensor it
+    /// produces (several names can share an outlet).
+    produced: Vec<Vec<(usize, usize)>>,
+    /// The returned tensors tract folded to constants: `(index into Runner::outputs, value)`.
+    constants: Vec<(usize, Arc<Tensor>)>,
+}
+
+impl Visiting {
+    fn new(model: &Arc<TypedModel>) -> Result<Visiting> {
+        let outlets = model.output_outlets().map_err(tract_error)?;
+        let mut produced: Vec<Vec<(usize, usize)>> = vec![Vec::new(); model.nodes().len()];
+        let mut constants = Vec::new();
+        for (index, outlet) in outlets.iter().enumerate() {
+            match model.node(outlet.node).op_as::<Const>() {
+                Some(k) => constants.push((index, k.val().clone())),
+                None => produced[outlet.node].push((outlet.slot, index)),
             }
         }
-        plan = build(&kept)?;
+        let is_sink = |node: usize| model.node(node).outputs.iter().all(|o| o.successors.is_empty());
+        let mut kept: Vec<OutletId> = Vec::new();
+        for outlet in outlets {
+            if !produced[outlet.node].is_empty() && is_sink(outlet.node) && !kept.contains(outlet) {
+                kept.push(*outlet);
+            }
+        }
+        let build = |kept: &[OutletId]| {
+            #[allow(deprecated)]
+            SimplePlan::build_with_outputs_and_deps(model.clone(), kept, &[], &RunOptions::default())
+                .map_err(tract_error)
+        };
+        let mut plan = build(&kept)?;
+        // Every model output leads to a sink in an optimised model; should one not, keep it too.
+        let computed: std::collections::HashSet<usize> = plan.order_without_consts().iter().copied().collect();
+        let missing: Vec<OutletId> = outlets
+            .iter()
+            .filter(|o| !produced[o.node].is_empty() && !computed.contains(&o.node) && !kept.contains(o))
+            .copied()
+            .collect();
+        if !missing.is_empty() {
+            kept.extend(missing);
+            plan = build(&kept)?;
+        }
+        Ok(Visiting {
+            plan: Arc::new(plan),
+            produced,
+            constants,
+        })
     }
-    Ok((Arc::new(plan), produced, constants))
 }
 
 /// Lists the ops of a model that tract has no implementation for.

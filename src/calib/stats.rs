@@ -1,6 +1,7 @@
 //! Collecting activation statistics: the float model runs in tract over the calibration
-//! samples, in parallel over one shared plan; each sample's tensors are observed and dropped as
-//! soon as it finishes, so memory does not grow with the number of samples. Per-sample
+//! samples, in parallel over one shared plan; each tensor is observed as tract produces it and
+//! dropped after its last reader (`Runner::run_visiting`), so memory grows neither with the
+//! number of samples nor with the number of tensors of a sample. Per-sample
 //! statistics are merged in sample order, wave after wave, so the result is the same whatever
 //! the thread count. Statistics are keyed by tensor name, carry a fingerprint of the graph,
 //! the weights and the data they were taken on, and can be saved, reused and merged.
