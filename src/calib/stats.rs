@@ -411,3 +411,71 @@ impl Progress {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sample i's statistics of two tensors; the second is missing on odd samples. Samples
+    /// take different times, so they finish out of order.
+    fn sample(i: usize) -> Result<Vec<Option<TensorStats>>> {
+        std::thread::sleep(std::time::Duration::from_millis(((7 * i) % 5) as u64));
+        let values: Vec<f32> = (0..24).map(|k| ((k * 31 + i * 17) % 23) as f32 * 0.37 - 3.1).collect();
+        let mut a = TensorStats::default();
+        a.observe(i as u32, &values, &[1, 2, 3, 4]).unwrap();
+        let b = i.is_multiple_of(2).then(|| {
+            let mut b = TensorStats::default();
+            b.observe(i as u32, &values[..6], &[6]).unwrap();
+            b
+        });
+        Ok(vec![Some(a), b])
+    }
+
+    fn json(stats: &[Option<TensorStats>]) -> String {
+        serde_json::to_string(stats).unwrap()
+    }
+
+    #[test]
+    fn samples_merge_in_sample_order_whatever_the_thread_count() {
+        let mut want: Vec<Option<TensorStats>> = vec![None, None];
+        for i in 0..23 {
+            for (acc, s) in want.iter_mut().zip(sample(i).unwrap()) {
+                match (acc.as_mut(), s) {
+                    (Some(a), Some(s)) => a.merge(&s),
+                    (None, Some(s)) => *acc = Some(s),
+                    _ => {}
+                }
+            }
+        }
+        for threads in [1, 2, 3, 5] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let done = std::sync::Mutex::new(Vec::new());
+            let got = pool
+                .install(|| observe_all(23, sample, |i| done.lock().unwrap().push(i)))
+                .unwrap();
+            assert_eq!(json(&got), json(&want), "{threads} threads");
+            assert_eq!(done.into_inner().unwrap(), (0..23).collect::<Vec<_>>());
+        }
+        assert!(observe_all(0, sample, |_| {}).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_first_failing_sample_is_reported_whatever_the_thread_count() {
+        let failing = |i: usize| {
+            if i == 6 || i == 9 || i == 14 {
+                std::thread::sleep(std::time::Duration::from_millis(if i == 6 { 20 } else { 0 }));
+                return Err(Error::Runtime(format!("sample {i}")));
+            }
+            sample(i)
+        };
+        for threads in [1, 2, 4] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let err = pool.install(|| observe_all(20, failing, |_| {})).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                Error::Runtime("sample 6".into()).to_string(),
+                "{threads} threads"
+            );
+        }
+    }
+}
