@@ -8,6 +8,7 @@ use common::{max_relative_error, repo};
 use onnxq::calib::data::{Dataset, InputSpec};
 use onnxq::onnx;
 use onnxq::runtime::{to_f32_vec, Runner};
+use tract_onnx::prelude::{DatumType, TValue};
 
 fn run_eval(model: &str, extra: &[String]) -> (Vec<String>, Vec<Vec<Vec<f32>>>) {
     let m = onnx::load_model(&repo(&format!("models/{model}.onnx"))).unwrap();
@@ -87,4 +88,100 @@ fn a_round_trip_leaves_tract_outputs_bit_identical() {
             .unwrap()
     };
     assert_eq!(run(&m), run(&back));
+}
+
+/// Every node output of a shipped model, in topological order.
+fn every_node_output(m: &onnxq::ir::Model) -> Vec<String> {
+    let order = m.graph.topological_order().unwrap();
+    order
+        .into_iter()
+        .flat_map(|ix| m.graph.nodes[ix].outputs.clone())
+        .filter(|o| !o.is_empty())
+        .collect()
+}
+
+/// `run_visiting` shows the fed inputs first, in order, then every tensor `run` returns exactly
+/// once, with bit-identical values; a visitor failing on every returned tensor gets the error of
+/// the first one in `outputs` order, as when they were visited in that order.
+fn assert_visits_match_run(what: &str, runner: &Runner, inputs: &[String], sample: impl Fn() -> Vec<TValue>) {
+    use onnxq::error::Error;
+    let returned = runner.run(sample()).unwrap();
+    let mut seen: Vec<(String, Vec<f32>)> = Vec::new();
+    runner
+        .run_visiting(sample(), |name, t| {
+            seen.push((name.to_string(), to_f32_vec(t)?));
+            Ok(())
+        })
+        .unwrap();
+    let (fed, rest) = seen.split_at(inputs.len());
+    assert_eq!(
+        fed.iter().map(|s| &s.0).collect::<Vec<_>>(),
+        inputs.iter().collect::<Vec<_>>()
+    );
+    assert_eq!(rest.len(), runner.outputs.len(), "{what}");
+    for (name, value) in runner.outputs.iter().zip(&returned) {
+        let shown: Vec<&Vec<f32>> = rest.iter().filter(|s| &s.0 == name).map(|s| &s.1).collect();
+        assert_eq!(shown.len(), 1, "{what}: {name} shown {} times", shown.len());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(shown[0]), bits(&to_f32_vec(value).unwrap()), "{what}: {name}");
+    }
+    let err = runner
+        .run_visiting(sample(), |name, _| {
+            if inputs.iter().any(|n| n == name) {
+                Ok(())
+            } else {
+                Err(Error::Runtime(format!("refused {name}")))
+            }
+        })
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        Error::Runtime(format!("refused {}", runner.outputs[0])).to_string()
+    );
+}
+
+#[test]
+fn visiting_shows_each_input_and_each_returned_tensor_once_with_the_values_run_returns() {
+    for model in ["ppocr_mobile_v2_cls", "crepe_tiny"] {
+        let m = onnx::load_model(&repo(&format!("models/{model}.onnx"))).unwrap();
+        let data = Dataset::load(&repo(&format!("models/{model}.eval.npz"))).unwrap();
+        let bound = data.bind(&InputSpec::of_graph(&m.graph)).unwrap();
+        let runner = Runner::new(&m, &bound.sample_shapes(), &every_node_output(&m)).unwrap();
+        let inputs: Vec<String> = bound.sample_shapes().into_iter().map(|(n, _, _)| n).collect();
+        for i in 0..2 {
+            assert_visits_match_run(model, &runner, &inputs, || bound.sample(i).unwrap());
+        }
+    }
+}
+
+#[test]
+fn visiting_shows_folded_constants_shared_outlets_dead_ends_and_read_graph_outputs() {
+    use common::{f32_info, graph, model, node, seeded, tensor_f32};
+    use tract_onnx::prelude::{IntoTValue, Tensor};
+    // c folds to a constant; b is a itself once Identity is gone; dead is read by nothing; y is
+    // a graph output that z reads.
+    let g = graph(
+        vec![
+            node("Add", "fold", &["k1", "k2"], &["c"]),
+            node("Relu", "relu", &["x"], &["a"]),
+            node("Identity", "copy", &["a"], &["b"]),
+            node("Add", "add", &["b", "c"], &["d"]),
+            node("Sigmoid", "dead_end", &["x"], &["dead"]),
+            node("Mul", "mul", &["d", "x"], &["y"]),
+            node("Abs", "abs", &["y"], &["z"]),
+        ],
+        vec![
+            tensor_f32("k1", &[1, 2, 1, 1], &[0.5, -1.0]),
+            tensor_f32("k2", &[1, 2, 1, 1], &[0.25, 2.0]),
+        ],
+        vec![f32_info("x", &[1, 2, 4, 4])],
+        vec![f32_info("y", &[1, 2, 4, 4]), f32_info("z", &[1, 2, 4, 4])],
+    );
+    let m = onnxq::ir::Model::from_proto(model(g, 17)).unwrap();
+    let shape = vec![1usize, 2, 4, 4];
+    let extra = every_node_output(&m);
+    let runner = Runner::new(&m, &[("x".into(), DatumType::F32, shape.clone())], &extra).unwrap();
+    assert_eq!(runner.outputs.len(), 7);
+    let sample = || vec![Tensor::from_shape::<f32>(&shape, &seeded(32, 7)).unwrap().into_tvalue()];
+    assert_visits_match_run("hand-made", &runner, &["x".to_string()], sample);
 }

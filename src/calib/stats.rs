@@ -1,16 +1,16 @@
 //! Collecting activation statistics: the float model runs in tract over the calibration
-//! samples, in parallel over one shared plan; each sample's tensors are observed and dropped as
-//! soon as it finishes, so memory does not grow with the number of samples. Per-sample
-//! statistics are merged in sample order, wave after wave, so the result is the same whatever
-//! the thread count. Statistics are keyed by tensor name, carry a fingerprint of the graph,
-//! the weights and the data they were taken on, and can be saved, reused and merged.
+//! samples, in parallel over one shared plan; each tensor is observed as tract produces it and
+//! dropped after its last reader (`Runner::run_visiting`), so memory grows neither with the
+//! number of samples nor with the number of tensors of a sample. Per-sample statistics are
+//! merged in sample order as soon as a sample and all before it are done, so the result is the
+//! same whatever the thread count. Statistics are keyed by tensor name, carry a fingerprint of
+//! the graph, the weights and the data they were taken on, and can be saved, reused and merged.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
 use std::path::Path;
 use std::time::Instant;
 
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tract_onnx::prelude::{DatumType, TValue, Tensor};
 
@@ -111,6 +111,98 @@ fn observe_sample(
     Ok(stats)
 }
 
+/// Observes samples `0..total` on the current rayon pool and merges their statistics in sample
+/// order, each as soon as it and all before it are done: workers take the samples in order, and
+/// one that would run more than two samples per thread ahead of the next to merge waits, so at
+/// most that many samples' statistics are held besides the merged ones (a wave that waited for
+/// its slowest sample held them all). The result does not depend on which thread ran what. On
+/// errors, the samples started run to their end and the error of the first failing sample is
+/// returned.
+fn observe_all(
+    total: usize,
+    observe: impl Fn(usize) -> Result<Vec<Option<TensorStats>>> + Sync,
+    merged_one: impl Fn(usize) + Sync,
+) -> Result<Vec<Option<TensorStats>>> {
+    use std::sync::{Condvar, Mutex};
+    struct Shared {
+        /// The next sample to hand out, and the next to merge.
+        next: usize,
+        next_to_merge: usize,
+        /// Samples done but not merged yet, by index.
+        done: BTreeMap<usize, Vec<Option<TensorStats>>>,
+        merged: Option<Vec<Option<TensorStats>>>,
+        /// The first failing sample and its error.
+        failed: Option<(usize, Error)>,
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let ahead = 2 * threads;
+    let shared = Mutex::new(Shared {
+        next: 0,
+        next_to_merge: 0,
+        done: BTreeMap::new(),
+        merged: None,
+        failed: None,
+    });
+    let advanced = Condvar::new();
+    let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
+    let worker = || loop {
+        let index = {
+            let mut s = lock();
+            while s.failed.is_none() && s.next < total && s.next >= s.next_to_merge + ahead {
+                s = advanced.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+            if s.failed.is_some() || s.next >= total {
+                return;
+            }
+            s.next += 1;
+            s.next - 1
+        };
+        let result = observe(index);
+        let mut s = lock();
+        match result {
+            Ok(stats) => {
+                s.done.insert(index, stats);
+                // Merge in sample order: the result does not depend on which thread ran what.
+                loop {
+                    let at = s.next_to_merge;
+                    let Some(sample) = s.done.remove(&at) else { break };
+                    match s.merged.as_mut() {
+                        None => s.merged = Some(sample),
+                        Some(merged) => {
+                            for (acc, st) in merged.iter_mut().zip(sample) {
+                                match (acc.as_mut(), st) {
+                                    (Some(a), Some(st)) => a.merge(&st),
+                                    (None, Some(st)) => *acc = Some(st),
+                                    _ => {}
+                                }
+                            }
+                        }
+                    }
+                    s.next_to_merge += 1;
+                    merged_one(at);
+                }
+            }
+            Err(e) => {
+                if s.failed.as_ref().is_none_or(|(first, _)| index < *first) {
+                    s.failed = Some((index, e));
+                }
+            }
+        }
+        drop(s);
+        advanced.notify_all();
+    };
+    rayon::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|_| worker());
+        }
+    });
+    let s = shared.into_inner().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, e)) = s.failed {
+        return Err(e);
+    }
+    Ok(s.merged.unwrap_or_default())
+}
+
 /// Runs the model over every sample and gathers the statistics of every float tensor.
 pub fn collect(model: &Model, source: &DataSource, data_fingerprints: Vec<String>) -> Result<CalibrationStats> {
     let names = observed_names(model);
@@ -120,29 +212,12 @@ pub fn collect(model: &Model, source: &DataSource, data_fingerprints: Vec<String
     let node_outputs: Vec<String> = names.iter().filter(|n| !inputs.contains(n)).cloned().collect();
     let runner = Runner::new(model, &source.sample_shapes()?, &node_outputs)?;
     let total = source.len();
-    let mut merged: Vec<Option<TensorStats>> = vec![None; names.len()];
     let progress = Progress::new("calibrating", total as u64);
-    let wave = (2 * rayon::current_num_threads()).max(2);
-    let mut start = 0;
-    while start < total {
-        let end = (start + wave).min(total);
-        let per_sample: Vec<Vec<Option<TensorStats>>> = (start..end)
-            .into_par_iter()
-            .map(|i| observe_sample(&runner, source, &slots, i))
-            .collect::<Result<_>>()?;
-        // Merge in sample order: the result does not depend on which thread ran what.
-        for sample in per_sample {
-            for (acc, s) in merged.iter_mut().zip(sample) {
-                match (acc.as_mut(), s) {
-                    (Some(a), Some(s)) => a.merge(&s),
-                    (None, Some(s)) => *acc = Some(s),
-                    _ => {}
-                }
-            }
-        }
-        progress.advance((end - start) as u64);
-        start = end;
-    }
+    let merged = observe_all(
+        total,
+        |i| observe_sample(&runner, source, &slots, i),
+        |_| progress.advance(1),
+    )?;
     progress.finish();
     let (graph, weights) = model_fingerprint(model);
     let tensors = names
@@ -333,6 +408,74 @@ impl Progress {
     pub(crate) fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sample i's statistics of two tensors; the second is missing on odd samples. Samples
+    /// take different times, so they finish out of order.
+    fn sample(i: usize) -> Result<Vec<Option<TensorStats>>> {
+        std::thread::sleep(std::time::Duration::from_millis(((7 * i) % 5) as u64));
+        let values: Vec<f32> = (0..24).map(|k| ((k * 31 + i * 17) % 23) as f32 * 0.37 - 3.1).collect();
+        let mut a = TensorStats::default();
+        a.observe(i as u32, &values, &[1, 2, 3, 4]).unwrap();
+        let b = i.is_multiple_of(2).then(|| {
+            let mut b = TensorStats::default();
+            b.observe(i as u32, &values[..6], &[6]).unwrap();
+            b
+        });
+        Ok(vec![Some(a), b])
+    }
+
+    fn json(stats: &[Option<TensorStats>]) -> String {
+        serde_json::to_string(stats).unwrap()
+    }
+
+    #[test]
+    fn samples_merge_in_sample_order_whatever_the_thread_count() {
+        let mut want: Vec<Option<TensorStats>> = vec![None, None];
+        for i in 0..23 {
+            for (acc, s) in want.iter_mut().zip(sample(i).unwrap()) {
+                match (acc.as_mut(), s) {
+                    (Some(a), Some(s)) => a.merge(&s),
+                    (None, Some(s)) => *acc = Some(s),
+                    _ => {}
+                }
+            }
+        }
+        for threads in [1, 2, 3, 5] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let done = std::sync::Mutex::new(Vec::new());
+            let got = pool
+                .install(|| observe_all(23, sample, |i| done.lock().unwrap().push(i)))
+                .unwrap();
+            assert_eq!(json(&got), json(&want), "{threads} threads");
+            assert_eq!(done.into_inner().unwrap(), (0..23).collect::<Vec<_>>());
+        }
+        assert!(observe_all(0, sample, |_| {}).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_first_failing_sample_is_reported_whatever_the_thread_count() {
+        let failing = |i: usize| {
+            if i == 6 || i == 9 || i == 14 {
+                std::thread::sleep(std::time::Duration::from_millis(if i == 6 { 20 } else { 0 }));
+                return Err(Error::Runtime(format!("sample {i}")));
+            }
+            sample(i)
+        };
+        for threads in [1, 2, 4] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let err = pool.install(|| observe_all(20, failing, |_| {})).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                Error::Runtime("sample 6".into()).to_string(),
+                "{threads} threads"
+            );
         }
     }
 }
