@@ -40,9 +40,6 @@ use crate::ir::{Graph, Model, Node};
 /// The number of standard deviations either side of β (module docs).
 pub const DEFAULT_SIGMAS: f32 = 6.0;
 
-/// The fingerprint data entry of data-free statistics.
-pub const DATA_FREE: &str = "data-free";
-
 /// Values a synthetic histogram is built from (uniform over the range).
 const UNIFORM_POINTS: usize = 4096;
 
@@ -322,7 +319,7 @@ pub fn stats_from_batchnorm(model: &Model, records: &[BatchNormRecord], sigmas: 
         fingerprint: Fingerprint {
             graph: graph_fp,
             weights: weights_fp,
-            data: vec![DATA_FREE.to_string()],
+            data: vec![crate::calib::stats::DATA_FREE.to_string()],
         },
         samples: 0,
         tensors,

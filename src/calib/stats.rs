@@ -35,6 +35,9 @@ pub struct Fingerprint {
     pub data: Vec<String>,
 }
 
+/// The fingerprint data entry of data-free statistics (`calib::datafree`).
+pub const DATA_FREE: &str = "data-free";
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CalibrationStats {
     pub format: u32,
@@ -321,12 +324,12 @@ impl CalibrationStats {
         Ok(acc)
     }
 
-    /// Per tensor: the observed range, the range `method` chooses and how much it clips.
     /// Whether these statistics come from BatchNorm records rather than data (`calib::datafree`).
     pub fn is_data_free(&self) -> bool {
-        self.samples == 0 && self.fingerprint.data == [crate::calib::datafree::DATA_FREE]
+        self.samples == 0 && self.fingerprint.data == [DATA_FREE]
     }
 
+    /// Per tensor: the observed range, the range `method` chooses and how much it clips.
     pub fn ranges(&self, method: &Method) -> Vec<TensorRange> {
         self.tensors
             .iter()
