@@ -10,6 +10,7 @@
 //!   Subgraph attributes (If/Loop/Scan bodies) and local functions are carried as protos; the names
 //!   a subgraph captures from the outer scope become implicit inputs, so ordering stays correct.
 
+pub mod attribute;
 pub mod batchnorm;
 pub mod dump;
 pub mod ops;

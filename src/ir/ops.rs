@@ -278,14 +278,7 @@ mod tests {
         n
     }
 
-    fn int(name: &str, v: i64) -> AttributeProto {
-        AttributeProto {
-            name: Some(name.into()),
-            r#type: Some(AttributeType::Int as i32),
-            i: Some(v),
-            ..Default::default()
-        }
-    }
+    use crate::ir::attribute::{int, string};
 
     fn float(name: &str, v: f32) -> AttributeProto {
         AttributeProto {
@@ -301,15 +294,6 @@ mod tests {
             name: Some(name.into()),
             r#type: Some(AttributeType::Ints as i32),
             ints: v.to_vec(),
-            ..Default::default()
-        }
-    }
-
-    fn string(name: &str, v: &str) -> AttributeProto {
-        AttributeProto {
-            name: Some(name.into()),
-            r#type: Some(AttributeType::String as i32),
-            s: Some(v.as_bytes().to_vec()),
             ..Default::default()
         }
     }

@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use crate::error::{Error, Result};
 use crate::ir::tensor;
 use crate::ir::{Constant, ConstantOrigin, Model, Node};
-use crate::proto::attribute_proto::AttributeType;
 use crate::proto::{AttributeProto, TensorProto};
 use crate::quant::params::{self, BiasQuantization, QuantDtype};
 use crate::quant::plan::{node_key, InputRef, Plan, Precision};
@@ -40,7 +39,7 @@ pub fn required_opset(plan: &Plan) -> i64 {
 }
 
 fn axis_attr(axis: i64) -> AttributeProto {
-    int_attr("axis", axis)
+    crate::ir::attribute::int("axis", axis)
 }
 
 struct Builder<'a> {
@@ -157,8 +156,10 @@ impl Builder<'_> {
             } else {
                 let name = self.name(converted)?;
                 let mut cast = Node::new(&name, "Cast", vec![input.clone()], &name, node.order.saturating_sub(1));
-                cast.attributes
-                    .push(int_attr("to", crate::proto::tensor_proto::DataType::Float16 as i64));
+                cast.attributes.push(crate::ir::attribute::int(
+                    "to",
+                    crate::proto::tensor_proto::DataType::Float16 as i64,
+                ));
                 self.model.graph.nodes.add_node(cast);
                 *input = name;
             }
@@ -172,8 +173,10 @@ impl Builder<'_> {
         let half_output = self.name(format!("{output}::float16"))?;
         let back = self.name(format!("{output}::to_float"))?;
         let mut cast = Node::new(&back, "Cast", vec![half_output.clone()], &output, node.order + 1);
-        cast.attributes
-            .push(int_attr("to", crate::proto::tensor_proto::DataType::Float as i64));
+        cast.attributes.push(crate::ir::attribute::int(
+            "to",
+            crate::proto::tensor_proto::DataType::Float as i64,
+        ));
         let n = &mut self.model.graph.nodes[ix];
         n.inputs = inputs;
         n.outputs[0] = half_output.clone();
@@ -181,15 +184,6 @@ impl Builder<'_> {
         // A float16 layer after this one reads the float16 output directly (no Cast pair).
         self.float16.insert(output, half_output);
         Ok(converted_constants)
-    }
-}
-
-fn int_attr(name: &str, value: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Int as i32),
-        i: Some(value),
-        ..Default::default()
     }
 }
 

@@ -39,7 +39,6 @@ use petgraph::stable_graph::NodeIndex;
 use crate::error::{Error, Result};
 use crate::ir::tensor::{dtype_name, element_count, raw_bytes, values_f32, values_i128};
 use crate::ir::{Constant, ConstantOrigin, Graph, Model, Node};
-use crate::proto::attribute_proto::AttributeType;
 use crate::proto::tensor_proto::DataType;
 use crate::proto::{AttributeProto, TensorProto};
 
@@ -243,12 +242,7 @@ pub(crate) fn int_values(t: &TensorProto) -> Option<Vec<i64>> {
 }
 
 fn cast_attr(to: DataType) -> AttributeProto {
-    AttributeProto {
-        name: Some("to".into()),
-        r#type: Some(AttributeType::Int as i32),
-        i: Some(to as i32 as i64),
-        ..Default::default()
-    }
+    crate::ir::attribute::int("to", to as i32 as i64)
 }
 
 fn tensor(name: &str, dims: &[i64], data_type: DataType, raw: Vec<u8>) -> TensorProto {

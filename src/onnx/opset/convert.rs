@@ -38,10 +38,10 @@ use super::infer::{constant_fact, infer_facts, normalize_axis, Facts};
 use super::listed;
 use super::table::{step_kind, Conversion, StepKind, REDUCE_AXES_18};
 use crate::error::{Error, Result};
+use crate::ir::attribute;
 use crate::ir::tensor::{self, float_tensor, i64_tensor};
 use crate::ir::{Constant, ConstantOrigin, Graph, Model, Node};
 use crate::onnx::schema_since;
-use crate::proto::attribute_proto::AttributeType;
 use crate::proto::tensor_proto::DataType;
 use crate::proto::{AttributeProto, GraphProto, TensorProto};
 
@@ -109,24 +109,6 @@ fn names_of_proto(g: &GraphProto, out: &mut BTreeSet<String>) {
 
 // ---------------------------------------------------------------------------------------------
 // Attributes and inputs.
-
-pub(super) fn int_attr(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Int as i32),
-        i: Some(v),
-        ..Default::default()
-    }
-}
-
-fn string_attr(name: &str, v: &str) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::String as i32),
-        s: Some(v.as_bytes().to_vec()),
-        ..Default::default()
-    }
-}
 
 fn take_attr(n: &mut Node, name: &str) -> Option<AttributeProto> {
     let i = n.attributes.iter().position(|a| a.name() == name)?;
@@ -515,7 +497,7 @@ impl Converter<'_> {
             (_, 18) if listed(REDUCE_AXES_18, op) => self.ints_attr_to_input(ix, "axes", 1, st),
             ("DFT", 20) => {
                 // Absent, the attribute's default (1) becomes the input.
-                let a = take_attr(self.node_mut(ix), "axis").unwrap_or_else(|| int_attr("axis", 1));
+                let a = take_attr(self.node_mut(ix), "axis").unwrap_or_else(|| attribute::int("axis", 1));
                 self.attribute_to_input(ix, &a, "axis", 2, AsInput::Int(vec![]), st);
             }
             _ => return Err(self.no_conversion(ix, op, v)),
@@ -571,7 +553,7 @@ impl Converter<'_> {
                 if self.node(ix).attribute("coordinate_transformation_mode").is_none() {
                     set_attr(
                         self.node_mut(ix),
-                        string_attr("coordinate_transformation_mode", "output_half_pixel"),
+                        attribute::string("coordinate_transformation_mode", "output_half_pixel"),
                     );
                     st.changes
                         .push("coordinate_transformation_mode = output_half_pixel (the old default)".into());
@@ -582,7 +564,7 @@ impl Converter<'_> {
                 let has_split = n.inputs.get(1).is_some_and(|s| !s.is_empty());
                 if !has_split && n.attribute("num_outputs").is_none() {
                     let count = n.outputs.len() as i64;
-                    set_attr(self.node_mut(ix), int_attr("num_outputs", count));
+                    set_attr(self.node_mut(ix), attribute::int("num_outputs", count));
                     st.changes.push(format!("num_outputs = {count} set (equal split)"));
                 }
             }
@@ -593,7 +575,7 @@ impl Converter<'_> {
                         "bicubic" => "cubic",
                         _ => return Ok(()),
                     };
-                    set_attr(self.node_mut(ix), string_attr("mode", renamed));
+                    set_attr(self.node_mut(ix), attribute::string("mode", renamed));
                     st.changes.push(format!("mode {mode} → {renamed}"));
                 }
             }
@@ -654,9 +636,9 @@ impl Converter<'_> {
         };
         let n = self.node_mut(ix);
         n.inputs = vec![n.inputs.first().cloned().unwrap_or_default(), roi.clone(), scales];
-        set_attr(n, string_attr("coordinate_transformation_mode", "asymmetric"));
+        set_attr(n, attribute::string("coordinate_transformation_mode", "asymmetric"));
         if mode == "nearest" {
-            set_attr(n, string_attr("nearest_mode", "floor"));
+            set_attr(n, attribute::string("nearest_mode", "floor"));
         }
         st.changes.push(format!(
             "{}Resize-10 semantics made explicit: coordinate_transformation_mode = asymmetric{}",
@@ -708,7 +690,7 @@ impl Converter<'_> {
         let last = axis == -1 || rank.is_some_and(|r| normalize_axis(axis, r) == Some(r.saturating_sub(1)));
         if last {
             if explicit.is_none() {
-                set_attr(self.node_mut(ix), int_attr("axis", axis));
+                set_attr(self.node_mut(ix), attribute::int("axis", axis));
                 st.changes.push(format!(
                     "axis = {axis} set explicitly (the last axis of the rank-{} input; the default became -1)",
                     rank.unwrap_or(0)
@@ -731,13 +713,13 @@ impl Converter<'_> {
         let reshape = self.names.fresh(&base, "reshape");
         let inner_out = self.names.fresh(&base, "2d");
         let mut flatten = Node::new(&flat, "Flatten", vec![input.clone()], &flat_out, order);
-        flatten.attributes.push(int_attr("axis", axis));
+        flatten.attributes.push(attribute::int("axis", axis));
         let shape_node = Node::new(&shape, "Shape", vec![input], &shape_out, order);
         let reshape_node = Node::new(&reshape, "Reshape", vec![inner_out.clone(), shape_out], &output, order);
         let n = self.node_mut(ix);
         n.inputs[0] = flat_out;
         n.outputs[0] = inner_out;
-        set_attr(n, int_attr("axis", -1));
+        set_attr(n, attribute::int("axis", -1));
         self.graph.nodes.add_node(flatten);
         self.graph.nodes.add_node(shape_node);
         self.graph.nodes.add_node(reshape_node);
@@ -795,14 +777,14 @@ impl Converter<'_> {
         let order = n.order;
         let c = self.names.fresh(&base, "channels");
         let mut shape = Node::new(&c, "Shape", vec![n.inputs[0].clone()], &c, order);
-        shape.attributes = vec![int_attr("start", 1), int_attr("end", 2)];
+        shape.attributes = vec![attribute::int("start", 1), attribute::int("end", 2)];
         let g = self.add_constant(ix, "num_groups", i64_tensor(vec![1], &[groups]));
         let per = self.names.fresh(&base, "channels_per_group");
         let div = Node::new(&per, "Div", vec![c, g], &per, order);
         let one = self.add_constant(ix, "one", i64_tensor(vec![1], &[1]));
         let expand_to = self.names.fresh(&base, "expand_shape");
         let mut concat = Node::new(&expand_to, "Concat", vec![one, per], &expand_to, order);
-        concat.attributes = vec![int_attr("axis", 0)];
+        concat.attributes = vec![attribute::int("axis", 0)];
         let column = self.add_constant(ix, "column", i64_tensor(vec![2], &[-1, 1]));
         let flat = self.add_constant(ix, "flat", i64_tensor(vec![1], &[-1]));
         let mut added = vec![shape, div, concat];

@@ -4,9 +4,9 @@
 
 use std::collections::HashMap;
 
-use super::convert::int_attr;
 use super::infer::infer_facts;
 use super::*;
+use crate::ir::attribute::int as int_attr;
 use crate::ir::tensor::{self, float_tensor, i64_tensor};
 use crate::ir::Node;
 use crate::proto::attribute_proto::AttributeType;

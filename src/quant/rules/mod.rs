@@ -172,30 +172,18 @@ pub const SENTINEL_MAGNITUDE: f32 = 1e30;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::attribute_proto::AttributeType;
-    use crate::proto::AttributeProto;
 
     fn node(op: &str, inputs: &[&str]) -> Node {
         Node::new("n", op, inputs.iter().map(|i| i.to_string()).collect(), "y", 0)
     }
 
     fn with_int(mut n: Node, name: &str, v: i64) -> Node {
-        n.attributes.push(AttributeProto {
-            name: Some(name.into()),
-            r#type: Some(AttributeType::Int as i32),
-            i: Some(v),
-            ..Default::default()
-        });
+        n.attributes.push(crate::ir::attribute::int(name, v));
         n
     }
 
     fn with_string(mut n: Node, name: &str, v: &str) -> Node {
-        n.attributes.push(AttributeProto {
-            name: Some(name.into()),
-            r#type: Some(AttributeType::String as i32),
-            s: Some(v.as_bytes().to_vec()),
-            ..Default::default()
-        });
+        n.attributes.push(crate::ir::attribute::string(name, v));
         n
     }
 
