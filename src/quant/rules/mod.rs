@@ -249,6 +249,18 @@ mod tests {
     }
 
     #[test]
+    fn a_weighted_node_with_malformed_attributes_stays_float_with_the_reason() {
+        let target = Target::Generic.rules();
+        let never = |_: &str| false;
+        let conv = node("Conv", &["x", "w"]);
+        let rule = rule_for(&conv).unwrap();
+        assert_eq!(rule.why_float(&conv, &target, &never), None);
+        let bad = with_int(conv, "group", 0);
+        let why = rule.why_float(&bad, &target, &never).unwrap();
+        assert!(why.contains("break ONNX's rules"), "{why}");
+    }
+
+    #[test]
     fn resize_is_pass_through_only_in_nearest_mode() {
         let resize = node("Resize", &["x", "roi", "scales", "sizes"]);
         let nearest = with_string(resize.clone(), "mode", "nearest");

@@ -3,7 +3,7 @@
 //! the axis below, and the bias (input 2) may become int32 with scale `s_in·s_w[c]`, so that
 //! `b_q[c] + Σ x_q·W_q[c]` is one integer accumulator (QLinearConv, QGemm).
 
-use super::{BiasRule, DataInputs, OpRole, Rule, WeightRule};
+use super::{BiasRule, DataInputs, OpRole, Rule, TargetRules, WeightRule};
 use crate::ir::{ops, Node};
 
 pub(super) const RULES: &[Rule] = &[
@@ -39,8 +39,20 @@ const fn weighted(op_type: &'static str, axis: fn(&Node, usize) -> Option<usize>
             slot: ops::WEIGHT_SLOT,
             axis,
         }),
+        stays_float: Some(malformed),
         ..Rule::new(op_type, OpRole::Weighted)
     }
+}
+
+/// A weighted node whose attributes ONNX forbids (its view refuses it: `group: 0`, an unknown
+/// `auto_pad`) is not quantized: its layout, and so its per-channel axis, is unknown.
+fn malformed(n: &Node, _: &TargetRules, _: &dyn Fn(&str) -> bool) -> Option<&'static str> {
+    let refused = match n.op_type.as_str() {
+        "Conv" | "ConvTranspose" => ops::Conv::view(n).is_err(),
+        "Gemm" => ops::Gemm::view(n).is_err(),
+        _ => ops::MatMul::view(n).is_err(),
+    };
+    refused.then_some("its attributes break ONNX's rules for the op (a group below 1, an unknown auto_pad), so its weight layout is unknown")
 }
 
 /// Conv's and ConvTranspose's B, input 2.
@@ -55,8 +67,7 @@ const GEMM_BIAS: BiasRule = BiasRule {
     when: |n| ops::Gemm::view(n).is_ok_and(|g| !g.trans_a),
 };
 
-// The axes are the views' (`ir::ops`); a node its view refuses (a Conv with `group: 0`) has
-// no output-channel axis, so its weight is quantized per tensor.
+// The axes are the views' (`ir::ops`); a node its view refuses stays float (`malformed`).
 
 fn conv_weight_axis(n: &Node, _rank: usize) -> Option<usize> {
     ops::Conv::view(n).ok().map(|c| c.weight_output_axis)
