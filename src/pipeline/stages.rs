@@ -20,7 +20,7 @@ use super::config::Config;
 use super::JobFiles;
 
 /// Samples below which calibration ranges are unreliable.
-pub const FEW_SAMPLES: usize = 16;
+const FEW_SAMPLES: usize = 16;
 
 /// Opens the calibration and held-out data, checks the overrides against the model, and takes the
 /// activation statistics (from the data, reused from `--stats` when they match, or data-free from
@@ -119,7 +119,7 @@ impl Calibrate {
 
 /// Statistics for `model` on `source`: reused from `stats_path` when it matches, else collected
 /// (and saved there when a path is given).
-pub fn calibration_stats(model: &Model, source: &DataSource, stats_path: Option<&Path>) -> Result<CalibrationStats> {
+fn calibration_stats(model: &Model, source: &DataSource, stats_path: Option<&Path>) -> Result<CalibrationStats> {
     if source.len() < FEW_SAMPLES {
         eprintln!(
             "warning: calibrating on {} samples; ranges from fewer than {FEW_SAMPLES} are unreliable",
@@ -159,7 +159,7 @@ pub fn calibration_stats(model: &Model, source: &DataSource, stats_path: Option<
 }
 
 /// Every override must match something in the model: a typo would silently do nothing.
-pub fn check_overrides(overrides: &Overrides, config_path: &Path, model: &Model) -> Result<()> {
+fn check_overrides(overrides: &Overrides, config_path: &Path, model: &Model) -> Result<()> {
     let g = &model.graph;
     for rule in &overrides.rules {
         let re = &rule.regex;
