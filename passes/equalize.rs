@@ -1198,7 +1198,10 @@ fn per_channel_hardswish(graph: &mut Graph, site: HardSwishSite, scales: &[f64],
     match site {
         HardSwishSite::Op(ix) => {
             let mut sigmoid = Node::new(&gate, "HardSigmoid", vec![scaled], &gate, order);
-            sigmoid.attributes = vec![float_attr("alpha", 1.0 / 6.0), float_attr("beta", 0.5)];
+            sigmoid.attributes = vec![
+                crate::ir::attribute::float("alpha", 1.0 / 6.0),
+                crate::ir::attribute::float("beta", 0.5),
+            ];
             graph.nodes.add_node(sigmoid);
             let n = &mut graph.nodes[ix];
             n.op_type = "Mul".into();
@@ -1210,15 +1213,6 @@ fn per_channel_hardswish(graph: &mut Graph, site: HardSwishSite, scales: &[f64],
             graph.nodes[add].inputs[slot] = scaled;
             Ok(format!("{label} (the Add of an exported HardSwish) to read s·x"))
         }
-    }
-}
-
-fn float_attr(name: &str, value: f32) -> crate::proto::AttributeProto {
-    crate::proto::AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(crate::proto::attribute_proto::AttributeType::Float as i32),
-        f: Some(value),
-        ..Default::default()
     }
 }
 

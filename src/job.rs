@@ -116,7 +116,7 @@ pub fn main_job(args: MainJob) -> Result<()> {
         let quantization = ctx.plan.as_ref().map(|plan| {
             serde_json::json!({
                 "target": config.target,
-                "method": config.plan_options().method,
+                "method": ctx.plan_options.as_ref().map(|o| &o.method),
                 "data_free": ctx.calibration.is_none(),
                 "calibration_samples": ctx.stats.as_ref().map(|s| s.samples),
                 "plan": plan,

@@ -144,7 +144,7 @@ pub fn lint(model: &Model, target: Target) -> crate::Result<Vec<Finding>> {
                 }
             }
             "Concat" => {
-                let scales: BTreeSet<String> = n
+                let scales: BTreeSet<Vec<u64>> = n
                     .inputs
                     .iter()
                     .filter_map(|i| dequantized_scale(g, &producers, i))
@@ -194,11 +194,12 @@ fn quantized_type(g: &Graph, producers: &Producers, n: &Node) -> i32 {
     }
 }
 
-/// The scale (its name and values) of the DequantizeLinear writing `tensor`, if one does.
-fn dequantized_scale(g: &Graph, producers: &Producers, tensor: &str) -> Option<String> {
+/// The scale values (as bits, to compare exactly) of the DequantizeLinear writing `tensor`, if
+/// one does.
+fn dequantized_scale(g: &Graph, producers: &Producers, tensor: &str) -> Option<Vec<u64>> {
     let dq = producers.op(g, tensor, "DequantizeLinear")?;
     let scale = g.constants.get(dq.inputs.get(1)?)?;
-    Some(format!("{:?}", values_f64(&scale.tensor)?))
+    Some(values_f64(&scale.tensor)?.iter().map(|v| v.to_bits()).collect())
 }
 
 /// A per-channel weight DequantizeLinear feeding `n` along another axis than its output channels.

@@ -13,6 +13,24 @@ pub fn int(name: &str, v: i64) -> AttributeProto {
     }
 }
 
+pub fn float(name: &str, v: f32) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Float as i32),
+        f: Some(v),
+        ..Default::default()
+    }
+}
+
+pub fn ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Ints as i32),
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
 pub fn string(name: &str, v: &str) -> AttributeProto {
     AttributeProto {
         name: Some(name.into()),

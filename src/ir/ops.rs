@@ -269,7 +269,6 @@ impl MatMul {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::attribute_proto::AttributeType;
     use crate::proto::AttributeProto;
 
     fn node(op: &str, inputs: &[&str], attributes: Vec<AttributeProto>) -> Node {
@@ -278,25 +277,7 @@ mod tests {
         n
     }
 
-    use crate::ir::attribute::{int, string};
-
-    fn float(name: &str, v: f32) -> AttributeProto {
-        AttributeProto {
-            name: Some(name.into()),
-            r#type: Some(AttributeType::Float as i32),
-            f: Some(v),
-            ..Default::default()
-        }
-    }
-
-    fn ints(name: &str, v: &[i64]) -> AttributeProto {
-        AttributeProto {
-            name: Some(name.into()),
-            r#type: Some(AttributeType::Ints as i32),
-            ints: v.to_vec(),
-            ..Default::default()
-        }
-    }
+    use crate::ir::attribute::{float, int, ints, string};
 
     #[test]
     fn conv_defaults() {

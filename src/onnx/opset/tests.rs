@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use super::infer::infer_facts;
 use super::*;
-use crate::ir::attribute::int as int_attr;
+use crate::ir::attribute::{float, int as int_attr, ints};
 use crate::ir::tensor::{self, float_tensor, i64_tensor};
 use crate::ir::Node;
 use crate::proto::attribute_proto::AttributeType;
@@ -24,24 +24,6 @@ fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str], attrs: Vec<Attr
         input: inputs.iter().map(|s| s.to_string()).collect(),
         output: outputs.iter().map(|s| s.to_string()).collect(),
         attribute: attrs,
-        ..Default::default()
-    }
-}
-
-fn ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Ints as i32),
-        ints: v.to_vec(),
-        ..Default::default()
-    }
-}
-
-fn float(name: &str, v: f32) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Float as i32),
-        f: Some(v),
         ..Default::default()
     }
 }
