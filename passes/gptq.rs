@@ -28,12 +28,13 @@
 //! covariance, and rounding fitted to it does worse on new data (measured on efficientnet_lite1
 //! with a numpy prototype of this pass: GPTQ on every layer 17.1 dB, on the layers with at
 //! least 10 to 200 vectors per column 20.9–21.2 dB, nearest rounding 17.9 dB). A
-//! layer where GPTQ does not lower `E` on the calibration data keeps nearest rounding.
+//! layer where GPTQ does not lower `E` on the calibration data keeps nearest rounding. Beyond
+//! [`MAX_ROWS_PER_COLUMN`]` · d` vectors, `H` is summed over an evenly spaced subset of them.
 
 use std::collections::BTreeMap;
 
 use rayon::prelude::*;
-use tract_onnx::prelude::tract_ndarray::{Array2, ArrayView2};
+use tract_onnx::prelude::tract_ndarray::Array2;
 
 use super::{Context, Pass};
 use crate::calib::source::DataSource;
@@ -51,6 +52,13 @@ pub const MIN_ROWS_PER_COLUMN: usize = 100;
 const DAMPING: f64 = 0.01;
 /// Conv patches are gathered this many output positions at a time (bounded memory).
 const PATCH_CHUNK: usize = 4096;
+/// Input vectors per weight column beyond which `H` is estimated from an evenly spread subset:
+/// its entries then have a relative standard error of about 1/√1000 ≈ 3%, well below what moves
+/// a rounding, while the cost of `H` (vectors · d²) stays bounded on high-resolution inputs (a
+/// 416×416 detector's first layers read millions of patches).
+const MAX_ROWS_PER_COLUMN: usize = 1000;
+/// Rows wider than this keep nearest rounding: `H` costs `vectors · d²` ≥ 100·d³.
+const MAX_COLUMNS: usize = 256;
 
 pub struct Gptq;
 
@@ -278,28 +286,39 @@ fn find_targets(graph: &Graph, plan: &Plan) -> Result<Vec<std::result::Result<Ta
 struct Gram {
     per_group: Vec<Array2<f64>>,
     rows: u64,
+    /// Every `step`-th input vector is added (1: all; see [`MAX_ROWS_PER_COLUMN`]).
+    step: usize,
 }
 
 impl Gram {
-    fn new(t: &Target) -> Gram {
+    /// `vectors`: the input vectors all samples give.
+    fn new(t: &Target, vectors: u64) -> Gram {
+        let cap = (MAX_ROWS_PER_COLUMN * t.columns) as u64;
         Gram {
             per_group: vec![Array2::zeros((t.columns, t.columns)); t.groups],
             rows: 0,
+            step: vectors.div_ceil(cap).max(1) as usize,
         }
     }
 
+    /// The vectors of sample `sample` that are added: indices `i` with `(i + sample) % step == 0`
+    /// (the offset moves with the sample, so that every position is seen across samples).
+    fn picked(&self, count: usize, sample: usize) -> impl Iterator<Item = usize> {
+        let first = (self.step - sample % self.step) % self.step;
+        (first..count).step_by(self.step)
+    }
+
     /// Adds the input vectors of one sample's input tensor (`values` of shape `shape`).
-    fn add(&mut self, t: &Target, values: &[f32], shape: &[usize]) -> std::result::Result<(), String> {
+    fn add(&mut self, t: &Target, values: &[f32], shape: &[usize], sample: usize) -> std::result::Result<(), String> {
         match &t.reader {
             Reader::Rows { features } => {
                 let rows = t.reader.vectors(shape)?;
-                for chunk in values.chunks(PATCH_CHUNK * features) {
-                    let x = ArrayView2::from_shape((chunk.len() / features, *features), chunk)
-                        .expect("chunk of whole rows")
-                        .mapv(|v| v as f64);
-                    self.per_group[0] += &x.t().dot(&x);
+                let picked: Vec<usize> = self.picked(rows, sample).collect();
+                for chunk in picked.chunks(PATCH_CHUNK) {
+                    let x = Array2::from_shape_fn((chunk.len(), *features), |(r, c)| values[chunk[r] * features + c]);
+                    self.per_group[0] += &x.t().dot(&x).mapv(|v| v as f64);
                 }
-                self.rows += rows as u64;
+                self.rows += picked.len() as u64;
             }
             Reader::Conv(window) => {
                 let ConvWindow {
@@ -334,31 +353,34 @@ impl Gram {
                     }
                     Some(offset)
                 };
+                let picked: Vec<usize> = self.picked(positions, sample).collect();
                 for batch in 0..shape[0] {
                     let image = &values[batch * channels * in_size..][..channels * in_size];
-                    for start in (0..positions).step_by(PATCH_CHUNK) {
-                        let count = PATCH_CHUNK.min(positions - start);
-                        let offsets: Vec<Option<usize>> = (start..start + count)
-                            .flat_map(|p| (0..taps).map(move |k| (p, k)))
+                    for chunk in picked.chunks(PATCH_CHUNK) {
+                        let count = chunk.len();
+                        let offsets: Vec<Option<usize>> = chunk
+                            .iter()
+                            .flat_map(|&p| (0..taps).map(move |k| (p, k)))
                             .map(|(p, k)| tap_offset(p, k))
                             .collect();
                         for (g, h) in self.per_group.iter_mut().enumerate() {
-                            let mut x = Array2::<f64>::zeros((count, t.columns));
+                            let mut x = Array2::<f32>::zeros((count, t.columns));
                             for (r, mut row) in x.rows_mut().into_iter().enumerate() {
                                 for c in 0..*channels_per_group {
                                     let plane = &image[(g * channels_per_group + c) * in_size..][..in_size];
                                     for k in 0..taps {
                                         if let Some(o) = offsets[r * taps + k] {
-                                            row[c * taps + k] = plane[o] as f64;
+                                            row[c * taps + k] = plane[o];
                                         }
                                     }
                                 }
                             }
-                            *h += &x.t().dot(&x);
+                            // f32 products within a chunk (a relative error of ~1e-4), f64 across chunks.
+                            *h += &x.t().dot(&x).mapv(|v| v as f64);
                         }
                     }
                 }
-                self.rows += (shape[0] * positions) as u64;
+                self.rows += (shape[0] * picked.len()) as u64;
             }
         }
         Ok(())
@@ -420,8 +442,13 @@ fn gram_matrices(
                     as u64
                     * total as u64;
                 let needed = MIN_ROWS_PER_COLUMN as u64 * t.columns as u64;
-                grams.push(if vectors >= needed {
-                    Ok(Gram::new(t))
+                grams.push(if t.columns > MAX_COLUMNS {
+                    Err(format!(
+                        "nearest rounding {}: {} columns, more than the {MAX_COLUMNS} whose H is worth its cost",
+                        t.label, t.columns
+                    ))
+                } else if vectors >= needed {
+                    Ok(Gram::new(t, vectors))
                 } else {
                     Err(format!(
                         "nearest rounding {}: {vectors} input vectors for {} columns, fewer than the {MIN_ROWS_PER_COLUMN} per column that estimate H",
@@ -442,7 +469,7 @@ fn gram_matrices(
                     let (values, shape) = sample
                         .get(&t.input)
                         .ok_or_else(|| Error::Runtime(format!("gptq: no value for '{}'", t.input)))?;
-                    gram.add(t, values, shape)
+                    gram.add(t, values, shape, start + i)
                         .map_err(|e| Error::data(source.sample_label(start + i), format!("gptq: {}: {e}", t.label)))?;
                 }
                 Ok(())

@@ -76,7 +76,23 @@ pub fn main_job(args: MainJob) -> Result<()> {
     pipeline::run(&mut model, &steps, &mut ctx, &debug).map_err(|e| as_model_error(&args.model, e))?;
     let steps_ms = t1.elapsed().as_secs_f64() * 1e3;
 
+    let print_defaults = || {
+        if config.defaults.is_some() {
+            eprintln!("onnxq: no `passes:` in the config, so the default passes ran (`passes: []` for none):");
+            for line in config.describe_defaults() {
+                eprintln!("  {line}");
+            }
+        }
+    };
     if args.dry_run {
+        print_defaults();
+        for r in &ctx.pass_reports {
+            eprintln!(
+                "  {}: {}",
+                r.pass,
+                r.notes.first().map(String::as_str).unwrap_or("done")
+            );
+        }
         match &ctx.plan {
             Some(plan) => {
                 println!("{}", serde_json::to_string_pretty(plan).expect("plan serialises"));
@@ -106,6 +122,7 @@ pub fn main_job(args: MainJob) -> Result<()> {
             r.pass, r.nodes_before, r.nodes_after, r.ms
         );
     }
+    print_defaults();
     if let Some(v) = &ctx.verification {
         println!("{v}");
     }
@@ -129,6 +146,7 @@ pub fn main_job(args: MainJob) -> Result<()> {
             "config": args.config,
             "output": output,
             "quantize": config.quantize,
+            "default_passes": config.defaults,
             "passes": ctx.pass_reports,
             "quantization": quantization,
             "verification": ctx.verification,

@@ -328,7 +328,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Some(Command::Passes) => {
             println!(
-                "The pipeline: graph passes, calibrate, plan, plan passes, mixed_precision, materialize, lint, verify.\n"
+                "The pipeline: graph passes, calibrate, plan, mixed_precision, plan passes, materialize, lint, verify.\n"
             );
             for name in onnxq::passes::NAMES {
                 let (what, options) = onnxq::passes::describe(name).unwrap_or(("", "none"));
@@ -356,6 +356,18 @@ fn dispatch(cli: Cli) -> Result<()> {
             })
         }
     }
+}
+
+/// The default passes, one comment line each, as a config with calibration data resolves them.
+fn default_passes_comment() -> String {
+    let config = onnxq::pipeline::config::Config::parse("calibration: {data: calib.npz}", Path::new("starter.yaml"))
+        .expect("the starter config parses");
+    config
+        .describe_defaults()
+        .iter()
+        .map(|l| format!("#   {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A commented starter config: what a user edits first, with this model's facts filled in.
@@ -389,8 +401,9 @@ calibration:
 # activations: {{dtype: uint8, symmetric: false}}
 
 # Passes (`onnxq passes` lists them): graph passes rewrite the float model before calibration;
-# plan passes (gptq, correct_bias) then change the plan, in the order listed.
-# passes: [fold_batchnorm, equalize, absorb_bias, gptq, correct_bias]
+# plan passes (gptq, correct_bias) then change the plan, in the order listed. Without `passes:`
+# the defaults run (`--dry-run` says what each did on this model; `passes: []` runs none):
+{defaults}
 
 # Keep parts float: by tensor, node or op_type (regular expressions matching the whole name);
 # pin a layer's precision (int8, int16 = A16W8, float16, float) by node or op_type.
@@ -409,6 +422,7 @@ verify:
   # min_sqnr_db: 20
 ",
         file = path.display(),
+        defaults = default_passes_comment(),
         inputs = inputs.join(", "),
         opset = model.opset("").unwrap_or(0),
     )

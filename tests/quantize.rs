@@ -336,7 +336,8 @@ fn conv_relu_conv_gets_qdq_per_channel_weights_and_int32_bias() {
 
 /// x [1,4,6] and an attention mask m [1,1,6] of 0/1:
 /// - shape path: Shape(x) → Gather → Concat(…, [-1]) → Reshape(x, ·) → xr (int64 all along);
-/// - MatMul(xr, Wq) → Add(·, bq) (bias-style: a constant operand) → sb → Add(sb, xr) (residual);
+/// - MatMul(xr, Wq) → Add(·, bq) (bias-style: a constant operand) → sb → Add(sb, xr) (residual)
+///   → res → MatMul(res, Wr) → y3;
 /// - the mask as additive bias from a graph input: (1 − m) · −3.4028235e38 → mb (sentinel),
 ///   Add(res, mb) → Softmax → MatMul(probs, Wo) → y;
 /// - a mask from constants: Mul(cmask, −3.4028235e38) → cmb, Add(sb, cmb) → Sigmoid → sg →
@@ -354,6 +355,7 @@ fn no_quantize_graph() -> Model {
         node("MatMul", "proj", &["xr", "Wq"], &["scores"]),
         node("Add", "bias_add", &["scores", "bq"], &["sb"]),
         node("Add", "residual", &["sb", "xr"], &["res"]),
+        node("MatMul", "res_proj", &["res", "Wr"], &["y3"]),
         node("Sub", "one_minus", &["one", "m"], &["om"]),
         node("Mul", "mask_bias", &["om", "neg_big"], &["mb"]),
         node("Add", "mask_add", &["res", "mb"], &["masked"]),
@@ -377,6 +379,7 @@ fn no_quantize_graph() -> Model {
         tensor_f32("Wo", &[6, 3], &values(18, 23, 0.5)),
         tensor_f32("cmask", &[1, 1, 6], &[0.0, 0.0, 0.0, 0.0, 1.0, 1.0]),
         tensor_f32("Wk", &[6, 2], &values(12, 24, 0.5)),
+        tensor_f32("Wr", &[6, 2], &values(12, 25, 0.5)),
     ];
     let g = graph(
         nodes,
@@ -388,6 +391,7 @@ fn no_quantize_graph() -> Model {
         vec![
             value_info("y", DataType::Float, &[1, 4, 3]),
             value_info("y2", DataType::Float, &[1, 4, 2]),
+            value_info("y3", DataType::Float, &[1, 4, 2]),
         ],
     );
     Model::from_proto(model(g, 13)).unwrap()
@@ -449,8 +453,9 @@ fn shape_paths_sentinels_bias_adds_residuals_softmax_and_overrides_stay_float() 
     );
     assert_eq!(node_named(&quant, "reshape").inputs[1], "shp");
     // Bias-style Add (constant operand), residual Add (generic), the mask Adds, Softmax input:
-    // none of their inputs is quantized, and they still read the float tensors.
-    for t in ["scores", "bq", "sb", "res", "mb", "masked", "cmb", "cm"] {
+    // none of their inputs is quantized, and they still read the float tensors (`res` is, for
+    // the MatMul that reads it).
+    for t in ["scores", "bq", "sb", "mb", "masked", "cmb", "cm"] {
         assert!(!plan.activations.contains_key(t), "{t} must stay float");
         assert!(!q.contains(&t.to_string()), "{t} must stay float: {q:?}");
     }
@@ -464,21 +469,20 @@ fn shape_paths_sentinels_bias_adds_residuals_softmax_and_overrides_stay_float() 
     let reason = &plan.kept_float["sg"];
     assert!(reason.contains("keep_me") && reason.contains("override"), "{reason}");
     // What is quantized: the matmul inputs (and Reshape's input, tied to its output).
-    assert_eq!(plan.activations.keys().collect::<Vec<_>>(), ["probs", "x", "xr"]);
+    assert_eq!(plan.activations.keys().collect::<Vec<_>>(), ["probs", "res", "x", "xr"]);
     assert_eq!(node_named(&quant, "proj").inputs, ["xr::dq", "Wq::dq"]);
     assert_eq!(node_named(&quant, "out_proj").inputs, ["probs::dq", "Wo::dq"]);
     assert_eq!(const_f32(&quant, "x::scale"), const_f32(&quant, "xr::scale"));
 
-    // A target that quantizes residual Adds reaches the mask Add: the sentinel operand stays
-    // float with the reason, the other operand is quantized; the constant-derived mask and the
-    // bias-style Add still are not.
+    // A target that quantizes residual Adds quantizes the one whose result a MatMul reads; the
+    // mask Add, whose result reaches only the Softmax (no integer compute), stays float, and so
+    // its sentinel operand; the constant-derived mask and the bias-style Add still are not.
     let (plan, quant, notes) = quantize(&float, &stats, &plan_options(Target::Onnxruntime, exclude));
     insta::assert_snapshot!("must_not_quantize_plan_onnxruntime", plan_text(&plan, &notes));
-    let reason = &plan.kept_float["mb"];
-    assert!(reason.contains("sentinel"), "{reason}");
     assert!(plan.activations.contains_key("res") && plan.activations.contains_key("sb"));
-    assert_eq!(node_named(&quant, "mask_add").inputs, ["res::dq", "mb"]);
+    assert_eq!(node_named(&quant, "mask_add").inputs, ["res", "mb"]);
     assert_eq!(node_named(&quant, "residual").inputs, ["sb::dq", "xr::dq"]);
+    assert_eq!(node_named(&quant, "res_proj").inputs, ["res::dq", "Wr::dq"]);
     let q = quantized_tensors(&quant);
     for t in ["scores", "mb", "masked", "cmb", "cm", "g", "shp"] {
         assert!(!q.contains(&t.to_string()), "{t} must stay float: {q:?}");
@@ -1373,9 +1377,11 @@ fn crepe_mixed_config(dir: &Path, mixed: &str) -> PathBuf {
 fn cli_mixed_precision_reaches_its_target_and_its_pins_reproduce_it() {
     let dir = tempfile::tempdir().unwrap();
     let target = 40.0;
+    // No passes: the figure the search measured is then the written model's (the default plan
+    // passes, which run after the search, would move it; their own check is at the end).
     let config = crepe_mixed_config(
         dir.path(),
-        &format!("mixed_precision: {{target_sqnr_db: {target}, samples: 4}}\n"),
+        &format!("passes: []\nmixed_precision: {{target_sqnr_db: {target}, samples: 4}}\n"),
     );
     let (out, report) = (dir.path().join("m.onnx"), dir.path().join("r.json"));
     let o = onnxq_cli(&[
@@ -1406,7 +1412,7 @@ fn cli_mixed_precision_reaches_its_target_and_its_pins_reproduce_it() {
 
     // The printed overrides pin the same assignment: the same model, byte for byte.
     let pins = m["overrides_yaml"].as_str().unwrap();
-    let pinned_config = crepe_mixed_config(dir.path(), pins);
+    let pinned_config = crepe_mixed_config(dir.path(), &format!("passes: []\n{pins}"));
     let pinned_out = dir.path().join("pinned.onnx");
     let o = onnxq_cli(&[
         s(&repo("models/crepe_tiny.onnx")),
@@ -1455,6 +1461,37 @@ fn cli_mixed_precision_reaches_its_target_and_its_pins_reproduce_it() {
         (verified - measured).abs() < 0.01,
         "verify {verified} dB, search {measured} dB"
     );
+
+    // With the default passes (gptq, correct_bias after the search), the pins still reproduce
+    // the searched model: the plan passes see the same precisions either way.
+    let report_path = dir.path().join("r2.json");
+    let config = crepe_mixed_config(
+        dir.path(),
+        &format!("mixed_precision: {{target_sqnr_db: {target}, samples: 4}}\n"),
+    );
+    let o = onnxq_cli(&[
+        s(&repo("models/crepe_tiny.onnx")),
+        "--config",
+        s(&config),
+        "-o",
+        s(&out),
+        "--report",
+        s(&report_path),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = read_json(&report_path);
+    assert!(r["default_passes"].as_array().is_some_and(|d| !d.is_empty()), "{r:#}");
+    let pins = r["quantization"]["mixed_precision"]["overrides_yaml"].as_str().unwrap();
+    let pinned_config = crepe_mixed_config(dir.path(), pins);
+    let o = onnxq_cli(&[
+        s(&repo("models/crepe_tiny.onnx")),
+        "--config",
+        s(&pinned_config),
+        "-o",
+        s(&pinned_out),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&pinned_out).unwrap());
 }
 
 #[test]

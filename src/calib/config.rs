@@ -61,23 +61,25 @@ impl DataPaths {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MethodName {
-    /// The default: with onnxq's placement rules it meets every target on the five shared
-    /// models (bench/quantize_all.sh), where percentile, entropy and mse each miss one.
-    #[default]
     Minmax,
     Ema,
     Percentile,
     Entropy,
     Mse,
+    /// The default: per tensor, clipping where its measured error says clipping pays
+    /// (`calib::observers`, module docs).
+    #[default]
+    Auto,
 }
 
 impl MethodName {
-    pub const ALL: [MethodName; 5] = [
+    pub const ALL: [MethodName; 6] = [
         MethodName::Minmax,
         MethodName::Ema,
         MethodName::Percentile,
         MethodName::Entropy,
         MethodName::Mse,
+        MethodName::Auto,
     ];
 
     /// The name the config uses.
@@ -88,6 +90,7 @@ impl MethodName {
             MethodName::Percentile => "percentile",
             MethodName::Entropy => "entropy",
             MethodName::Mse => "mse",
+            MethodName::Auto => "auto",
         }
     }
 }
@@ -124,6 +127,7 @@ impl CalibrationConfig {
             },
             MethodName::Entropy => Method::Entropy { bits: self.bits },
             MethodName::Mse => Method::Mse { bits: self.bits },
+            MethodName::Auto => Method::Auto { bits: self.bits },
         }
     }
 

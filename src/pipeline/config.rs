@@ -14,10 +14,16 @@ pub struct Config {
     /// Quantize (calibrate, plan, write Q/DQ); `false` only runs the graph passes.
     #[serde(default = "default_true")]
     pub quantize: bool,
-    /// Passes to run, in order: a name, or `{name: {option: value}}` (see `onnxq passes`). Graph
-    /// passes come first; plan passes run after planning, in the order listed.
-    #[serde(default, deserialize_with = "deserialize_passes")]
+    /// `passes:` as written: a name, or `{name: {option: value}}` (see `onnxq passes`); graph
+    /// passes first, plan passes after them. None when absent: the defaults apply.
+    #[serde(default, rename = "passes", deserialize_with = "deserialize_passes")]
+    listed_passes: Option<Vec<crate::pipeline::PassSpec>>,
+    /// The passes that run, in order: `passes:` as listed, or the defaults that apply.
+    #[serde(skip)]
     pub passes: Vec<crate::pipeline::PassSpec>,
+    /// When `passes:` is absent: every default pass, whether it applies to this config, and why.
+    #[serde(skip)]
+    pub defaults: Option<Vec<DefaultPass>>,
     /// Activation statistics from real inputs.
     #[serde(default)]
     pub calibration: Option<CalibrationConfig>,
@@ -132,10 +138,49 @@ fn default_true() -> bool {
     true
 }
 
+/// One pass of the default recipe, resolved for a config: it runs when `applied`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DefaultPass {
+    pub name: String,
+    /// The options it runs with (YAML, as a `passes:` entry takes them).
+    pub options: serde_yaml::Value,
+    pub applied: bool,
+    pub why: String,
+}
+
+/// The default recipe, in order: what measurably helps and cannot hurt the float function
+/// (`fold_batchnorm` and `equalize` preserve it exactly; `gptq` and `correct_bias` change only
+/// the quantized weights' rounding and the bias that compensates it). `absorb_bias` is not in
+/// it: it changes the float function wherever a pre-activation falls below β − n·|γ|.
+fn default_recipe() -> Vec<(&'static str, &'static str, &'static str)> {
+    vec![
+        (
+            "fold_batchnorm",
+            "",
+            "float-preserving: folds each BatchNorm into the layer before it, so no quantization sits between them",
+        ),
+        (
+            "equalize",
+            "{relu6: per_channel, hardswish: per_channel}",
+            "float-preserving: balances the weight ranges of consecutive layers channel by channel (through Relu, ReLU6 and HardSwish)",
+        ),
+        (
+            "gptq",
+            "",
+            "chooses the weights' roundings from the layers' calibration inputs (where the data give at least 100 vectors per weight column)",
+        ),
+        (
+            "correct_bias",
+            "",
+            "removes the mean output shift of the weights' rounding",
+        ),
+    ]
+}
+
 /// `passes:` entries: `name` or `{name: {options}}` (a one-key map).
 fn deserialize_passes<'de, D: serde::Deserializer<'de>>(
     d: D,
-) -> std::result::Result<Vec<crate::pipeline::PassSpec>, D::Error> {
+) -> std::result::Result<Option<Vec<crate::pipeline::PassSpec>>, D::Error> {
     use serde::de::Error as _;
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -159,7 +204,8 @@ fn deserialize_passes<'de, D: serde::Deserializer<'de>>(
                 "a pass with options is a one-key map: `{name: {option: value}}`",
             )),
         })
-        .collect()
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 impl Config {
@@ -410,7 +456,75 @@ impl Config {
                 return bad("measures layers on calibration data: set `calibration: {data: calib.npz}`".into());
             }
         }
+        self.resolve_passes();
         self.validate_passes(path)
+    }
+
+    /// `passes:` as listed, or (when absent) the default recipe's passes that apply to this config.
+    fn resolve_passes(&mut self) {
+        if let Some(listed) = &self.listed_passes {
+            self.passes = listed.clone();
+            self.defaults = None;
+            return;
+        }
+        let defaults: Vec<DefaultPass> = default_recipe()
+            .into_iter()
+            .map(|(name, options, what)| {
+                let options: serde_yaml::Value = if options.is_empty() {
+                    serde_yaml::Value::Null
+                } else {
+                    serde_yaml::from_str(options).expect("the default recipe's options parse")
+                };
+                let (applied, why) = if !self.quantize {
+                    (false, "`quantize: false`: the defaults serve quantization".to_string())
+                } else if name == "gptq" && self.calibration.is_none() {
+                    (
+                        false,
+                        "no calibration data: gptq fits roundings to the layers' inputs".to_string(),
+                    )
+                } else {
+                    (true, what.to_string())
+                };
+                DefaultPass {
+                    name: name.to_string(),
+                    options,
+                    applied,
+                    why,
+                }
+            })
+            .collect();
+        self.passes = defaults
+            .iter()
+            .filter(|d| d.applied)
+            .map(|d| crate::pipeline::PassSpec {
+                name: d.name.clone(),
+                options: d.options.clone(),
+            })
+            .collect();
+        self.defaults = Some(defaults);
+    }
+
+    /// One line per default pass (when `passes:` is absent): what runs and why, what does not.
+    pub fn describe_defaults(&self) -> Vec<String> {
+        self.defaults
+            .iter()
+            .flatten()
+            .map(|d| {
+                let options = match &d.options {
+                    serde_yaml::Value::Null => String::new(),
+                    o => format!(
+                        " {{{}}}",
+                        serde_yaml::to_string(o).unwrap_or_default().trim().replace('\n', ", ")
+                    ),
+                };
+                format!(
+                    "{} {}{options}: {}",
+                    if d.applied { "runs" } else { "skipped" },
+                    d.name,
+                    d.why
+                )
+            })
+            .collect()
     }
 
     /// Every pass exists and takes its options; plan passes come after the graph passes and need
@@ -553,11 +667,30 @@ mod tests {
 
     #[test]
     fn defaults() {
-        // Quantizing is the default, and it needs data (or a BatchNorm fold for data-free ranges).
-        let err = parse("").unwrap_err().to_string();
-        assert!(err.contains("quantizing needs calibration data"), "{err}");
+        // Quantizing is the default; without `passes:` the default recipe runs, without gptq when
+        // there is no data (data-free ranges from the BatchNorms it folds).
+        let names = |c: &Config| c.pass_names().join(" ");
         let c = parse("calibration: {data: d.npz}").unwrap();
-        assert!(c.quantize && c.passes.is_empty() && c.verify.is_none());
+        assert!(c.quantize && c.verify.is_none());
+        assert_eq!(names(&c), "fold_batchnorm equalize gptq correct_bias");
+        assert_eq!(c.passes[1].options["relu6"], serde_yaml::Value::from("per_channel"));
+        let c = parse("").unwrap();
+        assert_eq!(names(&c), "fold_batchnorm equalize correct_bias");
+        let skipped = c.describe_defaults();
+        assert!(
+            skipped
+                .iter()
+                .any(|l| l.starts_with("skipped gptq: no calibration data")),
+            "{skipped:?}"
+        );
+        // `passes: []` means none, and then quantizing needs data.
+        let err = parse("passes: []").unwrap_err().to_string();
+        assert!(err.contains("quantizing needs calibration data"), "{err}");
+        let c = parse("calibration: {data: d.npz}\npasses: []").unwrap();
+        assert!(c.passes.is_empty() && c.defaults.is_none());
+        let c = parse("quantize: false").unwrap();
+        assert!(c.passes.is_empty());
+        assert!(c.describe_defaults().iter().all(|l| l.starts_with("skipped")));
     }
 
     #[test]

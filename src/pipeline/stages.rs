@@ -1,6 +1,6 @@
 //! The fixed stages of a quantizing pipeline, as passes of the plan phase: `calibrate`, `plan`,
 //! `mixed_precision`, `materialize`, `lint`, `verify` (in that order, with the config's plan passes
-//! between `plan` and `mixed_precision`; see [`super::steps`]). Each reads what the steps before
+//! between `mixed_precision` and `materialize`; see [`super::steps`]). Each reads what the steps before
 //! it left in the [`Context`] and leaves its own result there.
 
 use std::path::{Path, PathBuf};

@@ -325,6 +325,29 @@ impl<'a> Walk<'a> {
             .count()
     }
 
+    /// Whether an output of `n` is read, directly or through pass-through ops and joins, as a
+    /// data input of a weighted op or a pool: the ops that compute on quantized values.
+    fn reaches_integer_compute(&self, n: &Node, depth: usize) -> bool {
+        // Chains of joins and pass-through ops are short; the bound keeps a pathological graph cheap.
+        if depth > 64 {
+            return true;
+        }
+        n.outputs.iter().filter(|o| !o.is_empty()).any(|o| {
+            self.g.consumers(o).into_iter().any(|(ix, slot)| {
+                let c = &self.g.nodes[ix];
+                match rules::rule_for(c) {
+                    Some(r) if matches!(r.role, rules::OpRole::Weighted | rules::OpRole::Pool) => {
+                        r.data_inputs(c.inputs.len()).contains(&slot)
+                    }
+                    Some(r) if matches!(r.role, rules::OpRole::Join | rules::OpRole::PassThrough) => {
+                        self.reaches_integer_compute(c, depth + 1)
+                    }
+                    _ => false,
+                }
+            })
+        })
+    }
+
     /// One node: what its rule quantizes, unless an override or the target keeps it float.
     fn node(&mut self, n: &Node) {
         let Some(rule) = rules::rule_for(n) else { return };
@@ -346,6 +369,12 @@ impl<'a> Walk<'a> {
             .why_float(n, &self.options.rules, &|t: &str| self.is_constant(t))
             .is_some()
         {
+            return;
+        }
+        // A join whose result reaches no integer compute (only float ops and graph outputs, say
+        // a detector head's Concat of boxes and scores) would add quantization error and save
+        // nothing: it stays float.
+        if rule.role == rules::OpRole::Join && !self.reaches_integer_compute(n, 0) {
             return;
         }
         if let Some(weight) = rule.weight {
