@@ -88,9 +88,10 @@ impl Inlined {
             ..Default::default()
         }
     }
-    /// Node keys of the flat graph that stand for If outputs (not in the written model).
-    pub fn is_synthetic(&self, key: &str) -> bool {
-        self.synthetic.contains_key(key)
+    /// For a node of the flat graph that stands for an If output (not in the written model):
+    /// the graph of the branch whose output it passes on.
+    pub fn synthetic_scope(&self, key: &str) -> Option<Scope> {
+        self.synthetic.get(key).map(|&f| self.folded[f].scope())
     }
     /// The graph a node of the flat graph (by key) comes from; None for a node onnxq made.
     pub fn node_scope(&self, key: &str) -> Option<&Scope> {

@@ -25,39 +25,40 @@ pub fn keep_inside_graphs(plan: &mut Plan, model: &Model, cf: &ControlFlow) -> V
     }
     let g = &model.graph;
     let top = Scope::new();
-    // The graph each node (by key) comes from; a synthetic If-output node counts as another graph.
-    let mut node_scope: BTreeMap<String, Option<&Scope>> = BTreeMap::new();
-    let mut made_in: BTreeMap<&str, Option<&Scope>> = BTreeMap::new();
-    let mut read_from: BTreeMap<&str, Vec<Option<&Scope>>> = BTreeMap::new();
+    // The graph each node (by key) comes from. A node standing for an If output is not a
+    // consumer (None), but reads the branch output from inside the branch.
+    let mut node_scope: BTreeMap<String, Option<Scope>> = BTreeMap::new();
+    let mut made_in: BTreeMap<&str, Option<Scope>> = BTreeMap::new();
+    let mut read_from: BTreeMap<&str, Vec<Option<Scope>>> = BTreeMap::new();
     for n in g.nodes.node_weights() {
         let key = inline::key(n);
-        let scope = if record.is_synthetic(&key) {
-            None
-        } else {
-            Some(record.node_scope(&key).unwrap_or(&top))
+        let synthetic = record.synthetic_scope(&key);
+        let scope = match &synthetic {
+            Some(_) => None,
+            None => Some(record.node_scope(&key).unwrap_or(&top).clone()),
         };
         for o in n.outputs.iter().filter(|o| !o.is_empty()) {
-            made_in.insert(o, scope);
+            made_in.insert(o, scope.clone());
         }
         for i in n.inputs.iter().chain(&n.implicit_inputs) {
-            read_from.entry(i).or_default().push(scope);
+            read_from.entry(i).or_default().push(synthetic.clone().or_else(|| scope.clone()));
         }
         node_scope.insert(key, scope);
     }
-    let scope_of_tensor = |t: &str| -> Option<&Scope> {
+    let scope_of_tensor = |t: &str| -> Option<Scope> {
         match made_in.get(t) {
-            Some(s) => *s,
-            None => Some(record.constant_scope(t).unwrap_or(&top)),
+            Some(s) => s.clone(),
+            None => Some(record.constant_scope(t).unwrap_or(&top).clone()),
         }
     };
-    let outputs_stay = |key: &str, scope: Option<&Scope>| {
+    let outputs_stay = |key: &str, scope: &Option<Scope>| {
         let Some(ix) = g.nodes.node_indices().find(|&ix| inline::key(&g.nodes[ix]) == key) else {
             return false;
         };
         g.nodes[ix]
             .outputs
             .iter()
-            .all(|o| read_from.get(o.as_str()).is_none_or(|readers| readers.iter().all(|r| *r == scope)))
+            .all(|o| read_from.get(o.as_str()).is_none_or(|readers| readers.iter().all(|r| r == scope)))
     };
     let mut dropped = 0;
     let mut emptied = Vec::new();
@@ -65,8 +66,8 @@ pub fn keep_inside_graphs(plan: &mut Plan, model: &Model, cf: &ControlFlow) -> V
         let made = scope_of_tensor(t);
         let before = a.consumers.len();
         a.consumers.retain(|(key, _)| {
-            let scope = node_scope.get(key).copied().flatten();
-            scope.is_some() && scope == made && outputs_stay(key, scope)
+            let scope = node_scope.get(key).cloned().flatten();
+            scope.is_some() && scope == made && outputs_stay(key, &scope)
         });
         dropped += before - a.consumers.len();
         if a.consumers.is_empty() {
