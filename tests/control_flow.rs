@@ -41,7 +41,12 @@ fn constant_node(t: TensorProto) -> NodeProto {
 /// A branch `out = MatMul(MatMul(h, W), V)` with its weights in `Constant` nodes (as exporters
 /// write branches); every name carries `tag`, so the two branches define different names.
 fn matmul_branch(tag: &str, seed: u64) -> GraphProto {
-    let (w, v, m, out) = (format!("{tag}_w"), format!("{tag}_v"), format!("{tag}_m"), format!("{tag}_out"));
+    let (w, v, m, out) = (
+        format!("{tag}_w"),
+        format!("{tag}_v"),
+        format!("{tag}_m"),
+        format!("{tag}_out"),
+    );
     graph(
         vec![
             constant_node(tensor_f32(&w, &[4, 4], &seeded(16, seed))),
@@ -63,11 +68,17 @@ fn if_model() -> ModelProto {
             node("MatMul", "first", &["x", "w0"], &["h"]),
             node("Equal", "is_16k", &["sr", "k16"], &["cond"]),
             with_attr(
-                with_attr(node("If", "by_rate", &["cond"], &["y"]), attr_graph("then_branch", matmul_branch("t", 2))),
+                with_attr(
+                    node("If", "by_rate", &["cond"], &["y"]),
+                    attr_graph("then_branch", matmul_branch("t", 2)),
+                ),
                 attr_graph("else_branch", matmul_branch("e", 3)),
             ),
         ],
-        vec![tensor_f32("w0", &[4, 4], &seeded(16, 1)), tensor_i64("k16", &[], &[16000])],
+        vec![
+            tensor_f32("w0", &[4, 4], &seeded(16, 1)),
+            tensor_i64("k16", &[], &[16000]),
+        ],
         vec![f32_info("x", &[1, 4]), value_info("sr", DataType::Int64, &[])],
         vec![f32_info("y", &[1, 4])],
     );
@@ -92,7 +103,10 @@ fn loop_model() -> ModelProto {
     let g = graph(
         vec![
             node("MatMul", "first", &["x", "w0"], &["h"]),
-            with_attr(node("Loop", "repeat", &["trips", "go", "h"], &["looped"]), attr_graph("body", body)),
+            with_attr(
+                node("Loop", "repeat", &["trips", "go", "h"], &["looped"]),
+                attr_graph("body", body),
+            ),
             node("Relu", "after_relu", &["looped"], &["r"]),
             node("MatMul", "after", &["r", "w1"], &["y"]),
         ],
@@ -149,7 +163,12 @@ fn load(path: &Path) -> Model {
 }
 
 fn branch<'m>(m: &'m Model, attr: &str) -> &'m GraphProto {
-    let n = m.graph.nodes.node_weights().find(|n| n.op_type == "If").expect("the If is written back");
+    let n = m
+        .graph
+        .nodes
+        .node_weights()
+        .find(|n| n.op_type == "If")
+        .expect("the If is written back");
     n.attribute(attr).and_then(|a| a.g.as_ref()).unwrap()
 }
 
@@ -169,7 +188,9 @@ fn run_at(m: &Model, sr: i64) -> Vec<f32> {
     ];
     let runner = onnxq::runtime::Runner::new(m, &shapes, &[]).unwrap();
     let x = x_samples(1).remove(0);
-    let out = runner.run(vec![x.into_tvalue(), Tensor::from(sr).into_tvalue()]).unwrap();
+    let out = runner
+        .run(vec![x.into_tvalue(), Tensor::from(sr).into_tvalue()])
+        .unwrap();
     onnxq::runtime::to_f32_vec(&out[0]).unwrap()
 }
 
@@ -183,18 +204,31 @@ fn an_if_the_data_decides_is_calibrated_on_its_branch_and_written_with_both() {
 
     // The taken branch got Q/DQ (the activation it makes, its Constant-node weights); the other is as read.
     let then = branch(&written, "then_branch");
-    assert!(count(then, "QuantizeLinear") == 1 && count(then, "DequantizeLinear") == 3, "{then:?}");
+    assert!(
+        count(then, "QuantizeLinear") == 1 && count(then, "DequantizeLinear") == 3,
+        "{then:?}"
+    );
     assert_eq!(branch(&written, "else_branch"), branch(&float, "else_branch"));
     assert_eq!(ops(&written, "If"), 1);
-    assert_eq!(ops(&written, "MatMul"), 1, "the branches' MatMuls stay in their branches");
+    assert_eq!(
+        ops(&written, "MatMul"),
+        1,
+        "the branches' MatMuls stay in their branches"
+    );
     let cf = &report["control_flow"]["inlined_ifs"][0];
     assert_eq!(cf["taken"], "then_branch");
     assert_eq!(cf["kept_float"], "else_branch");
     // `h` is made outside the branch that reads it: no Q/DQ across the boundary, with the reason.
     let kept = &report["quantization"]["plan"]["kept_float"];
     assert!(kept["h"].as_str().unwrap().contains("graph boundary"), "{kept}");
-    // Verified on the flat model: the written model's outputs were measured.
-    assert!(report["verification"]["outputs"][0]["name"] == "y", "{}", report["verification"]);
+    // Verified on the flat model: the written model's outputs were measured, and the report says how.
+    assert!(
+        report["verification"]["outputs"][0]["name"] == "y",
+        "{}",
+        report["verification"]
+    );
+    let notes = report["passes"].to_string();
+    assert!(notes.contains("the branches not taken (float) were not run"), "{notes}");
 
     // The written model runs on either branch, near the float model (its `h` is quantized).
     for rate in [16000, 8000] {
@@ -244,7 +278,15 @@ fn a_loop_tract_cannot_run_is_cut_and_what_follows_it_stays_float() {
     // The Loop and its body are written back as they were.
     let as_read = Model::from_proto(original).unwrap();
     let body = |m: &Model| {
-        m.graph.nodes.node_weights().find(|n| n.op_type == "Loop").unwrap().attribute("body").unwrap().g.clone()
+        m.graph
+            .nodes
+            .node_weights()
+            .find(|n| n.op_type == "Loop")
+            .unwrap()
+            .attribute("body")
+            .unwrap()
+            .g
+            .clone()
     };
     assert_eq!(body(&written), body(&as_read));
 }
@@ -257,7 +299,11 @@ fn inlining_then_restoring_gives_the_model_back() {
     onnxq::ir::inline::inline_if(&mut flat, "y", false, &mut record).unwrap();
     flat.graph.check().unwrap();
     assert_eq!(ops(&flat, "If"), 0);
-    assert_eq!(ops(&flat, "MatMul"), 3, "the else branch's MatMuls are in the flat graph");
+    assert_eq!(
+        ops(&flat, "MatMul"),
+        3,
+        "the else branch's MatMuls are in the flat graph"
+    );
     assert!(flat.graph.constants.contains_key("e_w"));
     let back = onnxq::ir::inline::restore(&flat, &record).unwrap();
     assert_eq!(back.to_proto().unwrap(), original.to_proto().unwrap());
@@ -268,7 +314,11 @@ fn a_branch_redefining_an_outer_name_is_a_model_error() {
     let mut m = if_model();
     let g = m.graph.as_mut().unwrap();
     // The then branch now writes `h`, which the outer graph defines too: not valid ONNX.
-    let then = g.node[2].attribute.iter_mut().find(|a| a.name() == "then_branch").unwrap();
+    let then = g.node[2]
+        .attribute
+        .iter_mut()
+        .find(|a| a.name() == "then_branch")
+        .unwrap();
     then.g.as_mut().unwrap().node[3].output[0] = "h".into();
     then.g.as_mut().unwrap().output[0].name = Some("h".into());
     let mut flat = Model::from_proto(m).unwrap();

@@ -66,7 +66,9 @@ fn cone(g: &Graph, name: &str) -> Option<(BTreeSet<String>, BTreeSet<String>)> {
             inputs.insert(t);
             continue;
         }
-        let Some(&(ix, _)) = producers.get(t.as_str()) else { continue };
+        let Some(&(ix, _)) = producers.get(t.as_str()) else {
+            continue;
+        };
         let n = &g.nodes[ix];
         if has_subgraph(n) {
             return None;
@@ -80,11 +82,17 @@ fn cone(g: &Graph, name: &str) -> Option<(BTreeSet<String>, BTreeSet<String>)> {
 
 /// `model` with only the nodes in `keep` (by key) and `outputs` as its outputs (a model output
 /// keeps its declared type; the others are named only).
-fn submodel(model: &Model, keep: impl Fn(&Node) -> bool, outputs: &[String], inputs: Option<&BTreeSet<String>>) -> Result<Model> {
+fn submodel(
+    model: &Model,
+    keep: impl Fn(&Node) -> bool,
+    outputs: &[String],
+    inputs: Option<&BTreeSet<String>>,
+) -> Result<Model> {
     let mut m = model.clone();
     let g = &mut m.graph;
     g.nodes.retain_nodes(|nodes, ix| keep(&nodes[ix]));
-    let declared: HashMap<String, ValueInfoProto> = g.outputs.iter().map(|o| (o.name().to_string(), o.clone())).collect();
+    let declared: HashMap<String, ValueInfoProto> =
+        g.outputs.iter().map(|o| (o.name().to_string(), o.clone())).collect();
     g.outputs = outputs
         .iter()
         .map(|o| {
@@ -96,7 +104,8 @@ fn submodel(model: &Model, keep: impl Fn(&Node) -> bool, outputs: &[String], inp
         .collect();
     if let Some(inputs) = inputs {
         let constants = &g.constants;
-        g.inputs.retain(|i| inputs.contains(i.name()) || constants.contains_key(i.name()));
+        g.inputs
+            .retain(|i| inputs.contains(i.name()) || constants.contains_key(i.name()));
     }
     g.value_info.clear();
     g.rebuild_edges()?;
@@ -105,7 +114,11 @@ fn submodel(model: &Model, keep: impl Fn(&Node) -> bool, outputs: &[String], inp
 
 /// The value of each condition when it is the same on every sample of every source (None
 /// otherwise), computed in tract on the part of the graph the conditions depend on.
-fn constant_conditions(model: &Model, conditions: &[(String, BTreeSet<String>, BTreeSet<String>)], sources: &[&DataSource]) -> Result<Vec<Option<bool>>> {
+fn constant_conditions(
+    model: &Model,
+    conditions: &[(String, BTreeSet<String>, BTreeSet<String>)],
+    sources: &[&DataSource],
+) -> Result<Vec<Option<bool>>> {
     let keep: BTreeSet<&String> = conditions.iter().flat_map(|(_, nodes, _)| nodes).collect();
     let inputs: BTreeSet<String> = conditions.iter().flat_map(|(_, _, i)| i.iter().cloned()).collect();
     let names: Vec<String> = conditions.iter().map(|(c, _, _)| c.clone()).collect();
@@ -135,14 +148,19 @@ fn constant_conditions(model: &Model, conditions: &[(String, BTreeSet<String>, B
             source.len(),
             |i| {
                 let mut sample = source.sample(i)?;
-                Ok(wanted.iter().map(|&k| std::mem::replace(&mut sample[k], tract_onnx::prelude::Tensor::from(0f32).into())).collect())
+                Ok(wanted
+                    .iter()
+                    .map(|&k| std::mem::replace(&mut sample[k], tract_onnx::prelude::Tensor::from(0f32).into()))
+                    .collect())
             },
             |_, outs| {
                 outs.iter()
-                    .map(|t| Ok(match runtime::to_f32_vec(t)?.as_slice() {
-                        [v] => Some(*v != 0.0),
-                        _ => None,
-                    }))
+                    .map(|t| {
+                        Ok(match runtime::to_f32_vec(t)?.as_slice() {
+                            [v] => Some(*v != 0.0),
+                            _ => None,
+                        })
+                    })
                     .collect::<Result<Vec<_>>>()
             },
         )?;
@@ -170,9 +188,15 @@ impl ControlFlow {
         loop {
             let g = &model.graph;
             let mut candidates = Vec::new();
-            for n in g.nodes.node_weights().filter(|n| n.op_type == "If" && n.is_default_domain()) {
+            for n in g
+                .nodes
+                .node_weights()
+                .filter(|n| n.op_type == "If" && n.is_default_domain())
+            {
                 let k = inline::key(n);
-                let Some(cond) = n.inputs.first().filter(|c| !c.is_empty()) else { continue };
+                let Some(cond) = n.inputs.first().filter(|c| !c.is_empty()) else {
+                    continue;
+                };
                 if undecided.contains(&k) {
                     continue;
                 }
@@ -199,7 +223,9 @@ impl ControlFlow {
                         ));
                     }
                     None => {
-                        notes.push(format!("{label}: condition '{cond}' differs between samples: kept as an If"));
+                        notes.push(format!(
+                            "{label}: condition '{cond}' differs between samples: kept as an If"
+                        ));
                         undecided.insert(k);
                     }
                 }
@@ -230,7 +256,6 @@ impl ControlFlow {
         Ok(m)
     }
 
-
     /// The written model: the inlined Ifs put back with both branches.
     pub fn restore(&self, model: &Model) -> Result<Model> {
         inline::restore(model, &self.inlined)
@@ -251,16 +276,25 @@ impl ControlFlow {
         }
     }
 
-    /// What verification could not measure, if anything.
+    /// What verification measured and could not measure.
     pub fn verification_note(&self) -> Option<String> {
-        let cut = self.cut.as_ref()?;
         let list = |v: &[String]| v.iter().map(|o| format!("'{o}'")).collect::<Vec<_>>().join(", ");
-        Some(format!(
-            "verified on the part tract runs, at {}; not measured: the model outputs {} (downstream of {}, which tract cannot run)",
-            list(&cut.outputs),
-            list(&cut.unmeasured),
-            cut.roots.values().cloned().collect::<Vec<_>>().join(", ")
-        ))
+        let mut parts = Vec::new();
+        if !self.inlined.folded.is_empty() {
+            parts.push(format!(
+                "verified with the branches the data takes of {} If(s); the branches not taken (float) were not run",
+                self.inlined.folded.len()
+            ));
+        }
+        if let Some(cut) = &self.cut {
+            parts.push(format!(
+                "verified on the part tract runs, at {}; not measured: the model outputs {} (downstream of {}, which tract cannot run)",
+                list(&cut.outputs),
+                list(&cut.unmeasured),
+                cut.roots.values().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
     }
 
     /// The report's `control_flow` section.
@@ -296,7 +330,12 @@ impl Cut {
     /// None when the graph has no control-flow node left or tract runs it.
     fn find(model: &Model, source: &DataSource) -> Result<Option<Cut>> {
         let g = &model.graph;
-        let roots: BTreeMap<String, String> = g.nodes.node_weights().filter(|n| has_subgraph(n)).map(|n| (inline::key(n), n.label())).collect();
+        let roots: BTreeMap<String, String> = g
+            .nodes
+            .node_weights()
+            .filter(|n| has_subgraph(n))
+            .map(|n| (inline::key(n), n.label()))
+            .collect();
         if roots.is_empty() {
             return Ok(None);
         }
@@ -311,7 +350,10 @@ impl Cut {
     fn of(model: &Model, roots: BTreeMap<String, String>, reason: String) -> Result<Cut> {
         let g = &model.graph;
         let removed = downstream(g, &roots);
-        let cut_tensors: BTreeSet<String> = removed.iter().flat_map(|&ix| g.nodes[ix].outputs.iter().filter(|o| !o.is_empty()).cloned()).collect();
+        let cut_tensors: BTreeSet<String> = removed
+            .iter()
+            .flat_map(|&ix| g.nodes[ix].outputs.iter().filter(|o| !o.is_empty()).cloned())
+            .collect();
         let mut outputs: Vec<String> = Vec::new();
         let mut unmeasured = Vec::new();
         for o in &g.outputs {
@@ -346,14 +388,21 @@ impl Cut {
     /// The runnable part of `model` (the float model or its quantized version): the roots and
     /// everything downstream of them removed, the cut's outputs as outputs.
     pub fn apply(&self, model: &Model) -> Result<Model> {
-        let removed: BTreeSet<String> = downstream(&model.graph, &self.roots).into_iter().map(|ix| inline::key(&model.graph.nodes[ix])).collect();
+        let removed: BTreeSet<String> = downstream(&model.graph, &self.roots)
+            .into_iter()
+            .map(|ix| inline::key(&model.graph.nodes[ix]))
+            .collect();
         submodel(model, |n| !removed.contains(&inline::key(n)), &self.outputs, None)
     }
 }
 
 /// The nodes with a key in `roots` and every node downstream of them.
 fn downstream(g: &Graph, roots: &BTreeMap<String, String>) -> BTreeSet<petgraph::stable_graph::NodeIndex> {
-    let mut stack: Vec<_> = g.nodes.node_indices().filter(|&ix| roots.contains_key(&inline::key(&g.nodes[ix]))).collect();
+    let mut stack: Vec<_> = g
+        .nodes
+        .node_indices()
+        .filter(|&ix| roots.contains_key(&inline::key(&g.nodes[ix])))
+        .collect();
     let mut seen = BTreeSet::new();
     while let Some(ix) = stack.pop() {
         if seen.insert(ix) {

@@ -82,8 +82,18 @@ impl Inlined {
     /// Starts a record for `model`: everything now in it is top level.
     pub fn new(model: &Model) -> Inlined {
         Inlined {
-            node_scope: model.graph.nodes.node_weights().map(|n| (key(n), Scope::new())).collect(),
-            constant_scope: model.graph.constants.keys().map(|c| (c.clone(), Scope::new())).collect(),
+            node_scope: model
+                .graph
+                .nodes
+                .node_weights()
+                .map(|n| (key(n), Scope::new()))
+                .collect(),
+            constant_scope: model
+                .graph
+                .constants
+                .keys()
+                .map(|c| (c.clone(), Scope::new()))
+                .collect(),
             opset: model.opset(""),
             ..Default::default()
         }
@@ -135,7 +145,11 @@ pub fn inline_if(model: &mut Model, if_key: &str, then: bool, record: &mut Inlin
     // Names the enclosing graphs define, to refuse a clash.
     let mut defined: BTreeSet<String> = g.constants.keys().cloned().collect();
     defined.extend(g.inputs.iter().map(|i| i.name().to_string()));
-    defined.extend(g.nodes.node_weights().flat_map(|n| n.outputs.iter().filter(|o| !o.is_empty()).cloned()));
+    defined.extend(
+        g.nodes
+            .node_weights()
+            .flat_map(|n| n.outputs.iter().filter(|o| !o.is_empty()).cloned()),
+    );
     let mut outer_reads = BTreeMap::new();
     for name in &node.implicit_inputs {
         if let Some(c) = g.constants.get(name) {
@@ -148,7 +162,13 @@ pub fn inline_if(model: &mut Model, if_key: &str, then: bool, record: &mut Inlin
 
     // The branch's nodes go between the If and the node after it, in their own order.
     let start = node.order;
-    let next = g.nodes.node_weights().map(|n| n.order).filter(|&o| o > start).min().unwrap_or(start + ORDER_STEP);
+    let next = g
+        .nodes
+        .node_weights()
+        .map(|n| n.order)
+        .filter(|&o| o > start)
+        .min()
+        .unwrap_or(start + ORDER_STEP);
     let mut body_nodes: Vec<Node> = body.nodes.node_weights().cloned().collect();
     body.nodes = StableGraph::new();
     body_nodes.sort_by_key(|n| n.order);
@@ -185,7 +205,13 @@ pub fn inline_if(model: &mut Model, if_key: &str, then: bool, record: &mut Inlin
     g.nodes.remove_node(ix);
     let folded = record.folded.len();
     for (out, inner) in node.outputs.iter().zip(&body.outputs) {
-        let id = Node::new(&format!("{out}::branch_output"), "Identity", vec![inner.name().to_string()], out, start + (slots - 1) * step);
+        let id = Node::new(
+            &format!("{out}::branch_output"),
+            "Identity",
+            vec![inner.name().to_string()],
+            out,
+            start + (slots - 1) * step,
+        );
         record.synthetic.insert(out.clone(), folded);
         g.nodes.add_node(id);
     }
@@ -201,7 +227,11 @@ pub fn inline_if(model: &mut Model, if_key: &str, then: bool, record: &mut Inlin
 
 /// Every common leading element of two scopes.
 fn common(a: &Scope, b: &Scope) -> Scope {
-    a.iter().zip(b).take_while(|(x, y)| x == y).map(|(x, _)| x.clone()).collect()
+    a.iter()
+        .zip(b)
+        .take_while(|(x, y)| x == y)
+        .map(|(x, _)| x.clone())
+        .collect()
 }
 
 /// The model with the control flow `record` inlined put back (module docs). `flat` is the
@@ -232,7 +262,11 @@ pub fn restore(flat: &Model, record: &Inlined) -> Result<Model> {
             // Not written back: it stands for the branch's output, which the branch must still
             // produce (what onnxq put between them, e.g. Q/DQ of a pass-through, goes).
             let f = &record.folded[f];
-            for i in n.inputs.iter().filter(|i| f.body.outputs.iter().any(|o| o.name() == i.as_str())) {
+            for i in n
+                .inputs
+                .iter()
+                .filter(|i| f.body.outputs.iter().any(|o| o.name() == i.as_str()))
+            {
                 readers.entry(i.as_str()).or_default().push(f.scope());
             }
             continue;
@@ -266,7 +300,9 @@ pub fn restore(flat: &Model, record: &Inlined) -> Result<Model> {
         let scope = f.scope();
         for (name, (at, c)) in &f.outer_reads {
             let have = constants.get(at).is_some_and(|m| m.contains_key(name))
-                || placed.get(at).is_some_and(|ns| ns.iter().any(|n| n.outputs.contains(name)));
+                || placed
+                    .get(at)
+                    .is_some_and(|ns| ns.iter().any(|n| n.outputs.contains(name)));
             if !have {
                 constants.entry(at.clone()).or_default().insert(name.clone(), c.clone());
             }
@@ -290,7 +326,9 @@ pub fn restore(flat: &Model, record: &Inlined) -> Result<Model> {
         placed.entry(f.parent.clone()).or_default().push(node);
     }
     if let Some(scope) = placed.keys().chain(constants.keys()).find(|s| !s.is_empty()) {
-        return Err(Error::internal(format!("nodes placed in a graph that is not a folded branch: {scope:?}")));
+        return Err(Error::internal(format!(
+            "nodes placed in a graph that is not a folded branch: {scope:?}"
+        )));
     }
     let mut model = flat.clone();
     model.graph.constants = constants.remove(&Scope::new()).unwrap_or_default();

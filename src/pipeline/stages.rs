@@ -407,7 +407,12 @@ impl Pass for Verify {
                     per_layer: false,
                     ..self.options.clone()
                 };
-                Some(crate::verify::verify(&*runnable(original)?, &quantized, data, &options)?)
+                Some(crate::verify::verify(
+                    &*runnable(original)?,
+                    &quantized,
+                    data,
+                    &options,
+                )?)
             }
             None => None,
         };

@@ -41,7 +41,10 @@ pub fn keep_inside_graphs(plan: &mut Plan, model: &Model, cf: &ControlFlow) -> V
             made_in.insert(o, scope.clone());
         }
         for i in n.inputs.iter().chain(&n.implicit_inputs) {
-            read_from.entry(i).or_default().push(synthetic.clone().or_else(|| scope.clone()));
+            read_from
+                .entry(i)
+                .or_default()
+                .push(synthetic.clone().or_else(|| scope.clone()));
         }
         node_scope.insert(key, scope);
     }
@@ -55,10 +58,11 @@ pub fn keep_inside_graphs(plan: &mut Plan, model: &Model, cf: &ControlFlow) -> V
         let Some(ix) = g.nodes.node_indices().find(|&ix| inline::key(&g.nodes[ix]) == key) else {
             return false;
         };
-        g.nodes[ix]
-            .outputs
-            .iter()
-            .all(|o| read_from.get(o.as_str()).is_none_or(|readers| readers.iter().all(|r| r == scope)))
+        g.nodes[ix].outputs.iter().all(|o| {
+            read_from
+                .get(o.as_str())
+                .is_none_or(|readers| readers.iter().all(|r| r == scope))
+        })
     };
     let mut dropped = 0;
     let mut emptied = Vec::new();
@@ -87,12 +91,17 @@ pub fn keep_inside_graphs(plan: &mut Plan, model: &Model, cf: &ControlFlow) -> V
     let orphan_biases: Vec<String> = plan
         .biases
         .iter()
-        .filter(|(_, b)| !b.consumers.iter().all(|(k, _)| quantized_inputs.contains(&(b.input.as_str(), k.as_str()))))
+        .filter(|(_, b)| {
+            !b.consumers
+                .iter()
+                .all(|(k, _)| quantized_inputs.contains(&(b.input.as_str(), k.as_str())))
+        })
         .map(|(name, _)| name.clone())
         .collect();
     for b in &orphan_biases {
         plan.biases.remove(b);
-        plan.kept_float.insert(b.clone(), format!("bias of a layer whose input is {REASON}"));
+        plan.kept_float
+            .insert(b.clone(), format!("bias of a layer whose input is {REASON}"));
     }
     if dropped == 0 {
         return vec![];
