@@ -130,7 +130,11 @@ fn x_samples(n: usize) -> Vec<Tensor> {
 
 /// Writes the model, its data (`x`, and `sr` per sample when given) and a config quantizing
 /// with it; runs the main job. Returns (folder guard, output path, report, job result).
-fn quantize(m: &ModelProto, rates: Option<&[i64]>) -> (tempfile::TempDir, PathBuf, onnxq::Result<serde_json::Value>) {
+fn quantize(
+    m: &ModelProto,
+    rates: Option<&[i64]>,
+    extra_config: &str,
+) -> (tempfile::TempDir, PathBuf, onnxq::Result<serde_json::Value>) {
     let (dir, input) = write_temp(m, "in.onnx");
     let n = rates.map_or(16, |r| r.len());
     let mut arrays = vec![("x".to_string(), x_samples(n))];
@@ -140,7 +144,11 @@ fn quantize(m: &ModelProto, rates: Option<&[i64]>) -> (tempfile::TempDir, PathBu
     let data = dir.path().join("calib.npz");
     onnxq::calib::data::write_npz(&data, &arrays).unwrap();
     let config = dir.path().join("q.yaml");
-    std::fs::write(&config, "calibration: {data: calib.npz}\nverify: {data: calib.npz}\n").unwrap();
+    std::fs::write(
+        &config,
+        format!("calibration: {{data: calib.npz}}\nverify: {{data: calib.npz}}\n{extra_config}"),
+    )
+    .unwrap();
     let (output, report) = (dir.path().join("out.onnx"), dir.path().join("report.json"));
     let result = onnxq::job::main_job(onnxq::job::MainJob {
         model: input,
@@ -197,7 +205,7 @@ fn run_at(m: &Model, sr: i64) -> Vec<f32> {
 #[test]
 fn an_if_the_data_decides_is_calibrated_on_its_branch_and_written_with_both() {
     let original = if_model();
-    let (_dir, out, report) = quantize(&original, Some(&[16000; 16]));
+    let (_dir, out, report) = quantize(&original, Some(&[16000; 16]), "");
     let report = report.unwrap();
     let written = load(&out);
     let float = Model::from_proto(original.clone()).unwrap();
@@ -242,7 +250,7 @@ fn an_if_the_data_decides_is_calibrated_on_its_branch_and_written_with_both() {
 fn an_if_whose_condition_varies_keeps_its_branches_float() {
     let original = if_model();
     let rates: Vec<i64> = (0..16).map(|i| if i % 2 == 0 { 16000 } else { 8000 }).collect();
-    let (_dir, out, report) = quantize(&original, Some(&rates));
+    let (_dir, out, report) = quantize(&original, Some(&rates), "");
     let report = report.unwrap();
     let written = load(&out);
     let float = Model::from_proto(original).unwrap();
@@ -259,7 +267,7 @@ fn an_if_whose_condition_varies_keeps_its_branches_float() {
 #[test]
 fn a_loop_tract_cannot_run_is_cut_and_what_follows_it_stays_float() {
     let original = loop_model();
-    let (_dir, out, report) = quantize(&original, None);
+    let (_dir, out, report) = quantize(&original, None, "");
     let report = report.unwrap();
     let written = load(&out);
     // Before the Loop: quantized. After it: float, with the reason.
@@ -326,4 +334,19 @@ fn a_branch_redefining_an_outer_name_is_a_model_error() {
     let err = onnxq::ir::inline::inline_if(&mut flat, "y", true, &mut record).unwrap_err();
     assert_eq!(err.exit_code(), 2);
     assert!(err.to_string().contains("'h' of the then_branch"), "{err}");
+}
+
+#[test]
+fn a_plan_pass_that_re_plans_keeps_q_dq_inside_the_branches() {
+    // correct_bias re-plans after correcting: the boundary rule must hold on the plan written.
+    let (_dir, out, report) = quantize(&if_model(), Some(&[16000; 16]), "passes: [correct_bias]\n");
+    let report = report.unwrap();
+    let kept = &report["quantization"]["plan"]["kept_float"];
+    assert!(kept["h"].as_str().unwrap().contains("graph boundary"), "{kept}");
+    let written = load(&out);
+    let then = branch(&written, "then_branch");
+    assert!(
+        then.node.iter().all(|n| n.op_type() != "QuantizeLinear" || n.input[0] != "h"),
+        "no Q/DQ of the outer `h` inside the branch: {then:?}"
+    );
 }

@@ -229,8 +229,7 @@ impl Pass for Plan {
         let mut plan = crate::quant::plan::build_plan(model, stats, &self.options)?;
         let mut notes = Vec::new();
         if let Some(cf) = &ctx.control_flow {
-            cf.explain_uncalibrated(&mut plan.kept_float);
-            notes.extend(crate::quant::subgraphs::keep_inside_graphs(&mut plan, model, cf));
+            notes.extend(crate::quant::subgraphs::adapt(&mut plan, model, cf));
         }
         notes.insert(0, plan.summary());
         ctx.plan = Some(plan);
@@ -301,6 +300,10 @@ impl Pass for Materialize {
         Phase::Plan
     }
     fn run(&self, model: &mut Model, ctx: &mut Context) -> Result<Vec<String>> {
+        // Again: a plan pass may have re-planned (correct_bias does).
+        if let (Some(cf), Some(plan)) = (&ctx.control_flow, ctx.plan.as_mut()) {
+            crate::quant::subgraphs::adapt(plan, model, cf);
+        }
         let plan = ctx
             .plan
             .as_ref()

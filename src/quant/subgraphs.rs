@@ -16,9 +16,17 @@ use crate::quant::plan::Plan;
 
 const REASON: &str = "read across a graph boundary of the written model (an If branch): ONNX Runtime's QDQ propagation fails on Q/DQ there";
 
+/// Fits a plan built on the flat graph to the written model: the tensors of the part tract does
+/// not run get their reason, and Q/DQ stay inside one graph (module docs). Idempotent: `plan`
+/// and `materialize` both call it, since a plan pass may re-plan. Notes say what changed.
+pub fn adapt(plan: &mut Plan, model: &Model, cf: &ControlFlow) -> Vec<String> {
+    cf.explain_uncalibrated(&mut plan.kept_float);
+    keep_inside_graphs(plan, model, cf)
+}
+
 /// Drops the consumer inputs whose Q/DQ would cross a graph boundary once the control flow is
 /// put back (module docs); notes say how many.
-pub fn keep_inside_graphs(plan: &mut Plan, model: &Model, cf: &ControlFlow) -> Vec<String> {
+fn keep_inside_graphs(plan: &mut Plan, model: &Model, cf: &ControlFlow) -> Vec<String> {
     let record = &cf.inlined;
     if record.folded.is_empty() {
         return vec![];
