@@ -57,7 +57,7 @@ def run(path, data, logits=False):
     sess = ort.InferenceSession(with_logits(path, logits), opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     n = len(data[names[0]])
-    outs = [sess.run(None, {k: data[k][i] for k in names}) for i in range(n)]
+    outs = [sess.run(None, {k: np.asarray(data[k][i]) for k in names}) for i in range(n)]
     return [o.name for o in sess.get_outputs()], [np.stack([s[j] for s in outs]) for j in range(len(outs[0]))]
 
 

@@ -85,7 +85,9 @@ impl Pass for Gptq {
                     .into(),
             ));
         };
-        let notes = apply(model, plan, source)?;
+        // With a Loop tract cannot run, the layers of the part it runs (calib::control_flow).
+        let runnable = crate::calib::control_flow::runnable(ctx.control_flow.as_ref(), model)?;
+        let notes = apply(&runnable, plan, source)?;
         eprintln!("onnxq: gptq took {:.1} s", started.elapsed().as_secs_f64());
         Ok(notes)
     }

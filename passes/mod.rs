@@ -68,6 +68,9 @@ pub struct Context {
     /// The BatchNormalization statistics `fold_batchnorm` folded away, keyed by the folded layer's
     /// output tensor, for bias absorption, analytical bias correction and data-free ranges.
     pub batchnorm_records: Vec<BatchNormRecord>,
+    /// The Ifs inlined and the part tract runs, for a model with control flow (`calibrate`); the
+    /// job writes the model with its control flow put back.
+    pub control_flow: Option<crate::calib::control_flow::ControlFlow>,
     /// The calibration data (`calibrate`; None in data-free mode).
     pub calibration: Option<DataSource>,
     /// Activation statistics of the float model after the graph passes (`calibrate`).

@@ -74,6 +74,10 @@ pub fn main_job(args: MainJob) -> Result<()> {
     }
     let t1 = Instant::now();
     pipeline::run(&mut model, &steps, &mut ctx, &debug).map_err(|e| as_model_error(&args.model, e))?;
+    // The Ifs calibration inlined come back with both branches (calib::control_flow).
+    if let Some(cf) = &ctx.control_flow {
+        model = cf.restore(&model).map_err(|e| as_model_error(&args.model, e))?;
+    }
     let steps_ms = t1.elapsed().as_secs_f64() * 1e3;
 
     let print_defaults = || {
@@ -151,6 +155,7 @@ pub fn main_job(args: MainJob) -> Result<()> {
             "quantization": quantization,
             "verification": ctx.verification,
             "verification_against_original": ctx.verification_against_original,
+            "control_flow": ctx.control_flow.as_ref().map(|cf| cf.report()),
             "timings_ms": { "load": load_ms, "steps": steps_ms, "write": write_ms },
         });
         let text = serde_json::to_string_pretty(&report).expect("report serialises");

@@ -2,6 +2,7 @@
 //! streaming observers, the statistics file, and data-free ranges from BatchNorm statistics.
 
 pub mod config;
+pub mod control_flow;
 pub mod data;
 pub mod datafree;
 pub mod images;

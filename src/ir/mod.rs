@@ -13,6 +13,7 @@
 pub mod attribute;
 pub mod batchnorm;
 pub mod dump;
+pub mod inline;
 pub mod ops;
 pub mod tensor;
 
@@ -227,8 +228,13 @@ fn subgraph_free_names(graph: &GraphProto, out: &mut BTreeSet<String>) {
 }
 
 fn implicit_inputs(node: &NodeProto) -> Vec<String> {
+    subgraph_reads(&node.attribute)
+}
+
+/// The outer-scope names the subgraph attributes read (a node's implicit inputs), sorted.
+pub fn subgraph_reads(attributes: &[AttributeProto]) -> Vec<String> {
     let mut names = BTreeSet::new();
-    for a in &node.attribute {
+    for a in attributes {
         for g in a.g.iter().chain(a.graphs.iter()) {
             subgraph_free_names(g, &mut names);
         }

@@ -77,11 +77,27 @@ impl Pass for Calibrate {
                 DataSource::open(&config, &inputs)
             })
             .transpose()?;
+        // Control flow tract cannot run: calibrate on the Ifs' taken branches, the part before a Loop.
+        let sources: Vec<&DataSource> = ctx.calibration.iter().chain(&ctx.verify_data).collect();
+        ctx.control_flow = crate::calib::control_flow::ControlFlow::prepare(model, &sources)?;
+        let mut notes = Vec::new();
+        if let Some(cf) = &ctx.control_flow {
+            if let Some(original) = ctx.original_model.as_mut() {
+                *original = cf.apply(original)?;
+            }
+            for n in &cf.notes {
+                eprintln!("onnxq: control flow: {n}");
+            }
+            notes.extend(cf.notes.iter().cloned());
+        }
         let stats = match &ctx.calibration {
-            Some(source) => calibration_stats(model, source, self.stats_path.as_deref())?,
+            Some(source) => {
+                let runnable = crate::calib::control_flow::runnable(ctx.control_flow.as_ref(), model)?;
+                calibration_stats(&runnable, source, self.stats_path.as_deref())?
+            }
             None => self.data_free_stats(model, &ctx.batchnorm_records)?,
         };
-        let notes = vec![format!("{} tensors on {} samples", stats.tensors.len(), stats.samples)];
+        notes.push(format!("{} tensors on {} samples", stats.tensors.len(), stats.samples));
         ctx.stats = Some(stats);
         if self.verify_data.is_some() {
             ctx.float_model = Some(model.clone());
@@ -210,8 +226,12 @@ impl Pass for Plan {
             .stats
             .as_ref()
             .ok_or_else(|| Error::internal("`plan` ran before `calibrate`"))?;
-        let plan = crate::quant::plan::build_plan(model, stats, &self.options)?;
-        let notes = vec![plan.summary()];
+        let mut plan = crate::quant::plan::build_plan(model, stats, &self.options)?;
+        let mut notes = Vec::new();
+        if let Some(cf) = &ctx.control_flow {
+            notes.extend(crate::quant::subgraphs::adapt(&mut plan, model, cf));
+        }
+        notes.insert(0, plan.summary());
         ctx.plan = Some(plan);
         ctx.plan_options = Some(self.options.clone());
         Ok(notes)
@@ -280,6 +300,10 @@ impl Pass for Materialize {
         Phase::Plan
     }
     fn run(&self, model: &mut Model, ctx: &mut Context) -> Result<Vec<String>> {
+        // Again: a plan pass may have re-planned (correct_bias does).
+        if let (Some(cf), Some(plan)) = (&ctx.control_flow, ctx.plan.as_mut()) {
+            crate::quant::subgraphs::adapt(plan, model, cf);
+        }
         let plan = ctx
             .plan
             .as_ref()
@@ -375,14 +399,35 @@ impl Pass for Verify {
         if ctx.calibration.as_ref().map(|s| s.fingerprints()).transpose()? == Some(data.fingerprints()?) {
             eprintln!("warning: verifying on the calibration data: the figures are optimistic; use held-out data");
         }
-        ctx.verification = Some(crate::verify::verify(float, model, data, &self.options)?);
-        if let Some(original) = &ctx.original_model {
-            let options = VerifyOptions {
-                per_layer: false,
-                ..self.options.clone()
-            };
-            ctx.verification_against_original = Some(crate::verify::verify(original, model, data, &options)?);
+        // With a Loop tract cannot run, what it runs of each model (calib::control_flow).
+        let cf = ctx.control_flow.as_ref();
+        let runnable = |m| crate::calib::control_flow::runnable(cf, m);
+        let quantized = runnable(model)?;
+        let verification = crate::verify::verify(&*runnable(float)?, &quantized, data, &self.options)?;
+        let against_original = match &ctx.original_model {
+            Some(original) => {
+                let options = VerifyOptions {
+                    per_layer: false,
+                    ..self.options.clone()
+                };
+                Some(crate::verify::verify(
+                    &*runnable(original)?,
+                    &quantized,
+                    data,
+                    &options,
+                )?)
+            }
+            None => None,
+        };
+        ctx.verification = Some(verification);
+        let mut notes = Vec::new();
+        if let Some(note) = ctx.control_flow.as_ref().and_then(|cf| cf.verification_note()) {
+            eprintln!("onnxq: control flow: {note}");
+            notes.push(note);
         }
-        Ok(vec![])
+        if let Some(v) = against_original {
+            ctx.verification_against_original = Some(v);
+        }
+        Ok(notes)
     }
 }

@@ -8,3 +8,4 @@ pub mod params;
 pub mod plan;
 pub mod probe;
 pub mod rules;
+pub mod subgraphs;
