@@ -36,10 +36,7 @@ fn source_from_values(model: &Model, samples: usize, shape: &[usize], values: Ve
     full.extend_from_slice(shape);
     let dataset = Dataset {
         path: "memory.npz".into(),
-        arrays: vec![DataArray {
-            name: "x".into(),
-            tensor: Tensor::from_shape(&full, &values).unwrap(),
-        }],
+        arrays: vec![DataArray::new("x", Tensor::from_shape(&full, &values).unwrap())],
     };
     DataSource::Arrays {
         shards: vec![dataset],

@@ -21,9 +21,12 @@
 //! - Thresholds ([`VerifyOptions`]) apply to every output; [`verify`] returns the report either
 //!   way, and [`VerifyReport::passed`] / [`VerifyReport::failures`] say whether they held (the
 //!   CLI writes the report, then exits with code 3 via [`VerifyReport::to_error`]).
-//! - Streaming and deterministic: samples run in parallel chunks (rayon), each sample is reduced
-//!   to a few f64 sums per tensor right away, and the sums are combined in sample order, so the
-//!   report is the same whatever the thread count and memory does not grow with the samples.
+//! - Streaming and deterministic: on each sample the two models run in lockstep, node by node
+//!   ([`Runner::start`]), and each compared pair is reduced to a few f64 sums as soon as both
+//!   models have produced it, then dropped: a sample never holds all its tensors of both models.
+//!   Samples run in parallel, as many as the memory budget fits ([`crate::runtime::memory`]),
+//!   and the sums are combined in sample order, so the report is the same whatever the thread
+//!   count or the budget, and memory does not grow with the samples.
 //! - The quantized model is run with every Q/DQ rewritten into the exact float arithmetic ONNX
 //!   specifies ([`lower_all_qdq`]): results match ONNX Runtime's, not tract's int8 kernels (which
 //!   0.23.9 gets wrong on quantized softmax outputs). With
