@@ -6,7 +6,9 @@
 //! the tensors tract holds while running it. That peak is computed from the plan, not measured
 //! (so the choice is the same on every run): the plan's order is walked, each node's outputs
 //! counted from their facts (shape × element size, packed matmul inputs by their buffer size)
-//! when they are made and dropped after their last reader, as tract does.
+//! when they are made and dropped after their last reader, as tract does. It errs high (tract
+//! reuses and skips some of those buffers): ppocr_v3_det at 960×960 is estimated at 273 MiB a
+//! sample and takes about half (bench/verify_memory.md).
 //!
 //! The default budget is half the machine's memory (or of the cgroup's limit when lower): the
 //! rest for the system and other processes.
