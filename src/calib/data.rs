@@ -491,3 +491,43 @@ pub fn write_npz(path: &Path, arrays: &[(String, Vec<Tensor>)]) -> Result<()> {
 fn tract_to_string(e: tract_onnx::prelude::TractError) -> String {
     e.to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A .npz of one f32 array `x` `[3, 2, 5]`, stored or deflated.
+    fn npz(path: &Path, method: npyz::zip::CompressionMethod) -> Vec<f32> {
+        use npyz::WriterBuilder;
+        let values: Vec<f32> = (0..30).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let file = std::fs::File::create(path).unwrap();
+        let mut npz = npyz::npz::NpzWriter::new(file);
+        let options = npyz::zip::write::FileOptions::default().compression_method(method);
+        let mut w = npz
+            .array::<f32>("x", options)
+            .and_then(|b| b.default_dtype().shape(&[3, 2, 5]).begin_nd())
+            .unwrap();
+        w.extend(values.iter().copied()).unwrap();
+        w.finish().unwrap();
+        npz.zip_writer().finish().unwrap();
+        values
+    }
+
+    #[test]
+    fn stored_arrays_are_read_in_place_with_the_values_of_compressed_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (stored, deflated) = (dir.path().join("s.npz"), dir.path().join("d.npz"));
+        let values = npz(&stored, npyz::zip::CompressionMethod::Stored);
+        npz(&deflated, npyz::zip::CompressionMethod::Deflated);
+        let (s, d) = (Dataset::load(&stored).unwrap(), Dataset::load(&deflated).unwrap());
+        assert!(matches!(s.arrays[0].values, Values::File { .. }));
+        assert!(matches!(d.arrays[0].values, Values::Memory(_)));
+        assert_eq!((s.arrays[0].dtype, &s.arrays[0].shape), (DatumType::F32, &vec![3, 2, 5]));
+        for i in 0..3 {
+            let (a, b) = (s.arrays[0].sample(i).unwrap(), d.arrays[0].sample(i).unwrap());
+            assert_eq!(a, b, "sample {i}");
+            assert_eq!(a.shape(), &[2, 5]);
+            assert_eq!(crate::runtime::to_f32_vec(&a).unwrap(), &values[i * 10..(i + 1) * 10]);
+        }
+    }
+}
