@@ -411,7 +411,11 @@ fn gram_matrices(
     let runner = Runner::new(model, &shapes, &extra)?;
     let total = source.len();
     let mut grams: Vec<std::result::Result<Gram, String>> = Vec::new();
-    let progress = crate::calib::stats::Progress::new("gptq: measuring layer inputs", total as u64);
+    let progress = crate::calib::stats::Progress::new(
+        "gptq: measuring layer inputs",
+        total as u64,
+        &format!("{} threads", rayon::current_num_threads()),
+    );
     let wave = (2 * rayon::current_num_threads()).max(2);
     let mut start = 0;
     while start < total {

@@ -22,6 +22,9 @@ use tract_onnx::tract_core::plan::{SimplePlan, SimpleState};
 use crate::error::{tract_error, Error, Result};
 use crate::ir::Model;
 
+pub mod memory;
+pub mod step;
+
 pub struct Runner {
     plan: Arc<TypedRunnableModel>,
     /// The optimised model `plan` runs.

@@ -41,16 +41,8 @@ fn config(dir: &Path, name: &str, text: &str) -> PathBuf {
 /// The first `n` samples of crepe_tiny's shipped calibration data, from `skip` on.
 fn crepe_shard(dir: &Path, name: &str, skip: usize, n: usize) -> PathBuf {
     let data = onnxq::calib::data::Dataset::load(&repo("models/crepe_tiny.calib.npz")).unwrap();
-    let frames = &data.arrays.iter().find(|a| a.name == "frames").unwrap().tensor;
-    let samples: Vec<Tensor> = (skip..skip + n)
-        .map(|i| {
-            frames
-                .slice(0, i, i + 1)
-                .unwrap()
-                .into_shape(&frames.shape()[1..])
-                .unwrap()
-        })
-        .collect();
+    let frames = data.arrays.iter().find(|a| a.name == "frames").unwrap();
+    let samples: Vec<Tensor> = (skip..skip + n).map(|i| frames.sample(i).unwrap()).collect();
     let p = dir.join(name);
     onnxq::calib::data::write_npz(&p, &[("frames".to_string(), samples)]).unwrap();
     p

@@ -380,3 +380,33 @@ fn outputs_are_ordinary_files() {
     assert_eq!(o.status.code(), Some(0));
     assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o644);
 }
+
+#[test]
+fn max_memory_bounds_the_samples_at_once_not_the_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let float = repo("models/ppocr_mobile_v2_cls.onnx");
+    let eval = repo("models/ppocr_mobile_v2_cls.eval.npz");
+    let report = |name: &str, extra: &[&str]| {
+        let path = dir.path().join(name);
+        let mut args = vec!["verify", s(&float), s(&float), "--data", s(&eval), "--report", s(&path)];
+        args.extend_from_slice(extra);
+        let o = onnxq_env(&args, "RAYON_NUM_THREADS", "2");
+        let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(o.status.code(), Some(0), "{stderr}");
+        (std::fs::read(&path).unwrap(), stderr)
+    };
+    let (roomy, said) = report("a.json", &["--max-memory", "64G"]);
+    assert!(said.contains("(2 samples at a time)"), "{said}");
+    // One byte fits no sample: one runs at a time, and the progress line says so.
+    let (tight, said) = report("b.json", &["--max-memory", "1"]);
+    assert!(said.contains("(1 sample at a time, over --max-memory)"), "{said}");
+    assert_eq!(roomy, tight);
+
+    for bad in ["2X", "0", "1.5.2G", "lots"] {
+        let o = onnxq(&["verify", s(&float), s(&float), "--data", s(&eval), "--max-memory", bad]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{bad}: {stderr}");
+        assert!(stderr.contains("--max-memory") && stderr.contains("expected a size"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}

@@ -36,10 +36,7 @@ fn source_from_values(model: &Model, samples: usize, shape: &[usize], values: Ve
     full.extend_from_slice(shape);
     let dataset = Dataset {
         path: "memory.npz".into(),
-        arrays: vec![DataArray {
-            name: "x".into(),
-            tensor: Tensor::from_shape(&full, &values).unwrap(),
-        }],
+        arrays: vec![DataArray::new("x", Tensor::from_shape(&full, &values).unwrap())],
     };
     DataSource::Arrays {
         shards: vec![dataset],
@@ -768,4 +765,78 @@ fn a_quantized_layer_is_compared_through_its_q_dq_pair() {
     assert!((r.sqnr_db - 46.0).abs() < 1.0, "{report}");
     let out = float_metrics(&report.output("out").unwrap().comparison);
     assert!((out.sqnr_db - r.sqnr_db).abs() < 1e-6);
+}
+
+/// The shipped classifier quantized by the command line (minmax, generic target), into `dir`.
+fn quantized_classifier(dir: &Path) -> (Model, Model) {
+    let cfg = dir.join("q.yaml");
+    let calib = repo("models/ppocr_mobile_v2_cls.calib.npz");
+    std::fs::write(&cfg, format!("calibration:\n  data: {:?}\n", calib.to_str().unwrap())).unwrap();
+    let out = dir.join("q.onnx");
+    let float_path = repo("models/ppocr_mobile_v2_cls.onnx");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_onnxq"))
+        .args([float_path.as_os_str(), "--config".as_ref(), cfg.as_os_str(), "-o".as_ref(), out.as_os_str()])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    (
+        onnxq::onnx::load_model(&float_path).unwrap(),
+        onnxq::onnx::load_model(&out).unwrap(),
+    )
+}
+
+#[test]
+fn lockstep_verification_gives_the_figures_of_whole_samples_whatever_the_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let (float, quant) = quantized_classifier(dir.path());
+    let data = source_from_file(&float, &repo("models/ppocr_mobile_v2_cls.eval.npz"));
+    let on = |threads: usize, hold_samples: bool| {
+        let options = VerifyOptions {
+            hold_samples,
+            ..Default::default()
+        };
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let report = pool.install(|| verify(&float, &quant, &data, &options).unwrap());
+        serde_json::to_string(&report).unwrap()
+    };
+    let streamed = on(2, false);
+    // Real figures: many layers, quantization noise in them (not a model against itself).
+    let report: serde_json::Value = serde_json::from_str(&streamed).unwrap();
+    let layers = report["layers"].as_array().unwrap();
+    assert!(layers.len() > 20, "{} layers", layers.len());
+    assert!(layers.iter().all(|l| l["identical"] == false), "{streamed}");
+    assert!(report["layers_note"].is_null());
+    // Held whole-sample tensors of both models give the same report, bit for bit, and so does
+    // one thread.
+    assert_eq!(on(2, true), streamed, "held vs lockstep");
+    assert_eq!(on(1, false), streamed, "1 vs 2 threads");
+}
+
+#[test]
+fn a_model_run_node_by_node_shows_what_run_returns() {
+    let (float, _) = relu_models(16);
+    let x: Vec<f32> = seeded(16, 3);
+    let shapes = vec![("x".to_string(), tract_onnx::prelude::DatumType::F32, vec![1, 16])];
+    let runner = Runner::new(&float, &shapes, &["r".to_string()]).unwrap();
+    let input = || vec![Tensor::from_shape(&[1, 16], &x).unwrap().into_tvalue()];
+    let want: Vec<Vec<f32>> = runner.run(input()).unwrap().iter().map(|t| to_f32_vec(t).unwrap()).collect();
+    let mut got: Vec<Option<Vec<f32>>> = vec![None; runner.outputs.len()];
+    let mut run = runner.start(input()).unwrap();
+    let mut steps = 0;
+    while run
+        .step(|index, t| {
+            assert!(got[index].is_none(), "{} shown twice", runner.outputs[index]);
+            got[index] = Some(to_f32_vec(t)?);
+            Ok(())
+        })
+        .unwrap()
+    {
+        steps += 1;
+    }
+    assert!(run.finished());
+    assert!(steps >= 2, "{steps} steps");
+    let got: Vec<Vec<f32>> = got.into_iter().map(|v| v.expect("every returned tensor shown")).collect();
+    assert_eq!(got, want);
+    // The plan's peak counts at least the input and the largest returned tensor.
+    assert!(runner.sample_bytes().unwrap() >= 2 * 16 * 4);
 }

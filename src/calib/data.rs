@@ -17,8 +17,159 @@ use crate::proto::tensor_proto::DataType;
 pub struct DataArray {
     /// The model input it feeds ("" for a bare .npy).
     pub name: String,
-    /// Shape `[samples, ...input shape]`.
-    pub tensor: Tensor,
+    pub dtype: DatumType,
+    /// `[samples, ...input shape]`.
+    pub shape: Vec<usize>,
+    values: Values,
+}
+
+/// Where an array's values are. An array stored uncompressed in little-endian order (what
+/// `np.save` and `np.savez` write) is read one sample at a time from its file, so data does not
+/// take memory by the number of samples; a compressed one is read whole.
+#[derive(Debug)]
+enum Values {
+    Memory(Tensor),
+    File { path: PathBuf, offset: u64 },
+}
+
+impl DataArray {
+    /// An array held in memory, `[samples, ...]`.
+    pub fn new(name: impl Into<String>, tensor: Tensor) -> DataArray {
+        DataArray {
+            name: name.into(),
+            dtype: tensor.datum_type(),
+            shape: tensor.shape().to_vec(),
+            values: Values::Memory(tensor),
+        }
+    }
+
+    /// Sample `i`: the array's `[i]`.
+    pub fn sample(&self, i: usize) -> Result<Tensor> {
+        let sample_shape = &self.shape[1..];
+        match &self.values {
+            Values::Memory(t) => t
+                .slice(0, i, i + 1)
+                .and_then(|t| t.into_shape(sample_shape))
+                .map_err(crate::error::tract_error),
+            Values::File { path, offset } => {
+                use std::io::{Read, Seek, SeekFrom};
+                let size = sample_shape.iter().product::<usize>() * self.dtype.size_of();
+                let mut bytes = vec![0u8; size];
+                let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+                file.seek(SeekFrom::Start(offset + (i * size) as u64))
+                    .and_then(|_| file.read_exact(&mut bytes))
+                    .map_err(|e| Error::data(path, format!("array '{}', sample {i}: cannot read values: {e}", self.name)))?;
+                from_le_bytes(self.dtype, sample_shape, &bytes)
+                    .ok_or_else(|| Error::internal(format!("{:?} arrays are read from memory", self.dtype)))
+            }
+        }
+    }
+}
+
+/// A tensor from little-endian bytes (numeric types; None for others).
+fn from_le_bytes(dt: DatumType, shape: &[usize], bytes: &[u8]) -> Option<Tensor> {
+    macro_rules! decode {
+        ($t:ty) => {{
+            let n = std::mem::size_of::<$t>();
+            let v: Vec<$t> = bytes
+                .chunks_exact(n)
+                .map(|c| <$t>::from_le_bytes(c.try_into().expect("chunks of the type's size")))
+                .collect();
+            Tensor::from_shape::<$t>(shape, &v).ok()
+        }};
+    }
+    match dt {
+        DatumType::F32 => decode!(f32),
+        DatumType::F64 => decode!(f64),
+        DatumType::I64 => decode!(i64),
+        DatumType::I32 => decode!(i32),
+        DatumType::I16 => decode!(i16),
+        DatumType::I8 => decode!(i8),
+        DatumType::U8 => decode!(u8),
+        DatumType::U16 => decode!(u16),
+        DatumType::U32 => decode!(u32),
+        DatumType::U64 => decode!(u64),
+        _ => None,
+    }
+}
+
+/// The numeric types read in place.
+fn numeric_datum(ts: &npyz::TypeStr) -> Option<DatumType> {
+    use npyz::TypeChar::{Float, Int, Uint};
+    Some(match (ts.type_char(), ts.size_field()) {
+        (Float, 4) => DatumType::F32,
+        (Float, 8) => DatumType::F64,
+        (Int, 1) => DatumType::I8,
+        (Int, 2) => DatumType::I16,
+        (Int, 4) => DatumType::I32,
+        (Int, 8) => DatumType::I64,
+        (Uint, 1) => DatumType::U8,
+        (Uint, 2) => DatumType::U16,
+        (Uint, 4) => DatumType::U32,
+        (Uint, 8) => DatumType::U64,
+        _ => return None,
+    })
+}
+
+/// Where the data of entry `name` of a `.npz` starts in the file, when it is stored (not
+/// compressed).
+fn stored_start(path: &Path, name: &str) -> Option<u64> {
+    let file = std::fs::File::open(path).ok()?;
+    let mut zip = npyz::zip::ZipArchive::new(file).ok()?;
+    let entry = zip.by_name(&format!("{name}.npy")).ok()?;
+    (entry.compression() == npyz::zip::CompressionMethod::Stored).then(|| entry.data_start())
+}
+
+/// An array read in place when it can be ([`values_offset`]), else read whole.
+fn array_of<R: std::io::Read>(path: &Path, name: String, npy: npyz::NpyFile<R>, start: Option<u64>) -> Result<DataArray> {
+    let in_place = start.and_then(|start| values_offset(path, start, npy.header()));
+    match (in_place, npy.dtype()) {
+        (Some(offset), npyz::DType::Plain(ts)) => Ok(DataArray {
+            dtype: numeric_datum(&ts).ok_or_else(|| Error::internal("an array read in place is numeric"))?,
+            shape: npy.shape().iter().map(|&d| d as usize).collect(),
+            values: Values::File {
+                path: path.to_path_buf(),
+                offset,
+            },
+            name,
+        }),
+        _ => {
+            let tensor = read_npy(path, &name, npy)?;
+            Ok(DataArray::new(name, tensor))
+        }
+    }
+}
+
+/// Where the values of a `.npy` start in `file`, when they can be read in place: stored (not
+/// compressed) at `start`, C order, little-endian numeric dtype. None otherwise.
+fn values_offset(file: &Path, start: u64, npy_header: &npyz::NpyHeader) -> Option<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    if npy_header.order() == npyz::Order::Fortran {
+        return None;
+    }
+    let npyz::DType::Plain(ts) = npy_header.dtype() else { return None };
+    let little = match ts.endianness() {
+        npyz::Endianness::Little => true,
+        npyz::Endianness::Irrelevant => ts.size_field() == 1,
+        npyz::Endianness::Big => false,
+    };
+    if !little || numeric_datum(&ts).is_none() {
+        return None;
+    }
+    // The .npy preamble: magic (6), version (2), header length (2 bytes in v1, 4 after), header.
+    let mut f = std::fs::File::open(file).ok()?;
+    f.seek(SeekFrom::Start(start)).ok()?;
+    let mut pre = [0u8; 12];
+    f.read_exact(&mut pre).ok()?;
+    if &pre[..6] != b"\x93NUMPY" {
+        return None;
+    }
+    let header = match pre[6] {
+        1 => 10 + u16::from_le_bytes([pre[8], pre[9]]) as u64,
+        2 | 3 => 12 + u32::from_le_bytes([pre[8], pre[9], pre[10], pre[11]]) as u64,
+        _ => return None,
+    };
+    Some(start + header)
 }
 
 #[derive(Debug)]
@@ -162,8 +313,8 @@ impl Dataset {
                         .by_name(&name)
                         .map_err(|e| Error::data(path, format!("array '{name}': {e}")))?
                         .ok_or_else(|| Error::data(path, format!("array '{name}' vanished from the archive")))?;
-                    let tensor = read_npy(path, &name, npy)?;
-                    arrays.push(DataArray { name, tensor });
+                    let start = stored_start(path, &name);
+                    arrays.push(array_of(path, name, npy, start)?);
                 }
                 arrays
             }
@@ -171,10 +322,7 @@ impl Dataset {
                 let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
                 let npy = npyz::NpyFile::new(std::io::BufReader::new(file))
                     .map_err(|e| Error::data(path, format!("not a readable .npy file: {e}")))?;
-                vec![DataArray {
-                    name: String::new(),
-                    tensor: read_npy(path, "", npy)?,
-                }]
+                vec![array_of(path, String::new(), npy, Some(0))?]
             }
             _ => return Err(Error::data(path, "unknown data format: expected a .npz or .npy file")),
         };
@@ -214,7 +362,7 @@ impl Dataset {
                     ))
                 })?
             };
-            let dt = array.tensor.datum_type();
+            let dt = array.dtype;
             if onnx_type_of(dt) != spec.elem_type {
                 return Err(err(format!(
                     "array '{}' is {:?} but model input '{}' is {}",
@@ -224,7 +372,7 @@ impl Dataset {
                     dtype_name(spec.elem_type)
                 )));
             }
-            let shape = array.tensor.shape();
+            let shape = &array.shape;
             if shape.is_empty() {
                 return Err(err(format!(
                     "array '{}' is a scalar; it needs a leading sample axis",
@@ -257,11 +405,11 @@ impl Dataset {
                 )));
             }
         }
-        let counts: Vec<usize> = bound.iter().map(|(_, a)| a.tensor.shape()[0]).collect();
+        let counts: Vec<usize> = bound.iter().map(|(_, a)| a.shape[0]).collect();
         if counts.windows(2).any(|w| w[0] != w[1]) {
             let detail = bound
                 .iter()
-                .map(|(n, a)| format!("'{n}': {}", a.tensor.shape()[0]))
+                .map(|(n, a)| format!("'{n}': {}", a.shape[0]))
                 .collect::<Vec<_>>()
                 .join(", ");
             return Err(err(format!("arrays disagree on the number of samples ({detail})")));
@@ -286,22 +434,13 @@ impl BoundData<'_> {
     pub fn sample_shapes(&self) -> Vec<(String, DatumType, Vec<usize>)> {
         self.arrays
             .iter()
-            .map(|(n, a)| (n.clone(), a.tensor.datum_type(), a.tensor.shape()[1..].to_vec()))
+            .map(|(n, a)| (n.clone(), a.dtype, a.shape[1..].to_vec()))
             .collect()
     }
 
     /// The inputs of sample `i`, in model-input order.
     pub fn sample(&self, i: usize) -> Result<Vec<TValue>> {
-        self.arrays
-            .iter()
-            .map(|(_, a)| {
-                let t = a
-                    .tensor
-                    .slice(0, i, i + 1)
-                    .and_then(|t| t.into_shape(&a.tensor.shape()[1..]));
-                t.map(|t| t.into_tvalue()).map_err(crate::error::tract_error)
-            })
-            .collect()
+        self.arrays.iter().map(|(_, a)| Ok(a.sample(i)?.into_tvalue())).collect()
     }
 }
 
@@ -351,4 +490,44 @@ pub fn write_npz(path: &Path, arrays: &[(String, Vec<Tensor>)]) -> Result<()> {
 
 fn tract_to_string(e: tract_onnx::prelude::TractError) -> String {
     e.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A .npz of one f32 array `x` `[3, 2, 5]`, stored or deflated.
+    fn npz(path: &Path, method: npyz::zip::CompressionMethod) -> Vec<f32> {
+        use npyz::WriterBuilder;
+        let values: Vec<f32> = (0..30).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let file = std::fs::File::create(path).unwrap();
+        let mut npz = npyz::npz::NpzWriter::new(file);
+        let options = npyz::zip::write::FileOptions::default().compression_method(method);
+        let mut w = npz
+            .array::<f32>("x", options)
+            .and_then(|b| b.default_dtype().shape(&[3, 2, 5]).begin_nd())
+            .unwrap();
+        w.extend(values.iter().copied()).unwrap();
+        w.finish().unwrap();
+        npz.zip_writer().finish().unwrap();
+        values
+    }
+
+    #[test]
+    fn stored_arrays_are_read_in_place_with_the_values_of_compressed_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (stored, deflated) = (dir.path().join("s.npz"), dir.path().join("d.npz"));
+        let values = npz(&stored, npyz::zip::CompressionMethod::Stored);
+        npz(&deflated, npyz::zip::CompressionMethod::Deflated);
+        let (s, d) = (Dataset::load(&stored).unwrap(), Dataset::load(&deflated).unwrap());
+        assert!(matches!(s.arrays[0].values, Values::File { .. }));
+        assert!(matches!(d.arrays[0].values, Values::Memory(_)));
+        assert_eq!((s.arrays[0].dtype, &s.arrays[0].shape), (DatumType::F32, &vec![3, 2, 5]));
+        for i in 0..3 {
+            let (a, b) = (s.arrays[0].sample(i).unwrap(), d.arrays[0].sample(i).unwrap());
+            assert_eq!(a, b, "sample {i}");
+            assert_eq!(a.shape(), &[2, 5]);
+            assert_eq!(crate::runtime::to_f32_vec(&a).unwrap(), &values[i * 10..(i + 1) * 10]);
+        }
+    }
 }

@@ -188,7 +188,7 @@ impl DataSource {
                         if left == 0 {
                             return None;
                         }
-                        let n = d.arrays.first().map_or(0, |a| a.tensor.shape()[0]).min(left);
+                        let n = d.arrays.first().map_or(0, |a| a.shape[0]).min(left);
                         left -= n;
                         Some(file_fingerprint(&d.path).map(|h| format!("{h}:{n}")))
                     })

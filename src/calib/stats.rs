@@ -19,6 +19,7 @@ use crate::calib::source::DataSource;
 use crate::error::{Error, Result};
 use crate::ir::tensor::Fnv64;
 use crate::ir::Model;
+use crate::runtime::memory::{on_threads, Parallelism};
 use crate::runtime::Runner;
 
 /// Bumped when the file layout changes.
@@ -215,12 +216,15 @@ pub fn collect(model: &Model, source: &DataSource, data_fingerprints: Vec<String
     let node_outputs: Vec<String> = names.iter().filter(|n| !inputs.contains(n)).cloned().collect();
     let runner = Runner::new(model, &source.sample_shapes()?, &node_outputs)?;
     let total = source.len();
-    let progress = Progress::new("calibrating", total as u64);
-    let merged = observe_all(
-        total,
-        |i| observe_sample(&runner, source, &slots, i),
-        |_| progress.advance(1),
-    )?;
+    let parallel = Parallelism::for_samples(runner.sample_bytes()?);
+    let progress = Progress::new("calibrating", total as u64, &parallel.describe());
+    let merged = on_threads(parallel.samples, || {
+        observe_all(
+            total,
+            |i| observe_sample(&runner, source, &slots, i),
+            |_| progress.advance(1),
+        )
+    })??;
     progress.finish();
     let (graph, weights) = model_fingerprint(model);
     let tensors = names
@@ -361,6 +365,7 @@ pub struct TensorRange {
 /// A progress bar with samples/s and ETA on a terminal; a log line every 10% otherwise.
 pub(crate) struct Progress {
     label: &'static str,
+    detail: String,
     bar: Option<indicatif::ProgressBar>,
     total: u64,
     done: std::sync::atomic::AtomicU64,
@@ -368,11 +373,12 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
-    pub(crate) fn new(label: &'static str, total: u64) -> Progress {
+    /// `detail` follows the figures (how many samples run at once).
+    pub(crate) fn new(label: &'static str, total: u64, detail: &str) -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new(total);
             let style = indicatif::ProgressStyle::with_template(&format!(
-                "{label} {{bar:30}} {{pos}}/{{len}} samples  {{per_sec}}  ETA {{eta}}"
+                "{label} {{bar:30}} {{pos}}/{{len}} samples  {{per_sec}}  ETA {{eta}}  ({detail})"
             ))
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
             bar.set_style(style);
@@ -380,6 +386,7 @@ impl Progress {
         });
         Progress {
             label,
+            detail: detail.to_string(),
             bar,
             total,
             done: 0.into(),
@@ -398,10 +405,11 @@ impl Progress {
                 if after / step != before / step || after == self.total {
                     let secs = self.started.elapsed().as_secs_f64();
                     eprintln!(
-                        "{}: {after}/{} samples, {:.1} samples/s",
+                        "{}: {after}/{} samples, {:.1} samples/s ({})",
                         self.label,
                         self.total,
-                        after as f64 / secs.max(1e-9)
+                        after as f64 / secs.max(1e-9),
+                        self.detail
                     );
                 }
             }

@@ -5,6 +5,11 @@
 //! model) is materialised, lowered to float fake-quant arithmetic like `verify` does, and run on
 //! the same samples; its noise is Σ(f − q)² per float output, summed in sample order, so the
 //! figures do not depend on the thread count.
+//!
+//! Memory: a run keeps only the model outputs (tract drops every other tensor after its last
+//! reader), and the float outputs of the probe samples are what the probe holds (samples ×
+//! output size, e.g. 32 × 3.7 MB for a 960×960 detector). Runs at once (samples, and variants
+//! in `noises`) are as many as the memory budget fits ([`crate::runtime::memory`]).
 
 use rayon::prelude::*;
 use tract_onnx::prelude::*;
@@ -13,6 +18,7 @@ use crate::calib::source::DataSource;
 use crate::error::{Error, Result};
 use crate::ir::Model;
 use crate::quant::plan::Plan;
+use crate::runtime::memory::{on_threads, Parallelism};
 use crate::runtime::{to_f32_vec, Runner};
 use crate::verify::lower::lower_all_qdq;
 use crate::verify::metrics::sqnr_from_sums;
@@ -32,6 +38,8 @@ pub struct Probe<'a> {
     pub signal: Vec<f64>,
     /// `sample_signal[sample][k]`: Σ f² of one sample.
     sample_signal: Vec<Vec<f64>>,
+    /// Runs at once, from the float model's peak per sample.
+    parallel: usize,
 }
 
 /// Noise power per compared output, Σ(f − q)² over the probe samples.
@@ -56,15 +64,18 @@ impl<'a> Probe<'a> {
         }
         let shapes = data.sample_shapes()?;
         let runner = Runner::new(float, &shapes, &[])?;
-        let outputs = runner.run_all(
-            samples,
-            |i| data.sample(i),
-            |_, outs| {
-                outs.iter()
-                    .map(|v| Ok((v.datum_type(), to_f32_vec(v)?)))
-                    .collect::<Result<Vec<_>>>()
-            },
-        )?;
+        let parallel = Parallelism::for_samples(runner.sample_bytes()?).samples;
+        let outputs = on_threads(parallel, || {
+            runner.run_all(
+                samples,
+                |i| data.sample(i),
+                |_, outs| {
+                    outs.iter()
+                        .map(|v| Ok((v.datum_type(), to_f32_vec(v)?)))
+                        .collect::<Result<Vec<_>>>()
+                },
+            )
+        })??;
         let compared: Vec<usize> = (0..runner.outputs.len())
             .filter(|&k| outputs[0][k].0.is_float())
             .collect();
@@ -99,6 +110,7 @@ impl<'a> Probe<'a> {
             float_outputs,
             signal,
             sample_signal,
+            parallel,
         })
     }
 
@@ -117,7 +129,7 @@ impl<'a> Probe<'a> {
         crate::quant::materialize::materialize(&mut model, plan)?;
         let lowered = lower_all_qdq(&model)?;
         let runner = Runner::new(&lowered, &self.shapes, &[])?;
-        let per_sample = runner.run_all(
+        let per_sample = on_threads(self.parallel, || runner.run_all(
             self.samples,
             |i| self.data.sample(i),
             |i, outs| {
@@ -138,13 +150,13 @@ impl<'a> Probe<'a> {
                     })
                     .collect::<Result<Vec<f64>>>()
             },
-        )?;
+        ))??;
         Ok(per_sample)
     }
 
     /// The noise of several plans, measured in parallel; results in the order of `plans`.
     pub fn noises(&self, plans: &[Plan]) -> Result<Vec<Noise>> {
-        plans.par_iter().map(|p| self.noise(p)).collect()
+        on_threads(self.parallel, || plans.par_iter().map(|p| self.noise(p)).collect())?
     }
 
     /// A lower confidence bound of the output SQNR over the input distribution: the 10th

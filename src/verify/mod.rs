@@ -21,9 +21,12 @@
 //! - Thresholds ([`VerifyOptions`]) apply to every output; [`verify`] returns the report either
 //!   way, and [`VerifyReport::passed`] / [`VerifyReport::failures`] say whether they held (the
 //!   CLI writes the report, then exits with code 3 via [`VerifyReport::to_error`]).
-//! - Streaming and deterministic: samples run in parallel chunks (rayon), each sample is reduced
-//!   to a few f64 sums per tensor right away, and the sums are combined in sample order, so the
-//!   report is the same whatever the thread count and memory does not grow with the samples.
+//! - Streaming and deterministic: on each sample the two models run in lockstep, node by node
+//!   ([`Runner::start`]), and each compared pair is reduced to a few f64 sums as soon as both
+//!   models have produced it, then dropped: a sample never holds all its tensors of both models.
+//!   Samples run in parallel, as many as the memory budget fits ([`crate::runtime::memory`]),
+//!   and the sums are combined in sample order, so the report is the same whatever the thread
+//!   count or the budget, and memory does not grow with the samples.
 //! - The quantized model is run with every Q/DQ rewritten into the exact float arithmetic ONNX
 //!   specifies ([`lower_all_qdq`]): results match ONNX Runtime's, not tract's int8 kernels (which
 //!   0.23.9 gets wrong on quantized softmax outputs). With
@@ -42,13 +45,15 @@ pub mod metrics;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize, Serializer};
 use tract_onnx::prelude::{DatumType, TValue, Tensor};
 
 use crate::calib::source::DataSource;
-use crate::error::{Error, Result};
+use crate::calib::stats::Progress;
+use crate::error::{tract_error, Error, Result};
 use crate::ir::Model;
+use crate::runtime::memory::{run_samples, Parallelism};
+use crate::runtime::step::Stepping;
 use crate::runtime::{to_f32_vec, Runner};
 use metrics::{FloatSums, FloatTotals, IntegerTotals};
 
@@ -79,6 +84,11 @@ pub struct VerifyOptions {
     /// quantized softmax that ignores the output zero point, and quantizes by multiplying with
     /// the reciprocal of the scale). Q/DQ tract cannot run are rewritten either way.
     pub tract_quantized_kernels: bool,
+    /// Run each model on a whole sample and compare after, holding every compared tensor of
+    /// both models, instead of in lockstep node by node. The figures are the same; kept to
+    /// check that, and to measure what the lockstep saves. Not part of the report.
+    #[serde(skip)]
+    pub hold_samples: bool,
 }
 
 impl Default for VerifyOptions {
@@ -91,6 +101,7 @@ impl Default for VerifyOptions {
             layer_floor_db: 20.0,
             per_layer: true,
             tract_quantized_kernels: false,
+            hold_samples: false,
         }
     }
 }
@@ -360,39 +371,61 @@ pub fn verify(float: &Model, quant: &Model, data: &DataSource, options: &VerifyO
         )
         .collect::<Result<_>>()?;
 
+    // Which tracked pairs each tensor a runner returns belongs to.
+    let mut float_pairs: Vec<Vec<usize>> = vec![Vec::new(); float_runner.outputs.len()];
+    let mut quant_pairs: Vec<Vec<usize>> = vec![Vec::new(); quant_runner.outputs.len()];
+    for (k, &(fs, qs)) in slots.iter().enumerate() {
+        float_pairs[fs].push(k);
+        quant_pairs[qs].push(k);
+    }
     let run_sample = |i: usize| -> Result<Vec<SampleValue>> {
         let inputs: Vec<TValue> = data.sample(i)?;
         let label = |which: &str, e: Error| match e {
             Error::Runtime(m) => Error::Runtime(format!("{} ({which} model): {m}", data.sample_label(i))),
             other => other,
         };
-        let f = float_runner.run(inputs.clone()).map_err(|e| label("float", e))?;
-        let q = quant_runner.run(inputs).map_err(|e| label("quantized", e))?;
-        slots.iter().map(|&(fs, qs)| compare_tensors(&f[fs], &q[qs])).collect()
+        if options.hold_samples {
+            let f = float_runner.run(inputs.clone()).map_err(|e| label("float", e))?;
+            let q = quant_runner.run(inputs).map_err(|e| label("quantized", e))?;
+            return slots.iter().map(|&(fs, qs)| compare_tensors(&f[fs], &q[qs])).collect();
+        }
+        let runs = [
+            float_runner.start(inputs.clone()).map_err(|e| label("float", e))?,
+            quant_runner.start(inputs).map_err(|e| label("quantized", e))?,
+        ];
+        compare_in_lockstep(runs, [&float_pairs, &quant_pairs], slots.len()).map_err(|(side, e)| {
+            label(if side == 0 { "float" } else { "quantized" }, e)
+        })
     };
 
+    // Each sample in flight runs both models; held mode holds every tracked tensor too.
+    let mut per_sample = float_runner.sample_bytes()? + quant_runner.sample_bytes()?;
+    if options.hold_samples {
+        per_sample += float_runner.returned_bytes()? + quant_runner.returned_bytes()?;
+    }
+    let parallel = Parallelism::for_samples(per_sample);
+    let progress = Progress::new("verifying", data.len() as u64, &parallel.describe());
     let mut totals: Vec<Totals> = vec![Totals::default(); tracked.len()];
-    let chunk = (rayon::current_num_threads() * 4).max(16);
-    let mut start = 0;
-    while start < data.len() {
-        let end = (start + chunk).min(data.len());
-        let results: Vec<Result<Vec<SampleValue>>> = (start..end).into_par_iter().map(run_sample).collect();
-        for (offset, result) in results.into_iter().enumerate() {
-            let i = start + offset;
-            for (k, value) in result?.into_iter().enumerate() {
-                if let Err(m) = totals[k].add(value) {
-                    if k < output_names.len() {
-                        return Err(Error::Verification(format!(
-                            "output '{}', {}: {m}",
-                            tracked[k].0,
-                            data.sample_label(i)
-                        )));
-                    }
+    let run_and_count = |i: usize| {
+        let values = run_sample(i);
+        progress.advance(1);
+        values
+    };
+    run_samples(data.len(), parallel.samples, run_and_count, |i, values| {
+        for (k, value) in values.into_iter().enumerate() {
+            if let Err(m) = totals[k].add(value) {
+                if k < output_names.len() {
+                    return Err(Error::Verification(format!(
+                        "output '{}', {}: {m}",
+                        tracked[k].0,
+                        data.sample_label(i)
+                    )));
                 }
             }
         }
-        start = end;
-    }
+        Ok(())
+    })?;
+    progress.finish();
 
     let by_pair: HashMap<(&str, &str), &Totals> = tracked
         .iter()
@@ -535,6 +568,66 @@ const TYPE_PRESERVING_OPS: &[&str] = &[
     "Transpose",
     "Flatten",
 ];
+
+/// Runs the float (`runs[0]`) and the quantized (`runs[1]`) model on one sample node by node,
+/// comparing each tracked pair as soon as both have produced it; `pairs[side][index]` lists the
+/// pairs a tensor a side returns belongs to. The side holding fewer bytes of tensors the other
+/// has not produced yet runs next (the float one on ties), so what is held is where the two
+/// evaluation orders diverge, not a sample's tensors of both models. Errors say which side.
+fn compare_in_lockstep(
+    mut runs: [Stepping<'_>; 2],
+    pairs: [&[Vec<usize>]; 2],
+    count: usize,
+) -> std::result::Result<Vec<SampleValue>, (usize, Error)> {
+    let mut values: Vec<Option<SampleValue>> = (0..count).map(|_| None).collect();
+    // held[side]: pair → the tensor that side produced and the other has not yet, and its bytes.
+    let mut held: [HashMap<usize, TValue>; 2] = Default::default();
+    let mut held_bytes = [0usize; 2];
+    let mut more = [true, true];
+    while more[0] || more[1] {
+        let side = usize::from(!more[0] || (more[1] && held_bytes[1] < held_bytes[0]));
+        let other = 1 - side;
+        let [float_held, quant_held] = &mut held;
+        let (mine, theirs) = if side == 0 {
+            (float_held, quant_held)
+        } else {
+            (quant_held, float_held)
+        };
+        let (mut mine_bytes, mut theirs_bytes) = (held_bytes[side], held_bytes[other]);
+        let stepped = runs[side].step(|index, value| {
+            for &k in &pairs[side][index] {
+                match theirs.remove(&k) {
+                    Some(counterpart) => {
+                        theirs_bytes -= tensor_bytes(&counterpart);
+                        let (f, q) = if side == 0 {
+                            (value, &counterpart)
+                        } else {
+                            (&counterpart, value)
+                        };
+                        values[k] = Some(compare_tensors(f, q)?);
+                    }
+                    None => {
+                        mine_bytes += tensor_bytes(value);
+                        mine.insert(k, value.clone());
+                    }
+                }
+            }
+            Ok(())
+        });
+        more[side] = stepped.map_err(|e| (side, e))?;
+        held_bytes[side] = mine_bytes;
+        held_bytes[other] = theirs_bytes;
+    }
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(k, v)| v.ok_or_else(|| (0, Error::internal(format!("tracked tensor pair {k} was not produced by both models")))))
+        .collect()
+}
+
+fn tensor_bytes(t: &Tensor) -> usize {
+    t.len() * t.datum_type().size_of()
+}
 
 /// A layer to compare: a float tensor and the quantized model's tensor standing for it.
 struct Layer {
@@ -683,6 +776,16 @@ enum SampleValue {
     Mismatch(String),
 }
 
+/// `act` on a tensor's values as f32, without a copy when they are f32 already.
+fn with_f32<R>(t: &Tensor, act: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    if t.datum_type() == DatumType::F32 {
+        let view = t.try_as_plain_ram().map_err(tract_error)?;
+        Ok(act(view.as_slice::<f32>().map_err(tract_error)?))
+    } else {
+        Ok(act(&to_f32_vec(t)?))
+    }
+}
+
 fn compare_tensors(f: &Tensor, q: &Tensor) -> Result<SampleValue> {
     if f.shape() != q.shape() {
         return Ok(SampleValue::Mismatch(format!(
@@ -693,9 +796,9 @@ fn compare_tensors(f: &Tensor, q: &Tensor) -> Result<SampleValue> {
     }
     let (fd, qd) = (f.datum_type(), q.datum_type());
     if fd.is_float() && qd.is_float() {
-        let (fv, qv) = (to_f32_vec(f)?, to_f32_vec(q)?);
+        let sums = with_f32(f, |fv| with_f32(q, |qv| FloatSums::of(fv, qv, f.shape())))??;
         return Ok(SampleValue::Float {
-            sums: FloatSums::of(&fv, &qv, f.shape()),
+            sums,
             shape: f.shape().to_vec(),
             dtype: fd,
         });
