@@ -416,8 +416,9 @@ calibration:
   # .npz with arrays named after the inputs above and a leading sample axis (or a list of shards,
   # or a folder of images with `images:` preprocessing). 32 to 512 samples is typical.
   data: {stem}.calib.npz
-  # minmax (default), ema, percentile, entropy, mse
-  method: minmax
+  # auto (default: per tensor, clip where the measured error says it pays), minmax, ema,
+  # percentile, entropy, mse
+  method: auto
 
 # weights: {{dtype: int8, granularity: per_channel, symmetric: true}}
 # activations: {{dtype: uint8, symmetric: false}}

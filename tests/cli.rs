@@ -406,7 +406,10 @@ fn max_memory_bounds_the_samples_at_once_not_the_figures() {
         let o = onnxq(&["verify", s(&float), s(&float), "--data", s(&eval), "--max-memory", bad]);
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{bad}: {stderr}");
-        assert!(stderr.contains("--max-memory") && stderr.contains("expected a size"), "{stderr}");
+        assert!(
+            stderr.contains("--max-memory") && stderr.contains("expected a size"),
+            "{stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }

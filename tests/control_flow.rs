@@ -346,7 +346,9 @@ fn a_plan_pass_that_re_plans_keeps_q_dq_inside_the_branches() {
     let written = load(&out);
     let then = branch(&written, "then_branch");
     assert!(
-        then.node.iter().all(|n| n.op_type() != "QuantizeLinear" || n.input[0] != "h"),
+        then.node
+            .iter()
+            .all(|n| n.op_type() != "QuantizeLinear" || n.input[0] != "h"),
         "no Q/DQ of the outer `h` inside the branch: {then:?}"
     );
 }

@@ -775,7 +775,13 @@ fn quantized_classifier(dir: &Path) -> (Model, Model) {
     let out = dir.join("q.onnx");
     let float_path = repo("models/ppocr_mobile_v2_cls.onnx");
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_onnxq"))
-        .args([float_path.as_os_str(), "--config".as_ref(), cfg.as_os_str(), "-o".as_ref(), out.as_os_str()])
+        .args([
+            float_path.as_os_str(),
+            "--config".as_ref(),
+            cfg.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+        ])
         .output()
         .unwrap();
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
@@ -819,7 +825,12 @@ fn a_model_run_node_by_node_shows_what_run_returns() {
     let shapes = vec![("x".to_string(), tract_onnx::prelude::DatumType::F32, vec![1, 16])];
     let runner = Runner::new(&float, &shapes, &["r".to_string()]).unwrap();
     let input = || vec![Tensor::from_shape(&[1, 16], &x).unwrap().into_tvalue()];
-    let want: Vec<Vec<f32>> = runner.run(input()).unwrap().iter().map(|t| to_f32_vec(t).unwrap()).collect();
+    let want: Vec<Vec<f32>> = runner
+        .run(input())
+        .unwrap()
+        .iter()
+        .map(|t| to_f32_vec(t).unwrap())
+        .collect();
     let mut got: Vec<Option<Vec<f32>>> = vec![None; runner.outputs.len()];
     let mut run = runner.start(input()).unwrap();
     let mut steps = 0;
@@ -835,7 +846,10 @@ fn a_model_run_node_by_node_shows_what_run_returns() {
     }
     assert!(run.finished());
     assert!(steps >= 2, "{steps} steps");
-    let got: Vec<Vec<f32>> = got.into_iter().map(|v| v.expect("every returned tensor shown")).collect();
+    let got: Vec<Vec<f32>> = got
+        .into_iter()
+        .map(|v| v.expect("every returned tensor shown"))
+        .collect();
     assert_eq!(got, want);
     // The plan's peak counts at least the input and the largest returned tensor.
     assert!(runner.sample_bytes().unwrap() >= 2 * 16 * 4);

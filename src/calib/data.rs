@@ -58,7 +58,12 @@ impl DataArray {
                 let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
                 file.seek(SeekFrom::Start(offset + (i * size) as u64))
                     .and_then(|_| file.read_exact(&mut bytes))
-                    .map_err(|e| Error::data(path, format!("array '{}', sample {i}: cannot read values: {e}", self.name)))?;
+                    .map_err(|e| {
+                        Error::data(
+                            path,
+                            format!("array '{}', sample {i}: cannot read values: {e}", self.name),
+                        )
+                    })?;
                 from_le_bytes(self.dtype, sample_shape, &bytes)
                     .ok_or_else(|| Error::internal(format!("{:?} arrays are read from memory", self.dtype)))
             }
@@ -121,7 +126,12 @@ fn stored_start(path: &Path, name: &str) -> Option<u64> {
 }
 
 /// An array read in place when it can be ([`values_offset`]), else read whole.
-fn array_of<R: std::io::Read>(path: &Path, name: String, npy: npyz::NpyFile<R>, start: Option<u64>) -> Result<DataArray> {
+fn array_of<R: std::io::Read>(
+    path: &Path,
+    name: String,
+    npy: npyz::NpyFile<R>,
+    start: Option<u64>,
+) -> Result<DataArray> {
     let in_place = start.and_then(|start| values_offset(path, start, npy.header()));
     match (in_place, npy.dtype()) {
         (Some(offset), npyz::DType::Plain(ts)) => Ok(DataArray {
@@ -147,7 +157,9 @@ fn values_offset(file: &Path, start: u64, npy_header: &npyz::NpyHeader) -> Optio
     if npy_header.order() == npyz::Order::Fortran {
         return None;
     }
-    let npyz::DType::Plain(ts) = npy_header.dtype() else { return None };
+    let npyz::DType::Plain(ts) = npy_header.dtype() else {
+        return None;
+    };
     let little = match ts.endianness() {
         npyz::Endianness::Little => true,
         npyz::Endianness::Irrelevant => ts.size_field() == 1,
@@ -440,7 +452,10 @@ impl BoundData<'_> {
 
     /// The inputs of sample `i`, in model-input order.
     pub fn sample(&self, i: usize) -> Result<Vec<TValue>> {
-        self.arrays.iter().map(|(_, a)| Ok(a.sample(i)?.into_tvalue())).collect()
+        self.arrays
+            .iter()
+            .map(|(_, a)| Ok(a.sample(i)?.into_tvalue()))
+            .collect()
     }
 }
 
@@ -522,7 +537,10 @@ mod tests {
         let (s, d) = (Dataset::load(&stored).unwrap(), Dataset::load(&deflated).unwrap());
         assert!(matches!(s.arrays[0].values, Values::File { .. }));
         assert!(matches!(d.arrays[0].values, Values::Memory(_)));
-        assert_eq!((s.arrays[0].dtype, &s.arrays[0].shape), (DatumType::F32, &vec![3, 2, 5]));
+        assert_eq!(
+            (s.arrays[0].dtype, &s.arrays[0].shape),
+            (DatumType::F32, &vec![3, 2, 5])
+        );
         for i in 0..3 {
             let (a, b) = (s.arrays[0].sample(i).unwrap(), d.arrays[0].sample(i).unwrap());
             assert_eq!(a, b, "sample {i}");

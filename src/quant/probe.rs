@@ -129,28 +129,30 @@ impl<'a> Probe<'a> {
         crate::quant::materialize::materialize(&mut model, plan)?;
         let lowered = lower_all_qdq(&model)?;
         let runner = Runner::new(&lowered, &self.shapes, &[])?;
-        let per_sample = on_threads(self.parallel, || runner.run_all(
-            self.samples,
-            |i| self.data.sample(i),
-            |i, outs| {
-                self.compared
-                    .iter()
-                    .zip(&self.float_outputs[i])
-                    .map(|(&k, f)| {
-                        let q = to_f32_vec(&outs[k])?;
-                        if q.len() != f.len() {
-                            return Err(Error::Runtime(format!(
-                                "output '{}' has {} values in the quantized model, {} in the float one",
-                                runner.outputs[k],
-                                q.len(),
-                                f.len()
-                            )));
-                        }
-                        Ok(f.iter().zip(&q).map(|(&a, &b)| ((a - b) as f64).powi(2)).sum::<f64>())
-                    })
-                    .collect::<Result<Vec<f64>>>()
-            },
-        ))??;
+        let per_sample = on_threads(self.parallel, || {
+            runner.run_all(
+                self.samples,
+                |i| self.data.sample(i),
+                |i, outs| {
+                    self.compared
+                        .iter()
+                        .zip(&self.float_outputs[i])
+                        .map(|(&k, f)| {
+                            let q = to_f32_vec(&outs[k])?;
+                            if q.len() != f.len() {
+                                return Err(Error::Runtime(format!(
+                                    "output '{}' has {} values in the quantized model, {} in the float one",
+                                    runner.outputs[k],
+                                    q.len(),
+                                    f.len()
+                                )));
+                            }
+                            Ok(f.iter().zip(&q).map(|(&a, &b)| ((a - b) as f64).powi(2)).sum::<f64>())
+                        })
+                        .collect::<Result<Vec<f64>>>()
+                },
+            )
+        })??;
         Ok(per_sample)
     }
 

@@ -42,9 +42,12 @@ pub fn machine_memory() -> Option<u64> {
         let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kib * 1024)
     })?;
-    let cgroup = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
-        .iter()
-        .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok());
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok());
     Some(cgroup.map_or(total, |c| c.min(total)))
 }
 
@@ -62,7 +65,11 @@ pub fn parse_size(text: &str) -> Result<u64> {
     let t = text.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let bad = || Error::Usage(format!("expected a size such as 2G, 512M or a number of bytes, not '{text}'"));
+    let bad = || {
+        Error::Usage(format!(
+            "expected a size such as 2G, 512M or a number of bytes, not '{text}'"
+        ))
+    };
     let value: f64 = number.parse().map_err(|_| bad())?;
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
@@ -85,7 +92,10 @@ pub fn parse_size(text: &str) -> Result<u64> {
 pub fn parallelism(limit: Option<u64>, held: u64, per_sample: u64, threads: usize) -> Parallelism {
     let threads = threads.max(1);
     let Some(limit) = limit else {
-        return Parallelism { samples: threads, fits: true };
+        return Parallelism {
+            samples: threads,
+            fits: true,
+        };
     };
     let room = limit.saturating_sub(held);
     let fit = (room / per_sample.max(1)) as usize;
@@ -150,7 +160,9 @@ pub fn run_samples<R: Send>(
     let mut start = 0;
     while start < total {
         let end = (start + chunk).min(total);
-        let results = on_threads(parallel, || (start..end).into_par_iter().map(&run).collect::<Vec<Result<R>>>())?;
+        let results = on_threads(parallel, || {
+            (start..end).into_par_iter().map(&run).collect::<Vec<Result<R>>>()
+        })?;
         for (offset, result) in results.into_iter().enumerate() {
             merge(start + offset, result?)?;
         }
@@ -235,7 +247,13 @@ mod tests {
         assert_eq!(parallelism(Some(100 * gib), 0, gib, 4).samples, 4);
         // None fits: one runs anyway, and says so.
         let p = parallelism(Some(gib), gib, gib, 4);
-        assert_eq!(p, Parallelism { samples: 1, fits: false });
+        assert_eq!(
+            p,
+            Parallelism {
+                samples: 1,
+                fits: false
+            }
+        );
         assert!(p.describe().contains("over --max-memory"));
         // No budget known: the threads.
         assert_eq!(parallelism(None, 0, u64::MAX, 3).samples, 3);

@@ -31,7 +31,9 @@ impl Runner {
     pub fn start(&self, inputs: Vec<TValue>) -> Result<Stepping<'_>> {
         let visiting = self.visiting()?;
         let mut state = SimpleState::new(&visiting.plan).map_err(tract_error)?;
-        state.set_inputs(inputs.iter().cloned().collect()).map_err(tract_error)?;
+        state
+            .set_inputs(inputs.iter().cloned().collect())
+            .map_err(tract_error)?;
         let model = visiting.plan.model();
         let mut readers_left = vec![0usize; model.nodes().len()];
         for &n in visiting.plan.order_without_consts() {
@@ -72,7 +74,9 @@ impl Stepping<'_> {
             return Ok(!self.finished());
         }
         let order = self.visiting.plan.order_without_consts();
-        let Some(&node) = order.get(self.step) else { return Ok(false) };
+        let Some(&node) = order.get(self.step) else {
+            return Ok(false);
+        };
         self.step += 1;
         self.state.compute_one(node).map_err(tract_error)?;
         let values = &mut self.state.turn_state.values;

@@ -393,9 +393,8 @@ pub fn verify(float: &Model, quant: &Model, data: &DataSource, options: &VerifyO
             float_runner.start(inputs.clone()).map_err(|e| label("float", e))?,
             quant_runner.start(inputs).map_err(|e| label("quantized", e))?,
         ];
-        compare_in_lockstep(runs, [&float_pairs, &quant_pairs], slots.len()).map_err(|(side, e)| {
-            label(if side == 0 { "float" } else { "quantized" }, e)
-        })
+        compare_in_lockstep(runs, [&float_pairs, &quant_pairs], slots.len())
+            .map_err(|(side, e)| label(if side == 0 { "float" } else { "quantized" }, e))
     };
 
     // Each sample in flight runs both models; held mode holds every tracked tensor too.
@@ -621,7 +620,14 @@ fn compare_in_lockstep(
     values
         .into_iter()
         .enumerate()
-        .map(|(k, v)| v.ok_or_else(|| (0, Error::internal(format!("tracked tensor pair {k} was not produced by both models")))))
+        .map(|(k, v)| {
+            v.ok_or_else(|| {
+                (
+                    0,
+                    Error::internal(format!("tracked tensor pair {k} was not produced by both models")),
+                )
+            })
+        })
         .collect()
 }
 
