@@ -46,6 +46,7 @@ pub fn main_job(args: MainJob) -> Result<()> {
     let files = JobFiles {
         config: args.config.clone(),
         stats: args.stats.clone(),
+        observe_every_tensor: false,
     };
     let mut steps = pipeline::steps(&config, &files);
     if args.dry_run {
@@ -228,6 +229,7 @@ pub fn sensitivity(
     let files = JobFiles {
         config: config_path.to_path_buf(),
         stats: stats_path.map(Path::to_path_buf),
+        observe_every_tensor: false,
     };
     let steps = pipeline::before(pipeline::steps(&config, &files), &["mixed_precision", "materialize"]);
     let started = Instant::now();
@@ -295,6 +297,7 @@ pub fn calibrate(model_path: &Path, config_path: &Path, stats_path: &Path, repor
     let files = JobFiles {
         config: config_path.to_path_buf(),
         stats: Some(stats_path.to_path_buf()),
+        observe_every_tensor: true,
     };
     let steps = pipeline::through(pipeline::steps(&config, &files), "calibrate");
     let started = Instant::now();

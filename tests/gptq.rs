@@ -395,6 +395,7 @@ fn a_plan_pass_plugs_into_the_step_list() {
     let files = onnxq::pipeline::JobFiles {
         config: config_path.clone(),
         stats: None,
+        ..Default::default()
     };
     let mut steps = onnxq::pipeline::steps(&config, &files);
     let at = steps.iter().position(|s| s.name() == "materialize").unwrap();

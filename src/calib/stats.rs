@@ -63,8 +63,8 @@ pub fn model_fingerprint(model: &Model) -> (String, String) {
     (format!("{:016x}", graph.finish()), format!("{:016x}", weights.finish()))
 }
 
-/// Names of the tensors worth observing: graph inputs and every node output.
-fn observed_names(model: &Model) -> Vec<String> {
+/// Names of the tensors to observe: graph inputs and node outputs that `wanted` accepts.
+fn observed_names(model: &Model, wanted: &dyn Fn(&str) -> bool) -> Vec<String> {
     let g = &model.graph;
     let mut names: Vec<String> = g.runtime_inputs().map(|i| i.name().to_string()).collect();
     if let Ok(order) = g.topological_order() {
@@ -72,6 +72,7 @@ fn observed_names(model: &Model) -> Vec<String> {
             names.extend(g.nodes[ix].outputs.iter().filter(|o| !o.is_empty()).cloned());
         }
     }
+    names.retain(|n| wanted(n));
     names
 }
 
@@ -209,7 +210,18 @@ fn observe_all(
 
 /// Runs the model over every sample and gathers the statistics of every float tensor.
 pub fn collect(model: &Model, source: &DataSource, data_fingerprints: Vec<String>) -> Result<CalibrationStats> {
-    let names = observed_names(model);
+    collect_observing(model, source, data_fingerprints, &|_| true)
+}
+
+/// [`collect`] for the tensors `wanted` accepts only: observing a tensor costs more than
+/// computing it, so the job observes only what the plan can quantize.
+pub fn collect_observing(
+    model: &Model,
+    source: &DataSource,
+    data_fingerprints: Vec<String>,
+    wanted: &dyn Fn(&str) -> bool,
+) -> Result<CalibrationStats> {
+    let names = observed_names(model, wanted);
     let slots: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
     // Inputs are observed from the fed values; the runner returns every node output.
     let inputs: Vec<String> = source.sample_shapes()?.into_iter().map(|(n, _, _)| n).collect();

@@ -25,6 +25,9 @@ pub struct JobFiles {
     pub config: PathBuf,
     /// Calibration statistics file: reused when it matches, written otherwise.
     pub stats: Option<PathBuf>,
+    /// Observe every float tensor (`onnxq calibrate`, whose report lists them all), not only
+    /// those a plan can quantize.
+    pub observe_every_tensor: bool,
 }
 
 /// The steps `config` runs, in order (module docs). The config was validated when loaded

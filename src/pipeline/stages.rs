@@ -28,6 +28,7 @@ const FEW_SAMPLES: usize = 16;
 pub struct Calibrate {
     config_path: PathBuf,
     stats_path: Option<PathBuf>,
+    observe_every_tensor: bool,
     calibration: Option<CalibrationConfig>,
     verify_data: Option<PathBuf>,
     overrides: Overrides,
@@ -38,6 +39,7 @@ impl Calibrate {
         Calibrate {
             config_path: files.config.clone(),
             stats_path: files.stats.clone(),
+            observe_every_tensor: files.observe_every_tensor,
             calibration: config.calibration.clone(),
             verify_data: config.verify.as_ref().map(|v| v.data.clone()),
             overrides: config.overrides(),
@@ -93,7 +95,7 @@ impl Pass for Calibrate {
         let stats = match &ctx.calibration {
             Some(source) => {
                 let runnable = crate::calib::control_flow::runnable(ctx.control_flow.as_ref(), model)?;
-                calibration_stats(&runnable, source, self.stats_path.as_deref())?
+                calibration_stats(&runnable, source, self.stats_path.as_deref(), self.observe_every_tensor)?
             }
             None => self.data_free_stats(model, &ctx.batchnorm_records)?,
         };
@@ -135,7 +137,12 @@ impl Calibrate {
 
 /// Statistics for `model` on `source`: reused from `stats_path` when it matches, else collected
 /// (and saved there when a path is given).
-fn calibration_stats(model: &Model, source: &DataSource, stats_path: Option<&Path>) -> Result<CalibrationStats> {
+fn calibration_stats(
+    model: &Model,
+    source: &DataSource,
+    stats_path: Option<&Path>,
+    every_tensor: bool,
+) -> Result<CalibrationStats> {
     if source.len() < FEW_SAMPLES {
         eprintln!(
             "warning: calibrating on {} samples; ranges from fewer than {FEW_SAMPLES} are unreliable",
@@ -159,7 +166,10 @@ fn calibration_stats(model: &Model, source: &DataSource, stats_path: Option<&Pat
         return Ok(s);
     }
     let t = Instant::now();
-    let s = stats::collect(model, source, fingerprint.data.clone())?;
+    let candidates = crate::quant::rules::data_inputs_of_rules(&model.graph);
+    let s = stats::collect_observing(model, source, fingerprint.data.clone(), &|t| {
+        every_tensor || candidates.contains(t)
+    })?;
     let secs = t.elapsed().as_secs_f64();
     eprintln!(
         "onnxq: calibrated {} tensors on {} samples in {secs:.2} s ({:.1} samples/s)",

@@ -156,6 +156,22 @@ pub fn rule_for(n: &Node) -> Option<&'static Rule> {
     Some(rule.refine.and_then(|refine| refine(n)).unwrap_or(rule))
 }
 
+/// The tensors some node reads at a data input of its op's rule: the only ones a plan can
+/// quantize, so the only ones calibration needs to observe.
+pub fn data_inputs_of_rules(g: &crate::ir::Graph) -> std::collections::BTreeSet<String> {
+    g.nodes
+        .node_weights()
+        .filter_map(|n| rule_for(n).map(|r| (n, r)))
+        .flat_map(|(n, r)| {
+            r.data_inputs(n.inputs.len())
+                .into_iter()
+                .filter_map(move |slot| n.inputs.get(slot))
+        })
+        .filter(|t| !t.is_empty())
+        .cloned()
+        .collect()
+}
+
 /// The weighted op types, in registry order (the ops a layer can run in float16).
 pub fn weighted_op_types() -> impl Iterator<Item = &'static str> {
     FAMILIES
