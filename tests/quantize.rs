@@ -1377,6 +1377,17 @@ fn crepe_mixed_config(dir: &Path, mixed: &str) -> PathBuf {
 fn cli_mixed_precision_reaches_its_target_and_its_pins_reproduce_it() {
     let dir = tempfile::tempdir().unwrap();
     let target = 40.0;
+    // The main job on crepe_tiny with `config`, which must succeed: its stderr.
+    let quantize_crepe = |config: &Path, out: &Path, report: Option<&Path>| -> String {
+        let model = repo("models/crepe_tiny.onnx");
+        let mut args = vec![s(&model), "--config", s(config), "-o", s(out)];
+        if let Some(r) = report {
+            args.extend(["--report", s(r)]);
+        }
+        let o = onnxq_cli(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stderr(&o)
+    };
     // No passes: the figure the search measured is then the written model's (the default plan
     // passes, which run after the search, would move it; their own check is at the end).
     let config = crepe_mixed_config(
@@ -1384,17 +1395,7 @@ fn cli_mixed_precision_reaches_its_target_and_its_pins_reproduce_it() {
         &format!("passes: []\nmixed_precision: {{target_sqnr_db: {target}, samples: 4}}\n"),
     );
     let (out, report) = (dir.path().join("m.onnx"), dir.path().join("r.json"));
-    let o = onnxq_cli(&[
-        s(&repo("models/crepe_tiny.onnx")),
-        "--config",
-        s(&config),
-        "-o",
-        s(&out),
-        "--report",
-        s(&report),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let err = stderr(&o);
+    let err = quantize_crepe(&config, &out, Some(&report));
     assert!(err.contains("layer (most sensitive first)"), "{err}");
     let r = read_json(&report);
     let m = &r["quantization"]["mixed_precision"];
@@ -1414,14 +1415,7 @@ fn cli_mixed_precision_reaches_its_target_and_its_pins_reproduce_it() {
     let pins = m["overrides_yaml"].as_str().unwrap();
     let pinned_config = crepe_mixed_config(dir.path(), &format!("passes: []\n{pins}"));
     let pinned_out = dir.path().join("pinned.onnx");
-    let o = onnxq_cli(&[
-        s(&repo("models/crepe_tiny.onnx")),
-        "--config",
-        s(&pinned_config),
-        "-o",
-        s(&pinned_out),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    quantize_crepe(&pinned_config, &pinned_out, None);
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&pinned_out).unwrap());
 
     // One thread searches and writes the same model as two.
@@ -1469,28 +1463,12 @@ fn cli_mixed_precision_reaches_its_target_and_its_pins_reproduce_it() {
         dir.path(),
         &format!("mixed_precision: {{target_sqnr_db: {target}, samples: 4}}\n"),
     );
-    let o = onnxq_cli(&[
-        s(&repo("models/crepe_tiny.onnx")),
-        "--config",
-        s(&config),
-        "-o",
-        s(&out),
-        "--report",
-        s(&report_path),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    quantize_crepe(&config, &out, Some(&report_path));
     let r = read_json(&report_path);
     assert!(r["default_passes"].as_array().is_some_and(|d| !d.is_empty()), "{r:#}");
     let pins = r["quantization"]["mixed_precision"]["overrides_yaml"].as_str().unwrap();
     let pinned_config = crepe_mixed_config(dir.path(), pins);
-    let o = onnxq_cli(&[
-        s(&repo("models/crepe_tiny.onnx")),
-        "--config",
-        s(&pinned_config),
-        "-o",
-        s(&pinned_out),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    quantize_crepe(&pinned_config, &pinned_out, None);
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&pinned_out).unwrap());
 }
 

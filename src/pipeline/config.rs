@@ -141,9 +141,9 @@ fn default_true() -> bool {
 /// One pass of the default recipe, resolved for a config: it runs when `applied`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DefaultPass {
-    pub name: String,
-    /// The options it runs with (YAML, as a `passes:` entry takes them).
-    pub options: serde_yaml::Value,
+    /// The pass with the options it runs with.
+    #[serde(flatten)]
+    pub pass: crate::pipeline::PassSpec,
     pub applied: bool,
     pub why: String,
 }
@@ -486,21 +486,16 @@ impl Config {
                     (true, what.to_string())
                 };
                 DefaultPass {
-                    name: name.to_string(),
-                    options,
+                    pass: crate::pipeline::PassSpec {
+                        name: name.to_string(),
+                        options,
+                    },
                     applied,
                     why,
                 }
             })
             .collect();
-        self.passes = defaults
-            .iter()
-            .filter(|d| d.applied)
-            .map(|d| crate::pipeline::PassSpec {
-                name: d.name.clone(),
-                options: d.options.clone(),
-            })
-            .collect();
+        self.passes = defaults.iter().filter(|d| d.applied).map(|d| d.pass.clone()).collect();
         self.defaults = Some(defaults);
     }
 
@@ -510,7 +505,7 @@ impl Config {
             .iter()
             .flatten()
             .map(|d| {
-                let options = match &d.options {
+                let options = match &d.pass.options {
                     serde_yaml::Value::Null => String::new(),
                     o => format!(
                         " {{{}}}",
@@ -520,7 +515,7 @@ impl Config {
                 format!(
                     "{} {}{options}: {}",
                     if d.applied { "runs" } else { "skipped" },
-                    d.name,
+                    d.pass.name,
                     d.why
                 )
             })

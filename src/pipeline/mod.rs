@@ -123,7 +123,7 @@ pub fn dump_diff(before: &str, after: &str) -> String {
 }
 
 /// A pass as the config names it, with its options (Null when none).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PassSpec {
     pub name: String,
     pub options: serde_yaml::Value,
