@@ -88,6 +88,8 @@ pub struct Context {
     pub verify_data: Option<DataSource>,
     /// The mixed-precision search's result (`mixed_precision`).
     pub mixed_precision: Option<crate::quant::mixed::Assignment>,
+    /// What the accuracy guard measured and raised (`guard`).
+    pub guard: Option<crate::quant::guard::GuardReport>,
     /// The verification against `float_model`, and against `original_model` (`verify`).
     pub verification: Option<crate::verify::VerifyReport>,
     pub verification_against_original: Option<crate::verify::VerifyReport>,

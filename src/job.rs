@@ -143,6 +143,7 @@ pub fn main_job(args: MainJob) -> Result<()> {
                 "calibration_samples": ctx.stats.as_ref().map(|s| s.samples),
                 "plan": plan,
                 "mixed_precision": ctx.mixed_precision,
+                "guard": ctx.guard,
             })
         });
         let report = serde_json::json!({
@@ -241,18 +242,26 @@ pub fn sensitivity(
         .mixed_precision
         .as_ref()
         .map_or(crate::pipeline::config::DEFAULT_MIXED_SAMPLES, |m| m.samples);
-    let probe = crate::quant::probe::Probe::new(&model, source, samples)?;
+    let probe = crate::quant::probe::Probe::new(&model, source, samples.min(crate::quant::mixed::RANKING_SAMPLES))?;
     let with_int16 = config.target != crate::quant::rules::Target::Tensorrt;
     eprintln!(
-        "onnxq: measuring {} layers on {} samples ({} variants)",
+        "onnxq: measuring {} layers on {} samples (noise bisection, at most {} runs)",
         plan.layers().len(),
         probe.samples(),
-        plan.layers().len() * if with_int16 { 3 } else { 2 } + 1
+        crate::quant::mixed::SEARCH_BISECTION.max_runs
     );
     let all_int8 = probe.noise(plan)?;
-    let layers = crate::quant::mixed::measure_sensitivity(&model, plan, stats, &probe, with_int16, &all_int8)?;
+    let layers = crate::quant::sensitivity::measure_units(
+        &model,
+        plan,
+        stats,
+        &probe.variants(plan)?,
+        &plan.layers(),
+        with_int16,
+        crate::quant::mixed::SEARCH_BISECTION,
+    )?;
     let mut table = String::new();
-    crate::quant::mixed::write_sensitivity(&mut table, &layers, 0).expect("writing to a String");
+    crate::quant::sensitivity::write_units(&mut table, &layers, 0).expect("writing to a String");
     println!(
         "all layers int8: {:.2} dB output SQNR on {} calibration samples",
         probe.sqnr_db(&all_int8),

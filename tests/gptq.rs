@@ -284,13 +284,13 @@ fn plan_passes_run_in_the_order_listed() {
     let (gptq_first, report) = run_job(&model, &config, &[]);
     assert_eq!(
         step_names(&report),
-        ["calibrate", "plan", "gptq", "correct_bias", "materialize"]
+        ["calibrate", "plan", "guard", "gptq", "correct_bias", "materialize"]
     );
     let (_d2, model, config) = job_dir("[correct_bias, gptq]");
     let (bias_first, report) = run_job(&model, &config, &[]);
     assert_eq!(
         step_names(&report),
-        ["calibrate", "plan", "correct_bias", "gptq", "materialize"]
+        ["calibrate", "plan", "guard", "correct_bias", "gptq", "materialize"]
     );
     // Corrected before the rounding is chosen, the biases remove nearest rounding's shift, not
     // gptq's: another model.
@@ -315,17 +315,18 @@ fn a_plan_pass_dumps_what_it_changed() {
             .count()
     };
     // gptq changes only the plan (which weights it rounded), correct_bias the biases and the
-    // plan; calibrate adds the statistics, plan the plan, materialize the Q/DQ nodes.
-    let gptq = diff("03-gptq");
+    // plan; calibrate adds the statistics, plan the plan, materialize the Q/DQ nodes (the guard,
+    // step 3, on by default, may raise layers or not).
+    let gptq = diff("04-gptq");
     assert!(gptq.contains("+  \"rounded\": {"), "{gptq}");
-    let correct = diff("04-correct_bias");
+    let correct = diff("05-correct_bias");
     assert!(
         correct.lines().any(|l| l.starts_with("+const") && l.contains(" b1: ")),
         "{correct}"
     );
     assert!(changed(&diff("01-calibrate")) > 0 && diff("01-calibrate").contains("+stats x:"));
     assert!(diff("02-plan").contains("+# plan"));
-    assert!(diff("05-materialize").contains("QuantizeLinear"));
+    assert!(diff("06-materialize").contains("QuantizeLinear"));
 }
 
 #[test]
@@ -341,7 +342,7 @@ fn stop_after_a_step_writes_the_model_as_it_stands() {
         .node_weights()
         .all(|n| n.op_type != "QuantizeLinear"));
     let (_, report) = run_job(&model, &config, &["--stop-after", "gptq"]);
-    assert_eq!(step_names(&report), ["calibrate", "plan", "gptq"]);
+    assert_eq!(step_names(&report), ["calibrate", "plan", "guard", "gptq"]);
     assert!(!report["quantization"]["plan"].is_null());
 }
 
@@ -402,12 +403,12 @@ fn a_plan_pass_plugs_into_the_step_list() {
     steps.insert(at, Box::new(KeepFirstWeightFloat));
     assert_eq!(
         onnxq::pipeline::step_names(&steps),
-        ["calibrate", "plan", "gptq", "keep_first_weight_float", "materialize"]
+        ["calibrate", "plan", "guard", "gptq", "keep_first_weight_float", "materialize"]
     );
     let mut model = onnxq::onnx::load_model(&model_path).unwrap();
     let mut ctx = Context::default();
     onnxq::pipeline::run(&mut model, &steps, &mut ctx, &DebugOptions::default()).unwrap();
-    let kept = &ctx.pass_reports[3].notes[0];
+    let kept = &ctx.pass_reports[4].notes[0];
     assert_eq!(kept, "kept w1 float");
     // w1 is read as float by its Conv; the other weights go through DequantizeLinear.
     let conv = model.graph.nodes.node_weights().find(|n| n.name == "conv").unwrap();

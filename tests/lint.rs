@@ -124,8 +124,8 @@ fn what_onnxq_writes_for_tensorrt_passes_and_its_generic_output_does_not() {
         .iter()
         .map(|p| p["pass"].as_str().unwrap())
         .collect();
-    assert_eq!(steps, ["calibrate", "plan", "materialize", "lint"]);
-    assert_eq!(report["passes"][3]["notes"][0], "no rule of target tensorrt broken");
+    assert_eq!(steps, ["calibrate", "plan", "guard", "materialize", "lint"]);
+    assert_eq!(report["passes"][4]["notes"][0], "no rule of target tensorrt broken");
     let o = onnxq_cli(&["lint", trt.to_str().unwrap(), "--target", "tensorrt"]);
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stdout));
     // The generic target's uint8 asymmetric activations break TensorRT's rules: exit code 3.

@@ -920,10 +920,24 @@ fn cli_quantizes_and_verifies_the_shipped_model() {
     assert!(count_ops(&quant, "DequantizeLinear") > activations.len());
     let float = onnxq::onnx::load_model(&ppocr()).unwrap();
     assert_eq!(count_ops(&float, "QuantizeLinear"), 0);
-    // Every Q/DQ reads constant parameters of the right kind.
+    // Every Q/DQ reads constant parameters of the right kind: uint8, or uint16 for what the
+    // accuracy guard raised to int16 (the plan says which).
+    let sixteen: Vec<&String> = activations
+        .iter()
+        .filter(|(_, a)| a["scheme"]["dtype"] == "uint16")
+        .map(|(t, _)| t)
+        .collect();
+    let guard = &r["quantization"]["guard"];
+    let raised16 = guard["raised"].as_array().unwrap().iter().filter(|d| d["precision"] == "int16").count();
+    assert!(sixteen.is_empty() == (raised16 == 0 || guard["kept"] == false), "{sixteen:?}\n{guard:#}");
     for q in ops(&quant, "QuantizeLinear") {
         assert_eq!(dtype(&quant, &q.inputs[1]), DataType::Float, "{}", q.name);
-        assert_eq!(dtype(&quant, &q.inputs[2]), DataType::Uint8, "{}", q.name);
+        let expected = if sixteen.iter().any(|t| q.inputs[0] == **t) {
+            DataType::Uint16
+        } else {
+            DataType::Uint8
+        };
+        assert_eq!(dtype(&quant, &q.inputs[2]), expected, "{}", q.name);
     }
 }
 
@@ -1396,7 +1410,7 @@ fn cli_mixed_precision_reaches_its_target_and_its_pins_reproduce_it() {
     );
     let (out, report) = (dir.path().join("m.onnx"), dir.path().join("r.json"));
     let err = quantize_crepe(&config, &out, Some(&report));
-    assert!(err.contains("layer (most sensitive first)"), "{err}");
+    assert!(err.contains("layer or group (noisiest first)"), "{err}");
     let r = read_json(&report);
     let m = &r["quantization"]["mixed_precision"];
     assert_eq!(m["reached"], true, "{m:#}");
@@ -1404,12 +1418,20 @@ fn cli_mixed_precision_reaches_its_target_and_its_pins_reproduce_it() {
     let measured = m["final_db"].as_f64().unwrap();
     assert!(lower >= target && measured >= lower, "{m:#}");
     assert!(m["all_int8_db"].as_f64().unwrap() < target, "{m:#}");
+    // The bisection's units cover the 10 layers once each, noisiest first.
     let sensitivity = m["sensitivity"].as_array().unwrap();
-    assert_eq!(sensitivity.len(), 10);
-    let gains: Vec<f64> = sensitivity.iter().map(|l| l["gain_db"].as_f64().unwrap()).collect();
-    assert!(gains.windows(2).all(|w| w[0] >= w[1]), "ranked by gain: {gains:?}");
+    let mut layers: Vec<&str> = sensitivity
+        .iter()
+        .flat_map(|u| u["layers"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()))
+        .collect();
+    layers.sort();
+    layers.dedup();
+    let covered: usize = sensitivity.iter().map(|u| u["layers"].as_array().unwrap().len()).sum();
+    assert_eq!((layers.len(), covered), (10, 10), "{sensitivity:#?}");
+    let shares: Vec<f64> = sensitivity.iter().map(|u| u["share"].as_f64().unwrap()).collect();
+    assert!(shares.windows(2).all(|w| w[0] >= w[1]), "ranked by share: {shares:?}");
     let raised = m["raised"].as_array().unwrap();
-    assert!(!raised.is_empty() && raised.len() < sensitivity.len(), "{raised:?}");
+    assert!(!raised.is_empty() && raised.len() < 10, "{raised:?}");
 
     // The printed overrides pin the same assignment: the same model, byte for byte.
     let pins = m["overrides_yaml"].as_str().unwrap();
@@ -1522,6 +1544,9 @@ fn mixed_precision_config_errors() {
             "TensorRT has no int16",
         ),
         ("overrides: [{tensor: x, precision: float16}]", "applies to a layer"),
+        ("guard: {max_layer: 0.1}", "max_layers"),
+        ("guard: {max_layers: 1.5}", "max_layers is a fraction"),
+        ("guard: maybe", "guard is `true`, `false` or a map"),
         ("overrides: [{node: x, precision: half}]", "float16"),
     ] {
         let config = crepe_mixed_config(dir.path(), &format!("{yaml}\n"));
@@ -1529,6 +1554,51 @@ fn mixed_precision_config_errors() {
         assert_eq!(o.status.code(), Some(1), "{yaml}: {}", stderr(&o));
         assert!(stderr(&o).contains(needle), "{yaml}: {}", stderr(&o));
     }
+}
+
+/// The accuracy guard, on by default: its units cover every layer, what it raises carries a
+/// measured reason and is in the written plan only when it measured better; `guard: false`
+/// leaves it out.
+#[test]
+fn the_guard_raises_what_measurably_helps_and_can_be_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |yaml: &str| {
+        let config = crepe_mixed_config(dir.path(), yaml);
+        let (out, report) = (dir.path().join("g.onnx"), dir.path().join("g.json"));
+        let o = onnxq_cli(&[
+            s(&repo("models/crepe_tiny.onnx")),
+            "--config",
+            s(&config),
+            "-o",
+            s(&out),
+            "--report",
+            s(&report),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        read_json(&report)
+    };
+    let r = run("passes: []\n");
+    let steps: Vec<&str> = r["passes"].as_array().unwrap().iter().map(|p| p["pass"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["calibrate", "plan", "guard", "materialize"]);
+    let g = &r["quantization"]["guard"];
+    let covered: usize = g["units"].as_array().unwrap().iter().map(|u| u["layers"].as_array().unwrap().len()).sum();
+    assert_eq!(covered, 10, "{g:#}");
+    let raised = g["raised"].as_array().unwrap();
+    let precisions = &r["quantization"]["plan"]["precisions"];
+    if g["kept"] == true {
+        assert!(g["guarded_db"].as_f64().unwrap() > g["all_int8_db"].as_f64().unwrap(), "{g:#}");
+        assert!(!raised.is_empty() && raised.len() <= 1, "at most 10% of 10 layers: {g:#}");
+        for d in raised {
+            assert!(d["reason"].as_str().unwrap().contains("% of the all-int8 noise"), "{d}");
+            assert_eq!(precisions[d["layer"].as_str().unwrap()], d["precision"], "{r:#}");
+        }
+    } else {
+        assert!(precisions.is_null() || precisions.as_object().unwrap().is_empty(), "{r:#}");
+    }
+    let r = run("passes: []\nguard: false\n");
+    let steps: Vec<&str> = r["passes"].as_array().unwrap().iter().map(|p| p["pass"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["calibrate", "plan", "materialize"]);
+    assert!(r["quantization"]["guard"].is_null());
 }
 
 /// Regression: two float16 layers in a row (conv2 → conv3) stopped with "generated name

@@ -45,6 +45,61 @@ pub struct Config {
     /// Raise the precision of the layers that need it, from a per-layer sensitivity analysis.
     #[serde(default)]
     pub mixed_precision: Option<MixedPrecisionConfig>,
+    /// The accuracy guard (`quant::guard`): on by default with calibration data; `guard: false`
+    /// turns it off; a map changes its budget. None: off.
+    #[serde(default = "default_guard", deserialize_with = "deserialize_guard")]
+    pub guard: Option<GuardConfig>,
+}
+
+/// `guard:` — what the accuracy guard may spend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardConfig {
+    /// At most this fraction of the quantized layers raised above int8.
+    #[serde(default = "default_guard_max_layers")]
+    pub max_layers: f64,
+    /// Only raise what gains at least this much output SQNR (dB).
+    #[serde(default = "default_guard_min_gain_db")]
+    pub min_gain_db: f64,
+    /// Calibration samples the guard measures on.
+    #[serde(default = "default_guard_samples")]
+    pub samples: usize,
+}
+
+/// Runs of the model the guard's bisection may make (a dominant layer among 256 is found in 8).
+pub const GUARD_MAX_RUNS: usize = 8;
+
+fn default_guard_max_layers() -> f64 {
+    0.1
+}
+
+fn default_guard_min_gain_db() -> f64 {
+    1.0
+}
+
+fn default_guard_samples() -> usize {
+    4
+}
+
+fn default_guard() -> Option<GuardConfig> {
+    Some(GuardConfig {
+        max_layers: default_guard_max_layers(),
+        min_gain_db: default_guard_min_gain_db(),
+        samples: default_guard_samples(),
+    })
+}
+
+/// `guard: true | false | {max_layers, min_gain_db, samples}`.
+fn deserialize_guard<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<GuardConfig>, D::Error> {
+    use serde::de::Error as _;
+    match serde_yaml::Value::deserialize(d)? {
+        serde_yaml::Value::Bool(true) => Ok(default_guard()),
+        serde_yaml::Value::Bool(false) => Ok(None),
+        v @ serde_yaml::Value::Mapping(_) => serde_yaml::from_value(v).map(Some).map_err(D::Error::custom),
+        _ => Err(D::Error::custom(
+            "guard is `true`, `false` or a map {max_layers, min_gain_db, samples}",
+        )),
+    }
 }
 
 /// `mixed_precision:` — a target output SQNR and/or a budget (at least one).
@@ -214,19 +269,45 @@ impl Config {
         self.passes.iter().map(|p| p.name.clone()).collect()
     }
 
-    /// The mixed-precision goal, with the target's default candidates.
-    pub fn mixed_precision_goal(&self) -> Option<crate::quant::mixed::Goal> {
+    /// The precisions a layer may be raised to on this target.
+    fn default_candidates(&self) -> Vec<crate::quant::plan::Precision> {
         use crate::quant::plan::Precision;
-        let m = self.mixed_precision.as_ref()?;
-        let candidates = m.candidates.clone().unwrap_or_else(|| match self.target {
+        match self.target {
             crate::quant::rules::Target::Tensorrt => vec![Precision::Float16, Precision::Float],
             _ => vec![Precision::Int16, Precision::Float16, Precision::Float],
-        });
+        }
+    }
+
+    /// The mixed-precision goal, with the target's default candidates.
+    pub fn mixed_precision_goal(&self) -> Option<crate::quant::mixed::Goal> {
+        let m = self.mixed_precision.as_ref()?;
         Some(crate::quant::mixed::Goal {
             target_sqnr_db: m.target_sqnr_db,
             max_float_fraction: m.max_float_fraction,
             max_size_mb: m.max_size_mb,
-            candidates,
+            candidates: m.candidates.clone().unwrap_or_else(|| self.default_candidates()),
+            ..Default::default()
+        })
+    }
+
+    /// The accuracy guard's settings, when it runs: on unless `guard: false`, with calibration
+    /// data, and not when `mixed_precision:` already chooses the precisions.
+    pub fn guard_settings(&self) -> Option<crate::quant::guard::GuardSettings> {
+        let g = self.guard.as_ref()?;
+        if !self.quantize || self.calibration.is_none() || self.mixed_precision.is_some() {
+            return None;
+        }
+        Some(crate::quant::guard::GuardSettings {
+            samples: g.samples,
+            max_layers: g.max_layers,
+            min_gain_db: g.min_gain_db,
+            max_runs: GUARD_MAX_RUNS,
+            // Not float16: the guard measures with `quant::switched`, which runs it as float.
+            candidates: self
+                .default_candidates()
+                .into_iter()
+                .filter(|&p| p != crate::quant::plan::Precision::Float16)
+                .collect(),
         })
     }
 
@@ -454,6 +535,18 @@ impl Config {
             }
             if self.calibration.is_none() {
                 return bad("measures layers on calibration data: set `calibration: {data: calib.npz}`".into());
+            }
+        }
+        if let Some(g) = &self.guard {
+            let bad = |msg: String| Err(Error::config(path, format!("guard: {msg}")));
+            if !(0.0..=1.0).contains(&g.max_layers) {
+                return bad(format!("max_layers is a fraction of the layers in [0, 1], got {}", g.max_layers));
+            }
+            if !(g.min_gain_db.is_finite() && g.min_gain_db > 0.0) {
+                return bad(format!("min_gain_db must be a positive number of dB, got {}", g.min_gain_db));
+            }
+            if g.samples == 0 {
+                return bad("samples must be at least 1".into());
             }
         }
         self.resolve_passes();

@@ -3,7 +3,8 @@
 //! stopping after any step to bisect a pipeline.
 //!
 //! The steps, in order: the config's graph passes; then, when quantizing, the stages
-//! `calibrate` and `plan`, `mixed_precision` (when configured), the config's plan passes in the
+//! `calibrate` and `plan`, `mixed_precision` (when configured; else the accuracy `guard`, on by
+//! default with calibration data), the config's plan passes in the
 //! order listed, `materialize`, `lint` (when the target has Q/DQ rules) and `verify` (when
 //! configured). Passes and stages implement one
 //! trait ([`crate::passes::Pass`]), so `--dump-after` and `--stop-after` work for each.
@@ -46,6 +47,8 @@ pub fn steps(config: &Config, files: &JobFiles) -> Vec<Box<dyn Pass>> {
         // Precisions first: the plan passes then round and correct exactly the weights that
         // stay int8, as they do when the same precisions are pinned by overrides.
         if let Some(stage) = stages::MixedPrecision::new(config) {
+            steps.push(Box::new(stage));
+        } else if let Some(stage) = stages::Guard::new(config) {
             steps.push(Box::new(stage));
         }
         steps.extend(plan_passes);

@@ -1,6 +1,6 @@
 //! The fixed stages of a quantizing pipeline, as passes of the plan phase: `calibrate`, `plan`,
-//! `mixed_precision`, `materialize`, `lint`, `verify` (in that order, with the config's plan passes
-//! between `mixed_precision` and `materialize`; see [`super::steps`]). Each reads what the steps before
+//! `mixed_precision` or `guard`, `materialize`, `lint`, `verify` (in that order, with the config's
+//! plan passes between `mixed_precision`/`guard` and `materialize`; see [`super::steps`]). Each reads what the steps before
 //! it left in the [`Context`] and leaves its own result there.
 
 use std::path::{Path, PathBuf};
@@ -279,13 +279,23 @@ impl Pass for MixedPrecision {
             ));
         };
         let started = Instant::now();
+        let (model, plan_measured) = measurable(model, ctx.control_flow.as_ref(), plan)?;
+        let (model, plan_measured) = (model.as_ref(), &plan_measured);
         let probe = crate::quant::probe::Probe::new(model, source, self.samples)?;
         eprintln!(
             "onnxq: mixed precision: measuring {} layers on {} samples",
             plan.layers().len(),
             probe.samples()
         );
-        let assignment = crate::quant::mixed::assign(model, plan, stats, &probe, &self.goal)?;
+        let assignment = crate::quant::mixed::assign(
+            model,
+            plan_measured,
+            stats,
+            &probe,
+            &self.goal,
+            crate::quant::mixed::SEARCH_BISECTION,
+            crate::quant::mixed::Instrument::Exact,
+        )?;
         eprint!("{assignment}");
         eprintln!("onnxq: mixed precision took {:.1} s", started.elapsed().as_secs_f64());
         *plan = plan.with_precisions(&assignment.raised.iter().cloned().collect());
@@ -295,6 +305,81 @@ impl Pass for MixedPrecision {
             assignment.final_db
         )];
         ctx.mixed_precision = Some(assignment);
+        Ok(notes)
+    }
+}
+
+/// What the precision stages measure: the part of the model tract runs (all of it, unless
+/// control flow was cut: `calib::control_flow`), and the plan with the layers outside it left
+/// float (pinned, so the search leaves them alone; their precision in the job's plan is untouched).
+fn measurable<'m>(
+    model: &'m Model,
+    control_flow: Option<&crate::calib::control_flow::ControlFlow>,
+    plan: &crate::quant::plan::Plan,
+) -> Result<(std::borrow::Cow<'m, Model>, crate::quant::plan::Plan)> {
+    let runnable = crate::calib::control_flow::runnable(control_flow, model)?;
+    if matches!(runnable, std::borrow::Cow::Borrowed(_)) {
+        return Ok((runnable, plan.clone()));
+    }
+    let present: std::collections::BTreeSet<String> = runnable
+        .graph
+        .nodes
+        .node_weights()
+        .map(crate::quant::plan::node_key)
+        .collect();
+    let inside = plan.layers().into_iter().filter(|l| present.contains(l)).collect();
+    Ok((runnable, plan.restricted_to(&inside)))
+}
+
+/// The accuracy guard (`quant::guard`): raises the few layers whose int8 quantization costs the
+/// output the most, measured on a few calibration samples, within the configured budget.
+pub struct Guard {
+    settings: crate::quant::guard::GuardSettings,
+}
+
+impl Guard {
+    /// The stage, when the guard runs (`Config::guard_settings`).
+    pub fn new(config: &Config) -> Option<Guard> {
+        Some(Guard {
+            settings: config.guard_settings()?,
+        })
+    }
+}
+
+impl Pass for Guard {
+    fn name(&self) -> &'static str {
+        "guard"
+    }
+    fn phase(&self) -> Phase {
+        Phase::Plan
+    }
+    fn run(&self, model: &mut Model, ctx: &mut Context) -> Result<Vec<String>> {
+        let (Some(source), Some(stats), Some(plan)) = (&ctx.calibration, &ctx.stats, &mut ctx.plan) else {
+            return Err(Error::internal("`guard` needs calibration data, statistics and a plan"));
+        };
+        if plan.layers().is_empty() {
+            return Ok(vec!["no quantized layer to guard".into()]);
+        }
+        let started = Instant::now();
+        let (model, plan_measured) = measurable(model, ctx.control_flow.as_ref(), plan)?;
+        let probe = crate::quant::probe::Probe::new(&model, source, self.settings.samples)?;
+        eprintln!(
+            "onnxq: guard: measuring {} layers on {} samples",
+            plan_measured.layers().len(),
+            probe.samples()
+        );
+        let (precisions, report) = crate::quant::guard::guard(&model, &plan_measured, stats, &probe, &self.settings)?;
+        eprintln!(
+            "onnxq: guard: {} ({:.1} s)",
+            report.verdict,
+            started.elapsed().as_secs_f64()
+        );
+        for d in report.raised.iter().filter(|_| report.kept) {
+            eprintln!("  {} → {}: {}", d.layer, d.precision.name(), d.reason);
+        }
+        *plan = plan.with_precisions(&precisions);
+        let notes = vec![report.verdict.clone()];
+        ctx.guard = Some(report);
         Ok(notes)
     }
 }

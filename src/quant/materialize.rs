@@ -42,6 +42,24 @@ fn axis_attr(axis: i64) -> AttributeProto {
     crate::ir::attribute::int("axis", axis)
 }
 
+/// Makes each of `consumers` (a node by key, an input slot) read `to`.
+pub fn rewire(model: &mut Model, consumers: &[InputRef], to: &str) -> Result<()> {
+    for (key, slot) in consumers {
+        let node = model
+            .graph
+            .nodes
+            .node_weights_mut()
+            .find(|n| n.outputs.first().is_some_and(|o| o == key) || (n.outputs.is_empty() && &n.name == key))
+            .ok_or_else(|| Error::internal(format!("the plan names a consumer '{key}' that is not in the graph")))?;
+        let input = node
+            .inputs
+            .get_mut(*slot)
+            .ok_or_else(|| Error::Graph(format!("consumer '{key}' has no input {slot}")))?;
+        *input = to.to_string();
+    }
+    Ok(())
+}
+
 struct Builder<'a> {
     model: &'a mut Model,
     taken: std::collections::BTreeSet<String>,
@@ -77,23 +95,7 @@ impl Builder<'_> {
     }
 
     fn rewire(&mut self, consumers: &[InputRef], to: &str) -> Result<()> {
-        for (key, slot) in consumers {
-            let node = self
-                .model
-                .graph
-                .nodes
-                .node_weights_mut()
-                .find(|n| n.outputs.first().is_some_and(|o| o == key) || (n.outputs.is_empty() && &n.name == key))
-                .ok_or_else(|| {
-                    Error::internal(format!("the plan names a consumer '{key}' that is not in the graph"))
-                })?;
-            let input = node
-                .inputs
-                .get_mut(*slot)
-                .ok_or_else(|| Error::Graph(format!("consumer '{key}' has no input {slot}")))?;
-            *input = to.to_string();
-        }
-        Ok(())
+        rewire(self.model, consumers, to)
     }
 
     fn order_of_consumers(&self, consumers: &[InputRef]) -> u64 {

@@ -3,17 +3,17 @@
 //! A layer is an op the plan quantizes (keyed by its first output). Its candidates are int8
 //! (W8A8, the plan as built), int16 (A16W8: 16-bit activations, 8-bit weights), float16 and float.
 //!
-//! Sensitivity, measured in tract on calibration samples (`quant::probe`): for each layer,
-//! the output noise with only that layer quantized (at int8, and at int16 when it is a
-//! candidate), and the output SQNR with every layer but that one quantized (the gain of keeping it
-//! at a higher precision, reported). Quantization noise of different layers is close to
-//! independent, so the noise of an assignment is predicted as k·Σₗ nₗ(pₗ), with nₗ the measured
-//! only-this-layer noise at pₗ (0 for float16 and float) and k = N / Σₗ nₗ(int8) matching the
-//! measured all-int8 noise N; each later measurement resets k to measured/predicted. The
-//! all-but-this-layer gain alone is a poor guide: one dominant layer masks every other one.
+//! Sensitivity, measured in tract on calibration samples (`quant::probe`) by noise bisection
+//! (`quant::sensitivity`): units of consecutive layers, single layers where the noise
+//! concentrates, each with the output noise when only its layers are quantized (at int8, and at
+//! int16 when it is a candidate). The bisection runs on the first `RANKING_SAMPLES` probe
+//! samples: ranking needs fewer samples than the target's confidence bound. Quantization noise of
+//! different layers is close to independent, so the noise of an assignment is predicted as
+//! k·Σᵤ nᵤ(pᵤ), with nᵤ the measured only-this-unit noise at pᵤ (0 for float16 and float) and
+//! k = N / Σᵤ nᵤ(int8) matching the measured all-int8 noise N.
 //!
-//! Assignment: greedy, the upgrade (layer, precision) that removes the most predicted noise per
-//! unit of cost first (ties by layer key: deterministic), as long as the budget allows; this
+//! Assignment: greedy, the upgrade (unit, precision) that removes the most predicted noise per
+//! unit of cost first (ties by first layer: deterministic), as long as the budget allows; this
 //! orders the upgrades. With a target, the target must hold for a 90% lower confidence bound of
 //! the measured SQNR (bootstrap over the samples); the first prefix measured is where the
 //! prediction clears the target, then bisection on the order finds the shortest prefix that
@@ -32,11 +32,22 @@ use serde::Serialize;
 use crate::calib::stats::CalibrationStats;
 use crate::error::{Error, Result};
 use crate::ir::Model;
-use crate::quant::plan::{float16_possible, node_key, Plan, Precision};
+use crate::quant::plan::{node_key, Plan, Precision};
 use crate::quant::probe::{worst_sqnr_db, Noise, Probe};
+use crate::quant::sensitivity::{measure_units, Bisection, Unit};
 
 /// Measurements of the search at most (the first is the all-int8 model's).
 pub const MAX_ROUNDS: usize = 10;
+
+/// Probe samples the bisection ranks the layers on (the rounds measure on all of them).
+pub const RANKING_SAMPLES: usize = 8;
+
+/// The bisection of a mixed-precision search: units down to 1% of the noise, at most 48 runs
+/// (a dominant layer among 400 is isolated in 9).
+pub const SEARCH_BISECTION: Bisection = Bisection {
+    max_runs: 48,
+    min_share: 0.01,
+};
 
 /// What the search aims for; at least one of the three is set.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -47,36 +58,14 @@ pub struct Goal {
     pub max_float_fraction: Option<f64>,
     /// At most this many MB (10⁶ bytes) of weights in the whole model.
     pub max_size_mb: Option<f64>,
+    /// At most this fraction of the layers raised above int8, rounded up (the accuracy guard's
+    /// budget).
+    pub max_raised_fraction: Option<f64>,
+    /// Only upgrades that each gain at least this much predicted SQNR (the guard's rule: raise
+    /// what is catastrophic, not what is merely worst).
+    pub min_step_gain_db: Option<f64>,
     /// Precisions a layer may be raised to, besides int8.
     pub candidates: Vec<Precision>,
-}
-
-/// One layer's facts and sensitivity.
-#[derive(Clone, Debug, Serialize)]
-pub struct LayerSensitivity {
-    pub layer: String,
-    pub node: String,
-    pub op_type: String,
-    /// Weight elements the plan quantizes for this layer.
-    pub weight_elements: u64,
-    /// Activation elements per inference this layer reads through Q/DQ.
-    pub activation_elements: u64,
-    /// Output SQNR with only this layer quantized (int8).
-    pub only_this_int8_db: f64,
-    /// Output SQNR with only this layer quantized, its activations in int16 (when a candidate).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub only_this_int16_db: Option<f64>,
-    /// Output SQNR with every layer but this one quantized.
-    pub all_but_this_db: f64,
-    /// `all_but_this_db` minus the all-int8 SQNR: what keeping this layer float buys.
-    pub gain_db: f64,
-    /// Why float16 is not offered for this layer, when it is a candidate.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub no_float16: Option<String>,
-    #[serde(skip)]
-    only_int8: Noise,
-    #[serde(skip)]
-    only_int16: Option<Noise>,
 }
 
 /// The result of the search, for the report.
@@ -85,8 +74,10 @@ pub struct Assignment {
     pub samples: usize,
     pub goal: Goal,
     pub all_int8_db: f64,
-    /// Layers ranked by gain, highest first.
-    pub sensitivity: Vec<LayerSensitivity>,
+    /// Samples the units were ranked on, and the runs the bisection made.
+    pub ranking_samples: usize,
+    /// Units of layers (single layers where the noise concentrates), noisiest first.
+    pub sensitivity: Vec<Unit>,
     /// The precision of every layer not at int8, in the order they were raised.
     pub raised: Vec<(String, Precision)>,
     /// Each measurement of the search: layers raised, predicted and measured SQNR.
@@ -130,54 +121,6 @@ pub fn layer_cost(weight_elements: u64, activation_elements: u64, p: Precision) 
     weight_elements * w + activation_elements * a
 }
 
-/// The layers of a plan with their weight and activation sizes, in key order.
-struct LayerFacts {
-    key: String,
-    node: String,
-    op_type: String,
-    weights: u64,
-    activations: u64,
-    float16: std::result::Result<(), String>,
-}
-
-fn layer_facts(model: &Model, plan: &Plan, stats: &CalibrationStats) -> Vec<LayerFacts> {
-    let samples = stats.samples.max(1) as u64;
-    let layers = plan.layers();
-    let nodes: BTreeMap<String, &crate::ir::Node> = model
-        .graph
-        .nodes
-        .node_weights()
-        .map(|n| (node_key(n), n))
-        .filter(|(k, _)| layers.contains(k))
-        .collect();
-    layers
-        .iter()
-        .map(|key| {
-            let weights = plan
-                .weights
-                .iter()
-                .filter(|(_, w)| w.consumers.iter().any(|(k, _)| k == key))
-                .map(|(w, _)| model.graph.constants[w].tensor.dims.iter().product::<i64>().max(0) as u64)
-                .sum();
-            let activations = plan
-                .activations
-                .iter()
-                .filter(|(_, a)| a.consumers.iter().any(|(k, _)| k == key))
-                .map(|(t, _)| stats.tensors.get(t).map_or(0, |s| s.count / samples))
-                .sum();
-            let n = nodes.get(key);
-            LayerFacts {
-                key: key.clone(),
-                node: n.map(|n| n.name.clone()).unwrap_or_default(),
-                op_type: n.map(|n| n.op_type.clone()).unwrap_or_default(),
-                weights,
-                activations,
-                float16: float16_possible(model, plan, key),
-            }
-        })
-        .collect()
-}
-
 /// Bytes of every float constant of the model once the plan's weights are int8.
 fn base_weight_bytes(model: &Model, plan: &Plan) -> u64 {
     model
@@ -195,88 +138,37 @@ fn base_weight_bytes(model: &Model, plan: &Plan) -> u64 {
         .sum()
 }
 
-/// Measures every layer's sensitivity (in parallel across layers).
-pub fn measure_sensitivity(
-    model: &Model,
-    plan: &Plan,
-    stats: &CalibrationStats,
-    probe: &Probe,
-    with_int16: bool,
-    all_int8: &Noise,
-) -> Result<Vec<LayerSensitivity>> {
-    let facts = layer_facts(model, plan, stats);
-    let mut plans = Vec::new();
-    for f in &facts {
-        let one: BTreeSet<String> = [f.key.clone()].into();
-        let only = plan.restricted_to(&one);
-        if with_int16 {
-            plans.push(only.with_precisions(&[(f.key.clone(), Precision::Int16)].into()));
-        }
-        plans.push(only);
-        plans.push(plan.with_precisions(&[(f.key.clone(), Precision::Float)].into()));
-    }
-    let noises = probe.noises(&plans)?;
-    let mut chunks = noises.chunks(if with_int16 { 3 } else { 2 });
-    let base_db = probe.sqnr_db(all_int8);
-    let mut out: Vec<LayerSensitivity> = facts
-        .into_iter()
-        .map(|f| {
-            let c = chunks.next().expect("one chunk per layer");
-            let (only16, only8, without) = if with_int16 {
-                (Some(&c[0]), &c[1], &c[2])
-            } else {
-                (None, &c[0], &c[1])
-            };
-            let all_but_this_db = probe.sqnr_db(without);
-            LayerSensitivity {
-                layer: f.key,
-                node: f.node,
-                op_type: f.op_type,
-                weight_elements: f.weights,
-                activation_elements: f.activations,
-                only_this_int8_db: probe.sqnr_db(only8),
-                only_this_int16_db: only16.map(|n| probe.sqnr_db(n)),
-                all_but_this_db,
-                gain_db: all_but_this_db - base_db,
-                no_float16: f.float16.err(),
-                only_int8: only8.clone(),
-                only_int16: only16.cloned(),
-            }
-        })
-        .collect();
-    // Highest gain first; ties by key.
-    out.sort_by(|a, b| b.gain_db.total_cmp(&a.gain_db).then_with(|| a.layer.cmp(&b.layer)));
-    Ok(out)
-}
-
-/// The greedy state: each searchable layer's precision and the predicted noise.
+/// The greedy state: each searchable unit's precision and the predicted noise.
 struct Search<'a> {
-    layers: &'a [LayerSensitivity],
+    units: &'a [Unit],
     precision: Vec<Precision>,
     candidates: Vec<Vec<Precision>>,
     /// Per output: measured / predicted noise.
     correction: Vec<f64>,
     signal: &'a [f64],
     weight_bytes: u64,
+    /// Layers in float16 or float, and layers above int8.
     floats: usize,
+    raised_layers: usize,
     total_layers: usize,
+    /// Every layer above int8, in the order raised (a unit's layers together).
     raised: Vec<(String, Precision)>,
 }
 
 impl Search<'_> {
     fn residual(&self, i: usize, p: Precision) -> &[f64] {
-        let l = &self.layers[i];
+        let u = &self.units[i];
         match p {
-            Precision::Int8 => &l.only_int8,
-            Precision::Int16 => l.only_int16.as_deref().unwrap_or(&l.only_int8),
+            Precision::Int8 => &u.only_int8,
+            Precision::Int16 => u.only_int16.as_deref().unwrap_or(&u.only_int8),
             Precision::Float16 | Precision::Float => &[],
         }
     }
 
-    /// Σ of the layers' noise, uncorrected, with one layer optionally changed.
+    /// Σ of the units' noise, uncorrected, with one unit optionally changed.
     fn summed(&self, change: Option<(usize, Precision)>) -> Noise {
         let mut n = vec![0.0; self.correction.len()];
-        for i in 0..self.layers.len() {
+        for i in 0..self.units.len() {
             let p = match change {
                 Some((j, p)) if j == i => p,
                 _ => self.precision[i],
@@ -306,15 +198,16 @@ impl Search<'_> {
         }
     }
 
-    /// Takes the best affordable upgrade; false when none is left or none helps.
+    /// Takes the best affordable upgrade; false when none is left or none helps enough.
     fn step(&mut self, goal: &Goal) -> bool {
         let now = worst_sqnr_db(self.signal, &self.predicted(None));
         let mut best: Option<(f64, usize, Precision)> = None;
-        for i in 0..self.layers.len() {
-            let l = &self.layers[i];
+        for i in 0..self.units.len() {
+            let u = &self.units[i];
+            let n = u.layers.len();
             let from = self.precision[i];
             for &p in self.candidates[i].iter().filter(|&&p| p > from) {
-                let extra_bytes = widths(p).0.saturating_sub(widths(from).0) * l.weight_elements;
+                let extra_bytes = widths(p).0.saturating_sub(widths(from).0) * u.weight_elements;
                 if let Some(mb) = goal.max_size_mb {
                     // Upgrades that add no weight bytes (int16) fit whatever the size.
                     if extra_bytes > 0 && (self.weight_bytes + extra_bytes) as f64 > mb * 1e6 {
@@ -323,16 +216,23 @@ impl Search<'_> {
                 }
                 let becomes_float = p >= Precision::Float16 && from < Precision::Float16;
                 if let Some(f) = goal.max_float_fraction {
-                    if becomes_float && (self.floats + 1) as f64 > f * self.total_layers as f64 {
+                    if becomes_float && (self.floats + n) as f64 > f * self.total_layers as f64 {
+                        continue;
+                    }
+                }
+                if let Some(f) = goal.max_raised_fraction {
+                    // Rounded up: a small model may still raise one layer.
+                    let limit = (f * self.total_layers as f64).ceil();
+                    if from == Precision::Int8 && (self.raised_layers + n) as f64 > limit {
                         continue;
                     }
                 }
                 let benefit = worst_sqnr_db(self.signal, &self.predicted(Some((i, p)))) - now;
-                if benefit <= 1e-9 {
+                if benefit <= goal.min_step_gain_db.unwrap_or(1e-9) {
                     continue;
                 }
-                let cost = (layer_cost(l.weight_elements, l.activation_elements, p)
-                    - layer_cost(l.weight_elements, l.activation_elements, from))
+                let cost = (layer_cost(u.weight_elements, u.activation_elements, p)
+                    - layer_cost(u.weight_elements, u.activation_elements, from))
                 .max(1) as f64;
                 let ratio = benefit / cost;
                 if best.is_none_or(|(r, _, _)| ratio > r) {
@@ -342,28 +242,71 @@ impl Search<'_> {
         }
         let Some((_, i, p)) = best else { return false };
         let from = self.precision[i];
-        self.weight_bytes += widths(p).0.saturating_sub(widths(from).0) * self.layers[i].weight_elements;
+        let u = &self.units[i];
+        self.weight_bytes += widths(p).0.saturating_sub(widths(from).0) * u.weight_elements;
         if p >= Precision::Float16 && from < Precision::Float16 {
-            self.floats += 1;
+            self.floats += u.layers.len();
+        }
+        if from == Precision::Int8 {
+            self.raised_layers += u.layers.len();
         }
         self.precision[i] = p;
-        self.raised.retain(|(k, _)| k != &self.layers[i].layer);
-        self.raised.push((self.layers[i].layer.clone(), p));
+        self.raised.retain(|(k, _)| !u.layers.contains(k));
+        self.raised.extend(u.layers.iter().map(|l| (l.clone(), p)));
         true
     }
 }
 
-/// Finds an assignment for `goal`: measures the all-int8 model and every layer's sensitivity,
-/// then raises layers greedily and measures the result (see the module header). `plan` carries
+/// How the search's rounds are measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Instrument {
+    /// Each round's plan materialised, lowered and compiled: what the written model computes.
+    Exact,
+    /// Every round by the one compiled model of `quant::switched` (approximate: see there):
+    /// cheap, for the guard, whose rounds only decide whether to keep what it raised.
+    Switched,
+}
+
+/// Finds an assignment for `goal`: measures the all-int8 model and the units' sensitivity,
+/// then raises units greedily and measures the result (see the module header). `plan` carries
 /// the pinned precisions of the overrides; those layers are left alone.
-pub fn assign(model: &Model, plan: &Plan, stats: &CalibrationStats, probe: &Probe, goal: &Goal) -> Result<Assignment> {
-    if goal.target_sqnr_db.is_none() && goal.max_float_fraction.is_none() && goal.max_size_mb.is_none() {
+pub fn assign(
+    model: &Model,
+    plan: &Plan,
+    stats: &CalibrationStats,
+    probe: &Probe,
+    goal: &Goal,
+    bisection: Bisection,
+    instrument: Instrument,
+) -> Result<Assignment> {
+    if goal.target_sqnr_db.is_none()
+        && goal.max_float_fraction.is_none()
+        && goal.max_size_mb.is_none()
+        && goal.max_raised_fraction.is_none()
+    {
         return Err(Error::Usage(
             "mixed_precision needs target_sqnr_db, max_float_fraction or max_size_mb".into(),
         ));
     }
     let pinned = plan.precisions.clone();
-    let all_int8_samples = probe.sample_noise(plan)?;
+    // Rank on the first samples (all of them when they are few).
+    let first;
+    let ranking: &Probe = if probe.samples() <= RANKING_SAMPLES {
+        probe
+    } else {
+        first = probe.first(RANKING_SAMPLES);
+        &first
+    };
+    let ranking_variants = ranking.variants(plan)?;
+    let all_variants = match instrument {
+        Instrument::Switched if !std::ptr::eq(ranking, probe) => Some(probe.variants(plan)?),
+        _ => None,
+    };
+    let measure_samples = |p: &Plan| match instrument {
+        Instrument::Exact => probe.sample_noise(p),
+        Instrument::Switched => all_variants.as_ref().unwrap_or(&ranking_variants).sample_noise(p),
+    };
+    let all_int8_samples = measure_samples(plan)?;
     let all_int8 = crate::quant::probe::sum_samples(&all_int8_samples);
     let all_int8_db = probe.sqnr_db(&all_int8);
     let with_int16 = goal.candidates.contains(&Precision::Int16);
@@ -371,53 +314,51 @@ pub fn assign(model: &Model, plan: &Plan, stats: &CalibrationStats, probe: &Prob
         precisions: BTreeMap::new(),
         ..plan.clone()
     };
-    let sensitivity: Vec<LayerSensitivity> = measure_sensitivity(model, plan, stats, probe, with_int16, &all_int8)?
-        .into_iter()
-        .filter(|l| !pinned.contains_key(&l.layer))
-        .collect();
+    // The all-int8 noise on the ranking samples is their share of the sums.
+    let ranking_all_int8 = crate::quant::probe::sum_samples(&all_int8_samples[..ranking.samples()]);
+    let free: BTreeSet<String> = plan.layers().into_iter().filter(|l| !pinned.contains_key(l)).collect();
+    let sensitivity = measure_units(model, plan, stats, &ranking_variants, &free, with_int16, bisection)?;
     let candidates = sensitivity
         .iter()
-        .map(|l| {
+        .map(|u| {
             goal.candidates
                 .iter()
                 .copied()
-                .filter(|&p| p != Precision::Int8 && (p != Precision::Float16 || l.no_float16.is_none()))
+                .filter(|&p| p != Precision::Int8 && (p != Precision::Float16 || u.no_float16.is_none()))
                 .collect()
         })
         .collect();
     let total_layers = plan.layers().len();
     let mut search = Search {
-        layers: &sensitivity,
+        units: &sensitivity,
         precision: vec![Precision::Int8; sensitivity.len()],
         candidates,
         correction: vec![1.0; all_int8.len()],
-        signal: &probe.signal,
+        signal: &ranking.signal,
         weight_bytes: base_weight_bytes(model, &searchable),
         floats: pinned.values().filter(|&&p| p >= Precision::Float16).count(),
+        raised_layers: pinned.len(),
         total_layers,
         raised: vec![],
     };
-    search.calibrate(&all_int8);
+    search.calibrate(&ranking_all_int8);
     let base_weight_bytes = search.weight_bytes;
-    // The whole greedy order, with the prediction after each step.
-    let mut steps: Vec<(String, Precision, f64, u64)> = Vec::new();
+    // The whole greedy order: after each step, every layer raised so far, the prediction and
+    // the weight bytes.
+    let mut steps: Vec<(Vec<(String, Precision)>, f64, u64)> = Vec::new();
     while search.step(goal) {
-        let (layer, p) = search.raised.last().cloned().expect("a step raises a layer");
         steps.push((
-            layer,
-            p,
-            worst_sqnr_db(&probe.signal, &search.predicted(None)),
+            search.raised.clone(),
+            worst_sqnr_db(&ranking.signal, &search.predicted(None)),
             search.weight_bytes,
         ));
     }
-    // The first k steps as an assignment, in the order layers were (last) raised.
     let prefix = |k: usize| -> Vec<(String, Precision)> {
-        let mut raised: Vec<(String, Precision)> = Vec::new();
-        for (layer, p, _, _) in &steps[..k] {
-            raised.retain(|(l, _)| l != layer);
-            raised.push((layer.clone(), *p));
+        if k == 0 {
+            vec![]
+        } else {
+            steps[k - 1].0.clone()
         }
-        raised
     };
     let all_int8_lower_db = probe.sqnr_lower_db(&all_int8_samples);
     let mut measured: BTreeMap<usize, (f64, f64)> = BTreeMap::new();
@@ -433,14 +374,20 @@ pub fn assign(model: &Model, plan: &Plan, stats: &CalibrationStats, probe: &Prob
             return Ok(m);
         }
         let raised = prefix(k);
-        let samples = probe.sample_noise(&plan.with_precisions(&raised.iter().cloned().collect()))?;
+        let samples = measure_samples(&plan.with_precisions(&raised.iter().cloned().collect()))?;
         let m = (
             probe.sqnr_db(&crate::quant::probe::sum_samples(&samples)),
             probe.sqnr_lower_db(&samples),
         );
+        eprintln!(
+            "onnxq: mixed precision: {} layers raised: {:.2} dB measured (predicted {:.2} dB)",
+            raised.len(),
+            m.0,
+            steps[k - 1].1
+        );
         rounds.push(Round {
             raised: raised.len(),
-            predicted_db: steps[k - 1].2,
+            predicted_db: steps[k - 1].1,
             measured_db: m.0,
             lower_bound_db: m.1,
         });
@@ -449,13 +396,13 @@ pub fn assign(model: &Model, plan: &Plan, stats: &CalibrationStats, probe: &Prob
     };
     // The target holds for the lower confidence bound. The first guess is where the prediction
     // clears the target by the all-int8 model's gap between mean and bound; then bisection on
-    // the greedy order finds the shortest prefix that reaches the target.
+    // the greedy order finds the shortest prefix that reaches it.
     let chosen = match goal.target_sqnr_db {
         None => steps.len(),
         Some(t) if all_int8_lower_db >= t => 0,
         Some(t) => {
             let gap = (all_int8_db - all_int8_lower_db).max(0.0);
-            let guess = steps.iter().position(|s| s.2 >= t + gap).map_or(steps.len(), |i| i + 1);
+            let guess = steps.iter().position(|s| s.1 >= t + gap).map_or(steps.len(), |i| i + 1);
             let (mut lo, mut hi) = (0, steps.len());
             if measure(guess, &mut rounds)?.1 >= t {
                 hi = guess;
@@ -475,9 +422,53 @@ pub fn assign(model: &Model, plan: &Plan, stats: &CalibrationStats, probe: &Prob
             hi
         }
     };
-    let (measured_db, lower_db) = measure(chosen, &mut rounds)?;
+    let (mut measured_db, mut lower_db) = measure(chosen, &mut rounds)?;
+    let mut raised = prefix(chosen);
+    let mut weight_bytes = if chosen == 0 {
+        base_weight_bytes
+    } else {
+        steps[chosen - 1].2
+    };
+    // With a minimum gain per step (the guard) and the whole order not measuring better than
+    // all int8 (noise that does not add up: a layer whose error cancels another's), each step
+    // is tried on its own, measured, and kept only if it measures better than what was kept.
+    if goal.min_step_gain_db.is_some() && !steps.is_empty() && measured_db <= all_int8_db {
+        let sizes = crate::quant::sensitivity::layer_sizes(model, plan, stats);
+        let mut kept: Vec<(String, Precision)> = Vec::new();
+        let (mut kept_db, mut kept_lower_db) = (all_int8_db, all_int8_lower_db);
+        let mut before: BTreeMap<String, Precision> = BTreeMap::new();
+        for (cumulative, predicted, _) in &steps {
+            let now: BTreeMap<String, Precision> = cumulative.iter().cloned().collect();
+            let step: Vec<(String, Precision)> = now
+                .iter()
+                .filter(|(l, p)| before.get(*l) != Some(p))
+                .map(|(l, p)| (l.clone(), *p))
+                .collect();
+            before = now;
+            let mut trial = kept.clone();
+            trial.retain(|(l, _)| !step.iter().any(|(s, _)| s == l));
+            trial.extend(step);
+            let samples = measure_samples(&plan.with_precisions(&trial.iter().cloned().collect()))?;
+            let db = probe.sqnr_db(&crate::quant::probe::sum_samples(&samples));
+            rounds.push(Round {
+                raised: trial.len(),
+                predicted_db: *predicted,
+                measured_db: db,
+                lower_bound_db: probe.sqnr_lower_db(&samples),
+            });
+            if db > kept_db {
+                kept_lower_db = rounds.last().expect("pushed").lower_bound_db;
+                (kept, kept_db) = (trial, db);
+            }
+        }
+        weight_bytes = base_weight_bytes
+            + kept
+                .iter()
+                .map(|(l, p)| (widths(*p).0 - 1) * sizes.get(l).map_or(0, |s| s.0))
+                .sum::<u64>();
+        (raised, measured_db, lower_db) = (kept, kept_db, kept_lower_db);
+    }
     let reached = goal.target_sqnr_db.is_none_or(|t| lower_db >= t);
-    let raised = prefix(chosen);
     let final_plan = plan.with_precisions(&raised.iter().cloned().collect());
     let float_fraction = final_plan
         .precisions
@@ -485,14 +476,10 @@ pub fn assign(model: &Model, plan: &Plan, stats: &CalibrationStats, probe: &Prob
         .filter(|&&p| p >= Precision::Float16)
         .count() as f64
         / total_layers.max(1) as f64;
-    let weight_bytes = if chosen == 0 {
-        base_weight_bytes
-    } else {
-        steps[chosen - 1].3
-    };
     let overrides_yaml = overrides_yaml(model, &raised);
     Ok(Assignment {
         samples: probe.samples(),
+        ranking_samples: ranking.samples(),
         goal: goal.clone(),
         all_int8_db,
         raised,
@@ -534,16 +521,12 @@ impl std::fmt::Display for Assignment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "mixed precision on {} calibration samples: all int8 {:.2} dB",
-            self.samples, self.all_int8_db
+            "mixed precision on {} calibration samples (ranked on {}): all int8 {:.2} dB",
+            self.samples, self.ranking_samples, self.all_int8_db
         )?;
-        write_sensitivity(f, &self.sensitivity, 12)?;
-        writeln!(
-            f,
-            "raised {} of {} layers:",
-            self.raised.len(),
-            self.sensitivity.len() + self.pinned.len()
-        )?;
+        crate::quant::sensitivity::write_units(f, &self.sensitivity, 12)?;
+        let layers: usize = self.sensitivity.iter().map(|u| u.layers.len()).sum::<usize>() + self.pinned.len();
+        writeln!(f, "raised {} of {layers} layers:", self.raised.len())?;
         for (layer, p) in &self.raised {
             writeln!(f, "  {:<48} {}", layer, p.name())?;
         }
@@ -583,74 +566,37 @@ impl std::fmt::Display for Assignment {
     }
 }
 
-/// The ranked sensitivity table (the `limit` most sensitive layers; 0: all).
-pub fn write_sensitivity(f: &mut impl std::fmt::Write, layers: &[LayerSensitivity], limit: usize) -> std::fmt::Result {
-    writeln!(
-        f,
-        "  {:<44} {:<12} {:>10} {:>11} {:>9} {:>10}",
-        "layer (most sensitive first)", "op", "only int8", "only int16", "all but", "gain"
-    )?;
-    let shown = if limit == 0 {
-        layers.len()
-    } else {
-        limit.min(layers.len())
-    };
-    for l in &layers[..shown] {
-        let chars: Vec<char> = l.layer.chars().collect();
-        let name: String = if chars.len() > 44 {
-            std::iter::once('…')
-                .chain(chars[chars.len() - 43..].iter().copied())
-                .collect()
-        } else {
-            l.layer.clone()
-        };
-        writeln!(
-            f,
-            "  {:<44} {:<12} {:>7.2} dB {:>11} {:>6.2} dB {:>+7.2} dB",
-            name,
-            l.op_type,
-            l.only_this_int8_db,
-            l.only_this_int16_db.map_or("-".into(), |d| format!("{d:.2} dB")),
-            l.all_but_this_db,
-            l.gain_db
-        )?;
-    }
-    if shown < layers.len() {
-        writeln!(f, "  … {} more in the report", layers.len() - shown)?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn layer(name: &str, weights: u64, only_int8: f64, only_int16: f64) -> LayerSensitivity {
-        LayerSensitivity {
+    fn layer(name: &str, weights: u64, only_int8: f64, only_int16: f64) -> Unit {
+        Unit {
             layer: name.into(),
             node: name.into(),
             op_type: "Conv".into(),
+            layers: vec![name.into()],
             weight_elements: weights,
             activation_elements: 100,
             only_this_int8_db: 0.0,
             only_this_int16_db: None,
-            all_but_this_db: 0.0,
-            gain_db: 0.0,
+            share: 0.0,
             no_float16: None,
             only_int8: vec![only_int8],
             only_int16: Some(vec![only_int16]),
         }
     }
 
-    fn search<'a>(layers: &'a [LayerSensitivity], signal: &'a [f64], candidates: &[Precision]) -> Search<'a> {
+    fn search<'a>(layers: &'a [Unit], signal: &'a [f64], candidates: &[Precision]) -> Search<'a> {
         let mut s = Search {
-            layers,
+            units: layers,
             precision: vec![Precision::Int8; layers.len()],
             candidates: vec![candidates.to_vec(); layers.len()],
             correction: vec![1.0],
             signal,
             weight_bytes: 0,
             floats: 0,
+            raised_layers: 0,
             total_layers: layers.len(),
             raised: vec![],
         };
@@ -692,6 +638,35 @@ mod tests {
         assert_eq!(s.raised[1], ("b".to_string(), Precision::Int16));
         let after = worst_sqnr_db(&signal, &s.predicted(None));
         assert!(after > before + 2.0, "{before} -> {after}");
+    }
+
+    #[test]
+    fn the_guard_rule_takes_only_big_gains_within_its_layer_budget() {
+        // "a" carries most of the noise, "b" and "c" little each.
+        let layers = [
+            layer("a", 100, 0.006, 0.0),
+            layer("b", 100, 0.0005, 0.0),
+            layer("c", 100, 0.0005, 0.0),
+        ];
+        let signal = [1.0];
+        let goal = Goal {
+            min_step_gain_db: Some(4.0),
+            max_raised_fraction: Some(0.5),
+            ..Goal::default()
+        };
+        let mut s = search(&layers, &signal, &[Precision::Int16, Precision::Float]);
+        while s.step(&goal) {}
+        // Raising "a" gains 10·log10(7/1) = 8.5 dB; "b" or "c" then 3 dB each, under 4.
+        assert_eq!(s.raised, [("a".to_string(), Precision::Int16)]);
+        // A budget of 10% of 3 layers still allows one (rounded up), not two.
+        let goal = Goal {
+            min_step_gain_db: Some(0.01),
+            max_raised_fraction: Some(0.1),
+            ..Goal::default()
+        };
+        let mut s = search(&layers, &signal, &[Precision::Int16]);
+        while s.step(&goal) {}
+        assert_eq!(s.raised.len(), 1, "{:?}", s.raised);
     }
 
     #[test]

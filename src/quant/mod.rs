@@ -2,10 +2,13 @@
 //! which parameters), the mixed-precision search and the probe it measures with, and the plan's
 //! materialisation into QuantizeLinear/DequantizeLinear nodes.
 
+pub mod guard;
 pub mod materialize;
 pub mod mixed;
 pub mod params;
 pub mod plan;
 pub mod probe;
+pub mod sensitivity;
 pub mod rules;
 pub mod subgraphs;
+pub mod switched;

@@ -118,6 +118,24 @@ impl<'a> Probe<'a> {
         self.samples
     }
 
+    /// The same probe on its first `samples` samples (the float outputs are copied, not rerun).
+    pub fn first(&self, samples: usize) -> Probe<'a> {
+        let samples = samples.clamp(1, self.samples);
+        let sample_signal = self.sample_signal[..samples].to_vec();
+        Probe {
+            float: self.float,
+            data: self.data,
+            samples,
+            shapes: self.shapes.clone(),
+            compared: self.compared.clone(),
+            output_names: self.output_names.clone(),
+            float_outputs: self.float_outputs[..samples].to_vec(),
+            signal: sum_samples(&sample_signal),
+            sample_signal,
+            parallel: self.parallel,
+        }
+    }
+
     /// The noise of the float model with `plan` applied.
     pub fn noise(&self, plan: &Plan) -> Result<Noise> {
         Ok(sum_samples(&self.sample_noise(plan)?))
@@ -129,10 +147,19 @@ impl<'a> Probe<'a> {
         crate::quant::materialize::materialize(&mut model, plan)?;
         let lowered = lower_all_qdq(&model)?;
         let runner = Runner::new(&lowered, &self.shapes, &[])?;
-        let per_sample = on_threads(self.parallel, || {
+        self.noise_of(&runner, &[])
+    }
+
+    /// Each sample's noise of `runner`'s model, fed each sample followed by `extra`.
+    fn noise_of(&self, runner: &Runner, extra: &[TValue]) -> Result<SampleNoise> {
+        on_threads(self.parallel, || {
             runner.run_all(
                 self.samples,
-                |i| self.data.sample(i),
+                |i| {
+                    let mut inputs = self.data.sample(i)?;
+                    inputs.extend(extra.iter().cloned());
+                    Ok(inputs)
+                },
                 |i, outs| {
                     self.compared
                         .iter()
@@ -152,8 +179,21 @@ impl<'a> Probe<'a> {
                         .collect::<Result<Vec<f64>>>()
                 },
             )
-        })??;
-        Ok(per_sample)
+        })?
+    }
+
+    /// The variants of `base` (subsets of its layers, some at int16), each measured by one run
+    /// of one compiled model (`quant::switched`).
+    pub fn variants(&self, base: &Plan) -> Result<Variants<'_, 'a>> {
+        let switched = crate::quant::switched::build(self.float, base)?;
+        let mut shapes = self.shapes.clone();
+        shapes.extend(switched.extra_inputs.iter().cloned());
+        let runner = Runner::new(&switched.model, &shapes, &[])?;
+        Ok(Variants {
+            probe: self,
+            switched,
+            runner,
+        })
     }
 
     /// The noise of several plans, measured in parallel; results in the order of `plans`.
@@ -195,6 +235,25 @@ impl<'a> Probe<'a> {
     /// Output SQNR in dB: the worst compared output.
     pub fn sqnr_db(&self, noise: &[f64]) -> f64 {
         worst_sqnr_db(&self.signal, noise)
+    }
+}
+
+/// Variants of one plan, measured on a probe's samples with one compiled model.
+pub struct Variants<'p, 'a> {
+    pub probe: &'p Probe<'a>,
+    switched: crate::quant::switched::SwitchedModel,
+    runner: Runner,
+}
+
+impl Variants<'_, '_> {
+    /// The noise of the variant `plan`, per sample.
+    pub fn sample_noise(&self, plan: &Plan) -> Result<SampleNoise> {
+        self.probe.noise_of(&self.runner, &self.switched.inputs_for(plan))
+    }
+
+    /// The noise of each variant, in the order of `plans` (each run parallel over samples).
+    pub fn noises(&self, plans: &[Plan]) -> Result<Vec<Noise>> {
+        plans.iter().map(|p| Ok(sum_samples(&self.sample_noise(p)?))).collect()
     }
 }
 

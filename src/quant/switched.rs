@@ -1,0 +1,230 @@
+//! One model for every variant of a plan: the float model with a fake-quantizer on each tensor
+//! the plan quantizes, whose parameters and on/off switch are model inputs. Measuring a variant
+//! (a subset of the layers quantized, some at int16) is then one run of the same compiled model
+//! with other inputs, instead of materialising, lowering and compiling the variant (which takes
+//! tract 10–20× longer than running it on a few samples). The sensitivity bisection
+//! (`quant::sensitivity`) measures its units with it.
+//!
+//! An activation `x` the plan quantizes becomes, for the plan's readers of `x`,
+//! `x + on·(s·(clamp(round(x / s) + z, lo, hi) − z) − x)` with `s, z, lo, hi, on` scalar inputs
+//! (`on` 0 or 1): the QuantizeLinear/DequantizeLinear pair when on, `x` when off. A weight `w`
+//! becomes `w + on·(dq(q(w)) − w)`, the difference a constant, and so does an int32 bias. What this does not model, as
+//! it only ranks layers (a variant's final figure is measured on the written model): a tensor is
+//! quantized for all the plan's readers or none (a variant quantizing it for only some of them
+//! quantizes it for all), a bias is int32 at the base plan's scale also when its input is int16
+//! (the written model's error is smaller there), float16 layers run in float, and `x / s` is tract's multiplication by the reciprocal.
+
+use std::collections::BTreeMap;
+
+use tract_onnx::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::ir::tensor::{float_tensor, values_f32};
+use crate::ir::{Constant, ConstantOrigin, Model, Node};
+use crate::proto::tensor_proto::DataType;
+use crate::proto::{type_proto, TensorShapeProto, TypeProto, ValueInfoProto};
+use crate::quant::materialize::rewire;
+use crate::quant::params::{quantize_bias, BiasQuantization};
+use crate::quant::plan::Plan;
+
+/// The inputs of one fake-quantized activation, in this order.
+const ACTIVATION_INPUTS: [&str; 5] = ["scale", "zero", "lo", "hi", "on"];
+
+pub struct SwitchedModel {
+    pub model: Model,
+    /// The base plan's activations and weights, in the order their inputs come.
+    activations: Vec<String>,
+    weights: Vec<String>,
+    /// The biases quantized to int32, in the base plan's (int8) scales.
+    biases: Vec<String>,
+    /// The switch inputs, after the model's own: name, type, shape (scalars).
+    pub extra_inputs: Vec<(String, DatumType, Vec<usize>)>,
+}
+
+fn scalar_input(name: &str) -> ValueInfoProto {
+    ValueInfoProto {
+        name: Some(name.to_string()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(DataType::Float as i32),
+                shape: Some(TensorShapeProto { dim: vec![] }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The float model with switches for every tensor `base` quantizes (module header).
+pub fn build(float: &Model, base: &Plan) -> Result<SwitchedModel> {
+    let mut model = float.clone();
+    if model.opset("").unwrap_or(1) < 11 {
+        // Round.
+        crate::onnx::opset::upgrade_opset(&mut model, 11)?;
+    }
+    let mut taken: std::collections::BTreeSet<String> = model.graph.constants.keys().cloned().collect();
+    taken.extend(model.graph.inputs.iter().map(|i| i.name().to_string()));
+    for n in model.graph.nodes.node_weights() {
+        taken.extend(n.outputs.iter().cloned());
+        taken.insert(n.name.clone());
+    }
+    let mut fresh = |base: String| {
+        let mut name = base.clone();
+        let mut k = 1;
+        while !taken.insert(name.clone()) {
+            name = format!("{base}.{k}");
+            k += 1;
+        }
+        name
+    };
+    let mut extra_inputs = Vec::new();
+    let mut input = |model: &mut Model, name: String| {
+        model.graph.inputs.push(scalar_input(&name));
+        extra_inputs.push((name.clone(), DatumType::F32, vec![]));
+        name
+    };
+    let order_after = |model: &Model, t: &str| {
+        model
+            .graph
+            .nodes
+            .node_weights()
+            .find(|n| n.outputs.iter().any(|o| o == t))
+            .map_or(0, |n| n.order + 1)
+    };
+    for (t, a) in &base.activations {
+        let [s, z, lo, hi, on] = ACTIVATION_INPUTS.map(|what| input(&mut model, fresh(format!("{t}::switch_{what}"))));
+        let order = order_after(&model, t);
+        let mut last = t.clone();
+        let mut op = |model: &mut Model, op: &str, inputs: Vec<String>| {
+            let out = fresh(format!("{t}::switch_{}", op.to_lowercase()));
+            model.graph.nodes.add_node(Node::new(&out, op, inputs, &out, order));
+            out
+        };
+        let divided = op(&mut model, "Div", vec![last.clone(), s.clone()]);
+        let rounded = op(&mut model, "Round", vec![divided]);
+        let shifted = op(&mut model, "Add", vec![rounded, z.clone()]);
+        let above = op(&mut model, "Max", vec![shifted, lo]);
+        let clamped = op(&mut model, "Min", vec![above, hi]);
+        let centred = op(&mut model, "Sub", vec![clamped, z]);
+        let dequantized = op(&mut model, "Mul", vec![centred, s]);
+        let error = op(&mut model, "Sub", vec![dequantized, last.clone()]);
+        let switched = op(&mut model, "Mul", vec![error, on]);
+        last = op(&mut model, "Add", vec![last, switched]);
+        rewire(&mut model, &a.consumers, &last)?;
+    }
+    // A constant `c` read through `c + on·delta` by `consumers`.
+    let mut switch_constant =
+        |model: &mut Model, c: &str, dequantized: Vec<f32>, consumers: &[crate::quant::plan::InputRef]| -> Result<()> {
+            let tensor = &model.graph.constants[c].tensor;
+            let values =
+                values_f32(tensor).ok_or_else(|| Error::internal(format!("constant '{c}' is not float")))?;
+            let delta: Vec<f64> = dequantized
+                .iter()
+                .zip(&values)
+                .map(|(&d, &v)| d as f64 - v as f64)
+                .collect();
+            let mut delta = float_tensor(DataType::Float as i32, tensor.dims.clone(), &delta);
+            let delta_name = fresh(format!("{c}::switch_delta"));
+            delta.name = Some(delta_name.clone());
+            model.graph.constants.insert(
+                delta_name.clone(),
+                Constant {
+                    tensor: delta,
+                    origin: ConstantOrigin::Created,
+                },
+            );
+            let on = fresh(format!("{c}::switch_on"));
+            model.graph.inputs.push(scalar_input(&on));
+            extra_inputs.push((on.clone(), DatumType::F32, vec![]));
+            let order = consumers
+                .iter()
+                .filter_map(|(k, _)| {
+                    model
+                        .graph
+                        .nodes
+                        .node_weights()
+                        .find(|n| n.outputs.first() == Some(k))
+                        .map(|n| n.order)
+                })
+                .min()
+                .unwrap_or(1)
+                .saturating_sub(1);
+            let scaled = fresh(format!("{c}::switch_mul"));
+            model
+                .graph
+                .nodes
+                .add_node(Node::new(&scaled, "Mul", vec![delta_name, on], &scaled, order));
+            let switched = fresh(format!("{c}::switch_add"));
+            model
+                .graph
+                .nodes
+                .add_node(Node::new(&switched, "Add", vec![c.to_string(), scaled], &switched, order));
+            rewire(model, consumers, &switched)
+        };
+    let mut weight_scales: BTreeMap<&str, Vec<f32>> = BTreeMap::new();
+    for (w, q) in &base.weights {
+        let quantized = base.quantized_weight(&model.graph, w)?;
+        weight_scales.insert(w, quantized.params.iter().map(|p| p.scale).collect());
+        switch_constant(&mut model, w, quantized.dequantized(), &q.consumers)?;
+    }
+    let mut biases = Vec::new();
+    for (b, q) in &base.biases {
+        let values = values_f32(&model.graph.constants[b].tensor)
+            .ok_or_else(|| Error::internal(format!("bias '{b}' is not float")))?;
+        let input_scale = base.activations[&q.input].params.scale;
+        if let BiasQuantization::Int32 { values: ints, scales } =
+            quantize_bias(&values, input_scale, &weight_scales[q.weight.as_str()])
+        {
+            let dequantized = ints
+                .iter()
+                .enumerate()
+                .map(|(c, &v)| (v as f64 * scales[if scales.len() == 1 { 0 } else { c }] as f64) as f32)
+                .collect();
+            switch_constant(&mut model, b, dequantized, &q.consumers)?;
+            biases.push(b.clone());
+        }
+    }
+    model.graph.rebuild_edges()?;
+    model.graph.check()?;
+    Ok(SwitchedModel {
+        model,
+        activations: base.activations.keys().cloned().collect(),
+        weights: base.weights.keys().cloned().collect(),
+        biases,
+        extra_inputs,
+    })
+}
+
+impl SwitchedModel {
+    /// The switch inputs that make the model compute `plan` (a variant of the base plan: a
+    /// subset of its tensors, some at other types).
+    pub fn inputs_for(&self, plan: &Plan) -> Vec<TValue> {
+        let scalar = |v: f32| tensor0(v).into_tvalue();
+        let mut inputs = Vec::with_capacity(self.extra_inputs.len());
+        for t in &self.activations {
+            match plan.activations.get(t) {
+                Some(a) => {
+                    // QuantizeLinear saturates to the type's full range.
+                    let (lo, hi) = a.scheme.dtype.range(false);
+                    inputs.extend([
+                        scalar(a.params.scale),
+                        scalar(a.params.zero_point as f32),
+                        scalar(lo as f32),
+                        scalar(hi as f32),
+                        scalar(1.0),
+                    ]);
+                }
+                None => inputs.extend([scalar(1.0), scalar(0.0), scalar(f32::MIN), scalar(f32::MAX), scalar(0.0)]),
+            }
+        }
+        for w in &self.weights {
+            inputs.push(scalar(if plan.weights.contains_key(w) { 1.0 } else { 0.0 }));
+        }
+        // A bias at its base (int8) scale whenever the variant quantizes it, also when its input
+        // is int16 (where the written model's finer scale makes its error smaller still).
+        for b in &self.biases {
+            inputs.push(scalar(if plan.biases.contains_key(b) { 1.0 } else { 0.0 }));
+        }
+        inputs
+    }
+}
