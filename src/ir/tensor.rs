@@ -1,6 +1,12 @@
 //! TensorProto helpers: dtype names and sizes, decoding the values of any numeric tensor,
-//! building small int64 and float tensors (float16 and bfloat16 through `half`), and a stable
-//! content hash for dumps.
+//! building small int64 and float tensors (float16 and bfloat16 through `half`), a stable
+//! content hash for dumps, and the weights an external-data model keeps on disk.
+//!
+//! A large initializer of an external-data model stays in its file (`onnx::load_model`): its
+//! TensorProto has no values, `data_location` EXTERNAL and the entries `location` (the data
+//! file's absolute path, in the IR only), `offset` and `length`, all checked when the model was
+//! read. [`raw_bytes`] reads it from there each time a pass asks for its values, so the IR never
+//! holds those weights; a tensor with `raw_data` is in memory, whatever its other fields say.
 
 use crate::proto::tensor_proto::DataType;
 use crate::proto::TensorProto;
@@ -75,12 +81,59 @@ pub fn byte_size(t: &TensorProto) -> u64 {
     }
 }
 
-/// The values as little-endian bytes, the layout of `raw_data`, whichever field holds them.
-/// Strings are not representable: None.
+/// Where the values of a tensor kept on disk are: (file, offset, length). None for a tensor
+/// in memory (see the module documentation).
+pub fn on_disk(t: &TensorProto) -> Option<(&std::path::Path, u64, u64)> {
+    use crate::proto::tensor_proto::DataLocation;
+    if t.raw_data.is_some() || t.data_location != Some(DataLocation::External as i32) {
+        return None;
+    }
+    let field = |key: &str| t.external_data.iter().find(|e| e.key() == key).map(|e| e.value());
+    let location = std::path::Path::new(field("location")?);
+    if !location.is_absolute() {
+        return None;
+    }
+    let offset = field("offset").map_or(Some(0), |v| v.parse().ok())?;
+    let length = field("length").map_or(Some(byte_size(t)), |v| v.parse().ok())?;
+    Some((location, offset, length))
+}
+
+/// Appends the bytes of a tensor kept on disk to `buf`, read from its file.
+pub fn read_on_disk(t: &TensorProto, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let (path, offset, length) = on_disk(t)
+        .ok_or_else(|| std::io::Error::other(format!("tensor '{}' is not kept on disk", t.name())))?;
+    let mut file = std::fs::File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let start = buf.len();
+    buf.reserve_exact(length as usize);
+    file.take(length).read_to_end(buf)?;
+    if (buf.len() - start) as u64 != length {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("{}: the file is shorter than when it was read", path.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// The values as little-endian bytes, the layout of `raw_data`, whichever field holds them
+/// (a tensor kept on disk is read from its file). Strings are not representable: None; nor is
+/// a tensor kept on disk whose file can no longer be read (an error saying so is printed).
 pub fn raw_bytes(t: &TensorProto) -> Option<std::borrow::Cow<'_, [u8]>> {
     use std::borrow::Cow;
     if let Some(raw) = &t.raw_data {
         return Some(Cow::Borrowed(raw));
+    }
+    if on_disk(t).is_some() {
+        let mut buf = Vec::new();
+        return match read_on_disk(t, &mut buf) {
+            Ok(()) => Some(Cow::Owned(buf)),
+            Err(e) => {
+                eprintln!("error: weight '{}': {e}", t.name());
+                None
+            }
+        };
     }
     let dt = DataType::try_from(t.data_type()).ok()?;
     let mut out = Vec::new();
@@ -262,7 +315,7 @@ pub fn float_tensor(dtype: i32, dims: Vec<i64>, values: &[f64]) -> TensorProto {
     TensorProto {
         dims,
         data_type: Some(dtype),
-        raw_data: Some(raw),
+        raw_data: Some(raw.into()),
         ..Default::default()
     }
 }
@@ -345,7 +398,7 @@ mod tests {
         };
         let mut raw = typed.clone();
         raw.float_data.clear();
-        raw.raw_data = Some([1.5f32.to_le_bytes(), (-2.0f32).to_le_bytes()].concat());
+        raw.raw_data = Some([1.5f32.to_le_bytes(), (-2.0f32).to_le_bytes()].concat().into());
         assert_eq!(content_hash(&typed), content_hash(&raw));
         let mut other = raw.clone();
         other.dims = vec![1, 2];

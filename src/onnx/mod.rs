@@ -164,7 +164,7 @@ fn resolve_external_graph(g: &mut GraphProto, dir: &Path, model_path: &Path) -> 
         file.seek(SeekFrom::Start(offset))
             .and_then(|_| file.read_exact(&mut buf))
             .map_err(|e| Error::io(&data_path, e))?;
-        t.raw_data = Some(buf);
+        t.raw_data = Some(buf.into());
         t.external_data.clear();
         t.data_location = None;
         Ok(())
