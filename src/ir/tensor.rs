@@ -98,6 +98,52 @@ pub fn on_disk(t: &TensorProto) -> Option<(&std::path::Path, u64, u64)> {
     Some((location, offset, length))
 }
 
+/// Tensors `spill` moves to the scratch file: 1 MiB and more.
+pub const SPILL_BYTES: usize = 1 << 20;
+
+/// Moves the values of a large tensor (`SPILL_BYTES` and more, in `raw_data`) to onnxq's scratch
+/// file, leaving the tensor kept on disk like a weight of an external-data model: `materialize`
+/// does so with the quantized weights of weights kept on disk, so the IR of such a model holds
+/// no large weight at all. The scratch file is an unnamed temporary file in the system's
+/// temporary folder (`TMPDIR`), reopened through `/proc/self/fd` and gone when the process
+/// ends; Linux only: elsewhere, and for smaller tensors, nothing moves.
+pub fn spill(t: &mut TensorProto) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        use std::os::fd::AsRawFd;
+        static SCRATCH: std::sync::Mutex<Option<(std::fs::File, u64)>> = std::sync::Mutex::new(None);
+        let Some(raw) = t.raw_data.as_ref().filter(|r| r.len() >= SPILL_BYTES) else {
+            return Ok(());
+        };
+        let mut scratch = SCRATCH
+            .lock()
+            .map_err(|_| std::io::Error::other("a thread writing the scratch file panicked"))?;
+        if scratch.is_none() {
+            *scratch = Some((tempfile::tempfile()?, 0));
+        }
+        let (file, end) = scratch.as_mut().expect("opened above");
+        let offset = end.next_multiple_of(64);
+        file.seek(SeekFrom::Start(offset))?;
+        file.write_all(raw)?;
+        *end = offset + raw.len() as u64;
+        let entry = |k: &str, v: String| crate::proto::StringStringEntryProto {
+            key: Some(k.into()),
+            value: Some(v),
+        };
+        t.external_data = vec![
+            entry("location", format!("/proc/self/fd/{}", file.as_raw_fd())),
+            entry("offset", offset.to_string()),
+            entry("length", raw.len().to_string()),
+        ];
+        t.data_location = Some(crate::proto::tensor_proto::DataLocation::External as i32);
+        t.raw_data = None;
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = t;
+    Ok(())
+}
+
 /// Appends the bytes of a tensor kept on disk to `buf`, read from its file.
 pub fn read_on_disk(t: &TensorProto, buf: &mut Vec<u8>) -> std::io::Result<()> {
     use std::io::{Read, Seek, SeekFrom};
@@ -386,6 +432,33 @@ mod tests {
         assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
         assert!(f16_to_f32(0x7e00).is_nan());
         assert_eq!(f16_to_f32(0x7c00), f32::INFINITY);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn spilled_tensors_are_read_back_from_the_scratch_file() {
+        let tensor = |n: usize, seed: u8| TensorProto {
+            name: Some(format!("t{n}")),
+            dims: vec![n as i64],
+            data_type: Some(DataType::Uint8 as i32),
+            raw_data: Some((0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()),
+            ..Default::default()
+        };
+        let (mut a, mut b, mut small) = (tensor(SPILL_BYTES + 3, 1), tensor(SPILL_BYTES, 2), tensor(100, 3));
+        let (a0, b0, small0) = (a.clone(), b.clone(), small.clone());
+        for t in [&mut a, &mut b, &mut small] {
+            spill(t).unwrap();
+        }
+        assert_eq!(small, small0, "a small tensor stays in memory");
+        for (t, original) in [(&a, &a0), (&b, &b0)] {
+            assert!(t.raw_data.is_none());
+            let (path, offset, length) = on_disk(t).expect("spilled");
+            assert!(path.starts_with("/proc/self/fd"), "{}", path.display());
+            assert_eq!((offset % 64, length), (0, byte_size(original)));
+            assert_eq!(raw_bytes(t).unwrap(), raw_bytes(original).unwrap());
+            assert_eq!(content_hash(t), content_hash(original));
+        }
+        assert!(on_disk(&b).unwrap().1 >= on_disk(&a).unwrap().1 + SPILL_BYTES as u64 + 3);
     }
 
     #[test]
