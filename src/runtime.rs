@@ -20,9 +20,9 @@
 
 use std::sync::{Arc, OnceLock};
 
+use anyhow::{bail, Context as _};
 use rayon::prelude::*;
 use tract_onnx::prelude::*;
-use anyhow::{bail, Context as _};
 use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::plan::{SimplePlan, SimpleState};
 
@@ -56,7 +56,11 @@ impl Runner {
     /// `new`, dropping the model once its graph is encoded: each weight only the model held
     /// (the f32 weights verification's lowering folds) is then freed as soon as tract has
     /// copied it, so the model and tract's copy of it are never both whole in memory.
-    pub fn from_model(model: Model, inputs: &[(String, DatumType, Vec<usize>)], extra_outputs: &[String]) -> Result<Runner> {
+    pub fn from_model(
+        model: Model,
+        inputs: &[(String, DatumType, Vec<usize>)],
+        extra_outputs: &[String],
+    ) -> Result<Runner> {
         let (bytes, weights) = graph_for_tract(&model)?;
         let mut outline = model;
         outline.graph.constants.clear();
@@ -233,7 +237,10 @@ fn graph_for_tract(model: &Model) -> Result<(Vec<u8>, Weights)> {
             }
         }
     }
-    Ok((prost::Message::encode_to_vec(&proto), Weights(std::sync::Mutex::new(weights))))
+    Ok((
+        prost::Message::encode_to_vec(&proto),
+        Weights(std::sync::Mutex::new(weights)),
+    ))
 }
 
 /// tract's data resolver for `graph_for_tract`'s graph: the tensor at index `offset`, from the
@@ -257,8 +264,9 @@ impl tract_onnx::data_resolver::ModelDataResolver for Weights {
             .with_context(|| format!("onnxq handed tract no weight #{offset}, or it was read already"))?;
         match &t.raw_data {
             Some(raw) => buf.extend_from_slice(raw),
-            None => crate::ir::tensor::read_on_disk(&t, buf)
-                .with_context(|| format!("reading weight '{}'", t.name()))?,
+            None => {
+                crate::ir::tensor::read_on_disk(&t, buf).with_context(|| format!("reading weight '{}'", t.name()))?
+            }
         }
         Ok(())
     }

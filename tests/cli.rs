@@ -436,7 +436,9 @@ fn external_data_models_quantize_like_inline_ones() {
         .collect();
     assert!(large.len() > 5, "crepe_tiny should have large initializers");
     assert!(
-        large.iter().all(|c| onnxq::ir::tensor::on_disk(&c.tensor).is_some() && c.tensor.raw_data.is_none()),
+        large
+            .iter()
+            .all(|c| onnxq::ir::tensor::on_disk(&c.tensor).is_some() && c.tensor.raw_data.is_none()),
         "the large weights of an external-data model should stay on disk"
     );
     let cfg = config(
@@ -456,7 +458,10 @@ fn external_data_models_quantize_like_inline_ones() {
         let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
         (std::fs::read(out).unwrap(), report["verification"].clone())
     };
-    for (extra, folder) in [(&[][..], "inline_output"), (&["--external-data"][..], "external_output")] {
+    for (extra, folder) in [
+        (&[][..], "inline_output"),
+        (&["--external-data"][..], "external_output"),
+    ] {
         let (a, b) = (dir.path().join(folder).join("a"), dir.path().join(folder).join("b"));
         std::fs::create_dir_all(&a).unwrap();
         std::fs::create_dir_all(&b).unwrap();

@@ -147,8 +147,8 @@ pub fn spill(t: &mut TensorProto) -> std::io::Result<()> {
 /// Appends the bytes of a tensor kept on disk to `buf`, read from its file.
 pub fn read_on_disk(t: &TensorProto, buf: &mut Vec<u8>) -> std::io::Result<()> {
     use std::io::{Read, Seek, SeekFrom};
-    let (path, offset, length) = on_disk(t)
-        .ok_or_else(|| std::io::Error::other(format!("tensor '{}' is not kept on disk", t.name())))?;
+    let (path, offset, length) =
+        on_disk(t).ok_or_else(|| std::io::Error::other(format!("tensor '{}' is not kept on disk", t.name())))?;
     let mut file = std::fs::File::open(path)?;
     file.seek(SeekFrom::Start(offset))?;
     let start = buf.len();

@@ -196,7 +196,10 @@ fn resolve_external(t: &mut TensorProto, dir: &Path, model_path: &Path, may_stay
             if crate::ir::tensor::on_disk(t).is_none() {
                 return Err(Error::model(
                     model_path,
-                    format!("tensor '{name}': external data path {} is not valid UTF-8", absolute.display()),
+                    format!(
+                        "tensor '{name}': external data path {} is not valid UTF-8",
+                        absolute.display()
+                    ),
                 ));
             }
             return Ok(());
@@ -318,7 +321,9 @@ pub fn model_bytes(model: &Model) -> Result<Vec<u8>> {
 
 /// Reads every tensor still on disk into `raw_data` (what writing a model inline needs).
 fn read_into_memory(proto: &mut ModelProto) -> Result<()> {
-    let Some(graph) = proto.graph.as_mut() else { return Ok(()) };
+    let Some(graph) = proto.graph.as_mut() else {
+        return Ok(());
+    };
     visit_graph_tensors(graph, &mut |t| {
         let Some((path, _, _)) = on_disk(t) else { return Ok(()) };
         let path = path.to_path_buf();
@@ -387,7 +392,7 @@ struct ExternalData {
 
 enum DataPart {
     Memory(bytes::Bytes),
-    OnDisk(TensorProto),
+    OnDisk(Box<TensorProto>),
 }
 
 impl ExternalData {
@@ -398,7 +403,8 @@ impl ExternalData {
             match part {
                 DataPart::Memory(bytes) => out.write_all(bytes)?,
                 DataPart::OnDisk(t) => {
-                    let (path, offset, length) = on_disk(t).expect("only tensors on disk are kept so");
+                    let (path, offset, length) = on_disk(t)
+                        .ok_or_else(|| std::io::Error::other(format!("tensor '{}' is not on disk", t.name())))?;
                     let mut file = std::fs::File::open(path)?;
                     file.seek(SeekFrom::Start(offset))?;
                     let copied = std::io::copy(&mut file.take(length), out)?;
@@ -419,12 +425,14 @@ impl ExternalData {
 /// memory-mapping loaders expect), and says where their bytes come from.
 fn externalise(proto: &mut ModelProto, location: &str, threshold: u64) -> ExternalData {
     let mut parts = Vec::new();
-    let Some(graph) = proto.graph.as_mut() else { return ExternalData { parts } };
+    let Some(graph) = proto.graph.as_mut() else {
+        return ExternalData { parts };
+    };
     let mut end = 0usize;
     for t in &mut graph.initializer {
         let part = match (&t.raw_data, on_disk(t)) {
             (Some(raw), _) => DataPart::Memory(raw.clone()),
-            (None, Some(_)) => DataPart::OnDisk(t.clone()),
+            (None, Some(_)) => DataPart::OnDisk(Box::new(t.clone())),
             (None, None) => match raw_bytes(t) {
                 Some(bytes) => DataPart::Memory(bytes.into_owned().into()),
                 None => continue,
@@ -570,9 +578,7 @@ pub fn write_atomic_with(
             .and_then(|_| out.flush())
             .map_err(|e| Error::io(&tmp_path, e))?;
     }
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| Error::io(tmp.path(), e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io(tmp.path(), e))?;
     // Temporary files are private (0600); an output keeps the mode of the file it replaces,
     // or gets the usual 0644.
     #[cfg(unix)]
