@@ -2,6 +2,11 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/onnx.proto");
     let descriptors = protox::compile(["proto/onnx.proto"], ["proto"])?;
-    prost_build::Config::new().compile_fds(descriptors)?;
+    // A tensor's raw bytes are reference-counted (`bytes::Bytes`): copies of the IR (the float
+    // model kept for verification, the lowered copy, the protos handed to tract and to the
+    // writer) share the weights instead of duplicating them.
+    prost_build::Config::new()
+        .bytes([".onnx.TensorProto.raw_data"])
+        .compile_fds(descriptors)?;
     Ok(())
 }

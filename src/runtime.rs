@@ -11,9 +11,16 @@
 //!
 //! Work-arounds for what tract trips on: value_info and declared output shapes are ignored
 //! (symbolic dims there break its shape analysis); input shapes are fixed before optimising.
+//!
+//! tract reads the graph from protobuf bytes, but not the weights: the large tensors (1 KiB and
+//! more) are marked as external data and tract's data resolver (`Weights`) copies each, when
+//! tract loads it, straight from the IR's shared bytes or from the file an external-data model
+//! keeps it in. So building a plan holds the weights once more (tract's own copy), not four
+//! times (the proto, its encoding, tract's decoded proto, tract's tensors).
 
 use std::sync::{Arc, OnceLock};
 
+use anyhow::{bail, Context as _};
 use rayon::prelude::*;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::konst::Const;
@@ -42,17 +49,43 @@ impl Runner {
     /// Builds an optimised plan for the given input shapes, returning the graph outputs and
     /// `extra_outputs` (intermediate tensors by ONNX name).
     pub fn new(model: &Model, inputs: &[(String, DatumType, Vec<usize>)], extra_outputs: &[String]) -> Result<Runner> {
-        let bytes = crate::onnx::model_bytes(model)?;
+        let (bytes, weights) = graph_for_tract(model)?;
+        Self::build(model, bytes, weights, inputs, extra_outputs)
+    }
+
+    /// `new`, dropping the model once its graph is encoded: each weight only the model held
+    /// (the f32 weights verification's lowering folds) is then freed as soon as tract has
+    /// copied it, so the model and tract's copy of it are never both whole in memory.
+    pub fn from_model(
+        model: Model,
+        inputs: &[(String, DatumType, Vec<usize>)],
+        extra_outputs: &[String],
+    ) -> Result<Runner> {
+        let (bytes, weights) = graph_for_tract(&model)?;
+        let mut outline = model;
+        outline.graph.constants.clear();
+        Self::build(&outline, bytes, weights, inputs, extra_outputs)
+    }
+
+    fn build(
+        model: &Model,
+        bytes: Vec<u8>,
+        weights: Weights,
+        inputs: &[(String, DatumType, Vec<usize>)],
+        extra_outputs: &[String],
+    ) -> Result<Runner> {
         let mut outputs: Vec<String> = model.graph.outputs.iter().map(|o| o.name().to_string()).collect();
         for e in extra_outputs {
             if !outputs.contains(e) {
                 outputs.push(e.clone());
             }
         }
-        let framework = tract_onnx::onnx()
+        let mut framework = tract_onnx::onnx()
             .with_ignore_value_info(true)
             .with_ignore_output_shapes(true);
-        let mut typed = framework.model_for_read(&mut bytes.as_slice()).map_err(tract_error)?;
+        framework.provider = Arc::new(weights);
+        let mut typed = framework_model(&framework, &bytes).map_err(tract_error)?;
+        drop(framework);
         let input_names: Vec<String> = typed
             .input_outlets()
             .map_err(tract_error)?
@@ -149,6 +182,108 @@ impl Runner {
             .map(|i| observe(i, self.run(feed(i)?)?))
             .collect()
     }
+}
+
+/// Tensors of at least this many bytes reach tract through `Weights` rather than the protobuf.
+const WEIGHT_BYTES: usize = 1024;
+
+/// The model's protobuf encoding without the bytes of its large tensors (top-level
+/// initializers and `Constant` values of `WEIGHT_BYTES` and more, and every tensor kept on
+/// disk): each is marked as external data at location `.` of the folder `/` with its index in
+/// the returned `Weights` as offset. (tract canonicalises `/.` to `/`, inside `/`, before asking
+/// its resolver; `Weights` ignores the path.)
+fn graph_for_tract(model: &Model) -> Result<(Vec<u8>, Weights)> {
+    use crate::proto::tensor_proto::DataLocation;
+    use crate::proto::{StringStringEntryProto, TensorProto};
+    let mut proto = model.to_proto()?;
+    let mut weights = Vec::new();
+    let mut detach = |t: &mut TensorProto| {
+        let large = t.raw_data.as_ref().is_some_and(|r| r.len() >= WEIGHT_BYTES);
+        if !large && crate::ir::tensor::on_disk(t).is_none() {
+            return;
+        }
+        let length = match &t.raw_data {
+            Some(r) => r.len() as u64,
+            None => crate::ir::tensor::on_disk(t).map_or(0, |(_, _, length)| length),
+        };
+        let entry = |k: &str, v: String| StringStringEntryProto {
+            key: Some(k.into()),
+            value: Some(v),
+        };
+        let external = vec![
+            entry("location", ".".into()),
+            entry("offset", weights.len().to_string()),
+            entry("length", length.to_string()),
+        ];
+        let mut held = std::mem::take(t);
+        t.name = held.name.clone();
+        t.dims = std::mem::take(&mut held.dims);
+        t.data_type = held.data_type;
+        t.data_location = Some(DataLocation::External as i32);
+        t.external_data = external;
+        weights.push(Some(held));
+    };
+    if let Some(g) = proto.graph.as_mut() {
+        for t in &mut g.initializer {
+            detach(t);
+        }
+        for n in &mut g.node {
+            if n.op_type() == "Constant" && n.domain().is_empty() {
+                for a in &mut n.attribute {
+                    if let Some(t) = a.t.as_mut() {
+                        detach(t);
+                    }
+                }
+            }
+        }
+    }
+    Ok((
+        prost::Message::encode_to_vec(&proto),
+        Weights(std::sync::Mutex::new(weights)),
+    ))
+}
+
+/// tract's data resolver for `graph_for_tract`'s graph: the tensor at index `offset`, from the
+/// IR's bytes or from its file. tract reads each once; its entry is dropped then.
+struct Weights(std::sync::Mutex<Vec<Option<crate::proto::TensorProto>>>);
+
+impl tract_onnx::data_resolver::ModelDataResolver for Weights {
+    fn read_bytes_from_path(
+        &self,
+        buf: &mut Vec<u8>,
+        _: &std::path::Path,
+        offset: usize,
+        _: Option<usize>,
+    ) -> TractResult<()> {
+        let t = self
+            .0
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a thread reading the weights panicked"))?
+            .get_mut(offset)
+            .and_then(Option::take)
+            .with_context(|| format!("onnxq handed tract no weight #{offset}, or it was read already"))?;
+        match &t.raw_data {
+            Some(raw) => buf.extend_from_slice(raw),
+            None => {
+                crate::ir::tensor::read_on_disk(&t, buf).with_context(|| format!("reading weight '{}'", t.name()))?
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What `Framework::model_for_read` does, with `/` as the model's folder (see `graph_for_tract`).
+fn framework_model(framework: &tract_onnx::Onnx, bytes: &[u8]) -> TractResult<InferenceModel> {
+    let proto = framework
+        .proto_model_for_read(&mut &*bytes)
+        .context("Reading proto model")?;
+    let parsed = framework
+        .parse(&proto, Some("/"))
+        .context("Translating proto model to model")?;
+    if !parsed.unresolved_inputs.is_empty() {
+        bail!("Could not resolve inputs at top-level: {:?}", parsed.unresolved_inputs)
+    }
+    Ok(parsed.model)
 }
 
 /// A plan for `Runner::run_visiting` over the same optimised model as `Runner::plan`: it

@@ -413,3 +413,65 @@ fn max_memory_bounds_the_samples_at_once_not_the_figures() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// An external-data model is quantized and verified exactly as the same model inline: its large
+/// weights stay on disk (read when a pass asks for them, handed to tract from the file), and the
+/// written model, inline or with `--external-data`, is the same byte for byte.
+#[test]
+fn external_data_models_quantize_like_inline_ones() {
+    use onnxq::onnx::{self, SaveOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let inline = repo("models/crepe_tiny.onnx");
+    let external = dir.path().join("crepe_external.onnx");
+    let options = SaveOptions {
+        external_data_threshold: Some(1024),
+    };
+    onnx::save_model(&onnx::load_model(&inline).unwrap(), &external, &options).unwrap();
+    let loaded = onnx::load_model(&external).unwrap();
+    let large: Vec<_> = loaded
+        .graph
+        .constants
+        .values()
+        .filter(|c| onnxq::ir::tensor::byte_size(&c.tensor) >= 1024)
+        .collect();
+    assert!(large.len() > 5, "crepe_tiny should have large initializers");
+    assert!(
+        large
+            .iter()
+            .all(|c| onnxq::ir::tensor::on_disk(&c.tensor).is_some() && c.tensor.raw_data.is_none()),
+        "the large weights of an external-data model should stay on disk"
+    );
+    let cfg = config(
+        dir.path(),
+        &format!(
+            "calibration: {{data: {:?}, samples: 8}}\nverify: {{data: {:?}}}\n",
+            s(&repo("models/crepe_tiny.calib.npz")),
+            s(&repo("models/crepe_tiny.eval.npz"))
+        ),
+    );
+    let run = |input: &Path, out: &Path, extra: &[&str]| {
+        let report = out.with_extension("json");
+        let mut args = vec![s(input), "--config", s(&cfg), "-o", s(out), "--report", s(&report)];
+        args.extend(extra);
+        let o = onnxq(&args);
+        assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        (std::fs::read(out).unwrap(), report["verification"].clone())
+    };
+    for (extra, folder) in [
+        (&[][..], "inline_output"),
+        (&["--external-data"][..], "external_output"),
+    ] {
+        let (a, b) = (dir.path().join(folder).join("a"), dir.path().join(folder).join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let (from_inline, verified_inline) = run(&inline, &a.join("q.onnx"), extra);
+        let (from_external, verified_external) = run(&external, &b.join("q.onnx"), extra);
+        assert!(from_inline == from_external, "{folder}: the written models differ");
+        assert_eq!(verified_inline, verified_external, "{folder}: the verifications differ");
+        assert!(verified_inline["outputs"][0]["sqnr_db"].as_f64().unwrap() > 10.0);
+        let data = |d: &Path| std::fs::read(d.join("q.onnx.data")).ok();
+        assert_eq!(data(&a), data(&b), "{folder}: the data files differ");
+        assert_eq!(data(&a).is_some(), !extra.is_empty());
+    }
+}

@@ -203,13 +203,56 @@ fn external_data_is_read_and_written() {
     );
     assert_eq!(back.to_string(), model.to_string());
 
-    // Saving inline again gives the original bytes.
-    assert_eq!(onnx::model_bytes(&back).unwrap(), onnx::model_bytes(&model).unwrap());
+    // The weight stays in the data file: the IR knows where, not what.
+    let w = &back.graph.constants["w"].tensor;
+    assert!(w.raw_data.is_none());
+    let (file, offset, length) = onnxq::ir::tensor::on_disk(w).expect("kept on disk");
+    assert!(
+        file.is_absolute() && file.ends_with("m.onnx.data"),
+        "{}",
+        file.display()
+    );
+    assert_eq!((offset, length), (0, 2400));
 
-    // A data file cut short is a clear error.
+    // Saving inline again gives the original bytes, through the file writer too.
+    assert_eq!(onnx::model_bytes(&back).unwrap(), onnx::model_bytes(&model).unwrap());
+    let inline = dir.path().join("inline.onnx");
+    onnx::save_model(&back, &inline, &SaveOptions::default()).unwrap();
+    assert_eq!(std::fs::read(&inline).unwrap(), onnx::model_bytes(&model).unwrap());
+    // And saving it external again copies the data file.
+    let again = dir.path().join("again.onnx");
+    onnx::save_model(
+        &back,
+        &again,
+        &SaveOptions {
+            external_data_threshold: Some(1024),
+        },
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(dir.path().join("again.onnx.data")).unwrap(), data);
+    // tract reads it from the file.
+    assert_eq!(outputs(&back, &[600]), outputs(&model, &[600]));
+
+    // A data file cut short is a clear error: when loading, and when a weight kept on disk is
+    // read after the file changed.
     std::fs::write(dir.path().join("m.onnx.data"), &data[..100]).unwrap();
     let err = onnx::load_model(&path).unwrap_err().to_string();
     assert!(err.contains("past the end"), "{err}");
+    let err = onnx::save_model(&back, &inline, &SaveOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("shorter than when it was read"), "{err}");
+    let input = vec![("x".to_string(), tract_onnx::prelude::DatumType::F32, vec![600])];
+    let err = onnxq::runtime::Runner::new(&back, &input, &[])
+        .err()
+        .expect("no weight to read")
+        .to_string();
+    assert!(err.contains("shorter than when it was read"), "{err}");
+    assert_eq!(
+        std::fs::read(&inline).unwrap(),
+        onnx::model_bytes(&model).unwrap(),
+        "the output is untouched"
+    );
 }
 
 #[test]

@@ -119,7 +119,7 @@ fn int_tensor(name: &str, dt: DataType, dims: &[i64], values: &[i64]) -> TensorP
         name: Some(name.into()),
         dims: dims.to_vec(),
         data_type: Some(dt as i32),
-        raw_data: Some(raw),
+        raw_data: Some(raw.into()),
         ..Default::default()
     }
 }

@@ -1,6 +1,12 @@
 //! TensorProto helpers: dtype names and sizes, decoding the values of any numeric tensor,
-//! building small int64 and float tensors (float16 and bfloat16 through `half`), and a stable
-//! content hash for dumps.
+//! building small int64 and float tensors (float16 and bfloat16 through `half`), a stable
+//! content hash for dumps, and the weights an external-data model keeps on disk.
+//!
+//! A large initializer of an external-data model stays in its file (`onnx::load_model`): its
+//! TensorProto has no values, `data_location` EXTERNAL and the entries `location` (the data
+//! file's absolute path, in the IR only), `offset` and `length`, all checked when the model was
+//! read. [`raw_bytes`] reads it from there each time a pass asks for its values, so the IR never
+//! holds those weights; a tensor with `raw_data` is in memory, whatever its other fields say.
 
 use crate::proto::tensor_proto::DataType;
 use crate::proto::TensorProto;
@@ -75,12 +81,105 @@ pub fn byte_size(t: &TensorProto) -> u64 {
     }
 }
 
-/// The values as little-endian bytes, the layout of `raw_data`, whichever field holds them.
-/// Strings are not representable: None.
+/// Where the values of a tensor kept on disk are: (file, offset, length). None for a tensor
+/// in memory (see the module documentation).
+pub fn on_disk(t: &TensorProto) -> Option<(&std::path::Path, u64, u64)> {
+    use crate::proto::tensor_proto::DataLocation;
+    if t.raw_data.is_some() || t.data_location != Some(DataLocation::External as i32) {
+        return None;
+    }
+    let field = |key: &str| t.external_data.iter().find(|e| e.key() == key).map(|e| e.value());
+    let location = std::path::Path::new(field("location")?);
+    if !location.is_absolute() {
+        return None;
+    }
+    let offset = field("offset").map_or(Some(0), |v| v.parse().ok())?;
+    let length = field("length").map_or(Some(byte_size(t)), |v| v.parse().ok())?;
+    Some((location, offset, length))
+}
+
+/// Tensors `spill` moves to the scratch file: 1 MiB and more.
+pub const SPILL_BYTES: usize = 1 << 20;
+
+/// Moves the values of a large tensor (`SPILL_BYTES` and more, in `raw_data`) to onnxq's scratch
+/// file, leaving the tensor kept on disk like a weight of an external-data model: `materialize`
+/// does so with the quantized weights of weights kept on disk, so the IR of such a model holds
+/// no large weight at all. The scratch file is an unnamed temporary file in the system's
+/// temporary folder (`TMPDIR`), reopened through `/proc/self/fd` and gone when the process
+/// ends; Linux only: elsewhere, and for smaller tensors, nothing moves.
+pub fn spill(t: &mut TensorProto) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        use std::os::fd::AsRawFd;
+        static SCRATCH: std::sync::Mutex<Option<(std::fs::File, u64)>> = std::sync::Mutex::new(None);
+        let Some(raw) = t.raw_data.as_ref().filter(|r| r.len() >= SPILL_BYTES) else {
+            return Ok(());
+        };
+        let mut scratch = SCRATCH
+            .lock()
+            .map_err(|_| std::io::Error::other("a thread writing the scratch file panicked"))?;
+        if scratch.is_none() {
+            *scratch = Some((tempfile::tempfile()?, 0));
+        }
+        let (file, end) = scratch.as_mut().expect("opened above");
+        let offset = end.next_multiple_of(64);
+        file.seek(SeekFrom::Start(offset))?;
+        file.write_all(raw)?;
+        *end = offset + raw.len() as u64;
+        let entry = |k: &str, v: String| crate::proto::StringStringEntryProto {
+            key: Some(k.into()),
+            value: Some(v),
+        };
+        t.external_data = vec![
+            entry("location", format!("/proc/self/fd/{}", file.as_raw_fd())),
+            entry("offset", offset.to_string()),
+            entry("length", raw.len().to_string()),
+        ];
+        t.data_location = Some(crate::proto::tensor_proto::DataLocation::External as i32);
+        t.raw_data = None;
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = t;
+    Ok(())
+}
+
+/// Appends the bytes of a tensor kept on disk to `buf`, read from its file.
+pub fn read_on_disk(t: &TensorProto, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let (path, offset, length) =
+        on_disk(t).ok_or_else(|| std::io::Error::other(format!("tensor '{}' is not kept on disk", t.name())))?;
+    let mut file = std::fs::File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let start = buf.len();
+    buf.reserve_exact(length as usize);
+    file.take(length).read_to_end(buf)?;
+    if (buf.len() - start) as u64 != length {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("{}: the file is shorter than when it was read", path.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// The values as little-endian bytes, the layout of `raw_data`, whichever field holds them
+/// (a tensor kept on disk is read from its file). Strings are not representable: None; nor is
+/// a tensor kept on disk whose file can no longer be read (an error saying so is printed).
 pub fn raw_bytes(t: &TensorProto) -> Option<std::borrow::Cow<'_, [u8]>> {
     use std::borrow::Cow;
     if let Some(raw) = &t.raw_data {
         return Some(Cow::Borrowed(raw));
+    }
+    if on_disk(t).is_some() {
+        let mut buf = Vec::new();
+        return match read_on_disk(t, &mut buf) {
+            Ok(()) => Some(Cow::Owned(buf)),
+            Err(e) => {
+                eprintln!("error: weight '{}': {e}", t.name());
+                None
+            }
+        };
     }
     let dt = DataType::try_from(t.data_type()).ok()?;
     let mut out = Vec::new();
@@ -262,7 +361,7 @@ pub fn float_tensor(dtype: i32, dims: Vec<i64>, values: &[f64]) -> TensorProto {
     TensorProto {
         dims,
         data_type: Some(dtype),
-        raw_data: Some(raw),
+        raw_data: Some(raw.into()),
         ..Default::default()
     }
 }
@@ -335,6 +434,33 @@ mod tests {
         assert_eq!(f16_to_f32(0x7c00), f32::INFINITY);
     }
 
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn spilled_tensors_are_read_back_from_the_scratch_file() {
+        let tensor = |n: usize, seed: u8| TensorProto {
+            name: Some(format!("t{n}")),
+            dims: vec![n as i64],
+            data_type: Some(DataType::Uint8 as i32),
+            raw_data: Some((0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()),
+            ..Default::default()
+        };
+        let (mut a, mut b, mut small) = (tensor(SPILL_BYTES + 3, 1), tensor(SPILL_BYTES, 2), tensor(100, 3));
+        let (a0, b0, small0) = (a.clone(), b.clone(), small.clone());
+        for t in [&mut a, &mut b, &mut small] {
+            spill(t).unwrap();
+        }
+        assert_eq!(small, small0, "a small tensor stays in memory");
+        for (t, original) in [(&a, &a0), (&b, &b0)] {
+            assert!(t.raw_data.is_none());
+            let (path, offset, length) = on_disk(t).expect("spilled");
+            assert!(path.starts_with("/proc/self/fd"), "{}", path.display());
+            assert_eq!((offset % 64, length), (0, byte_size(original)));
+            assert_eq!(raw_bytes(t).unwrap(), raw_bytes(original).unwrap());
+            assert_eq!(content_hash(t), content_hash(original));
+        }
+        assert!(on_disk(&b).unwrap().1 >= on_disk(&a).unwrap().1 + SPILL_BYTES as u64 + 3);
+    }
+
     #[test]
     fn hash_does_not_depend_on_storage_field() {
         let typed = TensorProto {
@@ -345,7 +471,7 @@ mod tests {
         };
         let mut raw = typed.clone();
         raw.float_data.clear();
-        raw.raw_data = Some([1.5f32.to_le_bytes(), (-2.0f32).to_le_bytes()].concat());
+        raw.raw_data = Some([1.5f32.to_le_bytes(), (-2.0f32).to_le_bytes()].concat().into());
         assert_eq!(content_hash(&typed), content_hash(&raw));
         let mut other = raw.clone();
         other.dims = vec![1, 2];

@@ -257,6 +257,16 @@ pub fn materialize(model: &mut Model, plan: &Plan) -> Result<Vec<String>> {
             &format!("{w}::zero_point"),
         );
         weight_scales.insert(w.as_str(), quantized.params.iter().map(|p| p.scale).collect());
+        // A weight kept on disk (an external-data model's) stays on disk once quantized.
+        let mut data = data;
+        if b.model
+            .graph
+            .constants
+            .get(w)
+            .is_some_and(|c| tensor::on_disk(&c.tensor).is_some())
+        {
+            tensor::spill(&mut data).map_err(|e| Error::io(std::env::temp_dir(), e))?;
+        }
         let data = b.constant(data, format!("{w}::quantized"))?;
         let scale = b.constant(scale, format!("{w}::scale"))?;
         let zero_point = b.constant(zero_point, format!("{w}::zero_point"))?;

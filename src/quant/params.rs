@@ -496,7 +496,7 @@ fn raw_tensor(name: &str, dims: Vec<i64>, data_type: i32, raw: Vec<u8>) -> Tenso
         name: Some(name.to_string()),
         dims,
         data_type: Some(data_type),
-        raw_data: Some(raw),
+        raw_data: Some(raw.into()),
         ..Default::default()
     }
 }

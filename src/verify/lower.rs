@@ -250,7 +250,7 @@ fn tensor(name: &str, dims: &[i64], data_type: DataType, raw: Vec<u8>) -> Tensor
         name: Some(name.to_string()),
         dims: dims.to_vec(),
         data_type: Some(data_type as i32),
-        raw_data: Some(raw),
+        raw_data: Some(raw.into()),
         ..Default::default()
     }
 }
@@ -952,7 +952,7 @@ mod tests {
         let t = TensorProto {
             dims: vec![3],
             data_type: Some(DataType::Int4 as i32),
-            raw_data: Some(vec![0xf7, 0x08]),
+            raw_data: Some(vec![0xf7, 0x08].into()),
             ..Default::default()
         };
         assert_eq!(int_values(&t).unwrap(), vec![7, -1, -8]);

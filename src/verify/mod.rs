@@ -335,14 +335,18 @@ pub fn verify(float: &Model, quant: &Model, data: &DataSource, options: &VerifyO
     let mut layers_note = None;
     let float_extra: Vec<String> = layers.iter().map(|l| l.name.clone()).collect();
     let quant_extra: Vec<String> = layers.iter().map(|l| l.quantized.clone()).collect();
-    let runners =
-        Runner::new(float, &shapes, &float_extra).and_then(|f| Ok((f, Runner::new(&lowered, &shapes, &quant_extra)?)));
+    // The lowered model goes to tract by value: the f32 weights its lowering folded are freed
+    // one by one as tract copies them (`Runner::from_model`).
+    let runners = Runner::new(float, &shapes, &float_extra)
+        .and_then(|f| Ok((f, Runner::from_model(lowered, &shapes, &quant_extra)?)));
     let (float_runner, quant_runner) = match runners {
         Ok(r) => r,
         Err(e) if !layers.is_empty() => {
             layers_note = Some(format!("per-layer comparison unavailable: {e}"));
             layers.clear();
-            (Runner::new(float, &shapes, &[])?, Runner::new(&lowered, &shapes, &[])?)
+            let float_runner = Runner::new(float, &shapes, &[])?;
+            let (lowered, _) = lower_with_notes(quant, !options.tract_quantized_kernels)?;
+            (float_runner, Runner::from_model(lowered, &shapes, &[])?)
         }
         Err(e) => return Err(e),
     };
