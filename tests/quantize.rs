@@ -1514,12 +1514,15 @@ fn cli_sensitivity_ranks_every_layer() {
         "{out}"
     );
     let r = read_json(&report);
+    // The units cover the 10 layers once each.
     let layers = r["layers"].as_array().unwrap();
-    assert_eq!(layers.len(), 10);
+    let covered: usize = layers.iter().map(|u| u["layers"].as_array().unwrap().len()).sum();
+    assert_eq!(covered, 10, "{layers:#?}");
     for l in layers {
-        // Quantizing one layer alone costs less than quantizing them all.
+        // Quantizing one unit alone costs less than quantizing them all (null: no noise left for
+        // it once its sibling's was subtracted, an infinite SQNR).
         assert!(
-            l["only_this_int8_db"].as_f64().unwrap() >= r["all_int8_db"].as_f64().unwrap() - 0.5,
+            l["only_this_int8_db"].as_f64().unwrap_or(f64::INFINITY) >= r["all_int8_db"].as_f64().unwrap() - 0.5,
             "{l}"
         );
     }

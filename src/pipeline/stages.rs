@@ -368,7 +368,13 @@ impl Pass for Guard {
             plan_measured.layers().len(),
             probe.samples()
         );
-        let (precisions, report) = crate::quant::guard::guard(&model, &plan_measured, stats, &probe, &self.settings)?;
+        // int16 Q/DQ need opset 21; the opset cannot be raised under inlined If branches.
+        let mut settings = self.settings.clone();
+        let inlined = ctx.control_flow.as_ref().is_some_and(|cf| !cf.inlined.folded.is_empty());
+        if inlined && model.opset("").unwrap_or(0) < 21 {
+            settings.candidates.retain(|&p| p != crate::quant::plan::Precision::Int16);
+        }
+        let (precisions, report) = crate::quant::guard::guard(&model, &plan_measured, stats, &probe, &settings)?;
         eprintln!(
             "onnxq: guard: {} ({:.1} s)",
             report.verdict,
