@@ -417,7 +417,6 @@ fn contribution(
     Ok(Contribution { products, rows })
 }
 
-
 /// Runs the float model over the calibration samples and accumulates every target's `H`, or says
 /// why not: a layer whose samples give fewer than [`MIN_ROWS_PER_COLUMN`] input vectors per
 /// column (known from the first sample: the runner's input shapes are fixed) is dropped before
@@ -444,7 +443,8 @@ fn gram_matrices(
         readers.entry(t.input.as_str()).or_default().push(ti);
     }
     let parallel = Parallelism::for_samples(runner.sample_bytes()?);
-    let progress = crate::calib::stats::Progress::new("gptq: measuring layer inputs", total as u64, &parallel.describe());
+    let progress =
+        crate::calib::stats::Progress::new("gptq: measuring layer inputs", total as u64, &parallel.describe());
     // Sample i's share of every target: how many vectors all samples give (from this sample's
     // shape, the same for every sample), or why the layer is not measured; and its contribution.
     type Share = Vec<Option<(std::result::Result<u64, String>, Option<Contribution>)>>;

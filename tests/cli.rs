@@ -403,7 +403,17 @@ fn max_memory_bounds_the_samples_at_once_not_the_figures() {
     assert_eq!(roomy, tight);
     // The flag is global: before the subcommand too.
     let path = dir.path().join("c.json");
-    let args = ["--max-memory", "1", "verify", s(&float), s(&float), "--data", s(&eval), "--report", s(&path)];
+    let args = [
+        "--max-memory",
+        "1",
+        "verify",
+        s(&float),
+        s(&float),
+        "--data",
+        s(&eval),
+        "--report",
+        s(&path),
+    ];
     let o = onnxq_env(&args, "RAYON_NUM_THREADS", "2");
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(0), "{stderr}");

@@ -164,7 +164,13 @@ mod simd {
     /// u32 histograms: runs of one bin (a Relu's zeros) would otherwise chain every increment
     /// through the same counter in memory.
     #[target_feature(enable = "avx2")]
-    pub(super) fn count_bins(values: &[f32], inv_width: f32, lo: i32, counts: &mut [u64], scratch: &mut Vec<u32>) -> u64 {
+    pub(super) fn count_bins(
+        values: &[f32],
+        inv_width: f32,
+        lo: i32,
+        counts: &mut [u64],
+        scratch: &mut Vec<u32>,
+    ) -> u64 {
         const BLOCK: usize = 512;
         let len = counts.len();
         scratch.clear();
