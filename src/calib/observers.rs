@@ -131,9 +131,46 @@ mod simd {
         super::extremes_lanes(values)
     }
 
+    /// [`super::slice_moments_lanes`] written out: its eight lanes are one f32 vector for the
+    /// extremes and two f64 vectors each for the sums (the compiler's own vectorisation of it
+    /// shuffled every lane). `min_ps(v, m)` is `v < m ? v : m` and `max_ps(v, m)` is
+    /// `v > m ? v : m`, the portable comparisons exactly; the sums add the same values in the
+    /// same order, and the lanes are reduced by the same code.
     #[target_feature(enable = "avx2")]
     pub(super) fn slice_moments(values: &[f32]) -> (f32, f32, f64, f64) {
-        super::slice_moments_lanes(values)
+        use std::arch::x86_64::*;
+        const LANES: usize = 8;
+        let chunks = values.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        let (mut mins, mut maxs) = (_mm256_set1_ps(f32::INFINITY), _mm256_set1_ps(f32::NEG_INFINITY));
+        let (mut sums_lo, mut sums_hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        let (mut squares_lo, mut squares_hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        for chunk in chunks {
+            // SAFETY: a chunk holds eight f32.
+            let v = unsafe { _mm256_loadu_ps(chunk.as_ptr()) };
+            mins = _mm256_min_ps(v, mins);
+            maxs = _mm256_max_ps(v, maxs);
+            let (lo, hi) = (
+                _mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+                _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)),
+            );
+            sums_lo = _mm256_add_pd(sums_lo, lo);
+            sums_hi = _mm256_add_pd(sums_hi, hi);
+            squares_lo = _mm256_add_pd(squares_lo, _mm256_mul_pd(lo, lo));
+            squares_hi = _mm256_add_pd(squares_hi, _mm256_mul_pd(hi, hi));
+        }
+        let (mut min_lanes, mut max_lanes) = ([0f32; LANES], [0f32; LANES]);
+        let (mut sum_lanes, mut square_lanes) = ([0f64; LANES], [0f64; LANES]);
+        // SAFETY: each array holds the eight lanes stored into it.
+        unsafe {
+            _mm256_storeu_ps(min_lanes.as_mut_ptr(), mins);
+            _mm256_storeu_ps(max_lanes.as_mut_ptr(), maxs);
+            _mm256_storeu_pd(sum_lanes.as_mut_ptr(), sums_lo);
+            _mm256_storeu_pd(sum_lanes.as_mut_ptr().add(4), sums_hi);
+            _mm256_storeu_pd(square_lanes.as_mut_ptr(), squares_lo);
+            _mm256_storeu_pd(square_lanes.as_mut_ptr().add(4), squares_hi);
+        }
+        super::finish_moments(rest, min_lanes, max_lanes, sum_lanes, square_lanes)
     }
 
     /// `floor(x · inv_width) − lo`, eight values at a time (the compiler scalarises a
@@ -857,8 +894,25 @@ fn slice_moments_lanes(values: &[f32]) -> (f32, f32, f64, f64) {
             step(j, v);
         }
     }
+    finish_moments(rest, mins, maxs, sums, squares)
+}
+
+/// The end of [`slice_moments_lanes`] (shared with its AVX2 build): the values left over after
+/// the last whole group of lanes go to lane 0, then the lanes are reduced.
+#[inline(always)]
+fn finish_moments(
+    rest: &[f32],
+    mut mins: [f32; 8],
+    mut maxs: [f32; 8],
+    mut sums: [f64; 8],
+    mut squares: [f64; 8],
+) -> (f32, f32, f64, f64) {
     for &v in rest {
-        step(0, v);
+        mins[0] = if v < mins[0] { v } else { mins[0] };
+        maxs[0] = if v > maxs[0] { v } else { maxs[0] };
+        let v = v as f64;
+        sums[0] += v;
+        squares[0] += v * v;
     }
     (
         mins.iter().fold(f32::INFINITY, |a, &b| a.min(b)),
@@ -1355,7 +1409,8 @@ mod tests {
                 .map(|_| {
                     let r = next();
                     match r % 7 {
-                        0 => 0.0,
+                        0 if r & 8 == 0 => 0.0,
+                        0 => -0.0,
                         1 => -1e-45,
                         2 => f32::from_bits((r >> 40) as u32 & 0x007f_ffff),
                         _ => offset + scale * ((r >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 0.7) as f32,
