@@ -31,7 +31,7 @@
 //! layer where GPTQ does not lower `E` on the calibration data keeps nearest rounding. Beyond
 //! [`MAX_ROWS_PER_COLUMN`]` · d` vectors, `H` is summed over an evenly spaced subset of them.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use rayon::prelude::*;
 use tract_onnx::prelude::tract_ndarray::Array2;
@@ -44,6 +44,7 @@ use crate::ir::tensor;
 use crate::ir::{Graph, Model, Node};
 use crate::quant::params::{self, QuantizedTensor};
 use crate::quant::plan::{Plan, RoundedWeight};
+use crate::runtime::memory::{run_in_order, Parallelism};
 use crate::runtime::Runner;
 
 /// Input vectors per weight column below which a layer keeps nearest rounding (module docs).
@@ -288,115 +289,141 @@ fn find_targets(graph: &Graph, plan: &Plan) -> Result<Vec<std::result::Result<Ta
 struct Gram {
     per_group: Vec<Array2<f64>>,
     rows: u64,
-    /// Every `step`-th input vector is added (1: all; see [`MAX_ROWS_PER_COLUMN`]).
-    step: usize,
 }
 
 impl Gram {
-    /// `vectors`: the input vectors all samples give.
-    fn new(t: &Target, vectors: u64) -> Gram {
-        let cap = (MAX_ROWS_PER_COLUMN * t.columns) as u64;
+    fn new(t: &Target) -> Gram {
         Gram {
             per_group: vec![Array2::zeros((t.columns, t.columns)); t.groups],
             rows: 0,
-            step: vectors.div_ceil(cap).max(1) as usize,
         }
     }
 
-    /// The vectors of sample `sample` that are added: indices `i` with `(i + sample) % step == 0`
-    /// (the offset moves with the sample, so that every position is seen across samples).
-    fn picked(&self, count: usize, sample: usize) -> impl Iterator<Item = usize> {
-        let first = (self.step - sample % self.step) % self.step;
-        (first..count).step_by(self.step)
-    }
-
-    /// Adds the input vectors of one sample's input tensor (`values` of shape `shape`).
-    fn add(&mut self, t: &Target, values: &[f32], shape: &[usize], sample: usize) -> std::result::Result<(), String> {
-        match &t.reader {
-            Reader::Rows { features } => {
-                let rows = t.reader.vectors(shape)?;
-                let picked: Vec<usize> = self.picked(rows, sample).collect();
-                for chunk in picked.chunks(PATCH_CHUNK) {
-                    let x = Array2::from_shape_fn((chunk.len(), *features), |(r, c)| values[chunk[r] * features + c]);
-                    self.per_group[0] += &x.t().dot(&x).mapv(|v| v as f64);
-                }
-                self.rows += picked.len() as u64;
-            }
-            Reader::Conv(window) => {
-                let ConvWindow {
-                    channels_per_group,
-                    kernel,
-                    strides,
-                    dilations,
-                    pads_begin,
-                    ..
-                } = window;
-                let rank = kernel.len();
-                let out_dims = window.output_dims(shape)?;
-                let spatial = &shape[2..];
-                let positions: usize = out_dims.iter().product();
-                let taps: usize = kernel.iter().product();
-                let in_size: usize = spatial.iter().product();
-                let channels = shape[1];
-                // Where in an input plane tap `tap` of output position `p` reads; None in the padding.
-                let tap_offset = |p: usize, tap: usize| -> Option<usize> {
-                    let (mut p, mut tap) = (p, tap);
-                    let mut offset = 0;
-                    for a in (0..rank).rev() {
-                        let (o, k) = (p % out_dims[a], tap % kernel[a]);
-                        p /= out_dims[a];
-                        tap /= kernel[a];
-                        let i = (o * strides[a] + k * dilations[a]) as isize - pads_begin[a] as isize;
-                        if i < 0 || i as usize >= spatial[a] {
-                            return None;
-                        }
-                        let stride: usize = spatial[a + 1..].iter().product();
-                        offset += i as usize * stride;
-                    }
-                    Some(offset)
-                };
-                let picked: Vec<usize> = self.picked(positions, sample).collect();
-                for batch in 0..shape[0] {
-                    let image = &values[batch * channels * in_size..][..channels * in_size];
-                    for chunk in picked.chunks(PATCH_CHUNK) {
-                        let count = chunk.len();
-                        let offsets: Vec<Option<usize>> = chunk
-                            .iter()
-                            .flat_map(|&p| (0..taps).map(move |k| (p, k)))
-                            .map(|(p, k)| tap_offset(p, k))
-                            .collect();
-                        for (g, h) in self.per_group.iter_mut().enumerate() {
-                            let mut x = Array2::<f32>::zeros((count, t.columns));
-                            for (r, mut row) in x.rows_mut().into_iter().enumerate() {
-                                for c in 0..*channels_per_group {
-                                    let plane = &image[(g * channels_per_group + c) * in_size..][..in_size];
-                                    for k in 0..taps {
-                                        if let Some(o) = offsets[r * taps + k] {
-                                            row[c * taps + k] = plane[o];
-                                        }
-                                    }
-                                }
-                            }
-                            // f32 products within a chunk (a relative error of ~1e-4), f64 across chunks.
-                            *h += &x.t().dot(&x).mapv(|v| v as f64);
-                        }
-                    }
-                }
-                self.rows += (shape[0] * picked.len()) as u64;
-            }
+    /// Adds one sample's contribution ([`contribution`]), in the order it was made.
+    fn absorb(&mut self, c: Contribution) {
+        for (g, product) in c.products {
+            self.per_group[g] += &product.mapv(|v| v as f64);
         }
-        Ok(())
+        self.rows += c.rows;
     }
 }
 
-/// One sample's layer inputs by name: (values, shape).
-type SampleValues = BTreeMap<String, (Vec<f32>, Vec<usize>)>;
+/// Every `step`-th input vector is added when all samples give `vectors` (see
+/// [`MAX_ROWS_PER_COLUMN`]).
+fn step_for(t: &Target, vectors: u64) -> usize {
+    let cap = (MAX_ROWS_PER_COLUMN * t.columns) as u64;
+    vectors.div_ceil(cap).max(1) as usize
+}
+
+/// The vectors of sample `sample` that are added: indices `i` with `(i + sample) % step == 0`
+/// (the offset moves with the sample, so that every position is seen across samples).
+fn picked(step: usize, count: usize, sample: usize) -> impl Iterator<Item = usize> {
+    let first = (step - sample % step) % step;
+    (first..count).step_by(step)
+}
+
+/// One sample's share of a layer's `H`: the f32 products `xᵀx` of its picked input vectors, a
+/// chunk at a time, with the group each goes to, in the order they are summed; and how many
+/// vectors that is. Made while the sample's tensor is alive, so the tensor is never copied.
+struct Contribution {
+    products: Vec<(usize, Array2<f32>)>,
+    rows: u64,
+}
+
+/// The input vectors of one sample's input tensor (`values` of shape `shape`), picked every
+/// `step`-th.
+fn contribution(
+    t: &Target,
+    step: usize,
+    values: &[f32],
+    shape: &[usize],
+    sample: usize,
+) -> std::result::Result<Contribution, String> {
+    let mut products = Vec::new();
+    let rows;
+    match &t.reader {
+        Reader::Rows { features } => {
+            let count = t.reader.vectors(shape)?;
+            let picked: Vec<usize> = picked(step, count, sample).collect();
+            for chunk in picked.chunks(PATCH_CHUNK) {
+                let x = Array2::from_shape_fn((chunk.len(), *features), |(r, c)| values[chunk[r] * features + c]);
+                products.push((0, x.t().dot(&x)));
+            }
+            rows = picked.len() as u64;
+        }
+        Reader::Conv(window) => {
+            let ConvWindow {
+                channels_per_group,
+                kernel,
+                strides,
+                dilations,
+                pads_begin,
+                ..
+            } = window;
+            let rank = kernel.len();
+            let out_dims = window.output_dims(shape)?;
+            let spatial = &shape[2..];
+            let positions: usize = out_dims.iter().product();
+            let taps: usize = kernel.iter().product();
+            let in_size: usize = spatial.iter().product();
+            let channels = shape[1];
+            // Where in an input plane tap `tap` of output position `p` reads; None in the padding.
+            let tap_offset = |p: usize, tap: usize| -> Option<usize> {
+                let (mut p, mut tap) = (p, tap);
+                let mut offset = 0;
+                for a in (0..rank).rev() {
+                    let (o, k) = (p % out_dims[a], tap % kernel[a]);
+                    p /= out_dims[a];
+                    tap /= kernel[a];
+                    let i = (o * strides[a] + k * dilations[a]) as isize - pads_begin[a] as isize;
+                    if i < 0 || i as usize >= spatial[a] {
+                        return None;
+                    }
+                    let stride: usize = spatial[a + 1..].iter().product();
+                    offset += i as usize * stride;
+                }
+                Some(offset)
+            };
+            let picked: Vec<usize> = picked(step, positions, sample).collect();
+            for batch in 0..shape[0] {
+                let image = &values[batch * channels * in_size..][..channels * in_size];
+                for chunk in picked.chunks(PATCH_CHUNK) {
+                    let count = chunk.len();
+                    let offsets: Vec<Option<usize>> = chunk
+                        .iter()
+                        .flat_map(|&p| (0..taps).map(move |k| (p, k)))
+                        .map(|(p, k)| tap_offset(p, k))
+                        .collect();
+                    for g in 0..t.groups {
+                        let mut x = Array2::<f32>::zeros((count, t.columns));
+                        for (r, mut row) in x.rows_mut().into_iter().enumerate() {
+                            for c in 0..*channels_per_group {
+                                let plane = &image[(g * channels_per_group + c) * in_size..][..in_size];
+                                for k in 0..taps {
+                                    if let Some(o) = offsets[r * taps + k] {
+                                        row[c * taps + k] = plane[o];
+                                    }
+                                }
+                            }
+                        }
+                        // f32 products within a chunk (a relative error of ~1e-4), f64 across chunks.
+                        products.push((g, x.t().dot(&x)));
+                    }
+                }
+            }
+            rows = (shape[0] * picked.len()) as u64;
+        }
+    }
+    Ok(Contribution { products, rows })
+}
 
 /// Runs the float model over the calibration samples and accumulates every target's `H`, or says
 /// why not: a layer whose samples give fewer than [`MIN_ROWS_PER_COLUMN`] input vectors per
 /// column (known from the first sample: the runner's input shapes are fixed) is dropped before
-/// any work. Samples run in parallel in waves; each layer adds its samples in sample order, so
-/// the sums do not depend on the thread count.
+/// any work. Each layer input is reduced to its sample's [`Contribution`] as tract produces it
+/// (the tensor is neither copied nor held past its last reader); as many samples run at once
+/// as the memory budget fits, and each layer adds its samples' contributions in sample order,
+/// so the sums do not depend on the thread count.
 fn gram_matrices(
     model: &Model,
     source: &DataSource,
@@ -410,78 +437,87 @@ fn gram_matrices(
     let extra: Vec<String> = wanted.iter().filter(|n| !input_names.contains(n)).cloned().collect();
     let runner = Runner::new(model, &shapes, &extra)?;
     let total = source.len();
-    let mut grams: Vec<std::result::Result<Gram, String>> = Vec::new();
-    let progress = crate::calib::stats::Progress::new(
-        "gptq: measuring layer inputs",
-        total as u64,
-        &format!("{} threads", rayon::current_num_threads()),
-    );
-    let wave = (2 * rayon::current_num_threads()).max(2);
-    let mut start = 0;
-    while start < total {
-        let end = (start + wave).min(total);
-        let samples: Vec<SampleValues> = (start..end)
-            .into_par_iter()
-            .map(|i| -> Result<_> {
-                let mut found = BTreeMap::new();
-                runner.run_visiting(source.sample(i)?, |name, t| {
-                    if wanted.binary_search_by(|w| w.as_str().cmp(name)).is_ok() {
-                        found.insert(name.to_string(), (crate::runtime::to_f32_vec(t)?, t.shape().to_vec()));
-                    }
-                    Ok(())
-                })?;
-                Ok(found)
-            })
-            .collect::<Result<_>>()?;
-        let shape_of = |t: &Target, i: usize| -> Result<&[usize]> {
-            samples[i]
-                .get(&t.input)
-                .map(|(_, shape)| shape.as_slice())
-                .ok_or_else(|| Error::Runtime(format!("gptq: no value for '{}'", t.input)))
-        };
-        if start == 0 {
-            for t in targets {
-                let vectors = t
-                    .reader
-                    .vectors(shape_of(t, 0)?)
-                    .map_err(|e| Error::data(source.sample_label(0), format!("gptq: {}: {e}", t.label)))?
-                    as u64
-                    * total as u64;
+    // Which targets read each tensor.
+    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (ti, t) in targets.iter().enumerate() {
+        readers.entry(t.input.as_str()).or_default().push(ti);
+    }
+    let parallel = Parallelism::for_samples(runner.sample_bytes()?);
+    let progress =
+        crate::calib::stats::Progress::new("gptq: measuring layer inputs", total as u64, &parallel.describe());
+    // Sample i's share of every target: how many vectors all samples give (from this sample's
+    // shape, the same for every sample), or why the layer is not measured; and its contribution.
+    type Share = Vec<Option<(std::result::Result<u64, String>, Option<Contribution>)>>;
+    let share = |i: usize| -> Result<Share> {
+        let mut share: Share = (0..targets.len()).map(|_| None).collect();
+        runner.run_visiting(source.sample(i)?, |name, tensor| {
+            let Some(tis) = readers.get(name) else { return Ok(()) };
+            let copied;
+            let values: &[f32] = match tensor.as_plain_ram().and_then(|v| v.as_slice::<f32>().ok()) {
+                Some(v) if tensor.datum_type() == tract_onnx::prelude::DatumType::F32 => v,
+                _ => {
+                    copied = crate::runtime::to_f32_vec(tensor)?;
+                    &copied
+                }
+            };
+            let shape = tensor.shape();
+            for &ti in tis {
+                let t = &targets[ti];
+                let at = |e: String| Error::data(source.sample_label(i), format!("gptq: {}: {e}", t.label));
+                let vectors = t.reader.vectors(shape).map_err(at)? as u64 * total as u64;
                 let needed = MIN_ROWS_PER_COLUMN as u64 * t.columns as u64;
-                grams.push(if t.columns > MAX_COLUMNS {
+                let measured = if t.columns > MAX_COLUMNS {
                     Err(format!(
                         "nearest rounding {}: {} columns, more than the {MAX_COLUMNS} whose H is worth its cost",
                         t.label, t.columns
                     ))
                 } else if vectors >= needed {
-                    Ok(Gram::new(t, vectors))
+                    Ok(vectors)
                 } else {
                     Err(format!(
                         "nearest rounding {}: {vectors} input vectors for {} columns, fewer than the {MIN_ROWS_PER_COLUMN} per column that estimate H",
                         t.label, t.columns
                     ))
-                });
+                };
+                let contribution = match &measured {
+                    Ok(vectors) => Some(contribution(t, step_for(t, *vectors), values, shape, i).map_err(at)?),
+                    Err(_) => None,
+                };
+                share[ti] = Some((measured, contribution));
             }
-            if grams.iter().all(|g| g.is_err()) {
-                break;
-            }
+            Ok(())
+        })?;
+        progress.advance(1);
+        Ok(share)
+    };
+    let missing = |t: &Target| Error::Runtime(format!("gptq: no value for '{}'", t.input));
+    // The first sample decides which layers are measured.
+    let mut grams: Vec<std::result::Result<Gram, String>> = Vec::new();
+    if total > 0 {
+        for (t, s) in targets.iter().zip(share(0)?) {
+            let (measured, contribution) = s.ok_or_else(|| missing(t))?;
+            grams.push(measured.map(|_| {
+                let mut gram = Gram::new(t);
+                gram.absorb(contribution.expect("a measured layer has its contribution"));
+                gram
+            }));
         }
-        grams
-            .par_iter_mut()
-            .zip(targets)
-            .filter_map(|(gram, t)| gram.as_mut().ok().map(|g| (g, t)))
-            .try_for_each(|(gram, t)| -> Result<()> {
-                for (i, sample) in samples.iter().enumerate() {
-                    let (values, shape) = sample
-                        .get(&t.input)
-                        .ok_or_else(|| Error::Runtime(format!("gptq: no value for '{}'", t.input)))?;
-                    gram.add(t, values, shape, start + i)
-                        .map_err(|e| Error::data(source.sample_label(start + i), format!("gptq: {}: {e}", t.label)))?;
+    }
+    if grams.iter().any(|g| g.is_ok()) {
+        run_in_order(
+            total - 1,
+            parallel.samples,
+            |i| share(i + 1),
+            |_, share| {
+                for ((gram, t), s) in grams.iter_mut().zip(targets).zip(share) {
+                    let (_, contribution) = s.ok_or_else(|| missing(t))?;
+                    if let (Ok(gram), Some(c)) = (gram, contribution) {
+                        gram.absorb(c);
+                    }
                 }
                 Ok(())
-            })?;
-        progress.advance((end - start) as u64);
-        start = end;
+            },
+        )?;
     }
     progress.finish();
     Ok(grams)

@@ -26,7 +26,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
     name = "onnxq",
     version,
     about = "Post-training quantization compiler for ONNX models",
-    args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
     after_help = "Exit codes: 0 ok, 1 usage or config error, 2 bad model or data, 3 verification failed, 4 internal error (a bug in onnxq)."
 )]
@@ -203,9 +202,26 @@ fn parse_max_memory(text: &str) -> std::result::Result<u64, String> {
     })
 }
 
+/// Whether any of the main job's own arguments was given (`--max-memory`, global, is not one).
+fn main_args_given(m: &MainArgs) -> bool {
+    let paths = [&m.model, &m.config, &m.output, &m.report, &m.dump_dir, &m.stats];
+    paths.iter().any(|p| p.is_some())
+        || m.dump_after.is_some()
+        || m.stop_after.is_some()
+        || m.external_data
+        || m.dry_run
+}
+
 fn dispatch(cli: Cli) -> Result<()> {
     if let Some(bytes) = cli.max_memory {
         onnxq::runtime::memory::set_limit(bytes);
+    }
+    // `--max-memory` may come before a subcommand, so clap does not refuse the main job's
+    // arguments there (`args_conflicts_with_subcommands` would refuse it too): done here.
+    if cli.command.is_some() && main_args_given(&cli.main) {
+        return Err(Error::Usage(
+            "the main job's arguments (MODEL, --config, --output, ...) cannot be used with a subcommand; put the subcommand first".into(),
+        ));
     }
     match cli.command {
         Some(Command::Inspect { model, json }) => {
@@ -458,17 +474,24 @@ fn run_model(model_path: &Path, data_path: &Path, output: Option<&Path>, tensors
     let runner = onnxq::runtime::Runner::new(&model, &bound.sample_shapes(), tensors)
         .map_err(|e| Error::model(model_path, e.to_string()))?;
     let t = Instant::now();
-    let results = runner.run_all(
-        bound.samples,
-        |i| bound.sample(i),
-        |_, outs| Ok(outs.into_iter().map(|v| v.into_tensor()).collect::<Vec<_>>()),
-    )?;
+    // As many samples at once as the memory budget fits: each holds its run's tensors and
+    // keeps its outputs.
+    let per_sample = runner.sample_bytes()? + runner.returned_bytes()?;
+    let parallel = onnxq::runtime::memory::Parallelism::for_samples(per_sample);
+    let results = onnxq::runtime::memory::on_threads(parallel.samples, || {
+        runner.run_all(
+            bound.samples,
+            |i| bound.sample(i),
+            |_, outs| Ok(outs.into_iter().map(|v| v.into_tensor()).collect::<Vec<_>>()),
+        )
+    })??;
     let secs = t.elapsed().as_secs_f64();
     eprintln!(
-        "onnxq: ran {} samples in {:.2} s ({:.1} samples/s)",
+        "onnxq: ran {} samples in {:.2} s ({:.1} samples/s, {})",
         bound.samples,
         secs,
-        bound.samples as f64 / secs
+        bound.samples as f64 / secs,
+        parallel.describe()
     );
     let mut columns: Vec<(String, Vec<tract_onnx::prelude::Tensor>)> =
         runner.outputs.iter().map(|n| (n.clone(), Vec::new())).collect();

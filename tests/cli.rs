@@ -401,6 +401,28 @@ fn max_memory_bounds_the_samples_at_once_not_the_figures() {
     let (tight, said) = report("b.json", &["--max-memory", "1"]);
     assert!(said.contains("(1 sample at a time, over --max-memory)"), "{said}");
     assert_eq!(roomy, tight);
+    // The flag is global: before the subcommand too.
+    let path = dir.path().join("c.json");
+    let args = [
+        "--max-memory",
+        "1",
+        "verify",
+        s(&float),
+        s(&float),
+        "--data",
+        s(&eval),
+        "--report",
+        s(&path),
+    ];
+    let o = onnxq_env(&args, "RAYON_NUM_THREADS", "2");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("(1 sample at a time, over --max-memory)"), "{stderr}");
+    assert_eq!(std::fs::read(&path).unwrap(), tight);
+    // The main job's own arguments still do not mix with a subcommand.
+    let o = onnxq(&["-c", "x.yaml", "verify", s(&float), s(&float), "--data", s(&eval)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot be used with a subcommand"));
 
     for bad in ["2X", "0", "1.5.2G", "lots"] {
         let o = onnxq(&["verify", s(&float), s(&float), "--data", s(&eval), "--max-memory", bad]);

@@ -100,6 +100,151 @@ fn bin_index(x: f64, inv_width: f64) -> i64 {
     }
 }
 
+/// Whether [`simd::count_bins`] gives the bins `bin_index` would for values whose bins lie in
+/// `[lo, hi]` at `exponent`: with a bin width of at most 1 the product `x · 2^-exponent` is an
+/// exact f32 (a power-of-two scaling that cannot overflow when |bin| <= 2^24, nor lose bits to
+/// underflow when scaling up), so its f32 floor is the f64 one; the slots and the per-way counts
+/// fit in 32 bits.
+fn f32_bins_are_exact(exponent: i32, lo: i64, hi: i64, values: usize) -> bool {
+    const BOUND: i64 = 1 << 24;
+    exponent <= 0 && lo >= -BOUND && hi <= BOUND && values <= u32::MAX as usize
+}
+
+thread_local! {
+    /// [`simd::count_bins`]'s per-way counts, kept between calls (at most 128 KiB a thread).
+    static SCRATCH: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The observation kernels compiled for AVX2, chosen at run time when the CPU has it (the
+/// crate is built for baseline x86-64, SSE2). Each is the portable kernel's code, so the results
+/// are bit-identical: the same lanes in the same order, no reassociation, no fused multiply-add.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    /// Whether the CPU runs AVX2 (detected once, then a cached flag).
+    #[inline]
+    pub(super) fn avx2() -> bool {
+        std::is_x86_feature_detected!("avx2")
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) fn extremes(values: &[f32]) -> (f32, f32, bool) {
+        super::extremes_lanes(values)
+    }
+
+    /// [`super::slice_moments_lanes`] written out: its eight lanes are one f32 vector for the
+    /// extremes and two f64 vectors each for the sums (the compiler's own vectorisation of it
+    /// shuffled every lane). `min_ps(v, m)` is `v < m ? v : m` and `max_ps(v, m)` is
+    /// `v > m ? v : m`, the portable comparisons exactly; the sums add the same values in the
+    /// same order, and the lanes are reduced by the same code.
+    #[target_feature(enable = "avx2")]
+    pub(super) fn slice_moments(values: &[f32]) -> (f32, f32, f64, f64) {
+        use std::arch::x86_64::*;
+        const LANES: usize = 8;
+        let chunks = values.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        let (mut mins, mut maxs) = (_mm256_set1_ps(f32::INFINITY), _mm256_set1_ps(f32::NEG_INFINITY));
+        let (mut sums_lo, mut sums_hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        let (mut squares_lo, mut squares_hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        for chunk in chunks {
+            // SAFETY: a chunk holds eight f32.
+            let v = unsafe { _mm256_loadu_ps(chunk.as_ptr()) };
+            mins = _mm256_min_ps(v, mins);
+            maxs = _mm256_max_ps(v, maxs);
+            let (lo, hi) = (
+                _mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+                _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)),
+            );
+            sums_lo = _mm256_add_pd(sums_lo, lo);
+            sums_hi = _mm256_add_pd(sums_hi, hi);
+            squares_lo = _mm256_add_pd(squares_lo, _mm256_mul_pd(lo, lo));
+            squares_hi = _mm256_add_pd(squares_hi, _mm256_mul_pd(hi, hi));
+        }
+        let (mut min_lanes, mut max_lanes) = ([0f32; LANES], [0f32; LANES]);
+        let (mut sum_lanes, mut square_lanes) = ([0f64; LANES], [0f64; LANES]);
+        // SAFETY: each array holds the eight lanes stored into it.
+        unsafe {
+            _mm256_storeu_ps(min_lanes.as_mut_ptr(), mins);
+            _mm256_storeu_ps(max_lanes.as_mut_ptr(), maxs);
+            _mm256_storeu_pd(sum_lanes.as_mut_ptr(), sums_lo);
+            _mm256_storeu_pd(sum_lanes.as_mut_ptr().add(4), sums_hi);
+            _mm256_storeu_pd(square_lanes.as_mut_ptr(), squares_lo);
+            _mm256_storeu_pd(square_lanes.as_mut_ptr().add(4), squares_hi);
+        }
+        super::finish_moments(rest, min_lanes, max_lanes, sum_lanes, square_lanes)
+    }
+
+    /// `floor(x · inv_width) − lo`, eight values at a time (the compiler scalarises a
+    /// saturating float-to-int cast; `cvttps2dq` gives i32::MIN out of range, a skipped slot).
+    #[target_feature(enable = "avx2")]
+    fn bin_slots(values: &[f32], inv_width: f32, lo: i32, slots: &mut [u32]) {
+        use std::arch::x86_64::*;
+        let n = values.len().min(slots.len());
+        let (scale, base) = (_mm256_set1_ps(inv_width), _mm256_set1_epi32(lo));
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, so eight values and eight slots from i are in bounds.
+            unsafe {
+                let x = _mm256_loadu_ps(values.as_ptr().add(i));
+                let k = _mm256_cvttps_epi32(_mm256_floor_ps(_mm256_mul_ps(x, scale)));
+                _mm256_storeu_si256(slots.as_mut_ptr().add(i).cast::<__m256i>(), _mm256_sub_epi32(k, base));
+            }
+            i += 8;
+        }
+        for (slot, &x) in slots[i..n].iter_mut().zip(&values[i..n]) {
+            *slot = ((x * inv_width).floor() as i32).wrapping_sub(lo) as u32;
+        }
+    }
+
+    /// Adds each value's bin `floor(x · inv_width)` to `counts` (bin `lo` first) and returns
+    /// how many landed in it; see [`super::f32_bins_are_exact`] for when this equals the f64
+    /// computation. Slots are computed a block at a time, then counted into four interleaved
+    /// u32 histograms: runs of one bin (a Relu's zeros) would otherwise chain every increment
+    /// through the same counter in memory.
+    #[target_feature(enable = "avx2")]
+    pub(super) fn count_bins(
+        values: &[f32],
+        inv_width: f32,
+        lo: i32,
+        counts: &mut [u64],
+        scratch: &mut Vec<u32>,
+    ) -> u64 {
+        const BLOCK: usize = 512;
+        let len = counts.len();
+        scratch.clear();
+        scratch.resize(4 * len, 0);
+        let (first, second) = scratch.split_at_mut(2 * len);
+        let (w0, w1) = first.split_at_mut(len);
+        let (w2, w3) = second.split_at_mut(len);
+        let bump = |way: &mut [u32], slot: u32| {
+            if let Some(c) = way.get_mut(slot as usize) {
+                *c += 1;
+            }
+        };
+        let mut slots = [0u32; BLOCK];
+        for chunk in values.chunks(BLOCK) {
+            let slots = &mut slots[..chunk.len()];
+            bin_slots(chunk, inv_width, lo, slots);
+            let mut quads = slots.chunks_exact(4);
+            for q in &mut quads {
+                bump(w0, q[0]);
+                bump(w1, q[1]);
+                bump(w2, q[2]);
+                bump(w3, q[3]);
+            }
+            for &slot in quads.remainder() {
+                bump(w0, slot);
+            }
+        }
+        let mut added = 0u64;
+        for (j, c) in counts.iter_mut().enumerate() {
+            let n = w0[j] as u64 + w1[j] as u64 + w2[j] as u64 + w3[j] as u64;
+            *c += n;
+            added += n;
+        }
+        added
+    }
+}
+
 /// `floor(k / 2^shift)` for any shift (an arithmetic shift is a floor division).
 fn shift_floor(k: i64, shift: i64) -> i64 {
     if shift <= 0 {
@@ -130,6 +275,16 @@ fn finite_extremes(values: &[f32]) -> Option<(f32, f32)> {
 /// `f32::min`, whose NaN rules block SIMD) let it vectorise; the extremes are only meaningful
 /// when everything is finite.
 fn extremes(values: &[f32]) -> (f32, f32, bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::avx2() {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { simd::extremes(values) };
+    }
+    extremes_lanes(values)
+}
+
+#[inline(always)]
+fn extremes_lanes(values: &[f32]) -> (f32, f32, bool) {
     const LANES: usize = 16;
     let mut mins = [f32::INFINITY; LANES];
     let mut maxs = [f32::NEG_INFINITY; LANES];
@@ -252,6 +407,16 @@ impl Histogram {
     /// [`add`](Self::add) when the finite values' extremes are already known; `all_finite`
     /// skips the per-value check.
     fn add_within(&mut self, values: &[f32], min: f32, max: f32, all_finite: bool) {
+        #[cfg(target_arch = "x86_64")]
+        let fast = simd::avx2();
+        #[cfg(not(target_arch = "x86_64"))]
+        let fast = false;
+        self.add_within_using(values, min, max, all_finite, fast)
+    }
+
+    /// [`add_within`](Self::add_within), counting with the AVX2 kernel when `fast` (which
+    /// the caller has checked the CPU runs) and the bins allow it.
+    fn add_within_using(&mut self, values: &[f32], min: f32, max: f32, all_finite: bool, fast: bool) {
         let exponent = self.exponent_to_fit(min, max);
         let inv_width = pow2(-exponent);
         let (batch_lo, batch_hi) = (bin_index(min as f64, inv_width), bin_index(max as f64, inv_width));
@@ -262,6 +427,18 @@ impl Histogram {
         self.rebin(exponent, lo, hi);
         // Slots are in range by construction (floor is monotone, lo/hi came from the extremes).
         let mut added = 0u64;
+        #[cfg(target_arch = "x86_64")]
+        if fast && all_finite && f32_bins_are_exact(exponent, lo, hi, values.len()) {
+            let (inv_width, lo) = (inv_width as f32, lo as i32);
+            let counts = &mut self.counts;
+            let added = SCRATCH.with(|scratch| {
+                // SAFETY: `fast` says the CPU has AVX2.
+                unsafe { simd::count_bins(values, inv_width, lo, counts, &mut scratch.borrow_mut()) }
+            });
+            self.total = self.total.saturating_add(added);
+            self.trim();
+            return;
+        }
         if all_finite {
             for &x in values {
                 if let Some(c) = self
@@ -690,6 +867,16 @@ pub enum ObserveError {
 /// `observe` its lanes spilled to the stack (measured ~15% slower).
 #[inline(never)]
 fn slice_moments(values: &[f32]) -> (f32, f32, f64, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::avx2() {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { simd::slice_moments(values) };
+    }
+    slice_moments_lanes(values)
+}
+
+#[inline(always)]
+fn slice_moments_lanes(values: &[f32]) -> (f32, f32, f64, f64) {
     const LANES: usize = 8;
     let (mut mins, mut maxs) = ([f32::INFINITY; LANES], [f32::NEG_INFINITY; LANES]);
     let (mut sums, mut squares) = ([0f64; LANES], [0f64; LANES]);
@@ -707,8 +894,25 @@ fn slice_moments(values: &[f32]) -> (f32, f32, f64, f64) {
             step(j, v);
         }
     }
+    finish_moments(rest, mins, maxs, sums, squares)
+}
+
+/// The end of [`slice_moments_lanes`] (shared with its AVX2 build): the values left over after
+/// the last whole group of lanes go to lane 0, then the lanes are reduced.
+#[inline(always)]
+fn finish_moments(
+    rest: &[f32],
+    mut mins: [f32; 8],
+    mut maxs: [f32; 8],
+    mut sums: [f64; 8],
+    mut squares: [f64; 8],
+) -> (f32, f32, f64, f64) {
     for &v in rest {
-        step(0, v);
+        mins[0] = if v < mins[0] { v } else { mins[0] };
+        maxs[0] = if v > maxs[0] { v } else { maxs[0] };
+        let v = v as f64;
+        sums[0] += v;
+        squares[0] += v * v;
     }
     (
         mins.iter().fold(f32::INFINITY, |a, &b| a.min(b)),
@@ -1180,6 +1384,64 @@ impl TensorStats {
 
 #[cfg(test)]
 mod tests {
+    /// The AVX2 kernels give what the portable code gives, bit for bit: the histogram of
+    /// values spread over many scales, with runs of zeros, subnormals, negative values a bin
+    /// below zero, and windows far from zero that take the f64 path.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_kernels_match_the_portable_ones() {
+        if !simd::avx2() {
+            return;
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let scales = [1e-30f32, 1e-6, 0.01, 1.0, 37.0, 3000.0, 1e6];
+        for case in 0..60 {
+            let n = [1usize, 3, 7, 513, 5000, 40_000][case % 6];
+            let scale = scales[case % scales.len()];
+            let offset = if case % 5 == 4 { 1e5 } else { 0.0 };
+            let values: Vec<f32> = (0..n)
+                .map(|_| {
+                    let r = next();
+                    match r % 7 {
+                        0 if r & 8 == 0 => 0.0,
+                        0 => -0.0,
+                        1 => -1e-45,
+                        2 => f32::from_bits((r >> 40) as u32 & 0x007f_ffff),
+                        _ => offset + scale * ((r >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 0.7) as f32,
+                    }
+                })
+                .collect();
+            let (min, max, finite) = extremes_lanes(&values);
+            // SAFETY: AVX2 was checked above.
+            assert_eq!(unsafe { simd::extremes(&values) }, (min, max, finite));
+            let moments = slice_moments_lanes(&values);
+            // SAFETY: as above.
+            let fast_moments = unsafe { simd::slice_moments(&values) };
+            assert_eq!(fast_moments.0.to_bits(), moments.0.to_bits());
+            assert_eq!(fast_moments.1.to_bits(), moments.1.to_bits());
+            assert_eq!(fast_moments.2.to_bits(), moments.2.to_bits(), "case {case}");
+            assert_eq!(fast_moments.3.to_bits(), moments.3.to_bits(), "case {case}");
+            // Two batches, so the second lands in a window that already has counts.
+            let half = n / 2;
+            let (mut portable, mut fast) = (Histogram::new(), Histogram::new());
+            for part in [&values[..half], &values[half..]] {
+                if part.is_empty() {
+                    continue;
+                }
+                let (lo, hi, _) = extremes_lanes(part);
+                portable.add_within_using(part, lo, hi, true, false);
+                fast.add_within_using(part, lo, hi, true, true);
+            }
+            assert_eq!(fast, portable, "case {case}");
+        }
+    }
+
     use super::*;
 
     /// Knuth's MMIX LCG: deterministic test data without a rand crate.

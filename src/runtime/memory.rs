@@ -171,6 +171,94 @@ pub fn run_samples<R: Send>(
     Ok(())
 }
 
+/// Runs `run(i)` for every sample `0..total`, at most `parallel` at once, and hands each
+/// result to `merge` in sample order as soon as it and all before it are done: workers take
+/// the samples in order, and one that would start more than two samples per worker ahead of
+/// the next to merge waits, so at most that many results are held (for results as large as a
+/// layer's statistics, where [`run_samples`]'s chunks would hold 16). Whatever the thread count
+/// `merge` sees the same results in the same order. On errors the samples started run to their
+/// end and the first error in sample order is returned (a sample's, or `merge`'s on it).
+pub fn run_in_order<R: Send>(
+    total: usize,
+    parallel: usize,
+    run: impl Fn(usize) -> Result<R> + Sync,
+    merge: impl FnMut(usize, R) -> Result<()> + Send,
+) -> Result<()> {
+    use std::collections::BTreeMap;
+    use std::sync::{Condvar, Mutex};
+    struct Shared<R, M> {
+        /// The next sample to hand out, and the next to merge.
+        next: usize,
+        next_to_merge: usize,
+        /// Samples done but not merged yet, by index.
+        done: BTreeMap<usize, R>,
+        merge: M,
+        /// The first failing sample and its error.
+        failed: Option<(usize, Error)>,
+    }
+    on_threads(parallel.max(1), || {
+        let workers = rayon::current_num_threads().max(1);
+        let ahead = 2 * workers;
+        let shared = Mutex::new(Shared {
+            next: 0,
+            next_to_merge: 0,
+            done: BTreeMap::new(),
+            merge,
+            failed: None,
+        });
+        let advanced = Condvar::new();
+        let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
+        let worker = || loop {
+            let index = {
+                let mut s = lock();
+                while s.failed.is_none() && s.next < total && s.next >= s.next_to_merge + ahead {
+                    s = advanced.wait(s).unwrap_or_else(|e| e.into_inner());
+                }
+                if s.failed.is_some() || s.next >= total {
+                    return;
+                }
+                s.next += 1;
+                s.next - 1
+            };
+            let result = run(index);
+            let mut s = lock();
+            match result {
+                Ok(r) => {
+                    s.done.insert(index, r);
+                    loop {
+                        let at = s.next_to_merge;
+                        let Some(r) = s.done.remove(&at) else { break };
+                        if let Err(e) = (s.merge)(at, r) {
+                            if s.failed.as_ref().is_none_or(|(first, _)| at < *first) {
+                                s.failed = Some((at, e));
+                            }
+                            break;
+                        }
+                        s.next_to_merge += 1;
+                    }
+                }
+                Err(e) => {
+                    if s.failed.as_ref().is_none_or(|(first, _)| index < *first) {
+                        s.failed = Some((index, e));
+                    }
+                }
+            }
+            drop(s);
+            advanced.notify_all();
+        };
+        rayon::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|_| worker());
+            }
+        });
+        let s = shared.into_inner().unwrap_or_else(|e| e.into_inner());
+        match s.failed {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
+    })?
+}
+
 impl Runner {
     /// The peak bytes of tensors tract holds while running one sample node by node
     /// (`run_visiting`, `start`), from the plan: each node's outputs from when it runs until
@@ -236,6 +324,42 @@ mod tests {
         for bad in ["", "G", "-1G", "2X", "0", "1e3", "2G2"] {
             assert!(matches!(parse_size(bad), Err(Error::Usage(_))), "{bad}");
         }
+    }
+
+    #[test]
+    fn samples_merge_in_order_whatever_the_thread_count() {
+        let slow = |i: usize| -> Result<usize> {
+            std::thread::sleep(std::time::Duration::from_millis(((7 * i) % 5) as u64));
+            Ok(i * i)
+        };
+        for parallel in [1, 2, 3, 8] {
+            let mut seen = Vec::new();
+            run_in_order(23, parallel, slow, |i, r| {
+                seen.push((i, r));
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(seen, (0..23).map(|i| (i, i * i)).collect::<Vec<_>>(), "{parallel}");
+        }
+        // The first error in sample order wins: a sample's, or the merge's.
+        let failing = |i: usize| -> Result<usize> {
+            std::thread::sleep(std::time::Duration::from_millis(if i == 6 { 20 } else { 0 }));
+            match i {
+                6 | 9 => Err(Error::Runtime(format!("sample {i}"))),
+                _ => Ok(i),
+            }
+        };
+        for parallel in [1, 2, 4] {
+            let err = run_in_order(20, parallel, failing, |_, _| Ok(())).unwrap_err();
+            assert_eq!(err.to_string(), Error::Runtime("sample 6".into()).to_string());
+            let err = run_in_order(20, parallel, failing, |i, _| match i {
+                3 => Err(Error::Runtime("merge 3".into())),
+                _ => Ok(()),
+            })
+            .unwrap_err();
+            assert_eq!(err.to_string(), Error::Runtime("merge 3".into()).to_string());
+        }
+        run_in_order(0, 2, failing, |_, _| Ok(())).unwrap();
     }
 
     #[test]
