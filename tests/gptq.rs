@@ -403,7 +403,14 @@ fn a_plan_pass_plugs_into_the_step_list() {
     steps.insert(at, Box::new(KeepFirstWeightFloat));
     assert_eq!(
         onnxq::pipeline::step_names(&steps),
-        ["calibrate", "plan", "guard", "gptq", "keep_first_weight_float", "materialize"]
+        [
+            "calibrate",
+            "plan",
+            "guard",
+            "gptq",
+            "keep_first_weight_float",
+            "materialize"
+        ]
     );
     let mut model = onnxq::onnx::load_model(&model_path).unwrap();
     let mut ctx = Context::default();

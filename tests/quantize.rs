@@ -928,8 +928,16 @@ fn cli_quantizes_and_verifies_the_shipped_model() {
         .map(|(t, _)| t)
         .collect();
     let guard = &r["quantization"]["guard"];
-    let raised16 = guard["raised"].as_array().unwrap().iter().filter(|d| d["precision"] == "int16").count();
-    assert!(sixteen.is_empty() == (raised16 == 0 || guard["kept"] == false), "{sixteen:?}\n{guard:#}");
+    let raised16 = guard["raised"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["precision"] == "int16")
+        .count();
+    assert!(
+        sixteen.is_empty() == (raised16 == 0 || guard["kept"] == false),
+        "{sixteen:?}\n{guard:#}"
+    );
     for q in ops(&quant, "QuantizeLinear") {
         assert_eq!(dtype(&quant, &q.inputs[1]), DataType::Float, "{}", q.name);
         let expected = if sixteen.iter().any(|t| q.inputs[0] == **t) {
@@ -1581,25 +1589,49 @@ fn the_guard_raises_what_measurably_helps_and_can_be_turned_off() {
         read_json(&report)
     };
     let r = run("passes: []\n");
-    let steps: Vec<&str> = r["passes"].as_array().unwrap().iter().map(|p| p["pass"].as_str().unwrap()).collect();
+    let steps: Vec<&str> = r["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pass"].as_str().unwrap())
+        .collect();
     assert_eq!(steps, ["calibrate", "plan", "guard", "materialize"]);
     let g = &r["quantization"]["guard"];
-    let covered: usize = g["units"].as_array().unwrap().iter().map(|u| u["layers"].as_array().unwrap().len()).sum();
+    let covered: usize = g["units"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["layers"].as_array().unwrap().len())
+        .sum();
     assert_eq!(covered, 10, "{g:#}");
     let raised = g["raised"].as_array().unwrap();
     let precisions = &r["quantization"]["plan"]["precisions"];
     if g["kept"] == true {
-        assert!(g["guarded_db"].as_f64().unwrap() > g["all_int8_db"].as_f64().unwrap(), "{g:#}");
-        assert!(!raised.is_empty() && raised.len() <= 1, "at most 10% of 10 layers: {g:#}");
+        assert!(
+            g["guarded_db"].as_f64().unwrap() > g["all_int8_db"].as_f64().unwrap(),
+            "{g:#}"
+        );
+        assert!(
+            !raised.is_empty() && raised.len() <= 1,
+            "at most 10% of 10 layers: {g:#}"
+        );
         for d in raised {
             assert!(d["reason"].as_str().unwrap().contains("% of the all-int8 noise"), "{d}");
             assert_eq!(precisions[d["layer"].as_str().unwrap()], d["precision"], "{r:#}");
         }
     } else {
-        assert!(precisions.is_null() || precisions.as_object().unwrap().is_empty(), "{r:#}");
+        assert!(
+            precisions.is_null() || precisions.as_object().unwrap().is_empty(),
+            "{r:#}"
+        );
     }
     let r = run("passes: []\nguard: false\n");
-    let steps: Vec<&str> = r["passes"].as_array().unwrap().iter().map(|p| p["pass"].as_str().unwrap()).collect();
+    let steps: Vec<&str> = r["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pass"].as_str().unwrap())
+        .collect();
     assert_eq!(steps, ["calibrate", "plan", "materialize"]);
     assert!(r["quantization"]["guard"].is_null());
 }

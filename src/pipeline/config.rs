@@ -540,10 +540,16 @@ impl Config {
         if let Some(g) = &self.guard {
             let bad = |msg: String| Err(Error::config(path, format!("guard: {msg}")));
             if !(0.0..=1.0).contains(&g.max_layers) {
-                return bad(format!("max_layers is a fraction of the layers in [0, 1], got {}", g.max_layers));
+                return bad(format!(
+                    "max_layers is a fraction of the layers in [0, 1], got {}",
+                    g.max_layers
+                ));
             }
             if !(g.min_gain_db.is_finite() && g.min_gain_db > 0.0) {
-                return bad(format!("min_gain_db must be a positive number of dB, got {}", g.min_gain_db));
+                return bad(format!(
+                    "min_gain_db must be a positive number of dB, got {}",
+                    g.min_gain_db
+                ));
             }
             if g.samples == 0 {
                 return bad("samples must be at least 1".into());

@@ -370,9 +370,14 @@ impl Pass for Guard {
         );
         // int16 Q/DQ need opset 21; the opset cannot be raised under inlined If branches.
         let mut settings = self.settings.clone();
-        let inlined = ctx.control_flow.as_ref().is_some_and(|cf| !cf.inlined.folded.is_empty());
+        let inlined = ctx
+            .control_flow
+            .as_ref()
+            .is_some_and(|cf| !cf.inlined.folded.is_empty());
         if inlined && model.opset("").unwrap_or(0) < 21 {
-            settings.candidates.retain(|&p| p != crate::quant::plan::Precision::Int16);
+            settings
+                .candidates
+                .retain(|&p| p != crate::quant::plan::Precision::Int16);
         }
         let (precisions, report) = crate::quant::guard::guard(&model, &plan_measured, stats, &probe, &settings)?;
         eprintln!(

@@ -88,7 +88,15 @@ pub fn guard(
         candidates: settings.candidates.clone(),
         ..Goal::default()
     };
-    let a = assign(model, plan, stats, probe, &goal, bisection(settings), Instrument::Switched)?;
+    let a = assign(
+        model,
+        plan,
+        stats,
+        probe,
+        &goal,
+        bisection(settings),
+        Instrument::Switched,
+    )?;
     let unit_of = |layer: &str| a.sensitivity.iter().find(|u| u.layers.iter().any(|l| l == layer));
     let gained = a.final_db - a.all_int8_db;
     let kept = !a.raised.is_empty() && gained > 0.0;

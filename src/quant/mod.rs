@@ -8,7 +8,7 @@ pub mod mixed;
 pub mod params;
 pub mod plan;
 pub mod probe;
-pub mod sensitivity;
 pub mod rules;
+pub mod sensitivity;
 pub mod subgraphs;
 pub mod switched;

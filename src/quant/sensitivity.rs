@@ -33,7 +33,8 @@ use crate::quant::probe::{Noise, Variants};
 pub struct Bisection {
     /// Runs of the model at most for the int8 splits (one per split).
     pub max_runs: usize,
-    /// Units carrying less than this share of the all-int8 noise are not split.
+    /// Units carrying less than this share of the all-int8 noise are not split; 0: no
+    /// bisection, every layer is measured alone.
     pub min_share: f64,
 }
 
@@ -145,15 +146,33 @@ pub fn measure_units(
     let all_int8 = crate::quant::probe::sum_samples(&variants.sample_noise(&only(&order))?);
     let all_int8 = &all_int8;
     let mut runs = 1;
-    let done = bisect(order, all_int8.clone(), all_int8, bisection, |half| {
-        runs += 1;
-        let noise = crate::quant::probe::sum_samples(&variants.sample_noise(&only(half))?);
-        eprintln!(
-            "onnxq: sensitivity: {runs} runs, {:.1} s",
-            started.elapsed().as_secs_f64()
-        );
-        Ok(noise)
-    })?;
+    let done = if bisection.min_share <= 0.0 {
+        // Every layer alone: no noise inferred by subtraction (mixed precision's search, where
+        // noise that does not add up would mislead the whole assignment).
+        let mut done = Vec::with_capacity(order.len());
+        for layer in order {
+            runs += 1;
+            let noise = crate::quant::probe::sum_samples(&variants.sample_noise(&only(std::slice::from_ref(&layer)))?);
+            if runs % 16 == 0 {
+                eprintln!(
+                    "onnxq: sensitivity: {runs} runs, {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            done.push((vec![layer], noise));
+        }
+        done
+    } else {
+        bisect(order, all_int8.clone(), all_int8, bisection, |half| {
+            runs += 1;
+            let noise = crate::quant::probe::sum_samples(&variants.sample_noise(&only(half))?);
+            eprintln!(
+                "onnxq: sensitivity: {runs} runs, {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            Ok(noise)
+        })?
+    };
     let int16: Vec<Option<Noise>> = if with_int16 {
         // Only units that carry enough noise to be worth raising.
         done.iter()
@@ -313,15 +332,27 @@ mod tests {
         let total: f64 = noise.iter().sum();
         let of = additive(&noise);
         let mut runs = 0;
-        let units = bisect(names(64), vec![total], &[total], Bisection { max_runs: 40, min_share: 0.1 }, |h| {
-            runs += 1;
-            Ok(of(h))
-        })
+        let units = bisect(
+            names(64),
+            vec![total],
+            &[total],
+            Bisection {
+                max_runs: 40,
+                min_share: 0.1,
+            },
+            |h| {
+                runs += 1;
+                Ok(of(h))
+            },
+        )
         .unwrap();
         assert_eq!(runs, 6, "6 splits of 64 layers");
         // 6 splits leave 7 units; the dominant layer is one of them alone.
         assert_eq!(units.len(), 7);
-        assert!(units.iter().any(|(l, n)| l == &["l37"] && (n[0] - 1.0).abs() < 1e-9), "{units:?}");
+        assert!(
+            units.iter().any(|(l, n)| l == &["l37"] && (n[0] - 1.0).abs() < 1e-9),
+            "{units:?}"
+        );
         // Every layer is in exactly one unit.
         let mut all: Vec<String> = units.iter().flat_map(|(l, _)| l.clone()).collect();
         all.sort();
@@ -333,16 +364,34 @@ mod tests {
         let noise = vec![1.0; 64];
         let of = additive(&noise);
         // Each of 8 groups of 8 carries 12.5%: below a 20% share nothing is split further.
-        let units = bisect(names(64), vec![64.0], &[64.0], Bisection { max_runs: 100, min_share: 0.2 }, |h| Ok(of(h)))
+        let units = bisect(
+            names(64),
+            vec![64.0],
+            &[64.0],
+            Bisection {
+                max_runs: 100,
+                min_share: 0.2,
+            },
+            |h| Ok(of(h)),
+        )
         .unwrap();
         assert_eq!(units.len(), 8, "{units:?}");
         assert!(units.iter().all(|(l, _)| l.len() == 8));
         // Two runs allow two splits.
         let mut runs = 0;
-        let units = bisect(names(64), vec![64.0], &[64.0], Bisection { max_runs: 2, min_share: 0.0 }, |h| {
-            runs += 1;
-            Ok(of(h))
-        })
+        let units = bisect(
+            names(64),
+            vec![64.0],
+            &[64.0],
+            Bisection {
+                max_runs: 2,
+                min_share: 0.0,
+            },
+            |h| {
+                runs += 1;
+                Ok(of(h))
+            },
+        )
         .unwrap();
         assert_eq!((runs, units.len()), (2, 3));
     }

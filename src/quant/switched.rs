@@ -116,8 +116,7 @@ pub fn build(float: &Model, base: &Plan) -> Result<SwitchedModel> {
     let mut switch_constant =
         |model: &mut Model, c: &str, dequantized: Vec<f32>, consumers: &[crate::quant::plan::InputRef]| -> Result<()> {
             let tensor = &model.graph.constants[c].tensor;
-            let values =
-                values_f32(tensor).ok_or_else(|| Error::internal(format!("constant '{c}' is not float")))?;
+            let values = values_f32(tensor).ok_or_else(|| Error::internal(format!("constant '{c}' is not float")))?;
             let delta: Vec<f64> = dequantized
                 .iter()
                 .zip(&values)
@@ -155,10 +154,13 @@ pub fn build(float: &Model, base: &Plan) -> Result<SwitchedModel> {
                 .nodes
                 .add_node(Node::new(&scaled, "Mul", vec![delta_name, on], &scaled, order));
             let switched = fresh(format!("{c}::switch_add"));
-            model
-                .graph
-                .nodes
-                .add_node(Node::new(&switched, "Add", vec![c.to_string(), scaled], &switched, order));
+            model.graph.nodes.add_node(Node::new(
+                &switched,
+                "Add",
+                vec![c.to_string(), scaled],
+                &switched,
+                order,
+            ));
             rewire(model, consumers, &switched)
         };
     let mut weight_scales: BTreeMap<&str, Vec<f32>> = BTreeMap::new();
@@ -214,7 +216,13 @@ impl SwitchedModel {
                         scalar(1.0),
                     ]);
                 }
-                None => inputs.extend([scalar(1.0), scalar(0.0), scalar(f32::MIN), scalar(f32::MAX), scalar(0.0)]),
+                None => inputs.extend([
+                    scalar(1.0),
+                    scalar(0.0),
+                    scalar(f32::MIN),
+                    scalar(f32::MAX),
+                    scalar(0.0),
+                ]),
             }
         }
         for w in &self.weights {
