@@ -3,11 +3,12 @@
 //! A layer is an op the plan quantizes (keyed by its first output). Its candidates are int8
 //! (W8A8, the plan as built), int16 (A16W8: 16-bit activations, 8-bit weights), float16 and float.
 //!
-//! Sensitivity, measured in tract on calibration samples (`quant::probe`) by noise bisection
-//! (`quant::sensitivity`): units of consecutive layers, single layers where the noise
-//! concentrates, each with the output noise when only its layers are quantized (at int8, and at
-//! int16 when it is a candidate). The bisection runs on the first `RANKING_SAMPLES` probe
-//! samples: ranking needs fewer samples than the target's confidence bound. Quantization noise of
+//! Sensitivity, measured in tract on calibration samples (`quant::probe`, `quant::sensitivity`):
+//! units of layers (for the search every layer alone; for the guard, units found by noise
+//! bisection), each with the output noise when only its layers are quantized (at int8, and at
+//! int16 when it is a candidate), on one compiled model for every variant (`quant::switched`).
+//! Units are measured on the first `RANKING_SAMPLES` probe samples: ranking needs fewer samples
+//! than the target's confidence bound. Quantization noise of
 //! different layers is close to independent, so the noise of an assignment is predicted as
 //! k·Σᵤ nᵤ(pᵤ), with nᵤ the measured only-this-unit noise at pᵤ (0 for float16 and float) and
 //! k = N / Σᵤ nᵤ(int8) matching the measured all-int8 noise N.
