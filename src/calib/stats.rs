@@ -19,7 +19,7 @@ use crate::calib::source::DataSource;
 use crate::error::{Error, Result};
 use crate::ir::tensor::Fnv64;
 use crate::ir::Model;
-use crate::runtime::memory::{on_threads, Parallelism};
+use crate::runtime::memory::{run_in_order, Parallelism};
 use crate::runtime::Runner;
 
 /// Bumped when the file layout changes.
@@ -116,96 +116,34 @@ fn observe_sample(
     Ok(stats)
 }
 
-/// Observes samples `0..total` on the current rayon pool and merges their statistics in sample
-/// order, each as soon as it and all before it are done: workers take the samples in order, and
-/// one that would run more than two samples per thread ahead of the next to merge waits, so at
-/// most that many samples' statistics are held besides the merged ones (a wave that waited for
-/// its slowest sample held them all). The result does not depend on which thread ran what. On
-/// errors, the samples started run to their end and the error of the first failing sample is
-/// returned.
+/// Observes samples `0..total`, at most `parallel` at once, and merges their statistics in
+/// sample order as each and all before it are done ([`run_in_order`]: at most two samples per
+/// worker held besides the merged ones; the result does not depend on which thread ran what;
+/// on errors, the first failing sample's error).
 fn observe_all(
     total: usize,
+    parallel: usize,
     observe: impl Fn(usize) -> Result<Vec<Option<TensorStats>>> + Sync,
     merged_one: impl Fn(usize) + Sync,
 ) -> Result<Vec<Option<TensorStats>>> {
-    use std::sync::{Condvar, Mutex};
-    struct Shared {
-        /// The next sample to hand out, and the next to merge.
-        next: usize,
-        next_to_merge: usize,
-        /// Samples done but not merged yet, by index.
-        done: BTreeMap<usize, Vec<Option<TensorStats>>>,
-        merged: Option<Vec<Option<TensorStats>>>,
-        /// The first failing sample and its error.
-        failed: Option<(usize, Error)>,
-    }
-    let threads = rayon::current_num_threads().max(1);
-    let ahead = 2 * threads;
-    let shared = Mutex::new(Shared {
-        next: 0,
-        next_to_merge: 0,
-        done: BTreeMap::new(),
-        merged: None,
-        failed: None,
-    });
-    let advanced = Condvar::new();
-    let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
-    let worker = || loop {
-        let index = {
-            let mut s = lock();
-            while s.failed.is_none() && s.next < total && s.next >= s.next_to_merge + ahead {
-                s = advanced.wait(s).unwrap_or_else(|e| e.into_inner());
-            }
-            if s.failed.is_some() || s.next >= total {
-                return;
-            }
-            s.next += 1;
-            s.next - 1
-        };
-        let result = observe(index);
-        let mut s = lock();
-        match result {
-            Ok(stats) => {
-                s.done.insert(index, stats);
-                // Merge in sample order: the result does not depend on which thread ran what.
-                loop {
-                    let at = s.next_to_merge;
-                    let Some(sample) = s.done.remove(&at) else { break };
-                    match s.merged.as_mut() {
-                        None => s.merged = Some(sample),
-                        Some(merged) => {
-                            for (acc, st) in merged.iter_mut().zip(sample) {
-                                match (acc.as_mut(), st) {
-                                    (Some(a), Some(st)) => a.merge(&st),
-                                    (None, Some(st)) => *acc = Some(st),
-                                    _ => {}
-                                }
-                            }
-                        }
+    let mut merged: Option<Vec<Option<TensorStats>>> = None;
+    run_in_order(total, parallel, observe, |at, sample| {
+        match merged.as_mut() {
+            None => merged = Some(sample),
+            Some(merged) => {
+                for (acc, st) in merged.iter_mut().zip(sample) {
+                    match (acc.as_mut(), st) {
+                        (Some(a), Some(st)) => a.merge(&st),
+                        (None, Some(st)) => *acc = Some(st),
+                        _ => {}
                     }
-                    s.next_to_merge += 1;
-                    merged_one(at);
-                }
-            }
-            Err(e) => {
-                if s.failed.as_ref().is_none_or(|(first, _)| index < *first) {
-                    s.failed = Some((index, e));
                 }
             }
         }
-        drop(s);
-        advanced.notify_all();
-    };
-    rayon::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|_| worker());
-        }
-    });
-    let s = shared.into_inner().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, e)) = s.failed {
-        return Err(e);
-    }
-    Ok(s.merged.unwrap_or_default())
+        merged_one(at);
+        Ok(())
+    })?;
+    Ok(merged.unwrap_or_default())
 }
 
 /// Runs the model over every sample and gathers the statistics of every float tensor.
@@ -230,13 +168,12 @@ pub fn collect_observing(
     let total = source.len();
     let parallel = Parallelism::for_samples(runner.sample_bytes()?);
     let progress = Progress::new("calibrating", total as u64, &parallel.describe());
-    let merged = on_threads(parallel.samples, || {
-        observe_all(
-            total,
-            |i| observe_sample(&runner, source, &slots, i),
-            |_| progress.advance(1),
-        )
-    })??;
+    let merged = observe_all(
+        total,
+        parallel.samples,
+        |i| observe_sample(&runner, source, &slots, i),
+        |_| progress.advance(1),
+    )?;
     progress.finish();
     let (graph, weights) = model_fingerprint(model);
     let tensors = names
@@ -474,12 +411,12 @@ mod tests {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let done = std::sync::Mutex::new(Vec::new());
             let got = pool
-                .install(|| observe_all(23, sample, |i| done.lock().unwrap().push(i)))
+                .install(|| observe_all(23, threads, sample, |i| done.lock().unwrap().push(i)))
                 .unwrap();
             assert_eq!(json(&got), json(&want), "{threads} threads");
             assert_eq!(done.into_inner().unwrap(), (0..23).collect::<Vec<_>>());
         }
-        assert!(observe_all(0, sample, |_| {}).unwrap().is_empty());
+        assert!(observe_all(0, 1, sample, |_| {}).unwrap().is_empty());
     }
 
     #[test]
@@ -493,7 +430,7 @@ mod tests {
         };
         for threads in [1, 2, 4] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            let err = pool.install(|| observe_all(20, failing, |_| {})).unwrap_err();
+            let err = pool.install(|| observe_all(20, threads, failing, |_| {})).unwrap_err();
             assert_eq!(
                 err.to_string(),
                 Error::Runtime("sample 6".into()).to_string(),
