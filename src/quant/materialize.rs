@@ -60,25 +60,61 @@ pub fn rewire(model: &mut Model, consumers: &[InputRef], to: &str) -> Result<()>
     Ok(())
 }
 
+/// The names a model uses (constants, graph inputs, node outputs and node names), for
+/// generating new ones that collide with none.
+pub struct Names(std::collections::BTreeSet<String>);
+
+impl Names {
+    pub fn of(model: &Model) -> Names {
+        let mut taken: std::collections::BTreeSet<String> = model.graph.constants.keys().cloned().collect();
+        taken.extend(model.graph.inputs.iter().map(|i| i.name().to_string()));
+        for n in model.graph.nodes.node_weights() {
+            taken.extend(n.outputs.iter().cloned());
+            taken.insert(n.name.clone());
+        }
+        Names(taken)
+    }
+
+    /// Reserves a generated name: `name`, or `name.1`, `name.2`… when the model already has it
+    /// (a model may name its own tensors like onnxq's generated ones).
+    pub fn reserve(&mut self, name: String) -> String {
+        let mut unique = name.clone();
+        let mut k = 1;
+        while !self.0.insert(unique.clone()) {
+            unique = format!("{name}.{k}");
+            k += 1;
+        }
+        unique
+    }
+}
+
+/// The lowest `order` among the nodes `consumers` names (0 when none is found).
+pub fn order_of_consumers(graph: &crate::ir::Graph, consumers: &[InputRef]) -> u64 {
+    consumers
+        .iter()
+        .filter_map(|(key, _)| {
+            graph
+                .nodes
+                .node_weights()
+                .find(|n| n.outputs.first() == Some(key))
+                .map(|n| n.order)
+        })
+        .min()
+        .unwrap_or(0)
+}
+
 struct Builder<'a> {
     model: &'a mut Model,
-    taken: std::collections::BTreeSet<String>,
+    taken: Names,
     /// Float16 versions made so far (of a constant, a Cast of an activation, or a float16 layer's
     /// own output), by original.
     float16: BTreeMap<String, String>,
 }
 
 impl Builder<'_> {
-    /// Reserves a generated name: `name`, or `name.1`, `name.2`… when the model already has it
-    /// (a model may name its own tensors like onnxq's generated ones).
+    /// Reserves a generated name ([`Names::reserve`]).
     fn name(&mut self, name: String) -> Result<String> {
-        let mut unique = name.clone();
-        let mut k = 1;
-        while !self.taken.insert(unique.clone()) {
-            unique = format!("{name}.{k}");
-            k += 1;
-        }
-        Ok(unique)
+        Ok(self.taken.reserve(name))
     }
 
     fn constant(&mut self, mut t: TensorProto, name: String) -> Result<String> {
@@ -99,17 +135,7 @@ impl Builder<'_> {
     }
 
     fn order_of_consumers(&self, consumers: &[InputRef]) -> u64 {
-        let g = &self.model.graph;
-        consumers
-            .iter()
-            .filter_map(|(key, _)| {
-                g.nodes
-                    .node_weights()
-                    .find(|n| n.outputs.first() == Some(key))
-                    .map(|n| n.order)
-            })
-            .min()
-            .unwrap_or(0)
+        order_of_consumers(&self.model.graph, consumers)
     }
 }
 
@@ -200,15 +226,9 @@ pub fn materialize(model: &mut Model, plan: &Plan) -> Result<Vec<String>> {
             "default-domain opset raised from {current} to {needed} for the Q/DQ nodes"
         ));
     }
-    let mut taken: std::collections::BTreeSet<String> = model.graph.constants.keys().cloned().collect();
-    taken.extend(model.graph.inputs.iter().map(|i| i.name().to_string()));
-    for n in model.graph.nodes.node_weights() {
-        taken.extend(n.outputs.iter().cloned());
-        taken.insert(n.name.clone());
-    }
     let mut b = Builder {
+        taken: Names::of(model),
         model,
-        taken,
         float16: BTreeMap::new(),
     };
     let producers: BTreeMap<String, u64> = b

@@ -23,7 +23,7 @@ use crate::ir::tensor::{float_tensor, values_f32};
 use crate::ir::{Constant, ConstantOrigin, Model, Node};
 use crate::proto::tensor_proto::DataType;
 use crate::proto::{type_proto, TensorShapeProto, TypeProto, ValueInfoProto};
-use crate::quant::materialize::rewire;
+use crate::quant::materialize::{order_of_consumers, rewire, Names};
 use crate::quant::params::{quantize_bias, BiasQuantization};
 use crate::quant::plan::Plan;
 
@@ -62,21 +62,8 @@ pub fn build(float: &Model, base: &Plan) -> Result<SwitchedModel> {
         // Round.
         crate::onnx::opset::upgrade_opset(&mut model, 11)?;
     }
-    let mut taken: std::collections::BTreeSet<String> = model.graph.constants.keys().cloned().collect();
-    taken.extend(model.graph.inputs.iter().map(|i| i.name().to_string()));
-    for n in model.graph.nodes.node_weights() {
-        taken.extend(n.outputs.iter().cloned());
-        taken.insert(n.name.clone());
-    }
-    let mut fresh = |base: String| {
-        let mut name = base.clone();
-        let mut k = 1;
-        while !taken.insert(name.clone()) {
-            name = format!("{base}.{k}");
-            k += 1;
-        }
-        name
-    };
+    let mut names = Names::of(&model);
+    let mut fresh = |base: String| names.reserve(base);
     let mut extra_inputs = Vec::new();
     let mut input = |model: &mut Model, name: String| {
         model.graph.inputs.push(scalar_input(&name));
@@ -135,19 +122,7 @@ pub fn build(float: &Model, base: &Plan) -> Result<SwitchedModel> {
             let on = fresh(format!("{c}::switch_on"));
             model.graph.inputs.push(scalar_input(&on));
             extra_inputs.push((on.clone(), DatumType::F32, vec![]));
-            let order = consumers
-                .iter()
-                .filter_map(|(k, _)| {
-                    model
-                        .graph
-                        .nodes
-                        .node_weights()
-                        .find(|n| n.outputs.first() == Some(k))
-                        .map(|n| n.order)
-                })
-                .min()
-                .unwrap_or(1)
-                .saturating_sub(1);
+            let order = order_of_consumers(&model.graph, consumers).saturating_sub(1);
             let scaled = fresh(format!("{c}::switch_mul"));
             model
                 .graph
