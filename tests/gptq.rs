@@ -269,15 +269,6 @@ fn run_job(model: &std::path::Path, config: &std::path::Path, extra: &[&str]) ->
     (std::fs::read(&out).unwrap(), report)
 }
 
-fn step_names(report: &serde_json::Value) -> Vec<String> {
-    report["passes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["pass"].as_str().unwrap().to_string())
-        .collect()
-}
-
 #[test]
 fn plan_passes_run_in_the_order_listed() {
     let (_d1, model, config) = job_dir("[gptq, correct_bias]");

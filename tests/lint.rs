@@ -118,12 +118,7 @@ fn what_onnxq_writes_for_tensorrt_passes_and_its_generic_output_does_not() {
     };
     // The main job lints its own TensorRT output (the `lint` stage), and `onnxq lint` agrees.
     let (trt, report) = quantize("tensorrt", "[]");
-    let steps: Vec<&str> = report["passes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["pass"].as_str().unwrap())
-        .collect();
+    let steps = step_names(&report);
     assert_eq!(steps, ["calibrate", "plan", "guard", "materialize", "lint"]);
     assert_eq!(report["passes"][4]["notes"][0], "no rule of target tensorrt broken");
     let o = onnxq_cli(&["lint", trt.to_str().unwrap(), "--target", "tensorrt"]);

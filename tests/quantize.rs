@@ -1589,12 +1589,7 @@ fn the_guard_raises_what_measurably_helps_and_can_be_turned_off() {
         read_json(&report)
     };
     let r = run("passes: []\n");
-    let steps: Vec<&str> = r["passes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["pass"].as_str().unwrap())
-        .collect();
+    let steps = step_names(&r);
     assert_eq!(steps, ["calibrate", "plan", "guard", "materialize"]);
     let g = &r["quantization"]["guard"];
     let covered: usize = g["units"]
@@ -1626,12 +1621,7 @@ fn the_guard_raises_what_measurably_helps_and_can_be_turned_off() {
         );
     }
     let r = run("passes: []\nguard: false\n");
-    let steps: Vec<&str> = r["passes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["pass"].as_str().unwrap())
-        .collect();
+    let steps = step_names(&r);
     assert_eq!(steps, ["calibrate", "plan", "materialize"]);
     assert!(r["quantization"]["guard"].is_null());
 }

@@ -299,3 +299,13 @@ pub fn calibration_source(model: &onnxq::ir::Model, data: &Path) -> onnxq::calib
     )
     .unwrap()
 }
+
+/// The steps a main-job report lists, in the order they ran.
+pub fn step_names(report: &serde_json::Value) -> Vec<String> {
+    report["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pass"].as_str().unwrap().to_string())
+        .collect()
+}
