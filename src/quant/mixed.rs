@@ -346,21 +346,26 @@ pub fn assign(
     };
     search.calibrate(&ranking_all_int8);
     let base_weight_bytes = search.weight_bytes;
-    // The whole greedy order: after each step, every layer raised so far, the prediction and
-    // the weight bytes.
-    let mut steps: Vec<(Vec<(String, Precision)>, f64, u64)> = Vec::new();
+    // The whole greedy order, each step's state after it.
+    struct Step {
+        /// Every layer raised so far.
+        raised: Vec<(String, Precision)>,
+        predicted_db: f64,
+        weight_bytes: u64,
+    }
+    let mut steps: Vec<Step> = Vec::new();
     while search.step(goal) {
-        steps.push((
-            search.raised.clone(),
-            worst_sqnr_db(&ranking.signal, &search.predicted(None)),
-            search.weight_bytes,
-        ));
+        steps.push(Step {
+            raised: search.raised.clone(),
+            predicted_db: worst_sqnr_db(&ranking.signal, &search.predicted(None)),
+            weight_bytes: search.weight_bytes,
+        });
     }
     let prefix = |k: usize| -> Vec<(String, Precision)> {
         if k == 0 {
             vec![]
         } else {
-            steps[k - 1].0.clone()
+            steps[k - 1].raised.clone()
         }
     };
     let all_int8_lower_db = probe.sqnr_lower_db(&all_int8_samples);
@@ -386,11 +391,11 @@ pub fn assign(
             "onnxq: mixed precision: {} layers raised: {:.2} dB measured (predicted {:.2} dB)",
             raised.len(),
             m.0,
-            steps[k - 1].1
+            steps[k - 1].predicted_db
         );
         rounds.push(Round {
             raised: raised.len(),
-            predicted_db: steps[k - 1].1,
+            predicted_db: steps[k - 1].predicted_db,
             measured_db: m.0,
             lower_bound_db: m.1,
         });
@@ -405,7 +410,10 @@ pub fn assign(
         Some(t) if all_int8_lower_db >= t => 0,
         Some(t) => {
             let gap = (all_int8_db - all_int8_lower_db).max(0.0);
-            let guess = steps.iter().position(|s| s.1 >= t + gap).map_or(steps.len(), |i| i + 1);
+            let guess = steps
+                .iter()
+                .position(|s| s.predicted_db >= t + gap)
+                .map_or(steps.len(), |i| i + 1);
             let (mut lo, mut hi) = (0, steps.len());
             if measure(guess, &mut rounds)?.1 >= t {
                 hi = guess;
@@ -430,7 +438,7 @@ pub fn assign(
     let mut weight_bytes = if chosen == 0 {
         base_weight_bytes
     } else {
-        steps[chosen - 1].2
+        steps[chosen - 1].weight_bytes
     };
     // With a minimum gain per step (the guard) and the whole order not measuring better than
     // all int8 (noise that does not add up: a layer whose error cancels another's), each step
@@ -440,7 +448,12 @@ pub fn assign(
         let mut kept: Vec<(String, Precision)> = Vec::new();
         let (mut kept_db, mut kept_lower_db) = (all_int8_db, all_int8_lower_db);
         let mut before: BTreeMap<String, Precision> = BTreeMap::new();
-        for (cumulative, predicted, _) in &steps {
+        for Step {
+            raised: cumulative,
+            predicted_db,
+            ..
+        } in &steps
+        {
             let now: BTreeMap<String, Precision> = cumulative.iter().cloned().collect();
             let step: Vec<(String, Precision)> = now
                 .iter()
@@ -455,7 +468,7 @@ pub fn assign(
             let db = probe.sqnr_db(&crate::quant::probe::sum_samples(&samples));
             rounds.push(Round {
                 raised: trial.len(),
-                predicted_db: *predicted,
+                predicted_db: *predicted_db,
                 measured_db: db,
                 lower_bound_db: probe.sqnr_lower_db(&samples),
             });
