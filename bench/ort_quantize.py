@@ -33,7 +33,9 @@ class NpzReader(CalibrationDataReader):
     def get_next(self):
         if self.i >= self.n:
             return None
-        item = {k: v[self.i] for k, v in self.arrays.items()}
+        # np.asarray: a scalar input (silero_vad_v5's `sr`) comes out of the sample axis as a numpy
+        # scalar, which ONNX Runtime refuses ("Unable to handle object of type numpy.int64").
+        item = {k: np.asarray(v[self.i]) for k, v in self.arrays.items()}
         self.i += 1
         return item
 
