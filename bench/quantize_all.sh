@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Quantizes every model in ../shared with its calibration data and measures the result in ONNX
-# Runtime on its eval data (bench/sqnr.py: checker, output SQNR, top-1 agreement, OpenVINO load).
+# Runtime on its eval data (bench/sqnr.py: checker, output SQNR, top-1 agreement, task metrics,
+# OpenVINO load).
 # Usage: bench/quantize_all.sh [SHARED_DIR] [extra YAML lines...]
 #   e.g. bench/quantize_all.sh ../shared "target: tensorrt"
 # Statistics are cached per output folder and model in target/bench-stats/<folder> (they do not

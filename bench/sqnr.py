@@ -25,9 +25,16 @@ a check (checker, ONNX Runtime, OpenVINO) is recorded with the error instead of 
 and OUT.json gets per model and per output: SQNR, top-1 agreement, and for outputs with one vector
 per sample (embeddings) the nearest-neighbour agreement (the eval sample whose vector is most
 cosine-similar is the same in the float and the quantized outputs); bench/run.py reads it.
+
+Task metrics (bench/task_metrics.py: decoded text, detected boxes, structure tokens, decisions,
+each against the float model's) are measured for the models named in task_metrics.TASKS, chosen by
+the float model's file stem or --task NAME (--task none: skip): the line gets "; task: ..." after
+the outputs' figures, and the JSON record a "task" object ({metric: value}, primary metric first;
+"task_error" when it could not be measured).
 """
 import argparse
 import json
+import os
 import re
 import sys
 import traceback
@@ -35,6 +42,8 @@ import traceback
 import numpy as np
 import onnx
 import onnxruntime as ort
+
+import task_metrics
 
 
 def with_logits(path, logits):
@@ -178,6 +187,15 @@ def check(path, args, data, reference):
         return f"{path}: FAILED {record['error']}", None, record
     outputs, parts = compare(names, ref, got)
     record["outputs"] = outputs
+    if args.task:
+        try:
+            record["task"] = task_metrics.evaluate(args.task, names, ref, got)
+            parts.append("task: " + task_metrics.text(record["task"]))
+        except Exception as e:  # noqa: BLE001 - recorded with --json, re-raised otherwise
+            if not args.json:
+                raise
+            record["task_error"] = summary(e)
+            parts.append(f"task: FAILED {record['task_error']}")
     line = f"{path}: checker ok; " + "; ".join(parts) + trt
     if args.bootstrap:
         energies = per_sample_energies(ref, got)
@@ -215,8 +233,17 @@ def main():
     ap.add_argument("--logits", action="store_true", help="also measure the input of the last Softmax")
     ap.add_argument("--json", help="write per-model results here; a failing model is recorded, not fatal")
     ap.add_argument("--mirror", action="store_true", help="also the eval images mirrored left to right")
+    ap.add_argument("--task", help="task metrics of this model of task_metrics.TASKS (default: the float "
+                    "model's file stem, when listed); none: skip")
     args = ap.parse_args()
     args.first_energies = None
+    if args.task is None:
+        stem = os.path.splitext(os.path.basename(args.float_model))[0]
+        args.task = stem if stem in task_metrics.TASKS else None
+    elif args.task == "none":
+        args.task = None
+    elif args.task not in task_metrics.TASKS:
+        sys.exit(f"--task {args.task}: not in task_metrics.TASKS ({', '.join(task_metrics.TASKS)})")
     data = dict(np.load(args.data))
     if args.mirror:
         inputs = {k: v for k, v in data.items() if not k.startswith("_")}
