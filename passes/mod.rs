@@ -79,8 +79,8 @@ pub struct Context {
     pub plan_options: Option<PlanOptions>,
     /// What gets Q/DQ with which parameters (`plan`, then the plan passes and mixed precision).
     pub plan: Option<Plan>,
-    /// The model after the graph passes, which the quantized model is verified against
-    /// (`calibrate`).
+    /// The model after the graph passes, which the quantized model is verified against and the
+    /// guard measures against, before the plan passes correct its biases (`calibrate`).
     pub float_model: Option<Model>,
     /// The model as loaded, when the job also verifies against it (set by the job).
     pub original_model: Option<Model>,

@@ -275,13 +275,13 @@ fn plan_passes_run_in_the_order_listed() {
     let (gptq_first, report) = run_job(&model, &config, &[]);
     assert_eq!(
         step_names(&report),
-        ["calibrate", "plan", "guard", "gptq", "correct_bias", "materialize"]
+        ["calibrate", "plan", "gptq", "correct_bias", "guard", "materialize"]
     );
     let (_d2, model, config) = job_dir("[correct_bias, gptq]");
     let (bias_first, report) = run_job(&model, &config, &[]);
     assert_eq!(
         step_names(&report),
-        ["calibrate", "plan", "guard", "correct_bias", "gptq", "materialize"]
+        ["calibrate", "plan", "correct_bias", "gptq", "guard", "materialize"]
     );
     // Corrected before the rounding is chosen, the biases remove nearest rounding's shift, not
     // gptq's: another model.
@@ -307,10 +307,10 @@ fn a_plan_pass_dumps_what_it_changed() {
     };
     // gptq changes only the plan (which weights it rounded), correct_bias the biases and the
     // plan; calibrate adds the statistics, plan the plan, materialize the Q/DQ nodes (the guard,
-    // step 3, on by default, may raise layers or not).
-    let gptq = diff("04-gptq");
+    // step 5, on by default, may raise layers or not).
+    let gptq = diff("03-gptq");
     assert!(gptq.contains("+  \"rounded\": {"), "{gptq}");
-    let correct = diff("05-correct_bias");
+    let correct = diff("04-correct_bias");
     assert!(
         correct.lines().any(|l| l.starts_with("+const") && l.contains(" b1: ")),
         "{correct}"
@@ -333,7 +333,7 @@ fn stop_after_a_step_writes_the_model_as_it_stands() {
         .node_weights()
         .all(|n| n.op_type != "QuantizeLinear"));
     let (_, report) = run_job(&model, &config, &["--stop-after", "gptq"]);
-    assert_eq!(step_names(&report), ["calibrate", "plan", "guard", "gptq"]);
+    assert_eq!(step_names(&report), ["calibrate", "plan", "gptq"]);
     assert!(!report["quantization"]["plan"].is_null());
 }
 
@@ -397,8 +397,8 @@ fn a_plan_pass_plugs_into_the_step_list() {
         [
             "calibrate",
             "plan",
-            "guard",
             "gptq",
+            "guard",
             "keep_first_weight_float",
             "materialize"
         ]

@@ -3,9 +3,9 @@
 //! stopping after any step to bisect a pipeline.
 //!
 //! The steps, in order: the config's graph passes; then, when quantizing, the stages
-//! `calibrate` and `plan`, `mixed_precision` (when configured; else the accuracy `guard`, on by
-//! default with calibration data), the config's plan passes in the
-//! order listed, `materialize`, `lint` (when the target has Q/DQ rules) and `verify` (when
+//! `calibrate` and `plan`, `mixed_precision` (when configured), the config's plan passes in the
+//! order listed, the accuracy `guard` (on by default with calibration data, unless
+//! `mixed_precision` chose the precisions), `materialize`, `lint` (when the target has Q/DQ rules) and `verify` (when
 //! configured). Passes and stages implement one
 //! trait ([`crate::passes::Pass`]), so `--dump-after` and `--stop-after` work for each.
 
@@ -44,14 +44,16 @@ pub fn steps(config: &Config, files: &JobFiles) -> Vec<Box<dyn Pass>> {
     if config.quantize {
         steps.push(Box::new(stages::Calibrate::new(config, files)));
         steps.push(Box::new(stages::Plan::new(config)));
-        // Precisions first: the plan passes then round and correct exactly the weights that
-        // stay int8, as they do when the same precisions are pinned by overrides.
+        // Mixed precision chooses before the plan passes: they then round and correct exactly
+        // the weights that stay int8, as when the same precisions are pinned by overrides. The
+        // guard measures after them: what it keeps int8 is what gets written (`quant::guard`).
         if let Some(stage) = stages::MixedPrecision::new(config) {
-            steps.push(Box::new(stage));
-        } else if let Some(stage) = stages::Guard::new(config) {
             steps.push(Box::new(stage));
         }
         steps.extend(plan_passes);
+        if let Some(stage) = stages::Guard::new(config) {
+            steps.push(Box::new(stage));
+        }
         steps.push(Box::new(stages::Materialize));
         if let Some(stage) = stages::Lint::new(config) {
             steps.push(Box::new(stage));

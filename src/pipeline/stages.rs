@@ -24,7 +24,7 @@ const FEW_SAMPLES: usize = 16;
 
 /// Opens the calibration and held-out data, checks the overrides against the model, and takes the
 /// activation statistics (from the data, reused from `--stats` when they match, or data-free from
-/// the folded BatchNorms). Keeps the float model for `verify`.
+/// the folded BatchNorms). Keeps the float model for `verify` and the `guard`.
 pub struct Calibrate {
     config_path: PathBuf,
     stats_path: Option<PathBuf>,
@@ -32,6 +32,7 @@ pub struct Calibrate {
     calibration: Option<CalibrationConfig>,
     verify_data: Option<PathBuf>,
     overrides: Overrides,
+    keep_float_model: bool,
 }
 
 impl Calibrate {
@@ -43,6 +44,7 @@ impl Calibrate {
             calibration: config.calibration.clone(),
             verify_data: config.verify.as_ref().map(|v| v.data.clone()),
             overrides: config.overrides(),
+            keep_float_model: config.verify.is_some() || config.guard_settings().is_some(),
         }
     }
 }
@@ -101,7 +103,7 @@ impl Pass for Calibrate {
         };
         notes.push(format!("{} tensors on {} samples", stats.tensors.len(), stats.samples));
         ctx.stats = Some(stats);
-        if self.verify_data.is_some() {
+        if self.keep_float_model {
             ctx.float_model = Some(model.clone());
         }
         Ok(notes)
@@ -354,15 +356,20 @@ impl Pass for Guard {
         Phase::Plan
     }
     fn run(&self, model: &mut Model, ctx: &mut Context) -> Result<Vec<String>> {
-        let (Some(source), Some(stats), Some(plan)) = (&ctx.calibration, &ctx.stats, &mut ctx.plan) else {
-            return Err(Error::internal("`guard` needs calibration data, statistics and a plan"));
+        let (Some(source), Some(stats), Some(plan), Some(float)) =
+            (&ctx.calibration, &ctx.stats, &mut ctx.plan, &ctx.float_model)
+        else {
+            return Err(Error::internal(
+                "`guard` needs calibration data, statistics, a plan and the float model",
+            ));
         };
         if plan.layers().is_empty() {
             return Ok(vec!["no quantized layer to guard".into()]);
         }
         let started = Instant::now();
-        let (model, plan_measured) = measurable(model, ctx.control_flow.as_ref(), plan)?;
-        let probe = crate::quant::probe::Probe::new(&model, source, self.settings.samples)?;
+        let (measured, plan_measured) = measurable(model, ctx.control_flow.as_ref(), plan)?;
+        let (reference, _) = measurable(float, ctx.control_flow.as_ref(), plan)?;
+        let probe = crate::quant::probe::Probe::against(&reference, &measured, source, self.settings.samples)?;
         eprintln!(
             "onnxq: guard: measuring {} layers on {} samples",
             plan_measured.layers().len(),
@@ -374,12 +381,15 @@ impl Pass for Guard {
             .control_flow
             .as_ref()
             .is_some_and(|cf| !cf.inlined.folded.is_empty());
-        if inlined && model.opset("").unwrap_or(0) < 21 {
+        if inlined && measured.opset("").unwrap_or(0) < 21 {
             settings
                 .candidates
                 .retain(|&p| p != crate::quant::plan::Precision::Int16);
         }
-        let (precisions, report) = crate::quant::guard::guard(&model, &plan_measured, stats, &probe, &settings)?;
+        let (precisions, report) = crate::quant::guard::guard(&measured, &plan_measured, stats, &probe, &settings)?;
+        drop(probe);
+        drop(reference);
+        drop(measured);
         eprintln!(
             "onnxq: guard: {} ({:.1} s)",
             report.verdict,
@@ -389,7 +399,14 @@ impl Pass for Guard {
             eprintln!("  {} → {}: {}", d.layer, d.precision.name(), d.reason);
         }
         *plan = plan.with_precisions(&precisions);
-        let notes = vec![report.verdict.clone()];
+        let restored = crate::quant::guard::restore_float_layers(model, float, &precisions);
+        let mut notes = vec![report.verdict.clone()];
+        if !restored.is_empty() {
+            notes.push(format!(
+                "the float layers' constants the plan passes changed are the float model's again: {}",
+                restored.join(", ")
+            ));
+        }
         ctx.guard = Some(report);
         Ok(notes)
     }

@@ -1,8 +1,9 @@
 //! Output noise of quantized variants of one float model, measured in tract on a fixed set of
 //! samples: the measuring instrument of the mixed-precision search (`quant::mixed`).
 //!
-//! The float model runs once; its outputs are kept. Each variant (a plan applied to the float
-//! model) is materialised, lowered to float fake-quant arithmetic like `verify` does, and run on
+//! The float model runs once; its outputs are kept. Each variant (a plan applied to the model,
+//! which is the float model, or the float model with the plan passes' corrected biases: see
+//! [`Probe::against`]) is materialised, lowered to float fake-quant arithmetic like `verify` does, and run on
 //! the same samples; its noise is Σ(f − q)² per float output, summed in sample order, so the
 //! figures do not depend on the thread count.
 //!
@@ -25,7 +26,10 @@ use crate::verify::metrics::sqnr_from_sums;
 
 /// The float model's outputs on the probe samples, and the signal power of each float output.
 pub struct Probe<'a> {
+    /// The model whose outputs are the reference.
     float: &'a Model,
+    /// The model plans are applied to: `float`, or `float` with biases the plan passes corrected.
+    model: &'a Model,
     data: &'a DataSource,
     samples: usize,
     shapes: Vec<(String, DatumType, Vec<usize>)>,
@@ -56,6 +60,13 @@ const LOWER_PERCENTILE: f64 = 10.0;
 impl<'a> Probe<'a> {
     /// Runs the float model on the first `samples` samples of `data`.
     pub fn new(float: &'a Model, data: &'a DataSource, samples: usize) -> Result<Probe<'a>> {
+        Probe::against(float, float, data, samples)
+    }
+
+    /// A probe whose variants are plans applied to `model`, measured against the outputs of
+    /// `float`: the same graph, whose biases the plan passes changed in `model` (bias correction
+    /// corrects what quantization shifts, so against the float model itself it adds noise).
+    pub fn against(float: &'a Model, model: &'a Model, data: &'a DataSource, samples: usize) -> Result<Probe<'a>> {
         let samples = samples.min(data.len());
         if samples == 0 {
             return Err(Error::Usage(
@@ -102,6 +113,7 @@ impl<'a> Probe<'a> {
         let signal = sum_samples(&sample_signal);
         Ok(Probe {
             float,
+            model,
             data,
             samples,
             shapes,
@@ -124,6 +136,7 @@ impl<'a> Probe<'a> {
         let sample_signal = self.sample_signal[..samples].to_vec();
         Probe {
             float: self.float,
+            model: self.model,
             data: self.data,
             samples,
             shapes: self.shapes.clone(),
@@ -143,7 +156,7 @@ impl<'a> Probe<'a> {
 
     /// The noise of each sample with `plan` applied.
     pub fn sample_noise(&self, plan: &Plan) -> Result<SampleNoise> {
-        let mut model = self.float.clone();
+        let mut model = self.model.clone();
         crate::quant::materialize::materialize(&mut model, plan)?;
         let lowered = lower_all_qdq(&model)?;
         let runner = Runner::new(&lowered, &self.shapes, &[])?;
@@ -185,7 +198,7 @@ impl<'a> Probe<'a> {
     /// The variants of `base` (subsets of its layers, some at int16), each measured by one run
     /// of one compiled model (`quant::switched`).
     pub fn variants(&self, base: &Plan) -> Result<Variants<'_, 'a>> {
-        let switched = crate::quant::switched::build(self.float, base)?;
+        let switched = crate::quant::switched::build(self.float, self.model, base)?;
         let mut shapes = self.shapes.clone();
         shapes.extend(switched.extra_inputs.iter().cloned());
         let runner = Runner::new(&switched.model, &shapes, &[])?;

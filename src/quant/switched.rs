@@ -8,10 +8,12 @@
 //! An activation `x` the plan quantizes becomes, for the plan's readers of `x`,
 //! `x + on·(s·(clamp(round(x / s) + z, lo, hi) − z) − x)` with `s, z, lo, hi, on` scalar inputs
 //! (`on` 0 or 1): the QuantizeLinear/DequantizeLinear pair when on, `x` when off. A weight `w`
-//! becomes `w + on·(dq(q(w)) − w)`, the difference a constant, and so does an int32 bias. What this does not model, as
+//! becomes `w + on·(dq(q(w)) − w)`, the difference a constant, and so does an int32 bias. A bias
+//! the plan passes corrected (`correct_bias`) and the plan quantizes to int32 is its float value
+//! when off and its corrected int32 one when on. What this does not model, as
 //! it only ranks layers (a variant's final figure is measured on the written model): a tensor is
 //! quantized for all the plan's readers or none (a variant quantizing it for only some of them
-//! quantizes it for all), a bias is int32 at the base plan's scale also when its input is int16
+//! quantizes it for all), a corrected bias that is not among the plan's biases (read by a layer whose bias stays float) is corrected in every variant, a bias is int32 at the base plan's scale also when its input is int16
 //! (the written model's error is smaller there), float16 layers run in float, and `x / s` is tract's multiplication by the reciprocal.
 
 use std::collections::BTreeMap;
@@ -55,9 +57,10 @@ fn scalar_input(name: &str) -> ValueInfoProto {
     }
 }
 
-/// The float model with switches for every tensor `base` quantizes (module header).
-pub fn build(float: &Model, base: &Plan) -> Result<SwitchedModel> {
-    let mut model = float.clone();
+/// `model` (the float model, or it with the biases the plan passes corrected) with switches for
+/// every tensor `base` quantizes, every switch off computing `float` (module header).
+pub fn build(float: &Model, model: &Model, base: &Plan) -> Result<SwitchedModel> {
+    let mut model = model.clone();
     if model.opset("").unwrap_or(1) < 11 {
         // Round.
         crate::onnx::opset::upgrade_opset(&mut model, 11)?;
@@ -146,20 +149,34 @@ pub fn build(float: &Model, base: &Plan) -> Result<SwitchedModel> {
     }
     let mut biases = Vec::new();
     for (b, q) in &base.biases {
-        let values = values_f32(&model.graph.constants[b].tensor)
+        let corrected = values_f32(&model.graph.constants[b].tensor)
             .ok_or_else(|| Error::internal(format!("bias '{b}' is not float")))?;
+        // Off: the float model's bias (none, a bias of zeros, where a plan pass created it).
+        let original = match float.graph.constants.get(b) {
+            Some(c) => values_f32(&c.tensor).ok_or_else(|| Error::internal(format!("bias '{b}' is not float")))?,
+            None => vec![0.0; corrected.len()],
+        };
         let input_scale = base.activations[&q.input].params.scale;
-        if let BiasQuantization::Int32 { values: ints, scales } =
-            quantize_bias(&values, input_scale, &weight_scales[q.weight.as_str()])
-        {
-            let dequantized = ints
+        let on = match quantize_bias(&corrected, input_scale, &weight_scales[q.weight.as_str()]) {
+            BiasQuantization::Int32 { values: ints, scales } => ints
                 .iter()
                 .enumerate()
                 .map(|(c, &v)| (v as f64 * scales[if scales.len() == 1 { 0 } else { c }] as f64) as f32)
-                .collect();
-            switch_constant(&mut model, b, dequantized, &q.consumers)?;
-            biases.push(b.clone());
+                .collect(),
+            _ if corrected != original => corrected.clone(),
+            _ => continue,
+        };
+        if original.len() != on.len() {
+            return Err(Error::internal(format!("bias '{b}' changed size in the plan passes")));
         }
+        if original != corrected {
+            let tensor = &mut model.graph.constants.get_mut(b).expect("read above").tensor;
+            let values: Vec<f64> = original.iter().map(|&v| v as f64).collect();
+            *tensor = float_tensor(DataType::Float as i32, tensor.dims.clone(), &values);
+            tensor.name = Some(b.clone());
+        }
+        switch_constant(&mut model, b, on, &q.consumers)?;
+        biases.push(b.clone());
     }
     model.graph.rebuild_edges()?;
     model.graph.check()?;
