@@ -12,6 +12,7 @@ use crate::calib::source::DataSource;
 use crate::calib::stats::{self, CalibrationStats, Fingerprint};
 use crate::error::{Error, Result};
 use crate::ir::{BatchNormRecord, Model};
+use crate::passes::gptq::LayerInputs;
 use crate::passes::{Context, Pass, Phase};
 use crate::quant::plan::{MatchKind, Overrides, PlanOptions};
 use crate::verify::VerifyOptions;
@@ -95,7 +96,20 @@ impl Pass for Calibrate {
         let stats = match &ctx.calibration {
             Some(source) => {
                 let runnable = crate::calib::control_flow::runnable(ctx.control_flow.as_ref(), model)?;
-                calibration_stats(&runnable, source, self.stats_path.as_deref(), self.observe_every_tensor)?
+                // gptq's layer statistics in the same run of the model, when it asks next.
+                let layer_inputs = ctx
+                    .gptq_follows_calibration
+                    .then(|| LayerInputs::before_plan(&runnable, source))
+                    .transpose()?;
+                let (stats, measured) = calibration_stats(
+                    &runnable,
+                    source,
+                    self.stats_path.as_deref(),
+                    self.observe_every_tensor,
+                    layer_inputs,
+                )?;
+                ctx.gptq_layer_inputs = measured;
+                stats
             }
             None => self.data_free_stats(model, &ctx.batchnorm_records)?,
         };
@@ -136,13 +150,15 @@ impl Calibrate {
 }
 
 /// Statistics for `model` on `source`: reused from `stats_path` when it matches, else collected
-/// (and saved there when a path is given).
+/// (and saved there when a path is given), with `layer_inputs` measured in the same run when
+/// given (not when the statistics are reused: gptq then measures them itself).
 fn calibration_stats(
     model: &Model,
     source: &DataSource,
     stats_path: Option<&Path>,
     every_tensor: bool,
-) -> Result<CalibrationStats> {
+    layer_inputs: Option<LayerInputs>,
+) -> Result<(CalibrationStats, Option<crate::passes::gptq::Measured>)> {
     if source.len() < FEW_SAMPLES {
         eprintln!(
             "warning: calibrating on {} samples; ranges from fewer than {FEW_SAMPLES} are unreliable",
@@ -163,13 +179,21 @@ fn calibration_stats(
             path.display(),
             s.samples
         );
-        return Ok(s);
+        return Ok((s, None));
     }
     let t = Instant::now();
     let candidates = crate::quant::rules::data_inputs_of_rules(&model.graph);
-    let s = stats::collect_observing(model, source, fingerprint.data.clone(), &|t| {
-        every_tensor || candidates.contains(t)
-    })?;
+    let wanted = |t: &str| every_tensor || candidates.contains(t);
+    let (s, measured) = match layer_inputs {
+        Some(rider) => {
+            let (s, sum) = stats::collect_riding(model, source, fingerprint.data.clone(), &wanted, &rider)?;
+            (s, Some(rider.measured(sum)?))
+        }
+        None => (
+            stats::collect_observing(model, source, fingerprint.data.clone(), &wanted)?,
+            None,
+        ),
+    };
     let secs = t.elapsed().as_secs_f64();
     eprintln!(
         "onnxq: calibrated {} tensors on {} samples in {secs:.2} s ({:.1} samples/s)",
@@ -181,7 +205,7 @@ fn calibration_stats(
         s.save(path)?;
         eprintln!("onnxq: wrote statistics to {}", path.display());
     }
-    Ok(s)
+    Ok((s, measured))
 }
 
 /// Every override must match something in the model: a typo would silently do nothing.
