@@ -59,16 +59,20 @@ def last_error_line(path):
 
 
 def measure(cmd, log_path, timeout):
-    """Runs cmd under /usr/bin/time and timeout: {ok, secs, mb, error}."""
+    """Runs cmd under /usr/bin/time and timeout: {ok, secs (wall), cpu (user + system), mb (peak
+    RSS, MiB), error}."""
     fd, tfile = tempfile.mkstemp(prefix="time.")
     os.close(fd)
-    full = ["/usr/bin/time", "-f", "%e %M", "-o", tfile, "timeout", "--kill-after=10", str(timeout)] + cmd
+    full = ["/usr/bin/time", "-f", "%e %M %U %S", "-o", tfile, "timeout", "--kill-after=10", str(timeout)] + cmd
     with open(log_path, "w") as out:
         rc = subprocess.call(full, stdout=out, stderr=subprocess.STDOUT)
     stats = [l.split() for l in open(tfile)]
     os.unlink(tfile)
-    secs, kb = (float(stats[-1][0]), float(stats[-1][1])) if stats and len(stats[-1]) == 2 else (math.nan, math.nan)
-    r = {"ok": rc == 0, "secs": secs, "mb": kb / 1024, "rc": rc}
+    if stats and len(stats[-1]) == 4:
+        secs, kb, user, system = map(float, stats[-1])
+    else:
+        secs, kb, user, system = (math.nan,) * 4
+    r = {"ok": rc == 0, "secs": secs, "mb": kb / 1024, "cpu": user + system, "rc": rc}
     if rc == 124:
         r["error"] = f"timed out after {timeout} s"
     elif rc in (137, -9):
@@ -400,6 +404,18 @@ def kernels(args, dirs):
     return "\n".join(rows)
 
 
+def update_between(path, begin, end, text):
+    """Replaces the part of the file `path` between the markers `begin` and `end` with `text`."""
+    doc = open(path).read()
+    if begin not in doc or end not in doc:
+        sys.exit(f"{os.path.basename(sys.argv[0])}: {path} has no {begin} ... {end} markers")
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    with open(path, "w") as f:
+        f.write(head + begin + "\n" + text + end + tail)
+    log(f"updated {path}")
+
+
 def sh(cmd):
     try:
         return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=60).stdout.strip()
@@ -575,14 +591,7 @@ def main():
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(clean({"main": results, "scaling": scaling}), f, indent=1)
     if args.update:
-        doc = open(args.update).read()
-        if BEGIN not in doc or END not in doc:
-            sys.exit(f"bench/run.py: {args.update} has no {BEGIN} ... {END} markers")
-        head, rest = doc.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        with open(args.update, "w") as f:
-            f.write(head + BEGIN + "\n" + text + END + tail)
-        log(f"updated {args.update}")
+        update_between(args.update, BEGIN, END, text)
     log(f"report: {os.path.join(args.out, 'report.md')}; raw measurements: {os.path.join(args.out, 'results.json')}")
 
 

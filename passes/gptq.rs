@@ -38,14 +38,16 @@ use tract_onnx::prelude::tract_ndarray::Array2;
 
 use super::{Context, Pass};
 use crate::calib::source::DataSource;
+use crate::calib::stats::{ride, Rider};
 use crate::error::{Error, Result};
 use crate::ir::ops::{self, AutoPad};
 use crate::ir::tensor;
 use crate::ir::{Graph, Model, Node};
 use crate::quant::params::{self, QuantizedTensor};
 use crate::quant::plan::{Plan, RoundedWeight};
-use crate::runtime::memory::{run_in_order, Parallelism};
+use crate::runtime::memory::Parallelism;
 use crate::runtime::Runner;
+use tract_onnx::prelude::Tensor;
 
 /// Input vectors per weight column below which a layer keeps nearest rounding (module docs).
 pub const MIN_ROWS_PER_COLUMN: usize = 100;
@@ -88,14 +90,14 @@ impl Pass for Gptq {
         };
         // With a Loop tract cannot run, the layers of the part it runs (calib::control_flow).
         let runnable = crate::calib::control_flow::runnable(ctx.control_flow.as_ref(), model)?;
-        let notes = apply(&runnable, plan, source)?;
+        let notes = apply_measured(&runnable, plan, source, ctx.gptq_layer_inputs.take())?;
         eprintln!("onnxq: gptq took {:.1} s", started.elapsed().as_secs_f64());
         Ok(notes)
     }
 }
 
 /// How a layer's input vectors are read from its input tensor.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 enum Reader {
     /// Conv: im2col patches per group.
     Conv(ConvWindow),
@@ -104,7 +106,7 @@ enum Reader {
 }
 
 /// A Conv's sliding window (explicit pads).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 struct ConvWindow {
     group: usize,
     channels_per_group: usize,
@@ -154,7 +156,7 @@ impl Reader {
 }
 
 /// Where weight element (row, column) sits in the flat weight.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum WeightOrder {
     /// `[rows, columns]` row-major (Conv `[C_out, C_in/group·Πk]`, Gemm transB = 1).
     RowMajor,
@@ -162,7 +164,7 @@ enum WeightOrder {
     ColumnMajor,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 struct Target {
     label: String,
     input: String,
@@ -286,7 +288,7 @@ fn find_targets(graph: &Graph, plan: &Plan) -> Result<Vec<std::result::Result<Ta
 // statistics: H = Σ x xᵀ per group
 
 /// One layer's `H` per group (`columns × columns`) and the number of input vectors seen.
-struct Gram {
+pub struct Gram {
     per_group: Vec<Array2<f64>>,
     rows: u64,
 }
@@ -325,7 +327,7 @@ fn picked(step: usize, count: usize, sample: usize) -> impl Iterator<Item = usiz
 /// One sample's share of a layer's `H`: the f32 products `xᵀx` of its picked input vectors, a
 /// chunk at a time, with the group each goes to, in the order they are summed; and how many
 /// vectors that is. Made while the sample's tensor is alive, so the tensor is never copied.
-struct Contribution {
+pub struct Contribution {
     products: Vec<(usize, Array2<f32>)>,
     rows: u64,
 }
@@ -417,110 +419,220 @@ fn contribution(
     Ok(Contribution { products, rows })
 }
 
-/// Runs the float model over the calibration samples and accumulates every target's `H`, or says
-/// why not: a layer whose samples give fewer than [`MIN_ROWS_PER_COLUMN`] input vectors per
-/// column (known from the first sample: the runner's input shapes are fixed) is dropped before
-/// any work. Each layer input is reduced to its sample's [`Contribution`] as tract produces it
-/// (the tensor is neither copied nor held past its last reader); as many samples run at once
-/// as the memory budget fits, and each layer adds its samples' contributions in sample order,
-/// so the sums do not depend on the thread count.
-fn gram_matrices(
-    model: &Model,
-    source: &DataSource,
-    targets: &[Target],
-) -> Result<Vec<std::result::Result<Gram, String>>> {
-    let shapes = source.sample_shapes()?;
-    let input_names: Vec<String> = shapes.iter().map(|(n, _, _)| n.clone()).collect();
-    let mut wanted: Vec<String> = targets.iter().map(|t| t.input.clone()).collect();
-    wanted.sort();
-    wanted.dedup();
-    let extra: Vec<String> = wanted.iter().filter(|n| !input_names.contains(n)).cloned().collect();
-    let runner = Runner::new(model, &shapes, &extra)?;
-    let total = source.len();
-    // Which targets read each tensor.
-    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (ti, t) in targets.iter().enumerate() {
-        readers.entry(t.input.as_str()).or_default().push(ti);
-    }
-    let parallel = Parallelism::for_samples(runner.sample_bytes()?);
-    let progress =
-        crate::calib::stats::Progress::new("gptq: measuring layer inputs", total as u64, &parallel.describe());
-    // Sample i's share of every target: how many vectors all samples give (from this sample's
-    // shape, the same for every sample), or why the layer is not measured; and its contribution.
-    type Share = Vec<Option<(std::result::Result<u64, String>, Option<Contribution>)>>;
-    let share = |i: usize| -> Result<Share> {
-        let mut share: Share = (0..targets.len()).map(|_| None).collect();
-        runner.run_visiting(source.sample(i)?, |name, tensor| {
-            let Some(tis) = readers.get(name) else { return Ok(()) };
-            let copied;
-            let values: &[f32] = match tensor.as_plain_ram().and_then(|v| v.as_slice::<f32>().ok()) {
-                Some(v) if tensor.datum_type() == tract_onnx::prelude::DatumType::F32 => v,
-                _ => {
-                    copied = crate::runtime::to_f32_vec(tensor)?;
-                    &copied
-                }
-            };
-            let shape = tensor.shape();
-            for &ti in tis {
-                let t = &targets[ti];
-                let at = |e: String| Error::data(source.sample_label(i), format!("gptq: {}: {e}", t.label));
-                let vectors = t.reader.vectors(shape).map_err(at)? as u64 * total as u64;
-                let needed = MIN_ROWS_PER_COLUMN as u64 * t.columns as u64;
-                let measured = if t.columns > MAX_COLUMNS {
-                    Err(format!(
-                        "nearest rounding {}: {} columns, more than the {MAX_COLUMNS} whose H is worth its cost",
-                        t.label, t.columns
-                    ))
-                } else if vectors >= needed {
-                    Ok(vectors)
-                } else {
-                    Err(format!(
-                        "nearest rounding {}: {vectors} input vectors for {} columns, fewer than the {MIN_ROWS_PER_COLUMN} per column that estimate H",
-                        t.label, t.columns
-                    ))
-                };
-                let contribution = match &measured {
-                    Ok(vectors) => Some(contribution(t, step_for(t, *vectors), values, shape, i).map_err(at)?),
-                    Err(_) => None,
-                };
-                share[ti] = Some((measured, contribution));
-            }
-            Ok(())
-        })?;
-        progress.advance(1);
-        Ok(share)
-    };
-    let missing = |t: &Target| Error::Runtime(format!("gptq: no value for '{}'", t.input));
-    // The first sample decides which layers are measured.
-    let mut grams: Vec<std::result::Result<Gram, String>> = Vec::new();
-    if total > 0 {
-        for (t, s) in targets.iter().zip(share(0)?) {
-            let (measured, contribution) = s.ok_or_else(|| missing(t))?;
-            grams.push(measured.map(|_| {
-                let mut gram = Gram::new(t);
-                gram.absorb(contribution.expect("a measured layer has its contribution"));
-                gram
-            }));
+/// gptq's layer statistics as a calibration [`Rider`]: every target's `H`, from the layer
+/// inputs of each sample as tract produces them. A layer whose samples give fewer than
+/// [`MIN_ROWS_PER_COLUMN`] input vectors per column (known from any sample: the runner's input
+/// shapes are fixed) is not measured, and says why. Each layer input is reduced to its sample's
+/// [`Contribution`] while tract holds it (the tensor is neither copied nor held past its last
+/// reader), and each layer adds its samples' contributions in sample order, so the sums do not
+/// depend on the thread count, nor on whether the samples ran for gptq alone ([`gram_matrices`])
+/// or in calibration's run of the model (`pipeline::stages::Calibrate`, when gptq is the first
+/// pass after it: [`LayerInputs::before_plan`]).
+pub struct LayerInputs<'s> {
+    targets: Vec<Target>,
+    /// Which targets read each tensor.
+    readers: HashMap<String, Vec<usize>>,
+    source: &'s DataSource,
+}
+
+/// Sample `sample`'s share of every target: how many vectors all samples give (from this
+/// sample's shape, the same for every sample), or why the layer is not measured; and its
+/// contribution.
+pub struct SampleShare {
+    sample: usize,
+    targets: Vec<Option<TargetShare>>,
+}
+
+/// One target's share of a sample: the vectors all samples give or why it is not measured, and
+/// the sample's contribution when it is.
+type TargetShare = (std::result::Result<u64, String>, Option<Contribution>);
+
+/// Every target's `H` or why it is not measured; None before the first sample.
+pub type Grams = Vec<Option<std::result::Result<Gram, String>>>;
+
+/// The layer statistics calibration's run measured for gptq, handed over in
+/// [`Context::gptq_layer_inputs`]: the layers, each with its `H` or why it is not measured.
+pub struct Measured {
+    layers: Vec<(Target, std::result::Result<Gram, String>)>,
+}
+
+impl<'s> LayerInputs<'s> {
+    fn new(targets: Vec<Target>, source: &'s DataSource) -> LayerInputs<'s> {
+        let mut readers: HashMap<String, Vec<usize>> = HashMap::new();
+        for (ti, t) in targets.iter().enumerate() {
+            readers.entry(t.input.clone()).or_default().push(ti);
+        }
+        LayerInputs {
+            targets,
+            readers,
+            source,
         }
     }
-    if grams.iter().any(|g| g.is_ok()) {
-        run_in_order(
-            total - 1,
-            parallel.samples,
-            |i| share(i + 1),
-            |_, share| {
-                for ((gram, t), s) in grams.iter_mut().zip(targets).zip(share) {
-                    let (_, contribution) = s.ok_or_else(|| missing(t))?;
-                    if let (Ok(gram), Some(c)) = (gram, contribution) {
+
+    /// What gptq may ask for once the plan exists: every layer whose weight a plan can quantize
+    /// and whose layout gptq reads ([`read_target`]), so calibration's run can measure them
+    /// before the plan is known (the plan's targets are among them; the others cost their `H`).
+    pub fn before_plan(model: &Model, source: &'s DataSource) -> Result<LayerInputs<'s>> {
+        let graph = &model.graph;
+        let mut targets = Vec::new();
+        for ix in graph.topological_order()? {
+            let n = &graph.nodes[ix];
+            let Some(slot) = crate::quant::rules::rule_for(n).and_then(|r| r.weight).map(|w| w.slot) else {
+                continue;
+            };
+            let Some(weight) = n.inputs.get(slot).filter(|w| graph.constants.contains_key(*w)) else {
+                continue;
+            };
+            if let Ok(t) = read_target(graph, n, weight) {
+                targets.push(t);
+            }
+        }
+        Ok(LayerInputs::new(targets, source))
+    }
+
+    /// The statistics of every layer, once every sample is absorbed into `sum`.
+    pub fn measured(self, sum: Grams) -> Result<Measured> {
+        let layers = self
+            .targets
+            .into_iter()
+            .zip(sum)
+            .map(|(t, g)| {
+                let g = g.ok_or_else(|| missing(&t))?;
+                Ok((t, g))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Measured { layers })
+    }
+}
+
+fn missing(t: &Target) -> Error {
+    Error::Runtime(format!("gptq: no value for '{}'", t.input))
+}
+
+impl Rider for LayerInputs<'_> {
+    type Share = SampleShare;
+    type Sum = Grams;
+
+    fn tensors(&self) -> Vec<String> {
+        let mut wanted: Vec<String> = self.readers.keys().cloned().collect();
+        wanted.sort();
+        wanted
+    }
+
+    fn start(&self, sample: usize) -> SampleShare {
+        SampleShare {
+            sample,
+            targets: (0..self.targets.len()).map(|_| None).collect(),
+        }
+    }
+
+    fn visit(&self, share: &mut SampleShare, name: &str, tensor: &Tensor) -> Result<()> {
+        let Some(tis) = self.readers.get(name) else {
+            return Ok(());
+        };
+        let copied;
+        let values: &[f32] = match tensor.as_plain_ram().and_then(|v| v.as_slice::<f32>().ok()) {
+            Some(v) if tensor.datum_type() == tract_onnx::prelude::DatumType::F32 => v,
+            _ => {
+                copied = crate::runtime::to_f32_vec(tensor)?;
+                &copied
+            }
+        };
+        let (i, total) = (share.sample, self.source.len());
+        let shape = tensor.shape();
+        for &ti in tis {
+            let t = &self.targets[ti];
+            let at = |e: String| Error::data(self.source.sample_label(i), format!("gptq: {}: {e}", t.label));
+            let vectors = t.reader.vectors(shape).map_err(at)? as u64 * total as u64;
+            let needed = MIN_ROWS_PER_COLUMN as u64 * t.columns as u64;
+            let measured = if t.columns > MAX_COLUMNS {
+                Err(format!(
+                    "nearest rounding {}: {} columns, more than the {MAX_COLUMNS} whose H is worth its cost",
+                    t.label, t.columns
+                ))
+            } else if vectors >= needed {
+                Ok(vectors)
+            } else {
+                Err(format!(
+                    "nearest rounding {}: {vectors} input vectors for {} columns, fewer than the {MIN_ROWS_PER_COLUMN} per column that estimate H",
+                    t.label, t.columns
+                ))
+            };
+            let contribution = match &measured {
+                Ok(vectors) => Some(contribution(t, step_for(t, *vectors), values, shape, i).map_err(at)?),
+                Err(_) => None,
+            };
+            share.targets[ti] = Some((measured, contribution));
+        }
+        Ok(())
+    }
+
+    fn empty(&self) -> Grams {
+        (0..self.targets.len()).map(|_| None).collect()
+    }
+
+    fn absorb(&self, sum: &mut Grams, share: SampleShare) -> Result<()> {
+        for ((gram, t), s) in sum.iter_mut().zip(&self.targets).zip(share.targets) {
+            let (measured, contribution) = s.ok_or_else(|| missing(t))?;
+            match gram {
+                // The first sample decides which layers are measured.
+                None => {
+                    *gram = Some(measured.map(|_| {
+                        let mut gram = Gram::new(t);
+                        gram.absorb(contribution.expect("a measured layer has its contribution"));
+                        gram
+                    }))
+                }
+                Some(Ok(gram)) => {
+                    if let Some(c) = contribution {
                         gram.absorb(c);
                     }
                 }
-                Ok(())
-            },
-        )?;
+                Some(Err(_)) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Measured {
+    /// The statistics of `t`, when calibration measured that very layer (taken out).
+    fn take(&mut self, t: &Target) -> Option<std::result::Result<Gram, String>> {
+        let at = self.layers.iter().position(|(m, _)| m == t)?;
+        Some(self.layers.swap_remove(at).1)
+    }
+}
+
+/// Runs the float model over the calibration samples for gptq alone and accumulates every
+/// target's `H`, or says why not ([`LayerInputs`]): the first sample runs first, and the others
+/// only if it leaves a layer to measure. As many samples run at once as the memory budget fits.
+fn gram_matrices(
+    model: &Model,
+    source: &DataSource,
+    targets: Vec<Target>,
+) -> Result<Vec<std::result::Result<Gram, String>>> {
+    let rider = LayerInputs::new(targets, source);
+    let shapes = source.sample_shapes()?;
+    let input_names: Vec<String> = shapes.iter().map(|(n, _, _)| n.clone()).collect();
+    let extra: Vec<String> = rider
+        .tensors()
+        .into_iter()
+        .filter(|n| !input_names.contains(n))
+        .collect();
+    let runner = Runner::new(model, &shapes, &extra)?;
+    let total = source.len();
+    let parallel = Parallelism::for_samples(runner.sample_bytes()?);
+    let progress =
+        crate::calib::stats::Progress::new("gptq: measuring layer inputs", total as u64, &parallel.describe());
+    let mut sum = rider.empty();
+    if total > 0 {
+        ride(&runner, source, &rider, 0..1, parallel.samples, &mut sum, &progress)?;
+        if sum.iter().any(|g| matches!(g, Some(Ok(_)))) {
+            ride(&runner, source, &rider, 1..total, parallel.samples, &mut sum, &progress)?;
+        }
     }
     progress.finish();
-    Ok(grams)
+    Ok(rider.measured(sum)?.layers.into_iter().map(|(_, g)| g).collect())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -705,6 +817,17 @@ fn round_layer(
 /// Chooses the rounding of every weight the plan quantizes that GPTQ applies to, from the
 /// calibration data (module docs), and records it in `plan.rounded`. Returns one note per layer.
 pub fn apply(model: &Model, plan: &mut Plan, source: &DataSource) -> Result<Vec<String>> {
+    apply_measured(model, plan, source, None)
+}
+
+/// [`apply`], with the layer statistics calibration's run measured on the same model and
+/// data when it did (`measured`): the layers it measured are not measured again.
+pub fn apply_measured(
+    model: &Model,
+    plan: &mut Plan,
+    source: &DataSource,
+    measured: Option<Measured>,
+) -> Result<Vec<String>> {
     if source.is_empty() {
         return Err(Error::Graph(
             "gptq needs calibration data (`calibration: {data: …}`): it fits the rounding to the layers' inputs".into(),
@@ -719,7 +842,27 @@ pub fn apply(model: &Model, plan: &mut Plan, source: &DataSource) -> Result<Vec<
             Err((label, reason)) => notes.push(format!("nearest rounding {label}: {reason}")),
         }
     }
-    let grams = gram_matrices(model, source, &targets)?;
+    // What calibration measured, and the rest measured now.
+    let mut measured = measured.unwrap_or(Measured { layers: Vec::new() });
+    let mut grams: Vec<Option<std::result::Result<Gram, String>>> = targets.iter().map(|t| measured.take(t)).collect();
+    let from_calibration = grams.iter().filter(|g| g.is_some()).count();
+    let unmeasured: Vec<Target> = targets
+        .iter()
+        .zip(&grams)
+        .filter(|(_, g)| g.is_none())
+        .map(|(t, _)| t.clone())
+        .collect();
+    if !unmeasured.is_empty() {
+        let mut measuring = gram_matrices(model, source, unmeasured)?.into_iter();
+        for g in grams.iter_mut().filter(|g| g.is_none()) {
+            *g = measuring.next();
+        }
+    }
+    let grams: Vec<std::result::Result<Gram, String>> = grams
+        .into_iter()
+        .zip(&targets)
+        .map(|(g, t)| g.ok_or_else(|| missing(t)))
+        .collect::<Result<_>>()?;
     let mut rounded = Vec::new();
     for (t, gram) in targets.iter().zip(&grams) {
         let gram = match gram {
@@ -749,11 +892,18 @@ pub fn apply(model: &Model, plan: &mut Plan, source: &DataSource) -> Result<Vec<
             notes.push(note);
         }
     }
-    let mut out = vec![format!(
-        "gptq: {} weights rounded, {} kept nearest rounding",
-        rounded.len(),
-        notes.len()
-    )];
+    let mut out = vec![
+        format!(
+            "gptq: {} weights rounded, {} kept nearest rounding",
+            rounded.len(),
+            notes.len()
+        ),
+        format!(
+            "layer inputs of {} layers from calibration's run of the model, {} from gptq's own run",
+            from_calibration,
+            targets.len() - from_calibration
+        ),
+    ];
     out.extend(rounded);
     out.extend(notes);
     Ok(out)

@@ -75,6 +75,14 @@ pub struct Context {
     pub calibration: Option<DataSource>,
     /// Activation statistics of the float model after the graph passes (`calibrate`).
     pub stats: Option<CalibrationStats>,
+    /// Whether `gptq` is the first pass after `calibrate` (set by the pass manager, `pipeline::run`):
+    /// the stages between change only the plan, so calibration's run of the float model sees
+    /// the layer inputs gptq would and measures them for it, instead of gptq running the model
+    /// over the data again.
+    pub gptq_follows_calibration: bool,
+    /// gptq's layer statistics, measured by `calibrate` when `gptq_follows_calibration` (and the
+    /// statistics were not reused from a file); `gptq` takes them.
+    pub gptq_layer_inputs: Option<gptq::Measured>,
     /// How the plan is built (`plan`), so a plan pass can re-plan after changing the graph.
     pub plan_options: Option<PlanOptions>,
     /// What gets Q/DQ with which parameters (`plan`, then the plan passes and mixed precision).

@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use onnxq::calib::observers::Method;
 use onnxq::calib::source::DataSource;
-use onnxq::calib::stats::{collect, CalibrationStats};
+use onnxq::calib::stats::{collect, collect_riding, CalibrationStats};
 use onnxq::ir::Model;
 use onnxq::passes::gptq;
 use onnxq::passes::Context;
@@ -272,9 +272,9 @@ fn run_job(model: &std::path::Path, config: &std::path::Path, extra: &[&str]) ->
 #[test]
 fn plan_passes_run_in_the_order_listed() {
     let (_d1, model, config) = job_dir("[gptq, correct_bias]");
-    let (gptq_first, report) = run_job(&model, &config, &[]);
+    let (gptq_first, gptq_report) = run_job(&model, &config, &[]);
     assert_eq!(
-        step_names(&report),
+        step_names(&gptq_report),
         ["calibrate", "plan", "gptq", "correct_bias", "guard", "materialize"]
     );
     let (_d2, model, config) = job_dir("[correct_bias, gptq]");
@@ -283,11 +283,83 @@ fn plan_passes_run_in_the_order_listed() {
         step_names(&report),
         ["calibrate", "plan", "correct_bias", "gptq", "guard", "materialize"]
     );
+    // Right after calibration (the stages between change only the plan) gptq's layer inputs
+    // are measured in calibration's run of the model; after correct_bias, which changes the
+    // biases the later layers' inputs depend on, by a run of its own.
+    assert_eq!(layer_inputs_note(&gptq_report), Some((4, 0)), "{gptq_report:#}");
+    assert_eq!(layer_inputs_note(&report), Some((0, 4)), "{report:#}");
     // Corrected before the rounding is chosen, the biases remove nearest rounding's shift, not
     // gptq's: another model.
     assert_ne!(gptq_first, bias_first);
     let (again, _) = run_job(&model, &config, &[]);
     assert_eq!(again, bias_first, "the same config gives the same bytes");
+}
+
+/// gptq's note on where its layer inputs came from: (layers from calibration's run, from its own).
+fn layer_inputs_note(report: &serde_json::Value) -> Option<(usize, usize)> {
+    let gptq = report["passes"].as_array()?.iter().find(|p| p["pass"] == "gptq")?;
+    let note = gptq["notes"]
+        .as_array()?
+        .iter()
+        .filter_map(|n| n.as_str())
+        .find(|n| n.starts_with("layer inputs of "))?;
+    let numbers: Vec<usize> = note.split(' ').filter_map(|w| w.parse().ok()).collect();
+    Some((numbers[0], numbers[1]))
+}
+
+#[test]
+fn gptq_measured_in_calibrations_run_writes_the_same_model_as_its_own_run() {
+    // With the statistics reused from a file, calibration does not run the model, and gptq
+    // measures its layer inputs itself: the same sums, so the same bytes.
+    let (dir, model, config) = job_dir("[gptq, correct_bias]");
+    let stats = dir.path().join("stats.json");
+    let stats = stats.to_str().unwrap();
+    let (ridden, report) = run_job(&model, &config, &["--stats", stats]);
+    assert_eq!(layer_inputs_note(&report), Some((4, 0)), "{report:#}");
+    let (own, report) = run_job(&model, &config, &["--stats", stats]);
+    assert_eq!(layer_inputs_note(&report), Some((0, 4)), "{report:#}");
+    assert_eq!(ridden, own);
+}
+
+#[test]
+fn gptq_uses_what_calibration_measured_not_the_data_again() {
+    // Layer inputs measured on one data set, handed to gptq with another: the roundings are
+    // those of the first set, so gptq did not run the model over the data it was given.
+    let dir = tempfile::tempdir().unwrap();
+    let m = net();
+    let first = calibration_source(&m, &write_x_calibration(dir.path(), &samples(16, 7)));
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = calibration_source(&m, &write_x_calibration(other_dir.path(), &samples(16, 8)));
+    let stats = collect(&m, &first, first.fingerprints().unwrap()).unwrap();
+    let rider = gptq::LayerInputs::before_plan(&m, &first).unwrap();
+    let (ridden_stats, sum) = collect_riding(&m, &first, first.fingerprints().unwrap(), &|_| true, &rider).unwrap();
+    assert_eq!(
+        serde_json::to_string(&ridden_stats).unwrap(),
+        serde_json::to_string(&stats).unwrap(),
+        "riding changes no statistic"
+    );
+    let measured = rider.measured(sum).unwrap();
+    let round = |source: &DataSource, measured| {
+        let mut plan = per_tensor_plan(&m, &stats);
+        let notes = gptq::apply_measured(&m, &mut plan, source, measured).unwrap();
+        let rounded: Vec<(String, Vec<i32>)> = plan
+            .rounded
+            .keys()
+            .map(|w| (w.clone(), plan.quantized_weight(&m.graph, w).unwrap().values))
+            .collect();
+        (rounded, notes)
+    };
+    let (on_first, notes_first) = round(&first, None);
+    let (on_other, _) = round(&other, None);
+    let (given, notes_given) = round(&other, Some(measured));
+    assert_ne!(on_first, on_other, "the two data sets round differently");
+    assert_eq!(given, on_first);
+    assert_eq!(notes_given[0], notes_first[0]);
+    assert_eq!(notes_given[2..], notes_first[2..]);
+    assert!(
+        notes_given[1].starts_with("layer inputs of 4 layers from calibration's run of the model, 0"),
+        "{notes_given:?}"
+    );
 }
 
 #[test]

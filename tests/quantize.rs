@@ -1626,6 +1626,32 @@ fn the_guard_raises_what_measurably_helps_and_can_be_turned_off() {
     assert!(r["quantization"]["guard"].is_null());
 }
 
+/// Where its measuring model (about three times the quantized weights) does not fit the memory
+/// budget, the guard is skipped and says why; the job goes on.
+#[test]
+fn the_guard_steps_aside_when_its_measurement_does_not_fit_the_memory_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = crepe_mixed_config(dir.path(), "passes: []\n");
+    let (out, report) = (dir.path().join("g.onnx"), dir.path().join("g.json"));
+    let o = onnxq_cli(&[
+        "--max-memory",
+        "1M",
+        s(&repo("models/crepe_tiny.onnx")),
+        "--config",
+        s(&config),
+        "-o",
+        s(&out),
+        "--report",
+        s(&report),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("onnxq: guard: skipped: measuring needs about"), "{}", stderr(&o));
+    let r = read_json(&report);
+    assert_eq!(step_names(&r), ["calibrate", "plan", "guard", "materialize"]);
+    assert!(r["quantization"]["guard"].is_null(), "{r:#}");
+    assert!(out.exists());
+}
+
 /// Regression: two float16 layers in a row (conv2 → conv3) stopped with "generated name
 /// 'c2::float16' already exists in the model", exit code 2. conv3 now reads conv2's float16
 /// output directly, and a model naming its own tensor like a generated one still quantizes.

@@ -89,17 +89,62 @@ fn float_values(t: &Tensor) -> Result<Option<std::borrow::Cow<'_, [f32]>>> {
     }
 }
 
+/// Work that rides along calibration's run of the float model instead of running the model
+/// again: it reads some of each sample's tensors as tract produces them, reduces them to the
+/// sample's `Share`, and adds the shares to its `Sum` in sample order (so the sum does not depend
+/// on the thread count). gptq's layer statistics are one (`passes::gptq::LayerInputs`);
+/// [`ride`] runs one without the statistics.
+pub trait Rider: Sync {
+    /// What one sample contributes.
+    type Share: Send;
+    /// What the samples' shares add up to.
+    type Sum;
+    /// The tensors it reads, by ONNX name (graph inputs or node outputs).
+    fn tensors(&self) -> Vec<String>;
+    /// An empty share for sample `sample`, before its tensors are shown.
+    fn start(&self, sample: usize) -> Self::Share;
+    /// Shows it one of the tensors it asked for (other tensors are not shown).
+    fn visit(&self, share: &mut Self::Share, name: &str, tensor: &Tensor) -> Result<()>;
+    /// The sum of no sample.
+    fn empty(&self) -> Self::Sum;
+    /// Adds the next sample's share, in sample order.
+    fn absorb(&self, sum: &mut Self::Sum, share: Self::Share) -> Result<()>;
+}
+
+/// The rider of a calibration run nothing rides along.
+impl Rider for () {
+    type Share = ();
+    type Sum = ();
+    fn tensors(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn start(&self, _: usize) {}
+    fn visit(&self, _: &mut (), _: &str, _: &Tensor) -> Result<()> {
+        Ok(())
+    }
+    fn empty(&self) {}
+    fn absorb(&self, _: &mut (), _: ()) -> Result<()> {
+        Ok(())
+    }
+}
+
 /// Observes one sample: runs it and returns the statistics of each float tensor (by index
-/// into `names`), dropping the tensors as it goes.
-fn observe_sample(
+/// into `names`), and the rider's share, dropping the tensors as it goes.
+fn observe_sample<R: Rider>(
     runner: &Runner,
     source: &DataSource,
     slots: &HashMap<&str, usize>,
+    rider: (&R, &std::collections::HashSet<String>),
     index: usize,
-) -> Result<Vec<Option<TensorStats>>> {
+) -> Result<(Vec<Option<TensorStats>>, R::Share)> {
     let inputs: Vec<TValue> = source.sample(index)?;
     let mut stats: Vec<Option<TensorStats>> = vec![None; slots.len()];
+    let (rider, rides) = rider;
+    let mut share = rider.start(index);
     let mut observe = |name: &str, t: &Tensor| -> Result<()> {
+        if rides.contains(name) {
+            rider.visit(&mut share, name, t)?;
+        }
         let Some(&slot) = slots.get(name) else { return Ok(()) };
         let Some(values) = float_values(t)? else { return Ok(()) };
         let mut s = TensorStats::default();
@@ -113,21 +158,22 @@ fn observe_sample(
         Ok(())
     };
     runner.run_visiting(inputs, &mut observe)?;
-    Ok(stats)
+    Ok((stats, share))
 }
 
-/// Observes samples `0..total`, at most `parallel` at once, and merges their statistics in
-/// sample order as each and all before it are done ([`run_in_order`]: at most two samples per
-/// worker held besides the merged ones; the result does not depend on which thread ran what;
-/// on errors, the first failing sample's error).
-fn observe_all(
+/// Observes samples `0..total`, at most `parallel` at once, and merges their statistics (and
+/// hands their riders' shares to `absorb`) in sample order as each and all before it are done
+/// ([`run_in_order`]: at most two samples per worker held besides the merged ones; the result
+/// does not depend on which thread ran what; on errors, the first failing sample's error).
+fn observe_all<S: Send>(
     total: usize,
     parallel: usize,
-    observe: impl Fn(usize) -> Result<Vec<Option<TensorStats>>> + Sync,
+    observe: impl Fn(usize) -> Result<(Vec<Option<TensorStats>>, S)> + Sync,
+    mut absorb: impl FnMut(S) -> Result<()> + Send,
     merged_one: impl Fn(usize) + Sync,
 ) -> Result<Vec<Option<TensorStats>>> {
     let mut merged: Option<Vec<Option<TensorStats>>> = None;
-    run_in_order(total, parallel, observe, |at, sample| {
+    run_in_order(total, parallel, observe, |at, (sample, share)| {
         match merged.as_mut() {
             None => merged = Some(sample),
             Some(merged) => {
@@ -140,10 +186,44 @@ fn observe_all(
                 }
             }
         }
+        absorb(share)?;
         merged_one(at);
         Ok(())
     })?;
     Ok(merged.unwrap_or_default())
+}
+
+/// Runs the float model (`runner`, which returns every tensor `rider` reads) over samples
+/// `samples` for `rider` alone, at most `parallel` at once, and adds their shares to `sum` in
+/// sample order, advancing `progress` by one a sample.
+pub(crate) fn ride<R: Rider>(
+    runner: &Runner,
+    source: &DataSource,
+    rider: &R,
+    samples: std::ops::Range<usize>,
+    parallel: usize,
+    sum: &mut R::Sum,
+    progress: &Progress,
+) -> Result<()>
+where
+    R::Sum: Send,
+{
+    let rides: std::collections::HashSet<String> = rider.tensors().into_iter().collect();
+    let first = samples.start;
+    run_in_order(
+        samples.len(),
+        parallel,
+        |i| {
+            let mut share = rider.start(first + i);
+            runner.run_visiting(source.sample(first + i)?, |name, t| match rides.contains(name) {
+                true => rider.visit(&mut share, name, t),
+                false => Ok(()),
+            })?;
+            progress.advance(1);
+            Ok(share)
+        },
+        |_, share| rider.absorb(sum, share),
+    )
 }
 
 /// Runs the model over every sample and gathers the statistics of every float tensor.
@@ -159,19 +239,43 @@ pub fn collect_observing(
     data_fingerprints: Vec<String>,
     wanted: &dyn Fn(&str) -> bool,
 ) -> Result<CalibrationStats> {
+    Ok(collect_riding(model, source, data_fingerprints, wanted, &())?.0)
+}
+
+/// [`collect_observing`], with `rider` reading the tensors it asks for in the same run of the
+/// model; returns the statistics and the rider's sum.
+pub fn collect_riding<R: Rider>(
+    model: &Model,
+    source: &DataSource,
+    data_fingerprints: Vec<String>,
+    wanted: &dyn Fn(&str) -> bool,
+    rider: &R,
+) -> Result<(CalibrationStats, R::Sum)>
+where
+    R::Sum: Send,
+{
     let names = observed_names(model, wanted);
     let slots: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+    let rides: std::collections::HashSet<String> = rider.tensors().into_iter().collect();
     // Inputs are observed from the fed values; the runner returns every node output.
     let inputs: Vec<String> = source.sample_shapes()?.into_iter().map(|(n, _, _)| n).collect();
-    let node_outputs: Vec<String> = names.iter().filter(|n| !inputs.contains(n)).cloned().collect();
+    let mut node_outputs: Vec<String> = names.iter().filter(|n| !inputs.contains(n)).cloned().collect();
+    node_outputs.extend(
+        rider
+            .tensors()
+            .into_iter()
+            .filter(|n| !inputs.contains(n) && !slots.contains_key(n.as_str())),
+    );
     let runner = Runner::new(model, &source.sample_shapes()?, &node_outputs)?;
     let total = source.len();
     let parallel = Parallelism::for_samples(runner.sample_bytes()?);
     let progress = Progress::new("calibrating", total as u64, &parallel.describe());
+    let mut sum = rider.empty();
     let merged = observe_all(
         total,
         parallel.samples,
-        |i| observe_sample(&runner, source, &slots, i),
+        |i| observe_sample(&runner, source, &slots, (rider, &rides), i),
+        |share| rider.absorb(&mut sum, share),
         |_| progress.advance(1),
     )?;
     progress.finish();
@@ -181,7 +285,7 @@ pub fn collect_observing(
         .zip(merged)
         .filter_map(|(n, s)| s.map(|s| (n, s)))
         .collect();
-    Ok(CalibrationStats {
+    let stats = CalibrationStats {
         format: STATS_FORMAT,
         fingerprint: Fingerprint {
             graph,
@@ -190,7 +294,8 @@ pub fn collect_observing(
         },
         samples: total,
         tensors,
-    })
+    };
+    Ok((stats, sum))
 }
 
 impl CalibrationStats {
@@ -378,7 +483,7 @@ mod tests {
 
     /// Sample i's statistics of two tensors; the second is missing on odd samples. Samples
     /// take different times, so they finish out of order.
-    fn sample(i: usize) -> Result<Vec<Option<TensorStats>>> {
+    fn sample(i: usize) -> Result<(Vec<Option<TensorStats>>, usize)> {
         std::thread::sleep(std::time::Duration::from_millis(((7 * i) % 5) as u64));
         let values: Vec<f32> = (0..24).map(|k| ((k * 31 + i * 17) % 23) as f32 * 0.37 - 3.1).collect();
         let mut a = TensorStats::default();
@@ -388,7 +493,7 @@ mod tests {
             b.observe(i as u32, &values[..6], &[6]).unwrap();
             b
         });
-        Ok(vec![Some(a), b])
+        Ok((vec![Some(a), b], i))
     }
 
     fn json(stats: &[Option<TensorStats>]) -> String {
@@ -399,7 +504,7 @@ mod tests {
     fn samples_merge_in_sample_order_whatever_the_thread_count() {
         let mut want: Vec<Option<TensorStats>> = vec![None, None];
         for i in 0..23 {
-            for (acc, s) in want.iter_mut().zip(sample(i).unwrap()) {
+            for (acc, s) in want.iter_mut().zip(sample(i).unwrap().0) {
                 match (acc.as_mut(), s) {
                     (Some(a), Some(s)) => a.merge(&s),
                     (None, Some(s)) => *acc = Some(s),
@@ -410,13 +515,27 @@ mod tests {
         for threads in [1, 2, 3, 5] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let done = std::sync::Mutex::new(Vec::new());
+            let mut shares = Vec::new();
             let got = pool
-                .install(|| observe_all(23, threads, sample, |i| done.lock().unwrap().push(i)))
+                .install(|| {
+                    observe_all(
+                        23,
+                        threads,
+                        sample,
+                        |share| {
+                            shares.push(share);
+                            Ok(())
+                        },
+                        |i| done.lock().unwrap().push(i),
+                    )
+                })
                 .unwrap();
             assert_eq!(json(&got), json(&want), "{threads} threads");
             assert_eq!(done.into_inner().unwrap(), (0..23).collect::<Vec<_>>());
+            // The riders' shares are absorbed in sample order too.
+            assert_eq!(shares, (0..23).collect::<Vec<_>>(), "{threads} threads");
         }
-        assert!(observe_all(0, 1, sample, |_| {}).unwrap().is_empty());
+        assert!(observe_all(0, 1, sample, |_| Ok(()), |_| {}).unwrap().is_empty());
     }
 
     #[test]
@@ -430,7 +549,9 @@ mod tests {
         };
         for threads in [1, 2, 4] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            let err = pool.install(|| observe_all(20, threads, failing, |_| {})).unwrap_err();
+            let err = pool
+                .install(|| observe_all(20, threads, failing, |_| Ok(()), |_| {}))
+                .unwrap_err();
             assert_eq!(
                 err.to_string(),
                 Error::Runtime("sample 6".into()).to_string(),

@@ -145,6 +145,7 @@ pub fn create_pass(spec: &PassSpec) -> std::result::Result<Box<dyn Pass>, String
 /// the steps that ran before it. Stops after `debug.stop_after`.
 pub fn run(model: &mut Model, steps: &[Box<dyn Pass>], ctx: &mut Context, debug: &DebugOptions) -> Result<()> {
     let names = step_names(steps);
+    ctx.gptq_follows_calibration = gptq_follows_calibration(&names, debug.stop_after.as_deref());
     for (i, step) in steps.iter().enumerate() {
         let name = step.name();
         let wants_dump = debug.dump_after.as_deref().is_some_and(|d| d == "all" || d == name);
@@ -194,6 +195,23 @@ pub fn run(model: &mut Model, steps: &[Box<dyn Pass>], ctx: &mut Context, debug:
         }
     }
     Ok(())
+}
+
+/// Whether `gptq` is the first pass after `calibrate` among the steps that run (`names`, up to
+/// `stop_after`): the stages between them (plan, guard or mixed precision) change only the plan,
+/// so the float model gptq measures is the one calibration runs.
+fn gptq_follows_calibration(names: &[&str], stop_after: Option<&str>) -> bool {
+    let end = stop_after
+        .and_then(|s| names.iter().position(|n| *n == s))
+        .map_or(names.len(), |i| i + 1);
+    let names = &names[..end];
+    let Some(calibrate) = names.iter().position(|n| *n == "calibrate") else {
+        return false;
+    };
+    names[calibrate + 1..]
+        .iter()
+        .find(|n| crate::passes::NAMES.contains(n))
+        .is_some_and(|n| *n == "gptq")
 }
 
 /// The graph dump followed by what the stages produced so far (statistics, plan).

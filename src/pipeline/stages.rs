@@ -12,6 +12,7 @@ use crate::calib::source::DataSource;
 use crate::calib::stats::{self, CalibrationStats, Fingerprint};
 use crate::error::{Error, Result};
 use crate::ir::{BatchNormRecord, Model};
+use crate::passes::gptq::LayerInputs;
 use crate::passes::{Context, Pass, Phase};
 use crate::quant::plan::{MatchKind, Overrides, PlanOptions};
 use crate::verify::VerifyOptions;
@@ -97,7 +98,20 @@ impl Pass for Calibrate {
         let stats = match &ctx.calibration {
             Some(source) => {
                 let runnable = crate::calib::control_flow::runnable(ctx.control_flow.as_ref(), model)?;
-                calibration_stats(&runnable, source, self.stats_path.as_deref(), self.observe_every_tensor)?
+                // gptq's layer statistics in the same run of the model, when it asks next.
+                let layer_inputs = ctx
+                    .gptq_follows_calibration
+                    .then(|| LayerInputs::before_plan(&runnable, source))
+                    .transpose()?;
+                let (stats, measured) = calibration_stats(
+                    &runnable,
+                    source,
+                    self.stats_path.as_deref(),
+                    self.observe_every_tensor,
+                    layer_inputs,
+                )?;
+                ctx.gptq_layer_inputs = measured;
+                stats
             }
             None => self.data_free_stats(model, &ctx.batchnorm_records)?,
         };
@@ -138,13 +152,15 @@ impl Calibrate {
 }
 
 /// Statistics for `model` on `source`: reused from `stats_path` when it matches, else collected
-/// (and saved there when a path is given).
+/// (and saved there when a path is given), with `layer_inputs` measured in the same run when
+/// given (not when the statistics are reused: gptq then measures them itself).
 fn calibration_stats(
     model: &Model,
     source: &DataSource,
     stats_path: Option<&Path>,
     every_tensor: bool,
-) -> Result<CalibrationStats> {
+    layer_inputs: Option<LayerInputs>,
+) -> Result<(CalibrationStats, Option<crate::passes::gptq::Measured>)> {
     if source.len() < FEW_SAMPLES {
         eprintln!(
             "warning: calibrating on {} samples; ranges from fewer than {FEW_SAMPLES} are unreliable",
@@ -165,13 +181,21 @@ fn calibration_stats(
             path.display(),
             s.samples
         );
-        return Ok(s);
+        return Ok((s, None));
     }
     let t = Instant::now();
     let candidates = crate::quant::rules::data_inputs_of_rules(&model.graph);
-    let s = stats::collect_observing(model, source, fingerprint.data.clone(), &|t| {
-        every_tensor || candidates.contains(t)
-    })?;
+    let wanted = |t: &str| every_tensor || candidates.contains(t);
+    let (s, measured) = match layer_inputs {
+        Some(rider) => {
+            let (s, sum) = stats::collect_riding(model, source, fingerprint.data.clone(), &wanted, &rider)?;
+            (s, Some(rider.measured(sum)?))
+        }
+        None => (
+            stats::collect_observing(model, source, fingerprint.data.clone(), &wanted)?,
+            None,
+        ),
+    };
     let secs = t.elapsed().as_secs_f64();
     eprintln!(
         "onnxq: calibrated {} tensors on {} samples in {secs:.2} s ({:.1} samples/s)",
@@ -183,7 +207,7 @@ fn calibration_stats(
         s.save(path)?;
         eprintln!("onnxq: wrote statistics to {}", path.display());
     }
-    Ok(s)
+    Ok((s, measured))
 }
 
 /// Every override must match something in the model: a typo would silently do nothing.
@@ -333,6 +357,9 @@ fn measurable<'m>(
     Ok((runnable, plan.restricted_to(&inside)))
 }
 
+/// Copies of the quantized weights the guard's measurement holds (`quant::switched`).
+const GUARD_WEIGHT_COPIES: u64 = 3;
+
 /// The accuracy guard (`quant::guard`): raises the few layers whose int8 quantization costs the
 /// output the most, measured on a few calibration samples, within the configured budget.
 pub struct Guard {
@@ -365,6 +392,29 @@ impl Pass for Guard {
         };
         if plan.layers().is_empty() {
             return Ok(vec!["no quantized layer to guard".into()]);
+        }
+        // Its switched model holds each quantized weight with its quantization error as a
+        // second float tensor, next to tract's copies: about three times the weights.
+        let weight_bytes: u64 = plan
+            .weights
+            .keys()
+            .filter_map(|w| model.graph.constants.get(w))
+            .map(|c| crate::ir::tensor::byte_size(&c.tensor))
+            .sum();
+        let needs = GUARD_WEIGHT_COPIES * weight_bytes;
+        if let Some(limit) = crate::runtime::memory::limit() {
+            let held = crate::runtime::memory::resident_bytes();
+            if held + needs > limit {
+                let note = format!(
+                    "skipped: measuring needs about {} MiB ({GUARD_WEIGHT_COPIES}× the {} MiB of quantized weights) on top of the {} MiB held, over the memory budget of {} MiB (--max-memory)",
+                    needs >> 20,
+                    weight_bytes >> 20,
+                    held >> 20,
+                    limit >> 20
+                );
+                eprintln!("onnxq: guard: {note}");
+                return Ok(vec![note]);
+            }
         }
         let started = Instant::now();
         let (measured, plan_measured) = measurable(model, ctx.control_flow.as_ref(), plan)?;
