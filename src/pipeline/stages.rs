@@ -358,7 +358,7 @@ fn measurable<'m>(
 }
 
 /// Copies of the quantized weights the guard's measurement holds (`quant::switched`).
-const GUARD_WEIGHT_COPIES: u64 = 3;
+const GUARD_WEIGHT_COPIES: u64 = 5;
 
 /// The accuracy guard (`quant::guard`): raises the few layers whose int8 quantization costs the
 /// output the most, measured on a few calibration samples, within the configured budget.
@@ -393,8 +393,9 @@ impl Pass for Guard {
         if plan.layers().is_empty() {
             return Ok(vec!["no quantized layer to guard".into()]);
         }
-        // Its switched model holds each quantized weight with its quantization error as a
-        // second float tensor, next to tract's copies: about three times the weights.
+        // Its switched model holds each quantized weight's quantization error as a float tensor
+        // (IR), tract holds the weight and the error, and each sample in flight computes the
+        // switched weight (two at once): about five times the weights.
         let weight_bytes: u64 = plan
             .weights
             .keys()
