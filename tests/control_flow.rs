@@ -342,7 +342,11 @@ fn a_branch_redefining_an_outer_name_is_a_model_error() {
 fn a_plan_pass_that_re_plans_keeps_q_dq_inside_the_branches() {
     // correct_bias re-plans after correcting: the boundary rule must hold on the plan written.
     // Without the guard, which may raise the branch's layers to float.
-    let (_dir, out, report) = quantize(&if_model(), Some(&[16000; 16]), "passes: [correct_bias]\nguard: false\n");
+    let (_dir, out, report) = quantize(
+        &if_model(),
+        Some(&[16000; 16]),
+        "passes: [correct_bias]\nguard: false\n",
+    );
     let report = report.unwrap();
     let kept = &report["quantization"]["plan"]["kept_float"];
     assert!(kept["h"].as_str().unwrap().contains("graph boundary"), "{kept}");

@@ -53,7 +53,10 @@ fn corrected(dir: &std::path::Path) -> (Model, Context) {
     let config_path = dir.join("q.yaml");
     std::fs::write(
         &config_path,
-        format!("calibration: {{data: {:?}}}\npasses: [correct_bias]\n", data.to_str().unwrap()),
+        format!(
+            "calibration: {{data: {:?}}}\npasses: [correct_bias]\n",
+            data.to_str().unwrap()
+        ),
     )
     .unwrap();
     let config = onnxq::pipeline::config::Config::load(&config_path).unwrap();
@@ -62,7 +65,10 @@ fn corrected(dir: &std::path::Path) -> (Model, Context) {
         ..Default::default()
     };
     let steps = onnxq::pipeline::before(onnxq::pipeline::steps(&config, &files), &["guard"]);
-    assert_eq!(onnxq::pipeline::step_names(&steps), ["calibrate", "plan", "correct_bias"]);
+    assert_eq!(
+        onnxq::pipeline::step_names(&steps),
+        ["calibrate", "plan", "correct_bias"]
+    );
     let mut m = two_convs();
     let mut ctx = Context::default();
     onnxq::pipeline::run(&mut m, &steps, &mut ctx, &DebugOptions::default()).unwrap();
@@ -90,16 +96,28 @@ fn switched_variants_compute_the_float_model_when_off_and_the_corrected_plan_whe
     assert!(plan.biases.contains_key("b1") && !plan.biases.contains_key("b2"));
     let off = sum_samples(&variants.sample_noise(&nothing).unwrap());
     let mut only_b2 = float.clone();
-    only_b2.graph.constants.insert("b2".into(), prepared.graph.constants["b2"].clone());
-    let b2_alone = Probe::against(float, &only_b2, source, 4).unwrap().noise(&nothing).unwrap();
+    only_b2
+        .graph
+        .constants
+        .insert("b2".into(), prepared.graph.constants["b2"].clone());
+    let b2_alone = Probe::against(float, &only_b2, source, 4)
+        .unwrap()
+        .noise(&nothing)
+        .unwrap();
     for ((o, b), s) in off.iter().zip(&b2_alone).zip(&shift) {
-        assert!((o - b).abs() <= 1e-3 * s, "all off: {o}, b2's correction alone: {b}, every correction: {s}");
+        assert!(
+            (o - b).abs() <= 1e-3 * s,
+            "all off: {o}, b2's correction alone: {b}, every correction: {s}"
+        );
         assert!(o < &(0.5 * s));
     }
     let on = sum_samples(&variants.sample_noise(plan).unwrap());
     let exact = probe.noise(plan).unwrap();
     for (s, e) in on.iter().zip(&exact) {
-        assert!(*e > 0.0 && (s - e).abs() <= 0.05 * e, "switched {s} against the written plan {e}");
+        assert!(
+            *e > 0.0 && (s - e).abs() <= 0.05 * e,
+            "switched {s} against the written plan {e}"
+        );
     }
 }
 
@@ -125,26 +143,43 @@ fn a_layer_raised_to_float_gets_the_float_models_constants_back() {
         },
     );
 
-    let conv2 = prepared.graph.nodes.node_weights_mut().find(|n| n.name == "conv2").unwrap();
+    let conv2 = prepared
+        .graph
+        .nodes
+        .node_weights_mut()
+        .find(|n| n.name == "conv2")
+        .unwrap();
     conv2.inputs[2] = "w2::bias".into();
     prepared.graph.rebuild_edges().unwrap();
 
     // Only conv1 in float: its bias is the float one again, conv2's created bias stays.
     let mut m = prepared.clone();
-    let restored = onnxq::quant::guard::restore_float_layers(&mut m, &float, &BTreeMap::from([("c1".to_string(), Precision::Float)]));
+    let restored = onnxq::quant::guard::restore_float_layers(
+        &mut m,
+        &float,
+        &BTreeMap::from([("c1".to_string(), Precision::Float)]),
+    );
     assert_eq!(restored, ["b1"]);
     assert_eq!(bias(&m, "b1"), bias(&float, "b1"));
     assert_eq!(bias(&m, "w2::bias"), [0.01, 0.02]);
 
     // An int16 layer keeps its corrected bias (its weight is still int8).
     let mut m = prepared.clone();
-    let restored = onnxq::quant::guard::restore_float_layers(&mut m, &float, &BTreeMap::from([("c1".to_string(), Precision::Int16)]));
+    let restored = onnxq::quant::guard::restore_float_layers(
+        &mut m,
+        &float,
+        &BTreeMap::from([("c1".to_string(), Precision::Int16)]),
+    );
     assert!(restored.is_empty());
     assert_eq!(bias(&m, "b1"), [0.11, -0.21, 0.31]);
 
     // A bias the float model does not have becomes zeros.
     let mut m = prepared.clone();
-    let restored = onnxq::quant::guard::restore_float_layers(&mut m, &float, &BTreeMap::from([("y".to_string(), Precision::Float)]));
+    let restored = onnxq::quant::guard::restore_float_layers(
+        &mut m,
+        &float,
+        &BTreeMap::from([("y".to_string(), Precision::Float)]),
+    );
     assert_eq!(restored, ["w2::bias"]);
     assert_eq!(bias(&m, "w2::bias"), [0.0, 0.0]);
 }

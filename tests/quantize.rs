@@ -1567,27 +1567,27 @@ fn mixed_precision_config_errors() {
     }
 }
 
+/// The main job on crepe_tiny with `yaml` after its calibration data, `extra` before the model:
+/// its output (successful), the written model's path and the report.
+fn crepe_guard_job(dir: &Path, yaml: &str, extra: &[&str]) -> (std::process::Output, PathBuf, serde_json::Value) {
+    let config = crepe_mixed_config(dir, yaml);
+    let (out, report) = (dir.join("g.onnx"), dir.join("g.json"));
+    let model = repo("models/crepe_tiny.onnx");
+    let mut args = extra.to_vec();
+    args.extend([s(&model), "--config", s(&config), "-o", s(&out), "--report", s(&report)]);
+    let o = onnxq_cli(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = read_json(&report);
+    (o, out, r)
+}
+
 /// The accuracy guard, on by default: its units cover every layer, what it raises carries a
 /// measured reason and is in the written plan only when it measured better; `guard: false`
 /// leaves it out.
 #[test]
 fn the_guard_raises_what_measurably_helps_and_can_be_turned_off() {
     let dir = tempfile::tempdir().unwrap();
-    let run = |yaml: &str| {
-        let config = crepe_mixed_config(dir.path(), yaml);
-        let (out, report) = (dir.path().join("g.onnx"), dir.path().join("g.json"));
-        let o = onnxq_cli(&[
-            s(&repo("models/crepe_tiny.onnx")),
-            "--config",
-            s(&config),
-            "-o",
-            s(&out),
-            "--report",
-            s(&report),
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        read_json(&report)
-    };
+    let run = |yaml: &str| crepe_guard_job(dir.path(), yaml, &[]).2;
     let r = run("passes: []\n");
     let steps = step_names(&r);
     assert_eq!(steps, ["calibrate", "plan", "guard", "materialize"]);
@@ -1626,27 +1626,17 @@ fn the_guard_raises_what_measurably_helps_and_can_be_turned_off() {
     assert!(r["quantization"]["guard"].is_null());
 }
 
-/// Where its measuring model (about three times the quantized weights) does not fit the memory
+/// Where its measuring model (about five times the quantized weights) does not fit the memory
 /// budget, the guard is skipped and says why; the job goes on.
 #[test]
 fn the_guard_steps_aside_when_its_measurement_does_not_fit_the_memory_budget() {
     let dir = tempfile::tempdir().unwrap();
-    let config = crepe_mixed_config(dir.path(), "passes: []\n");
-    let (out, report) = (dir.path().join("g.onnx"), dir.path().join("g.json"));
-    let o = onnxq_cli(&[
-        "--max-memory",
-        "1M",
-        s(&repo("models/crepe_tiny.onnx")),
-        "--config",
-        s(&config),
-        "-o",
-        s(&out),
-        "--report",
-        s(&report),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("onnxq: guard: skipped: measuring needs about"), "{}", stderr(&o));
-    let r = read_json(&report);
+    let (o, out, r) = crepe_guard_job(dir.path(), "passes: []\n", &["--max-memory", "1M"]);
+    assert!(
+        stderr(&o).contains("onnxq: guard: skipped: measuring needs about"),
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(step_names(&r), ["calibrate", "plan", "guard", "materialize"]);
     assert!(r["quantization"]["guard"].is_null(), "{r:#}");
     assert!(out.exists());

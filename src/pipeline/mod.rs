@@ -5,9 +5,9 @@
 //! The steps, in order: the config's graph passes; then, when quantizing, the stages
 //! `calibrate` and `plan`, `mixed_precision` (when configured), the config's plan passes in the
 //! order listed, the accuracy `guard` (on by default with calibration data, unless
-//! `mixed_precision` chose the precisions), `materialize`, `lint` (when the target has Q/DQ rules) and `verify` (when
-//! configured). Passes and stages implement one
-//! trait ([`crate::passes::Pass`]), so `--dump-after` and `--stop-after` work for each.
+//! `mixed_precision` chose the precisions), `materialize`, `lint` (when the target has Q/DQ
+//! rules) and `verify` (when configured). Passes and stages implement one trait
+//! ([`crate::passes::Pass`]), so `--dump-after` and `--stop-after` work for each.
 
 pub mod config;
 pub mod stages;
@@ -198,7 +198,7 @@ pub fn run(model: &mut Model, steps: &[Box<dyn Pass>], ctx: &mut Context, debug:
 }
 
 /// Whether `gptq` is the first pass after `calibrate` among the steps that run (`names`, up to
-/// `stop_after`): the stages between them (plan, guard or mixed precision) change only the plan,
+/// `stop_after`): the stages between them (plan, mixed precision) change only the plan,
 /// so the float model gptq measures is the one calibration runs.
 fn gptq_follows_calibration(names: &[&str], stop_after: Option<&str>) -> bool {
     let end = stop_after

@@ -419,7 +419,7 @@ impl Pass for Guard {
         }
         let started = Instant::now();
         let (measured, plan_measured) = measurable(model, ctx.control_flow.as_ref(), plan)?;
-        let (reference, _) = measurable(float, ctx.control_flow.as_ref(), plan)?;
+        let reference = crate::calib::control_flow::runnable(ctx.control_flow.as_ref(), float)?;
         let probe = crate::quant::probe::Probe::against(&reference, &measured, source, self.settings.samples)?;
         eprintln!(
             "onnxq: guard: measuring {} layers on {} samples",
@@ -438,6 +438,7 @@ impl Pass for Guard {
                 .retain(|&p| p != crate::quant::plan::Precision::Int16);
         }
         let (precisions, report) = crate::quant::guard::guard(&measured, &plan_measured, stats, &probe, &settings)?;
+        // The measuring models go before the model is changed (they borrow it) and memory with them.
         drop(probe);
         drop(reference);
         drop(measured);

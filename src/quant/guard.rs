@@ -204,7 +204,11 @@ pub fn restore_float_layers(model: &mut Model, float: &Model, precisions: &BTree
             Some(c) => c.clone(),
             None => {
                 let elements = current.tensor.dims.iter().product::<i64>().max(0) as usize;
-                let mut zeros = float_tensor(DataType::Float as i32, current.tensor.dims.clone(), &vec![0.0; elements]);
+                let mut zeros = float_tensor(
+                    DataType::Float as i32,
+                    current.tensor.dims.clone(),
+                    &vec![0.0; elements],
+                );
                 zeros.name = Some(name.clone());
                 Constant {
                     tensor: zeros,

@@ -3,8 +3,8 @@
 //!
 //! The float model runs once; its outputs are kept. Each variant (a plan applied to the model,
 //! which is the float model, or the float model with the plan passes' corrected biases: see
-//! [`Probe::against`]) is materialised, lowered to float fake-quant arithmetic like `verify` does, and run on
-//! the same samples; its noise is Σ(f − q)² per float output, summed in sample order, so the
+//! [`Probe::against`]) is materialised, lowered to float fake-quant arithmetic like `verify`
+//! does, and run on the same samples; its noise is Σ(f − q)² per float output, summed in sample order, so the
 //! figures do not depend on the thread count.
 //!
 //! Memory: a run keeps only the model outputs (tract drops every other tensor after its last

@@ -13,8 +13,10 @@
 //! when off and its corrected int32 one when on. What this does not model, as
 //! it only ranks layers (a variant's final figure is measured on the written model): a tensor is
 //! quantized for all the plan's readers or none (a variant quantizing it for only some of them
-//! quantizes it for all), a corrected bias that is not among the plan's biases (read by a layer whose bias stays float) is corrected in every variant, a bias is int32 at the base plan's scale also when its input is int16
-//! (the written model's error is smaller there), float16 layers run in float, and `x / s` is tract's multiplication by the reciprocal.
+//! quantizes it for all), a corrected bias that is not among the plan's biases (read by a layer
+//! whose bias stays float) is corrected in every variant, a bias is int32 at the base plan's
+//! scale also when its input is int16 (the written model's error is smaller there), float16
+//! layers run in float, and `x / s` is tract's multiplication by the reciprocal.
 
 use std::collections::BTreeMap;
 
