@@ -14,6 +14,10 @@
 #   mixed   (crepe_tiny only) calib + mixed_precision: {target_sqnr_db: 30}
 # One line per case, sorted: "<model> <case> <sha256 of the output>", or "<model> <case> exit=<code>"
 # when onnxq fails (no message text: it may hold timings). Progress goes to stderr.
+# The hashes are the machine's as well as the code's: tract picks its matrix kernels by CPU
+# (AVX-512 or not), which sums in another order. Compare a change with its base on one machine
+# (on 2026-12-02 the base itself differed from the recorded file in ppocr_mobile_v2_cls and
+# ppocr_v3_det on an AVX-512 machine: those four lines were re-recorded there).
 set -euo pipefail
 
 usage() { echo "usage: $0 ONNXQ_BINARY OUTFILE | $0 ONNXQ_BINARY --check FILE" >&2; exit 2; }

@@ -259,6 +259,7 @@ pub fn sensitivity(
         &plan.layers(),
         with_int16,
         crate::quant::mixed::SEARCH_BISECTION,
+        None,
     )?;
     let mut table = String::new();
     crate::quant::sensitivity::write_units(&mut table, &layers, 0).expect("writing to a String");

@@ -320,7 +320,16 @@ pub fn assign(
     // The all-int8 noise on the ranking samples is their share of the sums.
     let ranking_all_int8 = crate::quant::probe::sum_samples(&all_int8_samples[..ranking.samples()]);
     let free: BTreeSet<String> = plan.layers().into_iter().filter(|l| !pinned.contains_key(l)).collect();
-    let sensitivity = measure_units(model, plan, stats, &ranking_variants, &free, with_int16, bisection)?;
+    let sensitivity = measure_units(
+        model,
+        plan,
+        stats,
+        &ranking_variants,
+        &free,
+        with_int16,
+        bisection,
+        matches!(instrument, Instrument::Switched).then_some(&ranking_all_int8),
+    )?;
     let candidates = sensitivity
         .iter()
         .map(|u| {

@@ -126,7 +126,10 @@ pub fn share_of(noise: &[f64], reference: &[f64]) -> f64 {
 /// Measures units of the `searchable` layers by noise bisection (module header), then each
 /// final unit at int16 when `with_int16`, on the probe's samples, with one compiled model for
 /// every variant (`quant::switched`). Shares are of the noise of all `searchable` layers at int8,
-/// measured the same way. Units come back noisiest first (ties by first layer: deterministic).
+/// measured the same way (or `plan_noise`, the noise of `plan` on `variants` when the caller
+/// has it, when every layer is searchable). Units come back noisiest first (ties by first
+/// layer: deterministic).
+#[allow(clippy::too_many_arguments)]
 pub fn measure_units(
     model: &Model,
     plan: &Plan,
@@ -135,6 +138,7 @@ pub fn measure_units(
     searchable: &BTreeSet<String>,
     with_int16: bool,
     bisection: Bisection,
+    plan_noise: Option<&Noise>,
 ) -> Result<Vec<Unit>> {
     let order = layers_in_order(model, plan, searchable)?;
     if order.is_empty() {
@@ -143,7 +147,10 @@ pub fn measure_units(
     let started = std::time::Instant::now();
     let probe = variants.probe;
     let only = |layers: &[String]| plan.restricted_to(&layers.iter().cloned().collect());
-    let all_int8 = crate::quant::probe::sum_samples(&variants.sample_noise(&only(&order))?);
+    let all_int8 = match plan_noise {
+        Some(n) if order.len() == plan.layers().len() => n.clone(),
+        _ => crate::quant::probe::sum_samples(&variants.sample_noise(&only(&order))?),
+    };
     let all_int8 = &all_int8;
     let mut runs = 1;
     let done = if bisection.min_share <= 0.0 {
