@@ -262,6 +262,29 @@ impl Layout {
             Kind::Gemm { trans_b } => self.dims[if trans_b { 1 } else { 0 }],
         }
     }
+    /// Each element's (output channel, input channel), in element order: [`Layout::indexer`]
+    /// without its divisions per element (equalisation walks every weight ~20 times).
+    pub fn channels(&self) -> Channels {
+        let d = &self.dims;
+        let inner: usize = d.iter().skip(2).product();
+        let (limits, order) = match self.kind {
+            Kind::Conv { group } => (
+                [d[0], d[1], inner],
+                Order::Conv {
+                    per_group_out: d[0] / group,
+                },
+            ),
+            Kind::Gemm { trans_b } => ([d[0], d[1], 1], Order::Gemm { trans_b }),
+        };
+        let empty = limits.contains(&0);
+        Channels {
+            at: [if empty { limits[0] } else { 0 }, 0, 0],
+            limits,
+            order,
+            base: 0,
+        }
+    }
+
     /// A function from element index to (output channel, input channel).
     pub fn indexer(&self) -> impl Fn(usize) -> (usize, usize) + '_ {
         let d = &self.dims;
@@ -277,6 +300,51 @@ impl Layout {
             Kind::Gemm { trans_b: false } => (e % d[1], e / d[1]),
             Kind::Gemm { trans_b: true } => (e / d[1], e % d[1]),
         }
+    }
+}
+
+/// The iterator of [`Layout::channels`]: three counters over the weight's dims (Conv: output
+/// channel, input channel within its group, kernel position; Gemm: its two dims).
+pub struct Channels {
+    at: [usize; 3],
+    limits: [usize; 3],
+    order: Order,
+    /// Conv: the first input channel of the current output channel's group.
+    base: usize,
+}
+
+#[derive(Clone, Copy)]
+enum Order {
+    Conv { per_group_out: usize },
+    Gemm { trans_b: bool },
+}
+
+impl Iterator for Channels {
+    type Item = (usize, usize);
+    fn next(&mut self) -> Option<(usize, usize)> {
+        let [a, b, _] = self.at;
+        if a >= self.limits[0] {
+            return None;
+        }
+        let item = match self.order {
+            Order::Conv { .. } => (a, self.base + b),
+            // [K, N]: element (k, n) is output n, input k; transposed [N, K].
+            Order::Gemm { trans_b: false } => (b, a),
+            Order::Gemm { trans_b: true } => (a, b),
+        };
+        self.at[2] += 1;
+        if self.at[2] == self.limits[2] {
+            self.at[2] = 0;
+            self.at[1] += 1;
+            if self.at[1] == self.limits[1] {
+                self.at[1] = 0;
+                self.at[0] += 1;
+                if let Order::Conv { per_group_out } = self.order {
+                    self.base = (self.at[0] / per_group_out) * self.limits[1];
+                }
+            }
+        }
+        Some(item)
     }
 }
 
@@ -969,9 +1037,7 @@ impl LayerValues {
     pub fn ranges(&self) -> (Vec<f64>, Vec<f64>) {
         let mut out = vec![0f64; self.layout.out_channels()];
         let mut inp = vec![0f64; self.layout.in_channels()];
-        let index = self.layout.indexer();
-        for (e, v) in self.w.iter().enumerate() {
-            let (o, i) = index(e);
+        for (v, (o, i)) in self.w.iter().zip(self.layout.channels()) {
             out[o] = out[o].max(v.abs());
             inp[i] = inp[i].max(v.abs());
         }
@@ -980,9 +1046,8 @@ impl LayerValues {
 
     /// Output channel `o` divided by `s[o]` (weight and bias).
     pub fn divide_outputs(&mut self, s: &[f64]) {
-        let index = self.layout.indexer();
-        for (e, v) in self.w.iter_mut().enumerate() {
-            *v /= s[index(e).0];
+        for (v, (o, _)) in self.w.iter_mut().zip(self.layout.channels()) {
+            *v /= s[o];
         }
         if let Some(b) = &mut self.b {
             for (v, s) in b.iter_mut().zip(s) {
@@ -993,9 +1058,8 @@ impl LayerValues {
 
     /// Input channel `i` multiplied by `s[i]`.
     pub fn multiply_inputs(&mut self, s: &[f64]) {
-        let index = self.layout.indexer();
-        for (e, v) in self.w.iter_mut().enumerate() {
-            *v *= s[index(e).1];
+        for (v, (_, i)) in self.w.iter_mut().zip(self.layout.channels()) {
+            *v *= s[i];
         }
     }
 }
@@ -1381,6 +1445,24 @@ mod tests {
         for c in 0..2 {
             let activation = 6.0 / r.scales[0][c];
             assert!(((r1[c] * activation).sqrt() - r2[c]).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn channels_walk_the_elements_as_the_indexer_maps_them() {
+        for (kind, dims) in [
+            (Kind::Conv { group: 1 }, vec![3, 2, 2, 2]),
+            (Kind::Conv { group: 2 }, vec![4, 3, 1, 2]),
+            (Kind::Conv { group: 4 }, vec![4, 1, 3, 3]),
+            (Kind::Conv { group: 1 }, vec![2, 3]),
+            (Kind::Gemm { trans_b: false }, vec![2, 3]),
+            (Kind::Gemm { trans_b: true }, vec![3, 5]),
+            (Kind::Conv { group: 1 }, vec![0, 3, 1, 1]),
+        ] {
+            let l = Layout { kind, dims };
+            let n: usize = l.dims.iter().product();
+            let walked: Vec<_> = l.channels().collect();
+            assert_eq!(walked, (0..n).map(l.indexer()).collect::<Vec<_>>(), "{l:?}");
         }
     }
 
