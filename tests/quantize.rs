@@ -1693,3 +1693,51 @@ fn consecutive_float16_layers_share_the_float16_tensor() {
     clash.graph.check().unwrap();
     assert_eq!(node_named(&clash, "conv2").outputs, ["c2::float16.1"]);
 }
+
+#[test]
+fn a_search_can_measure_float16_layers_without_their_activation_rounding() {
+    let dir = tempfile::tempdir().unwrap();
+    let float = conv_relu_conv(11, true);
+    let calib = x_data(dir.path(), "calib.npz", 1);
+    let stats = calibrate(&float, &calib);
+    let plan = build_plan(&float, &stats, &plan_options(Target::Generic, Overrides::default())).unwrap();
+    let mixed = plan.with_precisions(
+        &[
+            ("c2".to_string(), Precision::Float16),
+            ("y".to_string(), Precision::Float16),
+        ]
+        .into(),
+    );
+    let mut written = float.clone();
+    materialize(&mut written, &mixed).unwrap();
+    let casts_to_half = |m: &Model| {
+        m.graph
+            .nodes
+            .node_weights()
+            .filter(|n| n.op_type == "Cast" && n.attr_int("to") == Some(DataType::Float16 as i64))
+            .count()
+    };
+    let mut lowered = onnxq::verify::lower::lower_all_qdq(&written).unwrap();
+    assert!(casts_to_half(&lowered) > 0);
+    let removed = onnxq::verify::lower::skip_float16_rounding(&mut lowered.graph).unwrap();
+    assert!(removed > 0);
+    assert_eq!(casts_to_half(&lowered), 0, "every activation rounding went");
+
+    let data = open_data(&float, &calib);
+    let probe = onnxq::quant::probe::Probe::new(&float, &data, 4).unwrap();
+    let total = |n: Vec<Vec<f64>>| onnxq::quant::probe::sum_samples(&n)[0];
+    let exact = total(probe.sample_noise(&mixed).unwrap());
+    let unrounded = total(probe.sample_noise_unrounded(&mixed).unwrap());
+    // conv1 stays int8: its noise dominates, the float16 rounding adds a little.
+    assert!(exact > 0.0 && unrounded > 0.0);
+    assert_ne!(exact, unrounded, "the rounding was skipped");
+    assert!(
+        (exact - unrounded).abs() <= 0.1 * exact,
+        "exact {exact}, unrounded {unrounded}"
+    );
+    // Without float16 layers the two are the same measurement.
+    assert_eq!(
+        total(probe.sample_noise(&plan).unwrap()),
+        total(probe.sample_noise_unrounded(&plan).unwrap())
+    );
+}

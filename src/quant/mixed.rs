@@ -305,8 +305,11 @@ pub fn assign(
         Instrument::Switched if !std::ptr::eq(ranking, probe) => Some(probe.variants(plan)?),
         _ => None,
     };
+    // Exact: the search's rounds skip the float16 rounding of activations (its noise is far
+    // below int8's, and tract's cast to float16 dominated them); the chosen plan is measured
+    // with it below.
     let measure_samples = |p: &Plan| match instrument {
-        Instrument::Exact => probe.sample_noise(p),
+        Instrument::Exact => probe.sample_noise_unrounded(p),
         Instrument::Switched => all_variants.as_ref().unwrap_or(&ranking_variants).sample_noise(p),
     };
     let all_int8_samples = measure_samples(plan)?;
@@ -492,6 +495,27 @@ pub fn assign(
                 .map(|(l, p)| (widths(*p).0 - 1) * sizes.get(l).map_or(0, |s| s.0))
                 .sum::<u64>();
         (raised, measured_db, lower_db) = (kept, kept_db, kept_lower_db);
+    }
+    if matches!(instrument, Instrument::Exact) && raised.iter().any(|(_, p)| *p == Precision::Float16) {
+        // The chosen plan exactly; should the rounding cost the target, the next steps exactly.
+        let mut k = chosen;
+        loop {
+            let samples = probe.sample_noise(&plan.with_precisions(&raised.iter().cloned().collect()))?;
+            (measured_db, lower_db) = (
+                probe.sqnr_db(&crate::quant::probe::sum_samples(&samples)),
+                probe.sqnr_lower_db(&samples),
+            );
+            eprintln!(
+                "onnxq: mixed precision: {} layers raised: {measured_db:.2} dB with float16 rounding",
+                raised.len()
+            );
+            if goal.target_sqnr_db.is_none_or(|t| lower_db >= t) || k >= steps.len() {
+                break;
+            }
+            k += 1;
+            raised = prefix(k);
+            weight_bytes = steps[k - 1].weight_bytes;
+        }
     }
     let reached = goal.target_sqnr_db.is_none_or(|t| lower_db >= t);
     let final_plan = plan.with_precisions(&raised.iter().cloned().collect());
