@@ -316,3 +316,58 @@ fn formats_that_cannot_be_written_are_config_errors() {
         assert!(err.contains(needle), "{config}: expected {needle:?} in {err}");
     }
 }
+
+#[test]
+fn fp8_activation_lowering_is_the_fp8_rounding_bit_for_bit() {
+    // x[1, 4096] → QuantizeLinear(fp8) → DequantizeLinear → y, lowered for tract, against the
+    // Rust FP8 rounding on values spanning subnormals to beyond the saturation bound.
+    let n = 4096;
+    for (code, f) in [(DataType::Float8e4m3fn, Fp8::E4m3fn), (DataType::Float8e5m2, Fp8::E5m2)] {
+        let scale = 0.37f32;
+        let zp = TensorProto {
+            name: Some("zp".into()),
+            data_type: Some(code as i32),
+            raw_data: Some(vec![0u8].into()),
+            ..Default::default()
+        };
+        let m = model(
+            graph(
+                vec![
+                    node("QuantizeLinear", "q", &["x", "s", "zp"], &["xq"]),
+                    node("DequantizeLinear", "dq", &["xq", "s", "zp"], &["y"]),
+                ],
+                vec![tensor_f32("s", &[], &[scale]), zp],
+                vec![f32_info("x", &[1, n as i64])],
+                vec![f32_info("y", &[1, n as i64])],
+            ),
+            19,
+        );
+        let (_dir, path) = write_temp(&m, "q.onnx");
+        let loaded = onnxq::onnx::load_model(&path).unwrap();
+        let lowered = onnxq::verify::lower::lower_for_tract(&loaded).unwrap();
+        // `outputs` feeds seeded values in [-1, 1); spread them over 2^-20 .. 2^20 · scale.
+        let base = seeded(n, 42);
+        let x: Vec<f32> = base
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| v * 2f32.powi((i % 41) as i32 - 20) * f.max() / 448.0)
+            .collect();
+        use tract_onnx::prelude::{IntoTValue, Tensor};
+        let runner = onnxq::runtime::Runner::new(
+            &lowered,
+            &[("x".into(), tract_onnx::prelude::DatumType::F32, vec![1, n])],
+            &[],
+        )
+        .unwrap();
+        let got = onnxq::runtime::to_f32_vec(
+            &runner
+                .run(vec![Tensor::from_shape::<f32>(&[1, n], &x).unwrap().into_tvalue()])
+                .unwrap()[0],
+        )
+        .unwrap();
+        for (i, (&g, &v)) in got.iter().zip(&x).enumerate() {
+            let want = f.decode(f.encode(v / scale)) * scale;
+            assert_eq!(g.to_bits() & 0x7FFF_FFFF, want.to_bits() & 0x7FFF_FFFF, "{f:?} x[{i}] = {v}: {g} vs {want}");
+        }
+    }
+}
