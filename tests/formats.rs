@@ -367,7 +367,11 @@ fn fp8_activation_lowering_is_the_fp8_rounding_bit_for_bit() {
         .unwrap();
         for (i, (&g, &v)) in got.iter().zip(&x).enumerate() {
             let want = f.decode(f.encode(v / scale)) * scale;
-            assert_eq!(g.to_bits() & 0x7FFF_FFFF, want.to_bits() & 0x7FFF_FFFF, "{f:?} x[{i}] = {v}: {g} vs {want}");
+            assert_eq!(
+                g.to_bits() & 0x7FFF_FFFF,
+                want.to_bits() & 0x7FFF_FFFF,
+                "{f:?} x[{i}] = {v}: {g} vs {want}"
+            );
         }
     }
 }
