@@ -60,9 +60,17 @@ def with_logits(path, logits):
     return model.SerializeToString()
 
 
+SESSION_CONFIG = []  # --session-config KEY=VALUE entries, applied to every session
+GRAPH_OPTIMIZATION = None  # --graph-optimization: None (ORT's default, all) or a level name
+
+
 def run(path, data, logits=False):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    for key, value in SESSION_CONFIG:
+        opts.add_session_config_entry(key, value)
+    if GRAPH_OPTIMIZATION is not None:
+        opts.graph_optimization_level = GRAPH_OPTIMIZATION
     sess = ort.InferenceSession(with_logits(path, logits), opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     n = len(data[names[0]])
@@ -222,11 +230,18 @@ def check(path, args, data, reference):
 
 
 def main():
+    global GRAPH_OPTIMIZATION
     ap = argparse.ArgumentParser()
     ap.add_argument("float_model")
     ap.add_argument("quant_models", nargs="+", metavar="quant_model")
     ap.add_argument("data")
     ap.add_argument("--openvino", action="store_true")
+    ap.add_argument("--session-config", action="append", default=[], metavar="KEY=VALUE",
+                    help="an ONNX Runtime session config entry for every session, e.g. "
+                    "session.disable_quant_qdq=1 or session.qdq_matmulnbits_accuracy_level=1")
+    ap.add_argument("--graph-optimization", choices=["disable", "basic", "extended"],
+                    help="ONNX Runtime's graph optimization level (default: ORT's, all); basic for FP8 QDQ "
+                    "models, which ORT 1.31's extended fusions compute wrongly")
     ap.add_argument("--tensorrt-rules", action="store_true", help="also check TensorRT's placement rules")
     ap.add_argument("--min-sqnr", type=float, help="exit 1 when a float output's SQNR is below this (dB)")
     ap.add_argument("--bootstrap", action="store_true", help="90%% intervals, and paired differences from the first model")
@@ -236,6 +251,11 @@ def main():
     ap.add_argument("--task", help="task metrics of this model of task_metrics.TASKS (default: the float "
                     "model's file stem, when listed); none: skip")
     args = ap.parse_args()
+    SESSION_CONFIG.extend(tuple(e.split("=", 1)) for e in args.session_config)
+    if args.graph_optimization:
+        GRAPH_OPTIMIZATION = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}[args.graph_optimization]
     args.first_energies = None
     if args.task is None:
         stem = os.path.splitext(os.path.basename(args.float_model))[0]

@@ -22,7 +22,7 @@
 //! what mean shift is left.
 //!
 //! Skipped, with the reason: a weight the plan does not quantize or quantizes for several
-//! layers, ConvTranspose, Gemm with `transA = 1`, a MatMul whose weight is not its 2-D second
+//! layers, FP8 weights (not an integer grid), ConvTranspose, Gemm with `transA = 1`, a MatMul whose weight is not its 2-D second
 //! input, Conv with `auto_pad`, and a layer whose calibration gives fewer than
 //! [`MIN_ROWS_PER_COLUMN`]` · d` input vectors: `H` is then a poor estimate of the input
 //! covariance, and rounding fitted to it does worse on new data (measured on efficientnet_lite1
@@ -275,7 +275,13 @@ fn find_targets(graph: &Graph, plan: &Plan) -> Result<Vec<std::result::Result<Ta
         .into_iter()
         .map(|(ix, weight)| {
             let n = &graph.nodes[ix];
-            match plan.weights[weight].consumers.len() {
+            let wq = &plan.weights[weight];
+            match wq.consumers.len() {
+                // GPTQ rounds onto a uniform integer grid; FP8's is not one.
+                _ if wq.scheme.dtype.float8().is_some() => Err(format!(
+                    "weight '{weight}' is {}: GPTQ rounds onto an integer grid",
+                    wq.scheme.dtype
+                )),
                 1 => read_target(graph, n, weight),
                 k => Err(format!("weight '{weight}' is shared by {k} layers")),
             }
@@ -886,7 +892,7 @@ pub fn apply_measured(
         let weights = tensor::values_f32(wt)
             .ok_or_else(|| Error::Graph(format!("weight '{}' is not a float tensor", t.weight)))?;
         let wq = &plan.weights[&t.weight];
-        let nearest = params::quantize_weights(&weights, &wt.dims, wq.axis, &wq.scheme)?;
+        let nearest = params::quantize_weights_blocked(&weights, &wt.dims, wq.axis, wq.block_size, &wq.scheme)?;
         let (values, note) = round_layer(t, gram, &weights, &nearest, wq.scheme.qrange());
         if let Some(values) = values {
             plan.rounded.insert(
@@ -894,6 +900,7 @@ pub fn apply_measured(
                 RoundedWeight {
                     scheme: wq.scheme,
                     axis: wq.axis,
+                    block_size: wq.block_size,
                     values,
                 },
             );

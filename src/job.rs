@@ -66,6 +66,10 @@ pub fn main_job(args: MainJob) -> Result<()> {
     let t0 = Instant::now();
     let mut model = onnx::load_model(&args.model)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    check_opset_reachable(&config, &model).map_err(|e| as_model_error(&args.model, e))?;
+    if let Some(why) = &config.guard_off {
+        eprintln!("onnxq: guard: {why}");
+    }
     let mut ctx = Context::default();
     // With passes, the outputs are also compared with the model as loaded, so a pass that
     // changes the function (equalize's `relu6: as_relu`) shows in the figures; per-layer figures
@@ -144,6 +148,7 @@ pub fn main_job(args: MainJob) -> Result<()> {
                 "plan": plan,
                 "mixed_precision": ctx.mixed_precision,
                 "guard": ctx.guard,
+                "guard_off": config.guard_off,
             })
         });
         let report = serde_json::json!({
@@ -176,6 +181,25 @@ pub fn main_job(args: MainJob) -> Result<()> {
 }
 
 /// A graph error names the model it happened on.
+/// Before any work: the opset the configured types need (FP8 19, 4-bit and blocks 21) must be
+/// one this model can be converted to (tried on a copy of the graph).
+fn check_opset_reachable(config: &Config, model: &crate::ir::Model) -> Result<()> {
+    let Some((needed, key)) = config.required_opset().filter(|_| config.quantize) else {
+        return Ok(());
+    };
+    if model.opset("").is_some_and(|v| v >= needed) {
+        return Ok(());
+    }
+    let mut trial = model.clone();
+    crate::onnx::opset::upgrade_opset(&mut trial, needed)
+        .map(|_| ())
+        .map_err(|e| {
+            Error::Graph(format!(
+                "`{key}` needs opset {needed}, and the model's cannot be raised to it: {e}"
+            ))
+        })
+}
+
 fn as_model_error(model_path: &Path, e: Error) -> Error {
     match e {
         Error::Graph(m) => Error::model(model_path, m),

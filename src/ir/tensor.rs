@@ -258,6 +258,8 @@ pub fn values_f64(t: &TensorProto) -> Option<Vec<f64>> {
             .chunks_exact(2)
             .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16) as f64)
             .collect(),
+        DataType::Float8e4m3fn => raw.iter().map(|&b| Fp8::E4m3fn.decode(b) as f64).collect(),
+        DataType::Float8e5m2 => raw.iter().map(|&b| Fp8::E5m2.decode(b) as f64).collect(),
         DataType::Int8 => raw.iter().map(|&b| b as i8 as f64).collect(),
         DataType::Uint8 | DataType::Bool => raw.iter().map(|&b| b as f64).collect(),
         DataType::Int16 => raw
@@ -287,6 +289,101 @@ pub fn values_f64(t: &TensorProto) -> Option<Vec<f64>> {
         _ => return None,
     };
     Some(v)
+}
+
+/// An FP8 format (OCP 8-bit floating point, as ONNX's FLOAT8E4M3FN and FLOAT8E5M2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fp8 {
+    /// 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinity, only S.1111.111 is NaN.
+    E4m3fn,
+    /// 1 sign, 5 exponent (bias 15), 2 mantissa bits; IEEE-like (infinities, NaNs).
+    E5m2,
+}
+
+impl Fp8 {
+    /// The format of an ONNX FP8 type (None for the `fnuz` variants and every other type).
+    pub fn of(data_type: i32) -> Option<Fp8> {
+        match DataType::try_from(data_type).ok()? {
+            DataType::Float8e4m3fn => Some(Fp8::E4m3fn),
+            DataType::Float8e5m2 => Some(Fp8::E5m2),
+            _ => None,
+        }
+    }
+
+    /// The largest finite value: 448 and 57344.
+    pub fn max(self) -> f32 {
+        match self {
+            Fp8::E4m3fn => 448.0,
+            Fp8::E5m2 => 57344.0,
+        }
+    }
+
+    /// (exponent bits, mantissa bits, bias).
+    fn layout(self) -> (u32, u32, i32) {
+        match self {
+            Fp8::E4m3fn => (4, 3, 7),
+            Fp8::E5m2 => (5, 2, 15),
+        }
+    }
+
+    /// The mantissa bits and the exponent of the smallest normal (e4m3fn: 3, −6; e5m2: 2, −14).
+    pub fn mantissa_and_min_exponent(self) -> (u32, i32) {
+        let (_, m, bias) = self.layout();
+        (m, 1 - bias)
+    }
+
+    /// The value of a code (NaN codes give NaN, e5m2's infinities ±inf).
+    pub fn decode(self, code: u8) -> f32 {
+        let (e_bits, m_bits, bias) = self.layout();
+        let sign = if code & 0x80 != 0 { -1.0 } else { 1.0 };
+        let e = ((code >> m_bits) & ((1 << e_bits) - 1) as u8) as i32;
+        let m = (code & ((1 << m_bits) - 1) as u8) as i32;
+        let e_max = (1 << e_bits) - 1;
+        match self {
+            Fp8::E4m3fn if e == e_max && m == (1 << m_bits) - 1 => return f32::NAN,
+            Fp8::E5m2 if e == e_max => return if m == 0 { sign * f32::INFINITY } else { f32::NAN },
+            _ => {}
+        }
+        let scale = (1u32 << m_bits) as f32;
+        let magnitude = if e == 0 {
+            m as f32 / scale * 2f32.powi(1 - bias)
+        } else {
+            (1.0 + m as f32 / scale) * 2f32.powi(e - bias)
+        };
+        sign * magnitude
+    }
+
+    /// `x` rounded to the nearest code, ties to the even code (mantissa LSB 0), saturating to
+    /// ±max (infinities too): ONNX QuantizeLinear with `saturate=1`. NaN gives a NaN code.
+    pub fn encode(self, x: f32) -> u8 {
+        if x.is_nan() {
+            return 0x7F;
+        }
+        let sign = if x.is_sign_negative() { 0x80u8 } else { 0 };
+        let a = x.abs().min(self.max());
+        // The finite non-negative codes are 0..=top, increasing with their value.
+        let top = self.encode_max();
+        let (mut lo, mut hi) = (0u8, top);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if self.decode(mid) <= a {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let (dl, dh) = (a as f64 - self.decode(lo) as f64, self.decode(hi) as f64 - a as f64);
+        let code = if dl < dh || (dl == dh && lo % 2 == 0) { lo } else { hi };
+        code | sign
+    }
+
+    /// The code of +max (0x7E and 0x7B).
+    fn encode_max(self) -> u8 {
+        match self {
+            Fp8::E4m3fn => 0x7E,
+            Fp8::E5m2 => 0x7B,
+        }
+    }
 }
 
 /// The values of an integer or bool tensor, exactly (i64 minimum and u64 maximum included).

@@ -49,6 +49,10 @@ pub struct Config {
     /// turns it off; a map changes its budget. None: off.
     #[serde(default = "default_guard", deserialize_with = "deserialize_guard")]
     pub guard: Option<GuardConfig>,
+    /// Why the guard, on by default, does not run for this config (said in the terminal and
+    /// the report).
+    #[serde(skip)]
+    pub guard_off: Option<String>,
 }
 
 /// `guard:` — what the accuracy guard may spend.
@@ -132,6 +136,8 @@ fn default_mixed_samples() -> usize {
 pub struct WeightsConfig {
     pub dtype: Option<crate::quant::params::QuantDtype>,
     pub granularity: Option<Granularity>,
+    /// `granularity: per_block`: elements per block along the reduction axis.
+    pub block_size: Option<usize>,
     pub symmetric: Option<bool>,
     /// One bit less (int8 −64..64), for x86 kernels without VNNI whose u8·s8 pair sums saturate.
     pub reduce_range: Option<bool>,
@@ -142,15 +148,48 @@ pub struct WeightsConfig {
 pub enum Granularity {
     PerTensor,
     PerChannel,
+    /// Blocks of `weights.block_size` along the reduction axis (opset 21).
+    PerBlock,
+}
+
+/// `activations.dtype`: a quantized type, or `float` (weight-only: no activation Q/DQ).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivationDtype {
+    Float,
+    Quant(crate::quant::params::QuantDtype),
+}
+
+impl<'de> Deserialize<'de> for ActivationDtype {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let name = String::deserialize(d)?;
+        if name == "float" {
+            return Ok(ActivationDtype::Float);
+        }
+        serde_yaml::from_value(serde_yaml::Value::String(name.clone()))
+            .map(ActivationDtype::Quant)
+            .map_err(|_| {
+                let valid: Vec<String> = std::iter::once("float")
+                    .chain(crate::quant::params::DTYPE_NAMES)
+                    .map(|n| format!("`{n}`"))
+                    .collect();
+                D::Error::custom(format!(
+                    "unknown variant `{name}`, expected one of {}",
+                    valid.join(", ")
+                ))
+            })
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActivationsConfig {
-    pub dtype: Option<crate::quant::params::QuantDtype>,
+    pub dtype: Option<ActivationDtype>,
     pub symmetric: Option<bool>,
     /// One bit less (uint8 0..127).
     pub reduce_range: Option<bool>,
+    /// Never valid (blocks are for constant weights); read only to say so.
+    pub block_size: Option<serde_yaml::Value>,
 }
 
 /// `overrides:` entry: what it matches (exactly one of tensor, node, op_type: a regular
@@ -328,13 +367,30 @@ impl Config {
             rules.activations.reduce_range = r;
         }
         if let Some(g) = self.weights.granularity {
-            rules.per_channel_weights = g == Granularity::PerChannel;
+            rules.per_channel_weights = g != Granularity::PerTensor;
         }
-        if let Some(d) = self.activations.dtype {
-            rules.activations.dtype = d;
+        if self.weights.granularity == Some(Granularity::PerBlock) {
+            rules.weight_block_size = self.weights.block_size;
+        }
+        match self.activations.dtype {
+            Some(ActivationDtype::Quant(d)) => rules.activations.dtype = d,
+            Some(ActivationDtype::Float) => {
+                rules.quantize_activations = false;
+                // An int32 bias needs the input's scale.
+                rules.int32_bias = false;
+            }
+            None => {}
         }
         if let Some(s) = self.activations.symmetric {
             rules.activations.symmetric = s;
+        }
+        // FP8 has no zero point: its grid is symmetric around 0. And no integer accumulator to
+        // add an int32 bias to (ONNX Runtime would fuse one into an FP8 QLinearConv it rejects).
+        for scheme in [&mut rules.weights, &mut rules.activations] {
+            if scheme.dtype.float8().is_some() {
+                scheme.symmetric = true;
+                rules.int32_bias = false;
+            }
         }
         rules
     }
@@ -374,7 +430,7 @@ impl Config {
                     exclude: o.exclude,
                     dtype: o.dtype,
                     symmetric: o.symmetric,
-                    per_channel: o.granularity.map(|g| g == Granularity::PerChannel),
+                    per_channel: o.granularity.map(|g| g != Granularity::PerTensor),
                     range: o.range.map(|[lo, hi]| (lo, hi)),
                     precision: o.precision,
                 })
@@ -410,6 +466,7 @@ impl Config {
                 v.data = base.join(&v.data);
             }
         }
+        self.validate_formats(path)?;
         if self.target == crate::quant::rules::Target::Tensorrt {
             if self.weights.symmetric == Some(false) || self.activations.symmetric == Some(false) {
                 return Err(Error::config(
@@ -417,16 +474,11 @@ impl Config {
                     "target tensorrt is symmetric only (zero point 0): remove `symmetric: false`",
                 ));
             }
-            let unsigned = |d: Option<crate::quant::params::QuantDtype>| {
-                matches!(
-                    d,
-                    Some(crate::quant::params::QuantDtype::Uint8 | crate::quant::params::QuantDtype::Uint16)
-                )
-            };
-            if unsigned(self.weights.dtype) || unsigned(self.activations.dtype) {
+            let unsigned = |d: Option<crate::quant::params::QuantDtype>| d.is_some_and(|d| !d.is_signed());
+            if unsigned(self.weights.dtype) || unsigned(self.activation_dtype()) {
                 return Err(Error::config(
                     path,
-                    "target tensorrt takes signed types only (int8, int16)",
+                    "target tensorrt takes signed types only (int8, int16, int4, float8e4m3fn)",
                 ));
             }
         }
@@ -559,6 +611,160 @@ impl Config {
         self.validate_passes(path)
     }
 
+    /// The activations' quantized type, when the config names one.
+    fn activation_dtype(&self) -> Option<crate::quant::params::QuantDtype> {
+        match self.activations.dtype {
+            Some(ActivationDtype::Quant(d)) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// The formats of issue 15 this config uses (4-bit, FP8, blocks, weight-only), by key.
+    pub fn low_bit_formats(&self) -> Vec<String> {
+        use crate::quant::params::QuantDtype;
+        let new = |d: QuantDtype| d.bits() == 4 || d.float8().is_some();
+        let mut used = Vec::new();
+        if let Some(d) = self.weights.dtype.filter(|&d| new(d)) {
+            used.push(format!("weights.dtype: {}", dtype_key(d)));
+        }
+        if self.weights.granularity == Some(Granularity::PerBlock) {
+            used.push("weights.granularity: per_block".into());
+        }
+        match self.activations.dtype {
+            Some(ActivationDtype::Float) => used.push("activations.dtype: float".into()),
+            Some(ActivationDtype::Quant(d)) if new(d) => used.push(format!("activations.dtype: {}", dtype_key(d))),
+            _ => {}
+        }
+        for (i, o) in self.overrides.iter().enumerate() {
+            if let Some(d) = o.dtype.filter(|&d| new(d)) {
+                used.push(format!("overrides[{i}].dtype: {}", dtype_key(d)));
+            }
+        }
+        used
+    }
+
+    /// The default-domain opset the configured types need at least (FP8 19; 4-bit, 16-bit and
+    /// blocks 21), with the key that asks for it; None when 13 does.
+    pub fn required_opset(&self) -> Option<(i64, String)> {
+        let rules = self.target_rules();
+        let mut needs: Vec<(i64, String)> = Vec::new();
+        if let Some(d) = self.weights.dtype {
+            needs.push((d.min_opset(), format!("weights.dtype: {}", dtype_key(d))));
+        }
+        if rules.quantize_activations {
+            let d = rules.activations.dtype;
+            needs.push((d.min_opset(), format!("activations.dtype: {}", dtype_key(d))));
+        }
+        if rules.weight_block_size.is_some() {
+            needs.push((21, "weights.granularity: per_block".into()));
+        }
+        for (i, o) in self.overrides.iter().enumerate() {
+            if let Some(d) = o.dtype {
+                needs.push((d.min_opset(), format!("overrides[{i}].dtype: {}", dtype_key(d))));
+            }
+        }
+        needs.into_iter().filter(|(v, _)| *v > 13).max_by_key(|(v, _)| *v)
+    }
+
+    /// The rules of the low-bit formats: what can be written, for which target.
+    fn validate_formats(&mut self, path: &Path) -> Result<()> {
+        use crate::quant::params::QuantDtype;
+        use crate::quant::rules::Target;
+        let err = |m: String| Err(Error::config(path, m));
+        if self.activations.block_size.is_some() {
+            return err("activations.block_size: blocks apply to constant weights only (`weights.granularity: per_block`, `weights.block_size`); activations are per-tensor".into());
+        }
+        let per_block = self.weights.granularity == Some(Granularity::PerBlock);
+        match (per_block, self.weights.block_size) {
+            (true, None) => {
+                return err("weights.granularity: per_block needs `weights.block_size` (elements per block along the reduction axis, e.g. 32)".into())
+            }
+            (false, Some(_)) => {
+                return err("weights.block_size applies with `weights.granularity: per_block`".into())
+            }
+            (true, Some(0)) => return err("weights.block_size must be positive".into()),
+            _ => {}
+        }
+        let weights = self.weights.dtype.unwrap_or(self.target.rules().weights.dtype);
+        if per_block && !crate::quant::plan::blockable(weights) {
+            return err(format!(
+                "weights.granularity: per_block is written for int8, int4 and uint4 weights, not {}",
+                dtype_key(weights)
+            ));
+        }
+        for (key, d, symmetric, reduce) in [
+            (
+                "weights",
+                Some(weights),
+                self.weights.symmetric,
+                self.weights.reduce_range,
+            ),
+            (
+                "activations",
+                self.activation_dtype(),
+                self.activations.symmetric,
+                self.activations.reduce_range,
+            ),
+        ] {
+            let Some(d) = d.filter(|d| d.float8().is_some()) else {
+                continue;
+            };
+            if symmetric == Some(false) {
+                return err(format!(
+                    "{key}.dtype: {}: FP8 has no zero point (it is symmetric): remove `symmetric: false`",
+                    dtype_key(d)
+                ));
+            }
+            if reduce == Some(true) {
+                return err(format!(
+                    "{key}.reduce_range: an integer range; {} has none",
+                    dtype_key(d)
+                ));
+            }
+        }
+        if self.activations.dtype == Some(ActivationDtype::Float)
+            && (self.activations.symmetric.is_some() || self.activations.reduce_range.is_some())
+        {
+            return err("activations.dtype: float quantizes no activation: `symmetric` and `reduce_range` have nothing to act on".into());
+        }
+        for (i, o) in self.overrides.iter().enumerate() {
+            if o.granularity == Some(Granularity::PerBlock) {
+                return err(format!(
+                    "overrides[{i}]: per_block is set for all weights by `weights.granularity`"
+                ));
+            }
+        }
+        if self.target == Target::Tensorrt {
+            let a = self.activation_dtype();
+            if a.is_some_and(|d| d.bits() == 4) {
+                return err("target tensorrt: int4 is for weights only (TensorRT has no int4 activations)".into());
+            }
+            if a == Some(QuantDtype::Float8e5m2) || self.weights.dtype == Some(QuantDtype::Float8e5m2) {
+                return err("target tensorrt: its FP8 is float8e4m3fn (no float8e5m2)".into());
+            }
+            if weights.bits() == 4 && self.activations.dtype != Some(ActivationDtype::Float) {
+                return err("target tensorrt runs int4 weights weight-only: set `activations.dtype: float`".into());
+            }
+        }
+        let used = self.low_bit_formats();
+        if !used.is_empty() {
+            if self.mixed_precision.is_some() {
+                return err(format!(
+                    "mixed_precision measures layers with an integer-grid fake quantizer, which does not model {}: remove `mixed_precision:` or the format",
+                    used.join(", ")
+                ));
+            }
+            if self.guard.is_some() {
+                self.guard = None;
+                self.guard_off = Some(format!(
+                    "off: it measures with an integer-grid fake quantizer, which does not model {}",
+                    used.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// `passes:` as listed, or (when absent) the default recipe's passes that apply to this config.
     fn resolve_passes(&mut self) {
         if let Some(listed) = &self.listed_passes {
@@ -686,9 +892,21 @@ impl Config {
     }
 }
 
-/// Adds "did you mean" to serde's unknown-field message, which already lists the valid keys.
+/// The config's spelling of a dtype (`int4`, `float8e4m3fn`).
+fn dtype_key(d: crate::quant::params::QuantDtype) -> String {
+    serde_yaml::to_value(d)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| d.to_string())
+}
+
+/// Adds "did you mean" to serde's unknown-field and unknown-variant messages, which already
+/// list the valid keys and values.
 fn explain_yaml_error(message: &str) -> String {
-    let Some((_, rest)) = message.split_once("unknown field `") else {
+    let Some((_, rest)) = message
+        .split_once("unknown field `")
+        .or_else(|| message.split_once("unknown variant `"))
+    else {
         return message.to_string();
     };
     let Some((field, rest)) = rest.split_once('`') else {

@@ -9,8 +9,12 @@
 //! - A bias `b` becomes int32 with scale `s_in·s_w[c]` (zero point 0) behind `b::dq`, unless it
 //!   would overflow int32, in which case it stays float and the notes say so.
 //!
+//! - 4-bit weights are packed two per byte, low nibble first; FP8 weights are their codes; all
+//!   in `raw_data` (OpenVINO misreads FP8 held in `int32_data`). A blocked weight's
+//!   DequantizeLinear carries `block_size` and block-shaped scales and zero points.
+//!
 //! The default-domain opset is raised first when the plan needs it (per-axis DequantizeLinear:
-//! 13; 16-bit Q/DQ: 21).
+//! 13; FP8: 19; 16-bit, 4-bit and blocked Q/DQ: 21).
 
 use std::collections::BTreeMap;
 
@@ -21,21 +25,25 @@ use crate::proto::{AttributeProto, TensorProto};
 use crate::quant::params::{self, BiasQuantization, QuantDtype};
 use crate::quant::plan::{node_key, InputRef, Plan, Precision};
 
-fn is_16bit(d: QuantDtype) -> bool {
-    matches!(d, QuantDtype::Int16 | QuantDtype::Uint16)
-}
-
-/// The opset the plan needs.
+/// The opset the plan needs: its types' ([`QuantDtype::min_opset`]: FP8 19, 16- and 4-bit 21),
+/// blocked weights 21, per-axis weights and int32 biases 13.
 pub fn required_opset(plan: &Plan) -> i64 {
-    let wide = plan.activations.values().any(|a| is_16bit(a.scheme.dtype))
-        || plan.weights.values().any(|w| is_16bit(w.scheme.dtype));
-    if wide {
+    let types = plan
+        .activations
+        .values()
+        .map(|a| a.scheme.dtype)
+        .chain(plan.weights.values().map(|w| w.scheme.dtype))
+        .map(QuantDtype::min_opset)
+        .max()
+        .unwrap_or(10);
+    let layout = if plan.weights.values().any(|w| w.block_size.is_some()) {
         21
     } else if plan.weights.values().any(|w| w.axis.is_some()) || !plan.biases.is_empty() {
         13
     } else {
         10
-    }
+    };
+    types.max(layout)
 }
 
 fn axis_attr(axis: i64) -> AttributeProto {
@@ -295,6 +303,10 @@ pub fn materialize(model: &mut Model, plan: &Plan) -> Result<Vec<String>> {
         let mut node = Node::new(&dq, "DequantizeLinear", vec![data, scale, zero_point], &dq, order);
         if let Some(axis) = wq.axis {
             node.attributes.push(axis_attr(axis as i64));
+        }
+        if let Some(block) = wq.block_size {
+            node.attributes
+                .push(crate::ir::attribute::int("block_size", block as i64));
         }
         b.model.graph.nodes.add_node(node);
         b.rewire(&wq.consumers, &dq)?;

@@ -45,7 +45,26 @@ pub enum QuantDtype {
     Uint8,
     Int16,
     Uint16,
+    /// 4-bit integers, two per byte (low nibble first); opset 21.
+    Int4,
+    Uint4,
+    /// FP8 (OCP): 4 exponent bits, 3 mantissa bits, no infinity, max 448; opset 19.
+    Float8e4m3fn,
+    /// FP8 (OCP): 5 exponent bits, 2 mantissa bits, max 57344; opset 19.
+    Float8e5m2,
 }
+
+/// The dtypes a config can name, in the order error messages list them.
+pub const DTYPE_NAMES: [&str; 8] = [
+    "int8",
+    "uint8",
+    "int16",
+    "uint16",
+    "int4",
+    "uint4",
+    "float8e4m3fn",
+    "float8e5m2",
+];
 
 impl QuantDtype {
     /// The TensorProto `DataType`.
@@ -55,6 +74,10 @@ impl QuantDtype {
             QuantDtype::Uint8 => DataType::Uint8,
             QuantDtype::Int16 => DataType::Int16,
             QuantDtype::Uint16 => DataType::Uint16,
+            QuantDtype::Int4 => DataType::Int4,
+            QuantDtype::Uint4 => DataType::Uint4,
+            QuantDtype::Float8e4m3fn => DataType::Float8e4m3fn,
+            QuantDtype::Float8e5m2 => DataType::Float8e5m2,
         }) as i32
     }
 
@@ -65,18 +88,41 @@ impl QuantDtype {
             DataType::Uint8 => Some(QuantDtype::Uint8),
             DataType::Int16 => Some(QuantDtype::Int16),
             DataType::Uint16 => Some(QuantDtype::Uint16),
+            DataType::Int4 => Some(QuantDtype::Int4),
+            DataType::Uint4 => Some(QuantDtype::Uint4),
+            DataType::Float8e4m3fn => Some(QuantDtype::Float8e4m3fn),
+            DataType::Float8e5m2 => Some(QuantDtype::Float8e5m2),
             _ => None,
         }
     }
 
     pub fn is_signed(self) -> bool {
-        matches!(self, QuantDtype::Int8 | QuantDtype::Int16)
+        !matches!(self, QuantDtype::Uint8 | QuantDtype::Uint16 | QuantDtype::Uint4)
     }
 
     pub fn bits(self) -> u32 {
         match self {
-            QuantDtype::Int8 | QuantDtype::Uint8 => 8,
+            QuantDtype::Int4 | QuantDtype::Uint4 => 4,
+            QuantDtype::Int8 | QuantDtype::Uint8 | QuantDtype::Float8e4m3fn | QuantDtype::Float8e5m2 => 8,
             QuantDtype::Int16 | QuantDtype::Uint16 => 16,
+        }
+    }
+
+    /// The FP8 format, for the two FP8 dtypes (their values are codes, not integers).
+    pub fn float8(self) -> Option<Fp8> {
+        match self {
+            QuantDtype::Float8e4m3fn => Some(Fp8::E4m3fn),
+            QuantDtype::Float8e5m2 => Some(Fp8::E5m2),
+            _ => None,
+        }
+    }
+
+    /// Whether the type needs an opset above 13: 16- and 4-bit Q/DQ need 21, FP8 19.
+    pub fn min_opset(self) -> i64 {
+        match self {
+            QuantDtype::Int8 | QuantDtype::Uint8 => 10,
+            QuantDtype::Float8e4m3fn | QuantDtype::Float8e5m2 => 19,
+            QuantDtype::Int16 | QuantDtype::Uint16 | QuantDtype::Int4 | QuantDtype::Uint4 => 21,
         }
     }
 
@@ -89,6 +135,11 @@ impl QuantDtype {
             QuantDtype::Uint8 => (0, 255),
             QuantDtype::Int16 => (-32768 + n, 32767),
             QuantDtype::Uint16 => (0, 65535),
+            QuantDtype::Int4 => (-8 + n, 7),
+            QuantDtype::Uint4 => (0, 15),
+            // FP8: the largest finite magnitude (the codes are not a linear range).
+            QuantDtype::Float8e4m3fn => (-448, 448),
+            QuantDtype::Float8e5m2 => (-57344, 57344),
         }
     }
 
@@ -101,6 +152,9 @@ impl QuantDtype {
             QuantDtype::Uint8 => (0, 127),
             QuantDtype::Int16 => (-16384, 16384),
             QuantDtype::Uint16 => (0, 32767),
+            QuantDtype::Int4 => (-4, 4),
+            QuantDtype::Uint4 => (0, 7),
+            QuantDtype::Float8e4m3fn | QuantDtype::Float8e5m2 => self.range(false),
         }
     }
 
@@ -115,6 +169,8 @@ impl std::fmt::Display for QuantDtype {
         f.write_str(self.name())
     }
 }
+
+pub use crate::ir::tensor::Fp8;
 
 /// Everything that decides parameters for one tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -209,6 +265,13 @@ pub fn params_for_range(lo: f32, hi: f32, scheme: &Scheme) -> QParams {
     if hi - lo < MIN_RANGE as f64 {
         hi = lo + MIN_RANGE as f64;
     }
+    if let Some(f) = scheme.dtype.float8() {
+        // FP8: amax onto the format's largest value, zero point 0 (its grid is symmetric).
+        return QParams {
+            scale: stored_scale(hi.max(-lo) / f.max() as f64),
+            zero_point: 0,
+        };
+    }
     let (qmin, qmax) = scheme.qrange();
     if scheme.symmetric {
         let amax = hi.max(-lo);
@@ -238,7 +301,12 @@ pub fn params_for_range(lo: f32, hi: f32, scheme: &Scheme) -> QParams {
 /// ONNX QuantizeLinear, in f32 as runtimes compute it: `x / scale` in f32, rounded half to
 /// even, plus the zero point, saturated to the dtype's FULL range (the spec's, whatever the
 /// scheme's narrow or reduced range). NaN quantizes to the zero point.
+///
+/// FP8 types give the code (0..=255) of `x / scale` rounded to nearest even, saturated.
 pub fn quantize(x: f32, p: QParams, dtype: QuantDtype) -> i32 {
+    if let Some(f) = dtype.float8() {
+        return f.encode(x / p.scale) as i32;
+    }
     let (qmin, qmax) = dtype.range(false);
     let r = (x / p.scale).round_ties_even();
     if r.is_nan() {
@@ -250,6 +318,14 @@ pub fn quantize(x: f32, p: QParams, dtype: QuantDtype) -> i32 {
 /// ONNX DequantizeLinear: `(q − zero_point) · scale` in f32.
 pub fn dequantize(q: i32, p: QParams) -> f32 {
     (q as i64 - p.zero_point as i64) as f32 * p.scale
+}
+
+/// [`dequantize`] for any dtype: an FP8 `q` is a code, its value times the scale (zero point 0).
+pub fn dequantize_as(q: i32, p: QParams, dtype: QuantDtype) -> f32 {
+    match dtype.float8() {
+        Some(f) => f.decode(q as u8) * p.scale,
+        None => dequantize(q, p),
+    }
 }
 
 /// (outer, channels, inner) of a tensor split along `axis`; element i is in channel
@@ -272,6 +348,9 @@ pub struct QuantizedTensor {
     pub values: Vec<i32>,
     pub params: Vec<QParams>,
     pub axis: Option<usize>,
+    /// Blocked along `axis` (ONNX 21's `block_size`): `params` has the weight's shape with that
+    /// axis `ceil(d / block)` long, in row-major order.
+    pub block_size: Option<usize>,
     pub dtype: QuantDtype,
 }
 
@@ -338,6 +417,20 @@ fn least_squares_params(values: &[f32], lo: f32, hi: f32, scheme: &Scheme) -> QP
 /// and clamped to the scheme's range (f32 rounding could otherwise step one past a narrow or
 /// reduced bound).
 pub fn quantize_weights(values: &[f32], dims: &[i64], axis: Option<usize>, scheme: &Scheme) -> Result<QuantizedTensor> {
+    quantize_weights_blocked(values, dims, axis, None, scheme)
+}
+
+/// [`quantize_weights`], or with `block` blocked along `axis` (ONNX 21's `block_size`): one
+/// (scale, zero point) per run of `block` consecutive elements along the axis, each from its
+/// own [min, max], the parameters shaped as the weight with that axis `ceil(d / block)` long.
+/// FP8 weights take amax-based scales (no least-squares search: its grid is not uniform).
+pub fn quantize_weights_blocked(
+    values: &[f32],
+    dims: &[i64],
+    axis: Option<usize>,
+    block: Option<usize>,
+    scheme: &Scheme,
+) -> Result<QuantizedTensor> {
     let count = channel_layout(dims, 0).map(|(_, c, inner)| c.checked_mul(inner));
     let count = if dims.is_empty() { Some(Some(1)) } else { count };
     if count != Some(Some(values.len())) {
@@ -346,18 +439,27 @@ pub fn quantize_weights(values: &[f32], dims: &[i64], axis: Option<usize>, schem
             values.len()
         )));
     }
+    if block == Some(0) || (block.is_some() && axis.is_none()) {
+        return Err(Error::internal(format!(
+            "block size {block:?} along axis {axis:?} for weight of shape {dims:?}"
+        )));
+    }
     let (qmin, qmax) = scheme.qrange();
     let minmax = |acc: (f32, f32), &v: &f32| (acc.0.min(v), acc.1.max(v)); // f32::min/max skip NaN
     let merge = |a: (f32, f32), b: (f32, f32)| (a.0.min(b.0), a.1.max(b.1));
 
-    let (params, inner, channels) = match axis {
+    let params = match axis {
         None => {
             let (lo, hi) = values
                 .par_iter()
                 .with_min_len(PAR_MIN_LEN)
                 .fold(|| (0.0, 0.0), minmax)
                 .reduce(|| (0.0, 0.0), merge);
-            (vec![least_squares_params(values, lo, hi, scheme)], 1, 1)
+            if scheme.dtype.float8().is_some() {
+                vec![params_for_range(lo, hi, scheme)]
+            } else {
+                vec![least_squares_params(values, lo, hi, scheme)]
+            }
         }
         Some(axis) => {
             let (outer, channels, inner) = channel_layout(dims, axis).ok_or_else(|| {
@@ -365,60 +467,118 @@ pub fn quantize_weights(values: &[f32], dims: &[i64], axis: Option<usize>, schem
                     "per-channel axis {axis} is out of range for weight of shape {dims:?}"
                 ))
             })?;
-            let params = (0..channels)
-                .into_par_iter()
-                .map(|c| {
-                    let (lo, hi) = (0..outer)
-                        .map(|o| &values[(o * channels + c) * inner..][..inner])
-                        .fold((0.0, 0.0), |acc, slice| {
-                            merge(acc, slice.iter().fold((0.0, 0.0), minmax))
-                        });
-                    params_for_range(lo, hi, scheme)
-                })
-                .collect();
-            (params, inner, channels)
+            match block {
+                None => (0..channels)
+                    .into_par_iter()
+                    .map(|c| {
+                        let (lo, hi) = (0..outer)
+                            .map(|o| &values[(o * channels + c) * inner..][..inner])
+                            .fold((0.0, 0.0), |acc, slice| {
+                                merge(acc, slice.iter().fold((0.0, 0.0), minmax))
+                            });
+                        params_for_range(lo, hi, scheme)
+                    })
+                    .collect(),
+                Some(b) => {
+                    // Parameter (o, k, j) covers elements (o, k·b .. (k+1)·b, j).
+                    let blocks = channels.div_ceil(b);
+                    (0..outer * blocks * inner)
+                        .into_par_iter()
+                        .map(|p| {
+                            let (o, k, j) = (p / (blocks * inner), (p / inner) % blocks, p % inner);
+                            let (lo, hi) = (k * b..((k + 1) * b).min(channels))
+                                .map(|c| values[(o * channels + c) * inner + j])
+                                .fold((0.0f32, 0.0f32), |acc, v| (acc.0.min(v), acc.1.max(v)));
+                            params_for_range(lo, hi, scheme)
+                        })
+                        .collect()
+                }
+            }
         }
     };
-
-    let quantized = values
+    let mut q = QuantizedTensor {
+        dims: dims.to_vec(),
+        values: vec![],
+        params,
+        axis,
+        block_size: block,
+        dtype: scheme.dtype,
+    };
+    let fp8 = scheme.dtype.float8().is_some();
+    q.values = values
         .par_iter()
         .with_min_len(PAR_MIN_LEN)
         .enumerate()
-        .map(|(i, &v)| quantize(v, params[(i / inner) % channels], scheme.dtype).clamp(qmin, qmax))
+        .map(|(i, &v)| {
+            let code = quantize(v, q.params_of(i), scheme.dtype);
+            if fp8 {
+                code
+            } else {
+                code.clamp(qmin, qmax)
+            }
+        })
         .collect();
-    Ok(QuantizedTensor {
-        dims: dims.to_vec(),
-        values: quantized,
-        params,
-        axis,
-        dtype: scheme.dtype,
-    })
+    Ok(q)
 }
 
 impl QuantizedTensor {
+    /// The index into `params` of element `i` (flat index), if the layout is consistent.
+    fn param_index(&self, i: usize) -> Option<usize> {
+        let Some(axis) = self.axis else {
+            return (!self.params.is_empty()).then_some(0);
+        };
+        let (_, channels, inner) = channel_layout(&self.dims, axis)?;
+        if channels == 0 || inner == 0 {
+            return None;
+        }
+        let index = match self.block_size {
+            None => (i / inner) % channels,
+            Some(b) => {
+                let blocks = channels.div_ceil(b.max(1));
+                let (o, c, j) = (i / (channels * inner), (i / inner) % channels, i % inner);
+                (o * blocks + c / b.max(1)) * inner + j
+            }
+        };
+        (index < self.params.len()).then_some(index)
+    }
+
     /// The parameters element `i` (flat index) is quantized with.
     pub fn params_of(&self, i: usize) -> QParams {
-        match self.axis {
-            None => self.params[0],
-            Some(axis) => {
-                let (_, channels, inner) = channel_layout(&self.dims, axis).expect("checked when quantized");
-                self.params[(i / inner) % channels]
+        self.param_index(i)
+            .map(|k| self.params[k])
+            .or(self.params.first().copied())
+            .unwrap_or(QParams {
+                scale: 1.0,
+                zero_point: 0,
+            })
+    }
+
+    /// The dims of the scale and zero point: [] per-tensor, [C] per-channel, the weight's dims
+    /// with the axis `ceil(d / block)` long when blocked.
+    pub fn param_dims(&self) -> Vec<i64> {
+        match (self.axis, self.block_size) {
+            (None, _) => vec![],
+            (Some(_), None) => vec![self.params.len() as i64],
+            (Some(a), Some(b)) => {
+                let mut dims = self.dims.clone();
+                if let Some(d) = dims.get_mut(a) {
+                    *d = (*d as u64).div_ceil(b as u64) as i64;
+                }
+                dims
             }
         }
     }
 
-    /// The TensorProtos a DequantizeLinear needs: data in the dtype (raw little-endian bytes),
-    /// scale (f32, shape [] per-tensor or [C] per-channel) and zero point (the dtype, same shape).
+    /// The TensorProtos a DequantizeLinear needs: data in the dtype (raw little-endian bytes,
+    /// 4-bit types packed two per byte), scale (f32, shaped by [`QuantizedTensor::param_dims`])
+    /// and zero point (the dtype, same shape).
     pub fn to_protos(
         &self,
         data_name: &str,
         scale_name: &str,
         zero_point_name: &str,
     ) -> (TensorProto, TensorProto, TensorProto) {
-        let param_dims = match self.axis {
-            None => vec![],
-            Some(_) => vec![self.params.len() as i64],
-        };
+        let param_dims = self.param_dims();
         let scales: Vec<f32> = self.params.iter().map(|p| p.scale).collect();
         let zero_points: Vec<i32> = self.params.iter().map(|p| p.zero_point).collect();
         (
@@ -447,33 +607,34 @@ impl QuantizedTensor {
     /// and bias correction. A hand-built, inconsistent tensor falls back to its first
     /// parameters (or scale 1, zero point 0 without any) rather than panicking.
     pub fn dequantized(&self) -> Vec<f32> {
-        let fallback = self.params.first().copied().unwrap_or(QParams {
-            scale: 1.0,
-            zero_point: 0,
-        });
-        let layout = self
-            .axis
-            .and_then(|a| channel_layout(&self.dims, a))
-            .filter(|&(_, c, inner)| c > 0 && inner > 0 && c == self.params.len());
         self.values
             .par_iter()
             .with_min_len(PAR_MIN_LEN)
             .enumerate()
-            .map(|(i, &q)| {
-                let p = match layout {
-                    Some((_, c, inner)) => self.params[(i / inner) % c],
-                    None => fallback,
-                };
-                dequantize(q, p)
-            })
+            .map(|(i, &q)| dequantize_as(q, self.params_of(i), self.dtype))
             .collect()
     }
 }
 
 /// Packs integer values into the dtype's little-endian bytes (values outside the dtype's range
 /// saturate rather than wrap).
+///
+/// 4-bit types go two per byte, the first element in the low nibble (ONNX's order, odd counts
+/// padded with 0); FP8 values are codes, one byte each.
 pub fn pack(values: &[i32], dtype: QuantDtype) -> Vec<u8> {
+    if dtype.float8().is_some() {
+        return values.iter().map(|&v| v as u8).collect();
+    }
     let (qmin, qmax) = dtype.range(false);
+    if dtype.bits() == 4 {
+        return values
+            .chunks(2)
+            .map(|pair| {
+                let nibble = |v: i32| (v.clamp(qmin, qmax) as u8) & 0x0F;
+                nibble(pair[0]) | pair.get(1).map_or(0, |&v| nibble(v) << 4)
+            })
+            .collect();
+    }
     let mut out = Vec::with_capacity(values.len() * dtype.bits() as usize / 8);
     for &v in values {
         let v = v.clamp(qmin, qmax);
@@ -482,6 +643,9 @@ pub fn pack(values: &[i32], dtype: QuantDtype) -> Vec<u8> {
             QuantDtype::Uint8 => out.push(v as u8),
             QuantDtype::Int16 => out.extend((v as i16).to_le_bytes()),
             QuantDtype::Uint16 => out.extend((v as u16).to_le_bytes()),
+            QuantDtype::Int4 | QuantDtype::Uint4 | QuantDtype::Float8e4m3fn | QuantDtype::Float8e5m2 => {
+                unreachable!("packed above")
+            }
         }
     }
     out
@@ -1101,6 +1265,7 @@ mod tests {
             values: vec![1, 2],
             params: vec![],
             axis: Some(3),
+            block_size: None,
             dtype: QuantDtype::Int8,
         };
         assert_eq!(broken.dequantized(), [1.0, 2.0]);
@@ -1179,6 +1344,7 @@ mod tests {
                 },
             ],
             axis: Some(0),
+            block_size: None,
             dtype: QuantDtype::Int8,
         };
         let (data, scale, zp) = t.to_protos("w::q", "w::s", "w::zp");
@@ -1202,6 +1368,7 @@ mod tests {
                 zero_point: 32768,
             }],
             axis: None,
+            block_size: None,
             dtype: QuantDtype::Uint16,
         };
         let (data, scale, zp) = u.to_protos("u::q", "u::s", "u::zp");

@@ -35,8 +35,12 @@ pub struct ActivationQuant {
 #[derive(Clone, Debug, Serialize)]
 pub struct WeightQuant {
     pub scheme: Scheme,
-    /// Output-channel axis for per-channel parameters; None: per-tensor.
+    /// Output-channel axis for per-channel parameters (the reduction axis when blocked);
+    /// None: per-tensor.
     pub axis: Option<usize>,
+    /// Blocks of this many elements along `axis` (ONNX 21's `block_size`), each its own scale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<usize>,
     pub consumers: Vec<InputRef>,
 }
 
@@ -70,6 +74,8 @@ pub struct Plan {
 pub struct RoundedWeight {
     pub scheme: Scheme,
     pub axis: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<usize>,
     #[serde(skip)]
     pub values: Vec<i32>,
 }
@@ -194,6 +200,12 @@ impl Overrides {
         }
         (scheme, per_channel)
     }
+    /// Whether a rule matching this weight sets its granularity.
+    fn sets_granularity(&self, n: &Node, weight: &str) -> bool {
+        self.rules
+            .iter()
+            .any(|r| !r.exclude && r.per_channel.is_some() && (r.matches_node(n) || r.matches_tensor(weight)))
+    }
     /// The precision the last matching node or op_type rule pins for this node, if any.
     pub fn precision(&self, n: &Node) -> Option<Precision> {
         self.rules
@@ -257,6 +269,24 @@ pub fn build_plan(model: &Model, stats: &CalibrationStats, options: &PlanOptions
         plan = plan.with_precisions(&pinned);
     }
     Ok(plan)
+}
+
+/// The axis a weight's dot products run along, from its output-channel axis: Conv's input
+/// channels (1, output axis 0), ConvTranspose's 0 (output 1), a `[K, N]` MatMul/Gemm weight's
+/// K (rank − 2, output rank − 1), a transposed Gemm weight's 1 (output 0).
+fn reduction_axis(output_axis: usize, rank: usize) -> usize {
+    if output_axis == 0 {
+        1
+    } else if output_axis + 1 == rank {
+        rank - 2
+    } else {
+        0
+    }
+}
+
+/// The weight types blocked DequantizeLinear is written for.
+pub fn blockable(d: QuantDtype) -> bool {
+    matches!(d, QuantDtype::Int8 | QuantDtype::Int4 | QuantDtype::Uint4)
 }
 
 /// The walk over the graph: what each node's rule asks for, before any parameter is chosen.
@@ -397,18 +427,37 @@ impl<'a> Walk<'a> {
             .options
             .overrides
             .weight(n, w, rules.weights, rules.per_channel_weights);
-        let axis = (weight.axis)(n, rank).filter(|&a| per_channel && a < rank && rank > 1);
+        let mut axis = (weight.axis)(n, rank).filter(|&a| per_channel && a < rank && rank > 1);
+        let dims = &self.g.constants[w].tensor.dims;
+        // Blocks run along the reduction axis. Per-channel instead: an override's granularity or
+        // dtype, and a reduction axis the block does not divide (OpenVINO refuses a partial
+        // last block; a depthwise Conv's axis is 1 long: a scale per weight).
+        let block = rules
+            .weight_block_size
+            .filter(|_| !self.options.overrides.sets_granularity(n, w) && blockable(scheme.dtype) && per_channel);
+        let block = match (block, axis) {
+            (Some(b), Some(out)) => {
+                let reduction = reduction_axis(out, rank);
+                (dims.get(reduction).is_some_and(|&d| d > 1 && d % b as i64 == 0)).then(|| {
+                    axis = Some(reduction);
+                    b
+                })
+            }
+            _ => None,
+        };
         if self.options.overrides.tensor(w).is_some() {
             return;
         }
         let entry = self.plan.weights.entry(w.clone()).or_insert(WeightQuant {
             scheme,
             axis,
+            block_size: block,
             consumers: vec![],
         });
-        if entry.axis != axis {
+        if entry.axis != axis || entry.block_size != block {
             // Shared by ops wanting different axes: per-tensor serves both.
             entry.axis = None;
+            entry.block_size = None;
         }
         entry.consumers.push((key.to_string(), weight.slot));
         let Some(bias) = rule.int32_bias(rules) else { return };
@@ -433,6 +482,13 @@ impl<'a> Walk<'a> {
             return;
         };
         if self.is_constant(t) {
+            return;
+        }
+        if !self.options.rules.quantize_activations {
+            self.plan
+                .kept_float
+                .entry(t.clone())
+                .or_insert_with(|| "weight-only quantization (`activations.dtype: float`)".into());
             return;
         }
         if let Some(reason) = self.kept_float_reason(t) {
@@ -713,9 +769,13 @@ impl Plan {
             .tensor;
         let values = crate::ir::tensor::values_f32(t)
             .ok_or_else(|| Error::Graph(format!("weight '{weight}' is not a float tensor")))?;
-        let mut q = params::quantize_weights(&values, &t.dims, wq.axis, &wq.scheme)?;
+        let mut q = params::quantize_weights_blocked(&values, &t.dims, wq.axis, wq.block_size, &wq.scheme)?;
         if let Some(r) = self.rounded.get(weight) {
-            if r.scheme == wq.scheme && r.axis == wq.axis && r.values.len() == q.values.len() {
+            if r.scheme == wq.scheme
+                && r.axis == wq.axis
+                && r.block_size == wq.block_size
+                && r.values.len() == q.values.len()
+            {
                 q.values.clone_from(&r.values);
             }
         }
@@ -771,8 +831,12 @@ impl Plan {
             let mut a = ActivationQuant { consumers, ..a.clone() };
             if a.consumers.iter().any(|(k, _)| of(k) == Precision::Int16) {
                 a.scheme.dtype = match a.scheme.dtype {
-                    QuantDtype::Uint8 | QuantDtype::Uint16 => QuantDtype::Uint16,
-                    QuantDtype::Int8 | QuantDtype::Int16 => QuantDtype::Int16,
+                    QuantDtype::Uint8 | QuantDtype::Uint16 | QuantDtype::Uint4 => QuantDtype::Uint16,
+                    QuantDtype::Int8
+                    | QuantDtype::Int16
+                    | QuantDtype::Int4
+                    | QuantDtype::Float8e4m3fn
+                    | QuantDtype::Float8e5m2 => QuantDtype::Int16,
                 };
                 a.scheme.reduce_range = false;
                 a.params = params_for_range(a.range.0, a.range.1, &a.scheme);

@@ -1,8 +1,8 @@
 //! Lowering a QDQ model to what tract 0.23.9 runs, for verification only.
 //!
 //! tract runs int8/uint8 QuantizeLinear/DequantizeLinear (per tensor and per axis) natively, but
-//! rejects int16/uint16/int4/uint4 Q/DQ, blocked quantization, non-constant scales, and ignores
-//! QuantizeLinear's `output_dtype`. Those nodes are rewritten into float arithmetic that computes
+//! rejects int16/uint16/int4/uint4 and FP8 (e4m3fn, e5m2) Q/DQ, blocked quantization,
+//! non-constant scales, and ignores QuantizeLinear's `output_dtype`. Those nodes are rewritten into float arithmetic that computes
 //! exactly what ONNX (and ONNX Runtime) compute:
 //!
 //! - QuantizeLinear(x, s, zp) → `Clip(Round(x / s) + zp, qmin, qmax)`, kept in float (every
@@ -17,9 +17,13 @@
 //! - DequantizeLinear(y, s, zp) fed by such a lowered Q → `(y − zp) · s` in f32 (the subtraction
 //!   is exact). Fed by an integer tensor tract cannot dequantize → `f32(f64(y) − zp) · s`, which
 //!   is ONNX Runtime's `float(int32(y) − zp) · s`.
-//! - DequantizeLinear of a constant (quantized weights and biases of any integer type, per
-//!   tensor, per axis or blocked) that tract cannot run is folded into an f32 constant holding
-//!   `f32(q − zp) · s`.
+//! - FP8 QuantizeLinear (`saturate=1`) → the same exact quotient, clipped to ±max (448, 57344),
+//!   rounded to nearest even at its binade's spacing: `Round(q / ulp) · ulp`, with `ulp` chosen
+//!   by comparisons with powers of two (`Less` → `Where`, one per binade), all exact in f32; the
+//!   result is the FP8 value, held in f32, and its DequantizeLinear multiplies by the scale.
+//! - DequantizeLinear of a constant (quantized weights and biases of any integer or FP8 type,
+//!   per tensor, per axis or blocked) that tract cannot run is folded into an f32 constant
+//!   holding `f32(q − zp) · s`.
 //! - int8/uint8 Q/DQ that tract runs are left untouched by [`lower_for_tract`];
 //!   [`lower_all_qdq`] rewrites them too, so that tract runs no quantized kernel at all.
 //!
@@ -37,7 +41,7 @@ use std::collections::{BTreeSet, HashMap};
 use petgraph::stable_graph::NodeIndex;
 
 use crate::error::{Error, Result};
-use crate::ir::tensor::{dtype_name, element_count, raw_bytes, values_f32, values_i128};
+use crate::ir::tensor::{dtype_name, element_count, raw_bytes, values_f32, values_f64, values_i128, Fp8};
 use crate::ir::{Constant, ConstantOrigin, Graph, Model, Node};
 use crate::proto::tensor_proto::DataType;
 use crate::proto::{AttributeProto, TensorProto};
@@ -284,7 +288,16 @@ fn dtype_of(data_type: i32) -> DataType {
 }
 
 /// Integer values of a constant, sub-byte types included (two per byte, low nibble first).
+///
+/// FP8 tensors (zero points, which ONNX fixes at 0) give their values when all are integers.
 pub(crate) fn int_values(t: &TensorProto) -> Option<Vec<i64>> {
+    if Fp8::of(t.data_type()).is_some() {
+        let v = values_f64(t)?;
+        return v
+            .iter()
+            .all(|x| x.fract() == 0.0)
+            .then(|| v.iter().map(|&x| x as i64).collect());
+    }
     match dtype_of(t.data_type()) {
         DataType::Int4 | DataType::Uint4 => {
             let signed = t.data_type() == DataType::Int4 as i32;
@@ -372,7 +385,13 @@ pub(crate) fn dequantize_constant(
     axis: i64,
     block_size: i64,
 ) -> std::result::Result<Vec<f32>, String> {
-    let qv = int_values(q).ok_or_else(|| format!("cannot read {} values", dtype_name(q.data_type())))?;
+    // The grid values: integers, or FP8 values (exact in f64 either way).
+    let qv: Vec<f64> = if Fp8::of(q.data_type()).is_some() {
+        values_f64(q)
+    } else {
+        int_values(q).map(|v| v.into_iter().map(|x| x as f64).collect())
+    }
+    .ok_or_else(|| format!("cannot read {} values", dtype_name(q.data_type())))?;
     if scale.data_type() != DataType::Float as i32 {
         return Err(format!(
             "scale is {}, only f32 scales are supported",
@@ -390,7 +409,7 @@ pub(crate) fn dequantize_constant(
     let dims: Vec<usize> = q.dims.iter().map(|&d| d.max(0) as usize).collect();
     let rank = dims.len() as i64;
     let param = |j: usize| (sv[j], zv[if zv.len() == 1 { 0 } else { j }]);
-    let deq = |v: i64, (s, z): (f32, i64)| (v - z) as f32 * s;
+    let deq = |v: f64, (s, z): (f32, i64)| (v - z as f64) as f32 * s;
     if sv.len() == 1 && block_size == 0 {
         return Ok(qv.iter().map(|&v| deq(v, param(0))).collect());
     }
@@ -724,12 +743,14 @@ impl Lowering {
         if tract_runs && (!self.all || self.opset < 11) {
             return Ok(false);
         }
-        let Some((qmin, qmax)) = quantized_range(qtype) else {
+        let fp8 = Fp8::of(qtype as i32);
+        let range = quantized_range(qtype);
+        if fp8.is_none() && range.is_none() {
             return Err(refuse(format!(
                 "{label}: quantization to {} is not supported",
                 dtype_name(qtype as i32)
             )));
-        };
+        }
         self.check_activation_lowering(&label, "quantization", block, zp.is_some() && zp_const.is_none())?;
         let (scales, zps, channels) = Self::params(graph, &s, zp_const, &label)?;
         let x_rank = self.rank(&x);
@@ -780,25 +801,18 @@ impl Lowering {
             vec![cast_attr(DataType::Float)],
             order,
         );
-        let rounded = self.fresh(&y, "round");
-        self.node("Round", vec![quotient], rounded.clone(), vec![], order);
-        let mut wire = rounded;
-        if let Some(z) = &zps {
-            let values: Vec<f32> = (0..channels)
-                .map(|c| z[if z.len() == 1 { 0 } else { c }] as f32)
-                .collect();
-            let name = self.fresh(&y, "zero_point");
-            let zc = self.constant(tensor_f32(&name, &shape, &values));
-            let shifted = self.fresh(&y, "shifted");
-            self.node("Add", vec![wire, zc], shifted.clone(), vec![], order);
-            wire = shifted;
-        }
-        let lo = self.fresh(&y, "qmin");
-        let lo = self.constant(tensor_f32(&lo, &[], &[qmin]));
-        let hi = self.fresh(&y, "qmax");
-        let hi = self.constant(tensor_f32(&hi, &[], &[qmax]));
-        let float = self.fresh(&y, "float");
-        self.node("Clip", vec![wire, lo, hi], float.clone(), vec![], order);
+        let float = match (fp8, range) {
+            (Some(f), _) => {
+                if zps.as_ref().is_some_and(|z| z.iter().any(|&v| v != 0)) {
+                    return Err(refuse(format!("{label}: an FP8 zero point must be 0")));
+                }
+                self.fp8_round(&y, quotient, f, order)
+            }
+            (None, Some((qmin, qmax))) => {
+                self.integer_round(&y, quotient, zps.as_ref(), &shape, channels, (qmin, qmax), order)
+            }
+            (None, None) => return Err(Error::internal("checked above")),
+        };
         self.notes.push(format!(
             "{label}: {} quantization of '{x}' rewritten as float arithmetic",
             dtype_name(qtype as i32)
@@ -815,6 +829,80 @@ impl Lowering {
         );
         self.lowered_q_order.push(y);
         Ok(true)
+    }
+
+    /// `Clip(Round(q) + zp, qmin, qmax)`: the integer QuantizeLinear on the exact quotient.
+    #[allow(clippy::too_many_arguments)]
+    fn integer_round(
+        &mut self,
+        y: &str,
+        quotient: String,
+        zps: Option<&Vec<i64>>,
+        shape: &[i64],
+        channels: usize,
+        (qmin, qmax): (f32, f32),
+        order: u64,
+    ) -> String {
+        let rounded = self.fresh(y, "round");
+        self.node("Round", vec![quotient], rounded.clone(), vec![], order);
+        let mut wire = rounded;
+        if let Some(z) = zps {
+            let values: Vec<f32> = (0..channels)
+                .map(|c| z[if z.len() == 1 { 0 } else { c }] as f32)
+                .collect();
+            let name = self.fresh(y, "zero_point");
+            let zc = self.constant(tensor_f32(&name, shape, &values));
+            let shifted = self.fresh(y, "shifted");
+            self.node("Add", vec![wire, zc], shifted.clone(), vec![], order);
+            wire = shifted;
+        }
+        let lo = self.fresh(y, "qmin");
+        let lo = self.constant(tensor_f32(&lo, &[], &[qmin]));
+        let hi = self.fresh(y, "qmax");
+        let hi = self.constant(tensor_f32(&hi, &[], &[qmax]));
+        let float = self.fresh(y, "float");
+        self.node("Clip", vec![wire, lo, hi], float.clone(), vec![], order);
+        float
+    }
+
+    /// The FP8 QuantizeLinear (`saturate=1`) on the exact quotient, in f32 ops that are all
+    /// exact: clip to ±max, then round to nearest even at the spacing `ulp` of the quotient's
+    /// binade, `Round(q / ulp) · ulp`. `ulp` is 2^(e − m) for |q| in [2^e, 2^(e+1)) (2^(emin − m)
+    /// below the smallest normal 2^emin), chosen by comparisons with the powers of two, never a
+    /// logarithm; dividing by and multiplying with a power of two is exact (also as tract's
+    /// multiplication by the reciprocal). Holds the FP8 value (zero point 0) in f32.
+    fn fp8_round(&mut self, y: &str, quotient: String, f: Fp8, order: u64) -> String {
+        let (m, emin) = f.mantissa_and_min_exponent();
+        let max = f.max();
+        let lo = self.fresh(y, "fp8_min");
+        let lo = self.constant(tensor_f32(&lo, &[], &[-max]));
+        let hi = self.fresh(y, "fp8_max");
+        let hi = self.constant(tensor_f32(&hi, &[], &[max]));
+        let clipped = self.fresh(y, "saturated");
+        self.node("Clip", vec![quotient, lo, hi], clipped.clone(), vec![], order);
+        let abs = self.fresh(y, "abs");
+        self.node("Abs", vec![clipped.clone()], abs.clone(), vec![], order);
+        let name = self.fresh(y, "ulp");
+        let mut ulp = self.constant(tensor_f32(&name, &[], &[2f32.powi(emin - m as i32)]));
+        let top = max.log2().floor() as i32;
+        for e in emin + 1..=top {
+            let bound = self.fresh(y, "binade");
+            let bound = self.constant(tensor_f32(&bound, &[], &[2f32.powi(e)]));
+            let step = self.fresh(y, "spacing");
+            let step = self.constant(tensor_f32(&step, &[], &[2f32.powi(e - m as i32)]));
+            let below = self.fresh(y, "below");
+            self.node("Less", vec![abs.clone(), bound], below.clone(), vec![], order);
+            let next = self.fresh(y, "ulp");
+            self.node("Where", vec![below, ulp, step], next.clone(), vec![], order);
+            ulp = next;
+        }
+        let steps = self.fresh(y, "steps");
+        self.node("Div", vec![clipped, ulp.clone()], steps.clone(), vec![], order);
+        let rounded = self.fresh(y, "round");
+        self.node("Round", vec![steps], rounded.clone(), vec![], order);
+        let float = self.fresh(y, "float");
+        self.node("Mul", vec![rounded, ulp], float.clone(), vec![], order);
+        float
     }
 
     fn dequantize(&mut self, graph: &Graph, node: &Node) -> Result<bool> {

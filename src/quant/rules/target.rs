@@ -26,6 +26,10 @@ pub struct TargetRules {
     pub activations: Scheme,
     pub weights: Scheme,
     pub per_channel_weights: bool,
+    /// Weights in blocks of this many elements along their reduction axis (opset 21).
+    pub weight_block_size: Option<usize>,
+    /// Q/DQ on activations (false: weight-only quantization).
+    pub quantize_activations: bool,
     /// Bias as int32 with scale s_in·s_w (false: bias stays float).
     pub int32_bias: bool,
     /// Quantize the inputs of Join ops (residual Add, Concat).
@@ -60,6 +64,8 @@ impl Target {
                 activations: u8_activations,
                 weights: s8_weights,
                 per_channel_weights: true,
+                weight_block_size: None,
+                quantize_activations: true,
                 int32_bias: true,
                 quantize_joins: true,
                 quantize_residual_adds: self != Target::Generic,
@@ -75,6 +81,8 @@ impl Target {
                 },
                 weights: s8_weights,
                 per_channel_weights: true,
+                weight_block_size: None,
+                quantize_activations: true,
                 int32_bias: false,
                 quantize_joins: true,
                 quantize_residual_adds: false,
