@@ -220,9 +220,7 @@ pub fn compute_absorption(gamma: &[f32], beta: &[f32], sigmas: f64) -> Vec<f64> 
 /// `Σ` over the input channels and taps of each output channel `o` of `W2·c`.
 pub fn compute_bias_shift(w2: &LayerValues, c: &[f64]) -> Vec<f64> {
     let mut shift = vec![0f64; w2.layout.out_channels()];
-    let index = w2.layout.indexer();
-    for (e, w) in w2.w.iter().enumerate() {
-        let (o, i) = index(e);
+    for (w, (o, i)) in w2.w.iter().zip(w2.layout.channels()) {
         shift[o] += w * c[i];
     }
     shift

@@ -179,10 +179,7 @@ impl Geometry {
             Geometry::ConvTranspose { dims, .. } => dims.iter().product(),
         };
         match self {
-            Geometry::Layout(l) => {
-                let index = l.indexer();
-                (0..n).map(index).collect()
-            }
+            Geometry::Layout(l) => l.channels().collect(),
             Geometry::ConvTranspose { dims, group, .. } => {
                 let inner: usize = dims[2..].iter().product();
                 let per_group_in = dims[0] / group;

@@ -1645,11 +1645,11 @@ fn the_guard_steps_aside_when_its_measurement_does_not_fit_the_memory_budget() {
 /// Regression: two float16 layers in a row (conv2 → conv3) stopped with "generated name
 /// 'c2::float16' already exists in the model", exit code 2. conv3 now reads conv2's float16
 /// output directly, and a model naming its own tensor like a generated one still quantizes.
-#[test]
-fn consecutive_float16_layers_share_the_float16_tensor() {
-    let dir = tempfile::tempdir().unwrap();
+/// conv_relu_conv (three convs) calibrated in `dir`, its plan, and the plan with its last two
+/// layers (`c2`, `y`) at float16.
+fn with_last_two_layers_float16(dir: &Path) -> (Model, PathBuf, Plan, Plan) {
     let float = conv_relu_conv(11, true);
-    let calib = x_data(dir.path(), "calib.npz", 1);
+    let calib = x_data(dir, "calib.npz", 1);
     let stats = calibrate(&float, &calib);
     let plan = build_plan(&float, &stats, &plan_options(Target::Generic, Overrides::default())).unwrap();
     let mixed = plan.with_precisions(
@@ -1659,6 +1659,13 @@ fn consecutive_float16_layers_share_the_float16_tensor() {
         ]
         .into(),
     );
+    (float, calib, plan, mixed)
+}
+
+#[test]
+fn consecutive_float16_layers_share_the_float16_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let (float, calib, _, mixed) = with_last_two_layers_float16(dir.path());
     let mut after = float.clone();
     materialize(&mut after, &mixed).unwrap();
     after.graph.check().unwrap();
@@ -1697,17 +1704,7 @@ fn consecutive_float16_layers_share_the_float16_tensor() {
 #[test]
 fn a_search_can_measure_float16_layers_without_their_activation_rounding() {
     let dir = tempfile::tempdir().unwrap();
-    let float = conv_relu_conv(11, true);
-    let calib = x_data(dir.path(), "calib.npz", 1);
-    let stats = calibrate(&float, &calib);
-    let plan = build_plan(&float, &stats, &plan_options(Target::Generic, Overrides::default())).unwrap();
-    let mixed = plan.with_precisions(
-        &[
-            ("c2".to_string(), Precision::Float16),
-            ("y".to_string(), Precision::Float16),
-        ]
-        .into(),
-    );
+    let (float, calib, plan, mixed) = with_last_two_layers_float16(dir.path());
     let mut written = float.clone();
     materialize(&mut written, &mixed).unwrap();
     let casts_to_half = |m: &Model| {

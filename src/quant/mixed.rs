@@ -394,11 +394,9 @@ pub fn assign(
             return Ok(m);
         }
         let raised = prefix(k);
-        let samples = measure_samples(&plan.with_precisions(&raised.iter().cloned().collect()))?;
-        let m = (
-            probe.sqnr_db(&crate::quant::probe::sum_samples(&samples)),
-            probe.sqnr_lower_db(&samples),
-        );
+        let m = probe.figures(&measure_samples(
+            &plan.with_precisions(&raised.iter().cloned().collect()),
+        )?);
         eprintln!(
             "onnxq: mixed precision: {} layers raised: {:.2} dB measured (predicted {:.2} dB)",
             raised.len(),
@@ -476,17 +474,17 @@ pub fn assign(
             let mut trial = kept.clone();
             trial.retain(|(l, _)| !step.iter().any(|(s, _)| s == l));
             trial.extend(step);
-            let samples = measure_samples(&plan.with_precisions(&trial.iter().cloned().collect()))?;
-            let db = probe.sqnr_db(&crate::quant::probe::sum_samples(&samples));
+            let (db, lower_db) = probe.figures(&measure_samples(
+                &plan.with_precisions(&trial.iter().cloned().collect()),
+            )?);
             rounds.push(Round {
                 raised: trial.len(),
                 predicted_db: *predicted_db,
                 measured_db: db,
-                lower_bound_db: probe.sqnr_lower_db(&samples),
+                lower_bound_db: lower_db,
             });
             if db > kept_db {
-                kept_lower_db = rounds.last().expect("pushed").lower_bound_db;
-                (kept, kept_db) = (trial, db);
+                (kept, kept_db, kept_lower_db) = (trial, db, lower_db);
             }
         }
         weight_bytes = base_weight_bytes
@@ -500,11 +498,8 @@ pub fn assign(
         // The chosen plan exactly; should the rounding cost the target, the next steps exactly.
         let mut k = chosen;
         loop {
-            let samples = probe.sample_noise(&plan.with_precisions(&raised.iter().cloned().collect()))?;
-            (measured_db, lower_db) = (
-                probe.sqnr_db(&crate::quant::probe::sum_samples(&samples)),
-                probe.sqnr_lower_db(&samples),
-            );
+            (measured_db, lower_db) =
+                probe.figures(&probe.sample_noise(&plan.with_precisions(&raised.iter().cloned().collect()))?);
             eprintln!(
                 "onnxq: mixed precision: {} layers raised: {measured_db:.2} dB with float16 rounding",
                 raised.len()

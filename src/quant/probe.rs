@@ -228,6 +228,12 @@ impl<'a> Probe<'a> {
         on_threads(self.parallel, || plans.par_iter().map(|p| self.noise(p)).collect())?
     }
 
+    /// The output SQNR of per-sample noise and its lower confidence bound ([`Probe::sqnr_db`],
+    /// [`Probe::sqnr_lower_db`]).
+    pub fn figures(&self, noise: &SampleNoise) -> (f64, f64) {
+        (self.sqnr_db(&sum_samples(noise)), self.sqnr_lower_db(noise))
+    }
+
     /// A lower confidence bound of the output SQNR over the input distribution: the 10th
     /// percentile of the SQNR over bootstrap resamples of the probe samples (fixed seed, so
     /// deterministic). Few samples or a few bad ones pull it down.
