@@ -80,27 +80,7 @@ impl Runner {
                 outputs.push(e.clone());
             }
         }
-        let mut framework = tract_onnx::onnx()
-            .with_ignore_value_info(true)
-            .with_ignore_output_shapes(true);
-        framework.provider = Arc::new(weights);
-        let mut typed = framework_model(&framework, &bytes).map_err(tract_error)?;
-        drop(framework);
-        let input_names: Vec<String> = typed
-            .input_outlets()
-            .map_err(tract_error)?
-            .iter()
-            .map(|o| typed.node(o.node).name.clone())
-            .collect();
-        for (ix, name) in input_names.iter().enumerate() {
-            let (_, dt, shape) = inputs
-                .iter()
-                .find(|(n, _, _)| n == name)
-                .ok_or_else(|| Error::Runtime(format!("no shape given for model input '{name}'")))?;
-            typed
-                .set_input_fact(ix, InferenceFact::dt_shape(*dt, shape.clone()))
-                .map_err(tract_error)?;
-        }
+        let (mut typed, input_names) = inference_model(bytes, weights, inputs)?;
         typed.select_outputs_by_name(&outputs).map_err(tract_error)?;
         let optimized = Arc::new(typed.into_optimized().map_err(tract_error)?);
         let plan = SimplePlan::new(optimized.clone()).map_err(tract_error)?;
@@ -284,6 +264,61 @@ fn framework_model(framework: &tract_onnx::Onnx, bytes: &[u8]) -> TractResult<In
         bail!("Could not resolve inputs at top-level: {:?}", parsed.unresolved_inputs)
     }
     Ok(parsed.model)
+}
+
+/// tract's model of the graph, its inputs fixed to `inputs`' types and shapes; and the input
+/// names in order.
+fn inference_model(
+    bytes: Vec<u8>,
+    weights: Weights,
+    inputs: &[(String, DatumType, Vec<usize>)],
+) -> Result<(InferenceModel, Vec<String>)> {
+    let mut framework = tract_onnx::onnx()
+        .with_ignore_value_info(true)
+        .with_ignore_output_shapes(true);
+    framework.provider = Arc::new(weights);
+    let mut typed = framework_model(&framework, &bytes).map_err(tract_error)?;
+    drop(framework);
+    let input_names: Vec<String> = typed
+        .input_outlets()
+        .map_err(tract_error)?
+        .iter()
+        .map(|o| typed.node(o.node).name.clone())
+        .collect();
+    for (ix, name) in input_names.iter().enumerate() {
+        let (_, dt, shape) = inputs
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .ok_or_else(|| Error::Runtime(format!("no shape given for model input '{name}'")))?;
+        typed
+            .set_input_fact(ix, InferenceFact::dt_shape(*dt, shape.clone()))
+            .map_err(tract_error)?;
+    }
+    Ok((typed, input_names))
+}
+
+/// The rank of every tensor of `model` tract's analysis knows, by ONNX name, with the inputs'
+/// shapes fixed to `inputs` (tract's own facts: exact where ONNX value infos may be missing).
+pub fn tensor_ranks(
+    model: &Model,
+    inputs: &[(String, DatumType, Vec<usize>)],
+) -> Result<std::collections::HashMap<String, usize>> {
+    let (bytes, weights) = graph_for_tract(model)?;
+    let (inference, input_names) = inference_model(bytes, weights, inputs)?;
+    let typed = inference.into_typed().map_err(tract_error)?;
+    let mut ranks = std::collections::HashMap::new();
+    for (name, outlet) in input_names.into_iter().zip(typed.input_outlets().map_err(tract_error)?) {
+        ranks.insert(name, typed.outlet_fact(*outlet).map_err(tract_error)?.rank());
+    }
+    for node in typed.nodes() {
+        for slot in 0..node.outputs.len() {
+            let outlet = OutletId::new(node.id, slot);
+            if let Some(label) = typed.outlet_label(outlet) {
+                ranks.insert(label.to_string(), node.outputs[slot].fact.rank());
+            }
+        }
+    }
+    Ok(ranks)
 }
 
 /// A plan for `Runner::run_visiting` over the same optimised model as `Runner::plan`: it

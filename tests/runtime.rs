@@ -187,3 +187,22 @@ fn visiting_shows_folded_constants_shared_outlets_dead_ends_and_read_graph_outpu
     let sample = || vec![Tensor::from_shape::<f32>(&shape, &seeded(32, 7)).unwrap().into_tvalue()];
     assert_visits_match_run("hand-made", &runner, &["x".to_string()], sample);
 }
+
+#[test]
+fn tensor_ranks_come_from_tracts_analysis_without_value_infos() {
+    use common::*;
+    let g = graph(
+        vec![
+            node("Conv", "conv", &["x", "w"], &["c"]),
+            node("Flatten", "flatten", &["c"], &["f"]),
+            node("ReduceSum", "sum", &["f"], &["y"]),
+        ],
+        vec![conv_weight("w", &[3, 2, 1, 1], 1)],
+        vec![f32_info("x", &[1, 2, 4, 4])],
+        vec![f32_info("y", &[1, 1])],
+    );
+    let m = onnxq::ir::Model::from_proto(model(g, 13)).unwrap();
+    assert!(m.graph.value_info.is_empty());
+    let ranks = onnxq::runtime::tensor_ranks(&m, &[("x".into(), DatumType::F32, vec![1, 2, 4, 4])]).unwrap();
+    assert_eq!((ranks["x"], ranks["c"], ranks["f"], ranks["y"]), (4, 4, 2, 2));
+}

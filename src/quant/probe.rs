@@ -212,7 +212,8 @@ impl<'a> Probe<'a> {
     /// The variants of `base` (subsets of its layers, some at int16), each measured by one run
     /// of one compiled model (`quant::switched`).
     pub fn variants(&self, base: &Plan) -> Result<Variants<'_, 'a>> {
-        let switched = crate::quant::switched::build(self.float, self.model, base)?;
+        let ranks = crate::runtime::tensor_ranks(self.model, &self.shapes)?;
+        let switched = crate::quant::switched::build(self.float, self.model, base, &ranks)?;
         let mut shapes = self.shapes.clone();
         shapes.extend(switched.extra_inputs.iter().cloned());
         let runner = Runner::new(&switched.model, &shapes, &[])?;

@@ -6,10 +6,12 @@
 //! (`quant::sensitivity`) measures its units with it.
 //!
 //! An activation `x` the plan quantizes becomes, for the plan's readers of `x`,
-//! `s·clamp(round(x / s), lo − z, hi − z)` with `s, lo − z, hi − z` scalar inputs: the
-//! QuantizeLinear/DequantizeLinear pair when on (z is an integer, so `clamp(round(x/s) + z, lo,
-//! hi) − z` is the same number); when off, s = 2⁻⁴⁰ and no clamp, which is `x` to within 2⁻⁴¹
-//! (exactly where |x| ≥ 2⁻¹⁷): noise some 10⁻²⁰ of int8's. Five elementwise ops per tensor, not
+//! `s·((clamp(x / s, lo − z, hi − z) + r) − r)` with `s, lo − z, hi − z, r` scalar inputs: when
+//! on, r = 1.5·2²³ rounds to an integer, ties to even (clamping before rounding is the same as
+//! after, the bounds being integers; z is an integer, so this is the QuantizeLinear/
+//! DequantizeLinear pair); when off, s = 1, r = 0 and no clamp: exactly `x`. Six elementwise ops
+//! per tensor, each a vectorised scalar-operand kernel in tract (its `Round` is a scalar loop,
+//! 8% of a default job's time on efficientnet_lite1), not
 //! the ten of an exact on/off switch: tract's compile time grows faster than the node count
 //! (on ppocr_v3_det 3.7 s with ten, 2.0 s with five), and every op runs on every sample. A weight `w`
 //! becomes `w + on·(dq(q(w)) − w)`, the difference a constant, and so does an int32 bias. A bias
@@ -22,7 +24,7 @@
 //! scale also when its input is int16 (the written model's error is smaller there), float16
 //! layers run in float, and `x / s` is tract's multiplication by the reciprocal.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use tract_onnx::prelude::*;
 
@@ -36,9 +38,11 @@ use crate::quant::params::{quantize_bias, BiasQuantization};
 use crate::quant::plan::Plan;
 
 /// The inputs of one fake-quantized activation, in this order.
-const ACTIVATION_INPUTS: [&str; 3] = ["scale", "lo", "hi"];
-/// The scale of a switched-off activation (module header): a power of two, so that x / s is exact.
-const OFF_SCALE: f32 = 1.0 / (1u64 << 40) as f32;
+const ACTIVATION_INPUTS: [&str; 4] = ["scale", "lo", "hi", "round"];
+/// Added and subtracted to round to an integer, ties to even: from 2²³ to 2²⁴ the f32 spacing is
+/// 1, so `(v + R) − R` is v rounded (|v| ≤ 2²², which the clamp before it ensures for every
+/// integer type the plan writes).
+const ROUNDER: f32 = 12_582_912.0; // 1.5·2²³
 
 pub struct SwitchedModel {
     pub model: Model,
@@ -51,13 +55,24 @@ pub struct SwitchedModel {
     pub extra_inputs: Vec<(String, DatumType, Vec<usize>)>,
 }
 
-fn scalar_input(name: &str) -> ValueInfoProto {
+/// A float input of one value, of shape [1; rank] (a rank-0 operand would cost tract one
+/// broadcasting node per axis and per op: on ppocr_v3_det, 3516 nodes to optimise instead of
+/// about 1400, 1.2 s of its 1.8 s compile).
+fn scalar_input(name: &str, rank: usize) -> ValueInfoProto {
     ValueInfoProto {
         name: Some(name.to_string()),
         r#type: Some(TypeProto {
             value: Some(type_proto::Value::TensorType(type_proto::Tensor {
                 elem_type: Some(DataType::Float as i32),
-                shape: Some(TensorShapeProto { dim: vec![] }),
+                shape: Some(TensorShapeProto {
+                    dim: vec![
+                        crate::proto::tensor_shape_proto::Dimension {
+                            value: Some(crate::proto::tensor_shape_proto::dimension::Value::DimValue(1)),
+                            ..Default::default()
+                        };
+                        rank
+                    ],
+                }),
             })),
             ..Default::default()
         }),
@@ -66,19 +81,17 @@ fn scalar_input(name: &str) -> ValueInfoProto {
 }
 
 /// `model` (the float model, or it with the biases the plan passes corrected) with switches for
-/// every tensor `base` quantizes, every switch off computing `float` (module header).
-pub fn build(float: &Model, model: &Model, base: &Plan) -> Result<SwitchedModel> {
+/// every tensor `base` quantizes, every switch off computing `float` (module header). `ranks`:
+/// the rank of each activation (`runtime::tensor_ranks`), its switches' shape [1; rank]
+/// (rank 0 where it is unknown).
+pub fn build(float: &Model, model: &Model, base: &Plan, ranks: &HashMap<String, usize>) -> Result<SwitchedModel> {
     let mut model = model.clone();
-    if model.opset("").unwrap_or(1) < 11 {
-        // Round.
-        crate::onnx::opset::upgrade_opset(&mut model, 11)?;
-    }
     let mut names = Names::of(&model);
     let mut fresh = |base: String| names.reserve(base);
     let mut extra_inputs = Vec::new();
-    let mut input = |model: &mut Model, name: String| {
-        model.graph.inputs.push(scalar_input(&name));
-        extra_inputs.push((name.clone(), DatumType::F32, vec![]));
+    let mut input = |model: &mut Model, name: String, rank: usize| {
+        model.graph.inputs.push(scalar_input(&name, rank));
+        extra_inputs.push((name.clone(), DatumType::F32, vec![1; rank]));
         name
     };
     let order_after = |model: &Model, t: &str| {
@@ -90,7 +103,9 @@ pub fn build(float: &Model, model: &Model, base: &Plan) -> Result<SwitchedModel>
             .map_or(0, |n| n.order + 1)
     };
     for (t, a) in &base.activations {
-        let [s, lo, hi] = ACTIVATION_INPUTS.map(|what| input(&mut model, fresh(format!("{t}::switch_{what}"))));
+        let rank = ranks.get(t).copied().unwrap_or(0);
+        let [s, lo, hi, round] =
+            ACTIVATION_INPUTS.map(|what| input(&mut model, fresh(format!("{t}::switch_{what}")), rank));
         let order = order_after(&model, t);
         let mut op = |model: &mut Model, op: &str, inputs: Vec<String>| {
             let out = fresh(format!("{t}::switch_{}", op.to_lowercase()));
@@ -98,10 +113,11 @@ pub fn build(float: &Model, model: &Model, base: &Plan) -> Result<SwitchedModel>
             out
         };
         let divided = op(&mut model, "Div", vec![t.clone(), s.clone()]);
-        let rounded = op(&mut model, "Round", vec![divided]);
-        let above = op(&mut model, "Max", vec![rounded, lo]);
+        let above = op(&mut model, "Max", vec![divided, lo]);
         let clamped = op(&mut model, "Min", vec![above, hi]);
-        let dequantized = op(&mut model, "Mul", vec![clamped, s]);
+        let shifted = op(&mut model, "Add", vec![clamped, round.clone()]);
+        let rounded = op(&mut model, "Sub", vec![shifted, round]);
+        let dequantized = op(&mut model, "Mul", vec![rounded, s]);
         rewire(&mut model, &a.consumers, &dequantized)?;
     }
     // A constant `c` read through `c + on·delta` by `consumers`.
@@ -114,6 +130,7 @@ pub fn build(float: &Model, model: &Model, base: &Plan) -> Result<SwitchedModel>
                 .zip(&values)
                 .map(|(&d, &v)| d as f64 - v as f64)
                 .collect();
+            let rank = tensor.dims.len();
             let mut delta = float_tensor(DataType::Float as i32, tensor.dims.clone(), &delta);
             let delta_name = fresh(format!("{c}::switch_delta"));
             delta.name = Some(delta_name.clone());
@@ -124,9 +141,7 @@ pub fn build(float: &Model, model: &Model, base: &Plan) -> Result<SwitchedModel>
                     origin: ConstantOrigin::Created,
                 },
             );
-            let on = fresh(format!("{c}::switch_on"));
-            model.graph.inputs.push(scalar_input(&on));
-            extra_inputs.push((on.clone(), DatumType::F32, vec![]));
+            let on = input(model, fresh(format!("{c}::switch_on")), rank);
             let order = order_of_consumers(&model.graph, consumers).saturating_sub(1);
             let scaled = fresh(format!("{c}::switch_mul"));
             model
@@ -195,27 +210,34 @@ impl SwitchedModel {
     /// The switch inputs that make the model compute `plan` (a variant of the base plan: a
     /// subset of its tensors, some at other types).
     pub fn inputs_for(&self, plan: &Plan) -> Vec<TValue> {
-        let scalar = |v: f32| tensor0(v).into_tvalue();
-        let mut inputs = Vec::with_capacity(self.extra_inputs.len());
+        let mut inputs: Vec<f32> = Vec::with_capacity(self.extra_inputs.len());
         for t in &self.activations {
             match plan.activations.get(t) {
                 Some(a) => {
                     // QuantizeLinear saturates to the type's full range.
                     let (lo, hi) = a.scheme.dtype.range(false);
                     let z = a.params.zero_point as f32;
-                    inputs.extend([scalar(a.params.scale), scalar(lo as f32 - z), scalar(hi as f32 - z)]);
+                    inputs.extend([a.params.scale, lo as f32 - z, hi as f32 - z, ROUNDER]);
                 }
-                None => inputs.extend([scalar(OFF_SCALE), scalar(f32::MIN), scalar(f32::MAX)]),
+                None => inputs.extend([1.0, f32::MIN, f32::MAX, 0.0]),
             }
         }
         for w in &self.weights {
-            inputs.push(scalar(if plan.weights.contains_key(w) { 1.0 } else { 0.0 }));
+            inputs.push(if plan.weights.contains_key(w) { 1.0 } else { 0.0 });
         }
         // A bias at its base (int8) scale whenever the variant quantizes it, also when its input
         // is int16 (where the written model's finer scale makes its error smaller still).
         for b in &self.biases {
-            inputs.push(scalar(if plan.biases.contains_key(b) { 1.0 } else { 0.0 }));
+            inputs.push(if plan.biases.contains_key(b) { 1.0 } else { 0.0 });
         }
         inputs
+            .into_iter()
+            .zip(&self.extra_inputs)
+            .map(|(v, (_, _, shape))| {
+                Tensor::from_shape(shape, &[v])
+                    .expect("one value of shape [1; rank]")
+                    .into_tvalue()
+            })
+            .collect()
     }
 }
