@@ -34,7 +34,7 @@
 use std::collections::HashMap;
 
 use rayon::prelude::*;
-use tract_onnx::prelude::tract_ndarray::{Array2, ArrayView2};
+use tract_onnx::prelude::tract_ndarray::{Array2, ArrayView2, Zip};
 
 use super::{Context, Pass};
 use crate::calib::source::DataSource;
@@ -310,7 +310,9 @@ impl Gram {
     /// Adds one sample's contribution ([`contribution`]), in the order it was made.
     fn absorb(&mut self, c: Contribution) {
         for (g, product) in c.products {
-            self.per_group[g] += &product.mapv(|v| v as f64);
+            Zip::from(&mut self.per_group[g])
+                .and(&product)
+                .for_each(|h, &p| *h += p as f64);
         }
         self.rows += c.rows;
     }
