@@ -23,6 +23,8 @@ pub struct MainJob {
     pub output: Option<PathBuf>,
     /// Write a JSON report of the run here.
     pub report: Option<PathBuf>,
+    /// Write the report as a self-contained HTML page here (`report::render`).
+    pub html: Option<PathBuf>,
     /// Store initializers of 1 KiB and more as external data.
     pub external_data: bool,
     /// Dump the graph (and statistics and plan) before and after this step ("all": every step)
@@ -138,7 +140,7 @@ pub fn main_job(args: MainJob) -> Result<()> {
     if let Some(v) = &ctx.verification_against_original {
         println!("against the model as loaded, before the passes:\n{v}");
     }
-    if let Some(report_path) = args.report {
+    if args.report.is_some() || args.html.is_some() {
         let quantization = ctx.plan.as_ref().map(|plan| {
             serde_json::json!({
                 "target": config.target,
@@ -165,8 +167,14 @@ pub fn main_job(args: MainJob) -> Result<()> {
             "control_flow": ctx.control_flow.as_ref().map(|cf| cf.report()),
             "timings_ms": { "load": load_ms, "steps": steps_ms, "write": write_ms },
         });
-        let text = serde_json::to_string_pretty(&report).expect("report serialises");
-        onnx::write_atomic(&report_path, text.as_bytes())?;
+        if let Some(path) = &args.report {
+            let text = serde_json::to_string_pretty(&report).expect("report serialises");
+            onnx::write_atomic(path, text.as_bytes())?;
+        }
+        if let Some(path) = &args.html {
+            let page = crate::report::render(&report, ctx.stats.as_ref())?;
+            onnx::write_atomic(path, page.as_bytes())?;
+        }
     }
     let failed: Vec<String> = ctx
         .verification

@@ -12,6 +12,7 @@ pub mod lint;
 pub mod onnx;
 pub mod pipeline;
 pub mod quant;
+pub mod report;
 pub mod runtime;
 pub mod verify;
 

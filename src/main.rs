@@ -56,6 +56,10 @@ struct MainArgs {
     /// Write a JSON report of the run here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Write the report as one self-contained HTML page here: per-layer SQNR along the graph,
+    /// the worst tensors' calibration histograms, the guard's ranking, the plan.
+    #[arg(long, value_name = "REPORT.html")]
+    html: Option<PathBuf>,
     /// Store initializers of 1 KiB and more in `<output>.data` beside the model (done anyway
     /// when the model would exceed protobuf's 2 GiB limit).
     #[arg(long)]
@@ -139,6 +143,9 @@ enum Command {
         /// Write the full report as JSON (written even when verification fails).
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Write the report as one self-contained HTML page (written even when verification fails).
+        #[arg(long, value_name = "REPORT.html")]
+        html: Option<PathBuf>,
     },
     /// Per-layer sensitivity: for each layer the plan quantizes, the output SQNR with only that
     /// layer quantized (int8, and int16 activations) and with every layer but that one, measured
@@ -204,7 +211,15 @@ fn parse_max_memory(text: &str) -> std::result::Result<u64, String> {
 
 /// Whether any of the main job's own arguments was given (`--max-memory`, global, is not one).
 fn main_args_given(m: &MainArgs) -> bool {
-    let paths = [&m.model, &m.config, &m.output, &m.report, &m.dump_dir, &m.stats];
+    let paths = [
+        &m.model,
+        &m.config,
+        &m.output,
+        &m.report,
+        &m.html,
+        &m.dump_dir,
+        &m.stats,
+    ];
     paths.iter().any(|p| p.is_some())
         || m.dump_after.is_some()
         || m.stop_after.is_some()
@@ -277,6 +292,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             min_sqnr_db,
             min_cosine,
             report,
+            html,
         }) => {
             let float_model = onnx::load_model(&float)?;
             let quant_model = onnx::load_model(&quantized)?;
@@ -292,6 +308,15 @@ fn dispatch(cli: Cli) -> Result<()> {
             if let Some(path) = report {
                 let text = serde_json::to_string_pretty(&result).expect("report serialises");
                 onnx::write_atomic(&path, text.as_bytes())?;
+            }
+            if let Some(path) = html {
+                let page = serde_json::json!({
+                    "input": float,
+                    "output": quantized,
+                    "onnxq_version": env!("CARGO_PKG_VERSION"),
+                    "verification": result,
+                });
+                onnx::write_atomic(&path, onnxq::report::render(&page, None)?.as_bytes())?;
             }
             match result.to_error() {
                 Some(e) => Err(e),
@@ -385,6 +410,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 config: m.config.expect("clap requires --config"),
                 output: m.output,
                 report: m.report,
+                html: m.html,
                 external_data: m.external_data,
                 dump_after: m.dump_after,
                 dump_dir: m.dump_dir,

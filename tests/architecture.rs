@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 /// Bottom first. `proto` (generated, in lib.rs) and `error` sit under everything.
 const LAYERS: &[&str] = &[
-    "error", "ir", "onnx", "runtime", "inspect", "calib", "verify", "quant", "lint", "passes", "pipeline", "job",
+    "error", "ir", "onnx", "runtime", "inspect", "calib", "verify", "quant", "lint", "passes", "pipeline", "report",
+    "job",
 ];
 
 fn rust_files(path: &Path, out: &mut Vec<PathBuf>) {

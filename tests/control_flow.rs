@@ -155,6 +155,7 @@ fn quantize(
         config,
         output: Some(output.clone()),
         report: Some(report.clone()),
+        html: None,
         external_data: false,
         dump_after: None,
         dump_dir: None,
