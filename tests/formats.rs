@@ -452,6 +452,17 @@ fn formats_that_cannot_be_written_are_config_errors() {
 }
 
 #[test]
+fn sensitivity_refuses_formats_its_fake_quantizer_does_not_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("q.yaml");
+    std::fs::write(&cfg, "calibration: {data: d.npz}\nweights: {dtype: ternary}\n").unwrap();
+    let out = onnxq(&["sensitivity", "no-such-model.onnx", "--config", s(&cfg)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("does not model weights.dtype: ternary"), "{stderr}");
+}
+
+#[test]
 fn fp8_activation_lowering_is_the_fp8_rounding_bit_for_bit() {
     // x[1, 4096] → QuantizeLinear(fp8) → DequantizeLinear → y, lowered for tract, against the
     // Rust FP8 rounding on values spanning subnormals to beyond the saturation bound.
