@@ -905,6 +905,7 @@ mod tests {
             symmetric: true,
             narrow_range: true,
             reduce_range: false,
+            bits: None,
         };
         let q = params::quantize_weights(&w, &[2, 2, 1, 1], None, &scheme).unwrap();
         assert_eq!(q.values, [13, 42, -64, 127]);

@@ -282,6 +282,11 @@ fn find_targets(graph: &Graph, plan: &Plan) -> Result<Vec<std::result::Result<Ta
                     "weight '{weight}' is {}: GPTQ rounds onto an integer grid",
                     wq.scheme.dtype
                 )),
+                // Ternary and binary codes follow their threshold rule: nothing to round.
+                _ if wq.scheme.dtype.is_ternary_or_binary() => Err(format!(
+                    "weight '{weight}' is {}: its values follow the sign rule, not a rounding",
+                    wq.scheme.dtype
+                )),
                 1 => read_target(graph, n, weight),
                 k => Err(format!("weight '{weight}' is shared by {k} layers")),
             }

@@ -259,6 +259,16 @@ pub fn sensitivity(
             "sensitivity measures the quantized layers on calibration data: it needs a `calibration:` section and `quantize: true`",
         ));
     }
+    let used = config.low_bit_formats();
+    if !used.is_empty() {
+        return Err(Error::config(
+            config_path,
+            format!(
+                "sensitivity measures layers with an integer-grid fake quantizer, which does not model {}",
+                used.join(", ")
+            ),
+        ));
+    }
     let files = JobFiles {
         config: config_path.to_path_buf(),
         stats: stats_path.map(Path::to_path_buf),

@@ -1,5 +1,6 @@
 //! The low-bit formats (issue 15): int4/uint4 weights packed two per byte, blocked weights, FP8
-//! weights and activations, weight-only quantization; each written, re-read and checked against
+//! weights and activations, weight-only quantization, narrower integer ranges (`bits`), ternary
+//! and binary weights; each written, re-read and checked against
 //! the maths, verified end to end in tract, and the config errors for what cannot be written.
 
 mod common;
@@ -153,6 +154,7 @@ fn fp8_rounds_to_nearest_even_and_saturates() {
         symmetric: true,
         narrow_range: false,
         reduce_range: false,
+        bits: None,
     };
     let q = params::quantize_weights(&[448.0, 1.0, -0.5, 2.0], &[4], None, &scheme).unwrap();
     assert_eq!(q.params[0].scale, 1.0);
@@ -169,6 +171,7 @@ fn int4_packs_low_nibble_first_and_blocks_have_their_own_scales() {
         symmetric: true,
         narrow_range: true,
         reduce_range: false,
+        bits: None,
     };
     // [4, 2] in blocks of 2 along axis 0: block (k, j) is rows 2k, 2k+1 of column j.
     let w = [0.7, -7.0, -0.35, 1.0, 14.0, 0.1, 2.0, -0.2];
@@ -273,6 +276,109 @@ fn weight_only_writes_no_activation_qdq() {
     assert!(stderr.contains("guard: off"), "{stderr}");
 }
 
+/// Column `c` of a row-major [rows, cols] MatMul weight (its output channel), in f64.
+fn column(w: &[f32], cols: usize, c: usize) -> Vec<f64> {
+    w.iter().skip(c).step_by(cols).map(|&v| v as f64).collect()
+}
+
+#[test]
+fn narrower_integer_ranges_set_the_scales_and_bound_the_values() {
+    // int8 storage: weights 5 bits symmetric (−15..15), activations 7 bits of uint8 (0..127).
+    let (_dir, m, report, _) = quantize("weights: {bits: 5}\nactivations: {bits: 7}\n");
+    let float = mlp();
+    for w in ["w1", "w2"] {
+        let q = initializer(&m, &format!("{w}::quantized"));
+        assert_eq!(q.data_type, Some(DataType::Int8 as i32));
+        let values: Vec<i8> = q.raw_data.as_ref().unwrap().iter().map(|&b| b as i8).collect();
+        assert!(values.iter().all(|v| (-15..=15).contains(v)), "{w}: {values:?}");
+        assert!(
+            values.iter().any(|&v| v.abs() == 15),
+            "{w}: the range is used to its end"
+        );
+        let scales = onnxq::ir::tensor::values_f32(initializer(&m, &format!("{w}::scale"))).unwrap();
+        let original = onnxq::ir::tensor::values_f32(initializer(&float, w)).unwrap();
+        // gptq may choose other grid points, never other scales: amax / 15 per column.
+        for (c, &s) in scales.iter().enumerate() {
+            let amax = column(&original, scales.len(), c)
+                .iter()
+                .fold(0f64, |a, v| a.max(v.abs()));
+            assert_eq!(s, (amax / 15.0) as f32, "{w} column {c}");
+        }
+    }
+    // The input's scale spreads the same calibrated range over 127 steps instead of 255.
+    let x_scale = |m: &ModelProto| onnxq::ir::tensor::values_f32(initializer(m, "x::scale")).unwrap()[0];
+    let (_dir8, m8, _, _) = quantize("guard: false\n");
+    let ratio = x_scale(&m) as f64 / x_scale(&m8) as f64;
+    assert!((ratio - 255.0 / 127.0).abs() < 1e-5, "{ratio}");
+    let zp = initializer(&m, "x::zero_point").raw_data.as_ref().unwrap()[0];
+    assert!(zp <= 127, "zero point {zp} inside 0..127");
+    let sqnr = output_sqnr(&report);
+    assert!(sqnr > 15.0 && sqnr.is_finite(), "{sqnr}");
+}
+
+#[test]
+fn ternary_and_binary_weights_are_int4_sign_codes_times_their_channel_magnitude() {
+    let float = mlp();
+    for dtype in ["ternary", "binary"] {
+        // No passes: the written weights are the rule applied to the model's own weights.
+        let (_dir, m, report, stderr) = quantize(&format!("weights: {{dtype: {dtype}}}\npasses: []\n"));
+        assert_eq!(opset(&m), 21, "{stderr}");
+        for w in ["w1", "w2"] {
+            let q = initializer(&m, &format!("{w}::quantized"));
+            assert_eq!(q.data_type, Some(DataType::Int4 as i32));
+            let zp = initializer(&m, &format!("{w}::zero_point"));
+            assert_eq!(zp.data_type, Some(DataType::Int4 as i32));
+            assert!(nibbles(zp, true).iter().all(|&z| z == 0));
+            assert_eq!(attr(dq_of(&m, w), "axis"), Some(1), "per output column");
+            let codes = nibbles(q, true);
+            let scales = onnxq::ir::tensor::values_f32(initializer(&m, &format!("{w}::scale"))).unwrap();
+            let original = onnxq::ir::tensor::values_f32(initializer(&float, w)).unwrap();
+            let cols = scales.len();
+            for (c, &scale) in scales.iter().enumerate() {
+                let col = column(&original, cols, c);
+                let mean_abs = col.iter().map(|v| v.abs()).sum::<f64>() / col.len() as f64;
+                let delta = 0.7 * mean_abs;
+                let (alpha, expected): (f64, Vec<i32>) = if dtype == "binary" {
+                    (mean_abs, col.iter().map(|&v| if v < 0.0 { -1 } else { 1 }).collect())
+                } else {
+                    let above: Vec<f64> = col.iter().filter(|v| v.abs() > delta).map(|v| v.abs()).collect();
+                    let codes = col.iter().map(|&v| (v > delta) as i32 - (v < -delta) as i32).collect();
+                    (above.iter().sum::<f64>() / above.len() as f64, codes)
+                };
+                let written: Vec<i32> = codes.iter().skip(c).step_by(cols).copied().collect();
+                assert_eq!(written, expected, "{dtype} {w} column {c}");
+                assert!(
+                    (scale as f64 - alpha).abs() <= alpha * 1e-6,
+                    "{dtype} {w}[{c}]: {scale} vs {alpha}"
+                );
+                // The dequantized weight is ±α (or 0).
+                for (&q, &x) in written.iter().zip(&col) {
+                    let dq = q as f32 * scale;
+                    let want = if q == 0 { 0.0 } else { (x.signum() * alpha) as f32 };
+                    assert!(
+                        (dq - want).abs() <= want.abs() * 1e-6,
+                        "{dtype} {w}: {x} → {dq}, want {want}"
+                    );
+                }
+            }
+            let allowed: &[i32] = if dtype == "binary" { &[-1, 1] } else { &[-1, 0, 1] };
+            assert!(codes.iter().all(|v| allowed.contains(v)), "{dtype} {w}: {codes:?}");
+            if dtype == "ternary" {
+                assert!(
+                    codes.contains(&0) && codes.contains(&1) && codes.contains(&-1),
+                    "{codes:?}"
+                );
+            }
+        }
+        // Activations stay int8 (the default uint8 Q/DQ on the input).
+        let x_zp = initializer(&m, "x::zero_point");
+        assert_eq!(x_zp.data_type, Some(DataType::Uint8 as i32));
+        assert!(report["quantization"]["guard_off"].as_str().unwrap().contains(dtype));
+        let sqnr = output_sqnr(&report);
+        assert!(sqnr.is_finite() && sqnr > 0.0, "{dtype}: {sqnr}");
+    }
+}
+
 fn config_error(config: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let cfg: PathBuf = dir.path().join("q.yaml");
@@ -311,10 +417,49 @@ fn formats_that_cannot_be_written_are_config_errors() {
             "weights: {dtype: int4}\nmixed_precision: {target_sqnr_db: 30}\n",
             "integer-grid fake quantizer",
         ),
+        ("weights: {bits: 1}\n", "in 2..16"),
+        ("activations: {bits: 17}\n", "in 2..16"),
+        ("weights: {dtype: int4, bits: 5}\n", "do not fit int4"),
+        ("weights: {bits: 9}\n", "do not fit int8"),
+        ("weights: {dtype: float8e4m3fn, bits: 4}\n", "float8e4m3fn has none"),
+        ("weights: {dtype: ternary, bits: 2}\n", "ternary has none"),
+        ("activations: {dtype: float, bits: 7}\n", "nothing to act on"),
+        ("weights: {bits: 7, reduce_range: true}\n", "keep one"),
+        ("activations: {dtype: ternary}\n", "weight format"),
+        ("weights: {dtype: binary, symmetric: false}\n", "zero point is 0"),
+        ("weights: {dtype: ternary, reduce_range: true}\n", "no integer range"),
+        (
+            "weights: {dtype: ternary, granularity: per_block, block_size: 32}\n",
+            "int8, int4 and uint4",
+        ),
+        ("target: tensorrt\nweights: {dtype: ternary}\n", "no ternary weights"),
+        (
+            "overrides: [{tensor: w.*, dtype: binary}]\n",
+            "match the layer with `node:` or `op_type:`",
+        ),
+        (
+            "weights: {bits: 7}\nmixed_precision: {target_sqnr_db: 30}\n",
+            "weights.bits: 7",
+        ),
+        (
+            "weights: {dtype: binary}\nmixed_precision: {target_sqnr_db: 30}\n",
+            "weights.dtype: binary",
+        ),
     ] {
         let err = config_error(&format!("{data}{config}"));
         assert!(err.contains(needle), "{config}: expected {needle:?} in {err}");
     }
+}
+
+#[test]
+fn sensitivity_refuses_formats_its_fake_quantizer_does_not_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("q.yaml");
+    std::fs::write(&cfg, "calibration: {data: d.npz}\nweights: {dtype: ternary}\n").unwrap();
+    let out = onnxq(&["sensitivity", "no-such-model.onnx", "--config", s(&cfg)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("does not model weights.dtype: ternary"), "{stderr}");
 }
 
 #[test]

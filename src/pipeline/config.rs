@@ -141,6 +141,8 @@ pub struct WeightsConfig {
     pub symmetric: Option<bool>,
     /// One bit less (int8 −64..64), for x86 kernels without VNNI whose u8·s8 pair sums saturate.
     pub reduce_range: Option<bool>,
+    /// An integer range of 2..16 bits inside the dtype (7 in int8: −63..63 symmetric).
+    pub bits: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -188,6 +190,8 @@ pub struct ActivationsConfig {
     pub symmetric: Option<bool>,
     /// One bit less (uint8 0..127).
     pub reduce_range: Option<bool>,
+    /// An integer range of 2..16 bits inside the dtype (7 in uint8: 0..127).
+    pub bits: Option<u32>,
     /// Never valid (blocks are for constant weights); read only to say so.
     pub block_size: Option<serde_yaml::Value>,
 }
@@ -366,6 +370,8 @@ impl Config {
         if let Some(r) = self.activations.reduce_range {
             rules.activations.reduce_range = r;
         }
+        rules.weights.bits = self.weights.bits;
+        rules.activations.bits = self.activations.bits;
         if let Some(g) = self.weights.granularity {
             rules.per_channel_weights = g != Granularity::PerTensor;
         }
@@ -619,13 +625,20 @@ impl Config {
         }
     }
 
-    /// The formats of issue 15 this config uses (4-bit, FP8, blocks, weight-only), by key.
+    /// The formats of issue 15 this config uses (4-bit, ternary, binary, FP8, narrower integer
+    /// ranges, blocks, weight-only), by key.
     pub fn low_bit_formats(&self) -> Vec<String> {
         use crate::quant::params::QuantDtype;
         let new = |d: QuantDtype| d.bits() == 4 || d.float8().is_some();
         let mut used = Vec::new();
         if let Some(d) = self.weights.dtype.filter(|&d| new(d)) {
             used.push(format!("weights.dtype: {}", dtype_key(d)));
+        }
+        if let Some(b) = self.weights.bits {
+            used.push(format!("weights.bits: {b}"));
+        }
+        if let Some(b) = self.activations.bits {
+            used.push(format!("activations.bits: {b}"));
         }
         if self.weights.granularity == Some(Granularity::PerBlock) {
             used.push("weights.granularity: per_block".into());
@@ -723,15 +736,87 @@ impl Config {
             }
         }
         if self.activations.dtype == Some(ActivationDtype::Float)
-            && (self.activations.symmetric.is_some() || self.activations.reduce_range.is_some())
+            && (self.activations.symmetric.is_some()
+                || self.activations.reduce_range.is_some()
+                || self.activations.bits.is_some())
         {
-            return err("activations.dtype: float quantizes no activation: `symmetric` and `reduce_range` have nothing to act on".into());
+            return err("activations.dtype: float quantizes no activation: `symmetric`, `reduce_range` and `bits` have nothing to act on".into());
+        }
+        if let Some(d) = self.activation_dtype().filter(|d| d.is_ternary_or_binary()) {
+            return err(format!(
+                "activations.dtype: {} is a weight format (a sign rule over a constant's channels); activations take int8, uint8, int16, uint16, int4, uint4 or FP8",
+                dtype_key(d)
+            ));
+        }
+        if weights.is_ternary_or_binary() {
+            if self.weights.symmetric == Some(false) {
+                return err(format!(
+                    "weights.dtype: {}: its zero point is 0 (the levels are symmetric around 0): remove `symmetric: false`",
+                    dtype_key(weights)
+                ));
+            }
+            if self.weights.reduce_range == Some(true) {
+                return err(format!(
+                    "weights.reduce_range: {} has no integer range to reduce",
+                    dtype_key(weights)
+                ));
+            }
+        }
+        let activations = match self.activations.dtype {
+            Some(ActivationDtype::Quant(d)) => d,
+            _ => self.target.rules().activations.dtype,
+        };
+        for (key, bits, d, reduce) in [
+            ("weights", self.weights.bits, weights, self.weights.reduce_range),
+            (
+                "activations",
+                self.activations.bits,
+                activations,
+                self.activations.reduce_range,
+            ),
+        ] {
+            let Some(b) = bits else { continue };
+            if !(2..=16).contains(&b) {
+                return err(format!("{key}.bits must be in 2..16, got {b}"));
+            }
+            if d.float8().is_some() || d.is_ternary_or_binary() {
+                return err(format!(
+                    "{key}.bits narrows an integer range; {} has none",
+                    dtype_key(d)
+                ));
+            }
+            if b > d.bits() {
+                return err(format!(
+                    "{key}.bits: {b} bits do not fit {} ({} bits): choose a wider `{key}.dtype`",
+                    dtype_key(d),
+                    d.bits()
+                ));
+            }
+            if reduce == Some(true) {
+                return err(format!(
+                    "{key}.bits and {key}.reduce_range both narrow the range: keep one"
+                ));
+            }
         }
         for (i, o) in self.overrides.iter().enumerate() {
             if o.granularity == Some(Granularity::PerBlock) {
                 return err(format!(
                     "overrides[{i}]: per_block is set for all weights by `weights.granularity`"
                 ));
+            }
+            if let Some(d) = o.dtype.filter(|d| d.is_ternary_or_binary()) {
+                if o.tensor.is_some() {
+                    return err(format!(
+                        "overrides[{i}]: {} is a weight format, and a `tensor:` rule may match an activation: match the layer with `node:` or `op_type:`",
+                        dtype_key(d)
+                    ));
+                }
+                if self.target == Target::Tensorrt {
+                    return err(format!(
+                        "overrides[{i}]: target tensorrt has no {} weights (its int4 is block-wise weight-only)",
+                        dtype_key(d)
+                    ));
+                }
             }
         }
         if self.target == Target::Tensorrt {
@@ -741,6 +826,12 @@ impl Config {
             }
             if a == Some(QuantDtype::Float8e5m2) || self.weights.dtype == Some(QuantDtype::Float8e5m2) {
                 return err("target tensorrt: its FP8 is float8e4m3fn (no float8e5m2)".into());
+            }
+            if weights.is_ternary_or_binary() {
+                return err(format!(
+                    "target tensorrt has no {} weights (its int4 is block-wise weight-only)",
+                    dtype_key(weights)
+                ));
             }
             if weights.bits() == 4 && self.activations.dtype != Some(ActivationDtype::Float) {
                 return err("target tensorrt runs int4 weights weight-only: set `activations.dtype: float`".into());

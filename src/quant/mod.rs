@@ -1,6 +1,7 @@
 //! Quantization: scale/zero-point maths, the op rules and targets, the plan (what gets Q/DQ with
 //! which parameters), the mixed-precision search and the probe it measures with, and the plan's
-//! materialisation into QuantizeLinear/DequantizeLinear nodes.
+//! materialisation into QuantizeLinear/DequantizeLinear nodes, and the ternary and binary weight
+//! rules (`ternary`).
 
 pub mod guard;
 pub mod materialize;
@@ -12,3 +13,4 @@ pub mod rules;
 pub mod sensitivity;
 pub mod subgraphs;
 pub mod switched;
+pub mod ternary;

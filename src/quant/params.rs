@@ -52,10 +52,14 @@ pub enum QuantDtype {
     Float8e4m3fn,
     /// FP8 (OCP): 5 exponent bits, 2 mantissa bits, max 57344; opset 19.
     Float8e5m2,
+    /// Weights only: {−α, 0, α} per channel (TWN, [`crate::quant::ternary`]), stored as int4.
+    Ternary,
+    /// Weights only: {−α, α} per channel (sign · mean|w|), stored as int4.
+    Binary,
 }
 
 /// The dtypes a config can name, in the order error messages list them.
-pub const DTYPE_NAMES: [&str; 8] = [
+pub const DTYPE_NAMES: [&str; 10] = [
     "int8",
     "uint8",
     "int16",
@@ -64,6 +68,8 @@ pub const DTYPE_NAMES: [&str; 8] = [
     "uint4",
     "float8e4m3fn",
     "float8e5m2",
+    "ternary",
+    "binary",
 ];
 
 impl QuantDtype {
@@ -74,14 +80,15 @@ impl QuantDtype {
             QuantDtype::Uint8 => DataType::Uint8,
             QuantDtype::Int16 => DataType::Int16,
             QuantDtype::Uint16 => DataType::Uint16,
-            QuantDtype::Int4 => DataType::Int4,
+            QuantDtype::Int4 | QuantDtype::Ternary | QuantDtype::Binary => DataType::Int4,
             QuantDtype::Uint4 => DataType::Uint4,
             QuantDtype::Float8e4m3fn => DataType::Float8e4m3fn,
             QuantDtype::Float8e5m2 => DataType::Float8e5m2,
         }) as i32
     }
 
-    /// The inverse of [`QuantDtype::onnx_type`] (None for any other type).
+    /// The inverse of [`QuantDtype::onnx_type`] (None for any other type; int4 data is int4,
+    /// whatever rule chose its values).
     pub fn from_onnx_type(data_type: i32) -> Option<Self> {
         match DataType::try_from(data_type).ok()? {
             DataType::Int8 => Some(QuantDtype::Int8),
@@ -100,9 +107,16 @@ impl QuantDtype {
         !matches!(self, QuantDtype::Uint8 | QuantDtype::Uint16 | QuantDtype::Uint4)
     }
 
+    /// Ternary or binary: values set by a sign rule around one magnitude, not rounded onto a
+    /// grid ([`crate::quant::ternary`]).
+    pub fn is_ternary_or_binary(self) -> bool {
+        matches!(self, QuantDtype::Ternary | QuantDtype::Binary)
+    }
+
+    /// The storage width (ternary and binary are stored as int4).
     pub fn bits(self) -> u32 {
         match self {
-            QuantDtype::Int4 | QuantDtype::Uint4 => 4,
+            QuantDtype::Int4 | QuantDtype::Uint4 | QuantDtype::Ternary | QuantDtype::Binary => 4,
             QuantDtype::Int8 | QuantDtype::Uint8 | QuantDtype::Float8e4m3fn | QuantDtype::Float8e5m2 => 8,
             QuantDtype::Int16 | QuantDtype::Uint16 => 16,
         }
@@ -122,7 +136,12 @@ impl QuantDtype {
         match self {
             QuantDtype::Int8 | QuantDtype::Uint8 => 10,
             QuantDtype::Float8e4m3fn | QuantDtype::Float8e5m2 => 19,
-            QuantDtype::Int16 | QuantDtype::Uint16 | QuantDtype::Int4 | QuantDtype::Uint4 => 21,
+            QuantDtype::Int16
+            | QuantDtype::Uint16
+            | QuantDtype::Int4
+            | QuantDtype::Uint4
+            | QuantDtype::Ternary
+            | QuantDtype::Binary => 21,
         }
     }
 
@@ -140,6 +159,7 @@ impl QuantDtype {
             // FP8: the largest finite magnitude (the codes are not a linear range).
             QuantDtype::Float8e4m3fn => (-448, 448),
             QuantDtype::Float8e5m2 => (-57344, 57344),
+            QuantDtype::Ternary | QuantDtype::Binary => (-1, 1),
         }
     }
 
@@ -154,13 +174,19 @@ impl QuantDtype {
             QuantDtype::Uint16 => (0, 32767),
             QuantDtype::Int4 => (-4, 4),
             QuantDtype::Uint4 => (0, 7),
-            QuantDtype::Float8e4m3fn | QuantDtype::Float8e5m2 => self.range(false),
+            QuantDtype::Float8e4m3fn | QuantDtype::Float8e5m2 | QuantDtype::Ternary | QuantDtype::Binary => {
+                self.range(false)
+            }
         }
     }
 
-    /// Short name (`i8`, `u8`, `i16`, `u16`), as in dumps.
+    /// Short name (`i8`, `u8`, `i16`, `u16`, `ternary`), as in dumps.
     pub fn name(self) -> &'static str {
-        crate::ir::tensor::dtype_name(self.onnx_type())
+        match self {
+            QuantDtype::Ternary => "ternary",
+            QuantDtype::Binary => "binary",
+            _ => crate::ir::tensor::dtype_name(self.onnx_type()),
+        }
     }
 }
 
@@ -186,18 +212,30 @@ pub struct Scheme {
     /// without VNNI whose u8·s8 pair sums saturate int16. Overrides `narrow_range`.
     #[serde(default)]
     pub reduce_range: bool,
+    /// An integer range of this many bits inside the dtype's storage (`weights.bits`,
+    /// `activations.bits`): int8 storage with 7 bits is −63..63 symmetric (narrow, as the full
+    /// width), −64..63 asymmetric, uint8 0..127. None, or the dtype's width: its full range.
+    /// Integer dtypes only (the config refuses it with FP8, ternary and binary, and with
+    /// reduce_range).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bits: Option<u32>,
 }
 
 impl Scheme {
     /// The integer range parameters are computed for, and weights are clamped to.
-    /// Runtime QuantizeLinear still saturates to the dtype's full range ([`quantize`]).
+    /// Runtime QuantizeLinear still saturates to the dtype's full range ([`quantize`]): an
+    /// activation beyond its calibrated range can reach the storage bounds even with `bits`.
     pub fn qrange(&self) -> (i32, i32) {
+        // Symmetric signed: −qmax..qmax, so that −amax is exact as well (ORT does the same).
+        let narrow = self.narrow_range || (self.symmetric && self.dtype.is_signed());
         if self.reduce_range {
-            self.dtype.reduced_range()
-        } else {
-            // Symmetric signed: −qmax..qmax, so that −amax is exact as well (ORT does the same).
-            self.dtype
-                .range(self.narrow_range || (self.symmetric && self.dtype.is_signed()))
+            return self.dtype.reduced_range();
+        }
+        let integer = self.dtype.float8().is_none() && !self.dtype.is_ternary_or_binary();
+        match self.bits.filter(|&b| integer && (1..self.dtype.bits()).contains(&b)) {
+            Some(b) if self.dtype.is_signed() => (-(1 << (b - 1)) + narrow as i32, (1 << (b - 1)) - 1),
+            Some(b) => (0, (1 << b) - 1),
+            None => self.dtype.range(narrow),
         }
     }
 }
@@ -330,7 +368,7 @@ pub fn dequantize_as(q: i32, p: QParams, dtype: QuantDtype) -> f32 {
 
 /// (outer, channels, inner) of a tensor split along `axis`; element i is in channel
 /// `(i / inner) % channels`.
-fn channel_layout(dims: &[i64], axis: usize) -> Option<(usize, usize, usize)> {
+pub(crate) fn channel_layout(dims: &[i64], axis: usize) -> Option<(usize, usize, usize)> {
     let size = |ds: &[i64]| {
         ds.iter().try_fold(1usize, |acc, &d| {
             usize::try_from(d).ok().and_then(|d| acc.checked_mul(d))
@@ -438,6 +476,12 @@ pub fn quantize_weights_blocked(
             "weight of shape {dims:?} has {} values",
             values.len()
         )));
+    }
+    if scheme.dtype.is_ternary_or_binary() {
+        if block.is_some() {
+            return Err(Error::internal(format!("{} weights are not blocked", scheme.dtype)));
+        }
+        return crate::quant::ternary::quantize(values, dims, axis, scheme.dtype);
     }
     if block == Some(0) || (block.is_some() && axis.is_none()) {
         return Err(Error::internal(format!(
@@ -643,7 +687,12 @@ pub fn pack(values: &[i32], dtype: QuantDtype) -> Vec<u8> {
             QuantDtype::Uint8 => out.push(v as u8),
             QuantDtype::Int16 => out.extend((v as i16).to_le_bytes()),
             QuantDtype::Uint16 => out.extend((v as u16).to_le_bytes()),
-            QuantDtype::Int4 | QuantDtype::Uint4 | QuantDtype::Float8e4m3fn | QuantDtype::Float8e5m2 => {
+            QuantDtype::Int4
+            | QuantDtype::Uint4
+            | QuantDtype::Float8e4m3fn
+            | QuantDtype::Float8e5m2
+            | QuantDtype::Ternary
+            | QuantDtype::Binary => {
                 unreachable!("packed above")
             }
         }
@@ -783,6 +832,7 @@ mod tests {
             symmetric,
             narrow_range: false,
             reduce_range: false,
+            bits: None,
         }
     }
 
@@ -907,6 +957,47 @@ mod tests {
         assert!(json.contains("\"uint16\""), "{json}");
         let back: Scheme = serde_json::from_str(r#"{"dtype":"int8","symmetric":true}"#).unwrap();
         assert_eq!(back, scheme(QuantDtype::Int8, true));
+    }
+
+    #[test]
+    fn bits_narrow_the_integer_range_inside_the_dtype() {
+        let with_bits = |dtype, symmetric, bits| Scheme {
+            bits: Some(bits),
+            ..scheme(dtype, symmetric)
+        };
+        // int8 storage, 7 bits: symmetric drops the minimum as the full width does.
+        assert_eq!(with_bits(QuantDtype::Int8, true, 7).qrange(), (-63, 63));
+        assert_eq!(with_bits(QuantDtype::Int8, false, 7).qrange(), (-64, 63));
+        assert_eq!(with_bits(QuantDtype::Uint8, false, 7).qrange(), (0, 127));
+        assert_eq!(with_bits(QuantDtype::Int16, true, 12).qrange(), (-2047, 2047));
+        assert_eq!(with_bits(QuantDtype::Int4, true, 2).qrange(), (-1, 1));
+        // The dtype's own width (or more, which the config refuses) is its full range.
+        assert_eq!(with_bits(QuantDtype::Int8, true, 8).qrange(), (-127, 127));
+        assert_eq!(with_bits(QuantDtype::Int4, false, 9).qrange(), (-8, 7));
+        // Scales follow: symmetric 7-bit [−2, 1] is 2/63; symmetric uint8 in 7 bits has zp 64.
+        let p = params_for_range(-2.0, 1.0, &with_bits(QuantDtype::Int8, true, 7));
+        assert_eq!(
+            p,
+            QParams {
+                scale: f32_of(2.0 / 63.0),
+                zero_point: 0
+            }
+        );
+        let p = params_for_range(-2.0, 1.0, &with_bits(QuantDtype::Uint8, true, 7));
+        assert_eq!(
+            p,
+            QParams {
+                scale: f32_of(2.0 / 63.0),
+                zero_point: 64
+            }
+        );
+        // Weights are clamped to the narrower range.
+        let q = quantize_weights(&[-1.0, 0.5, 1.0], &[3], None, &with_bits(QuantDtype::Int8, true, 5)).unwrap();
+        assert!(q.values.iter().all(|v| (-15..=15).contains(v)), "{:?}", q.values);
+        assert_eq!(q.values.iter().map(|v| v.abs()).max(), Some(15));
+        // Unset: unchanged (and not serialised, so plans print as before).
+        let json = serde_json::to_string(&scheme(QuantDtype::Int8, true)).unwrap();
+        assert!(!json.contains("bits"), "{json}");
     }
 
     #[test]

@@ -164,6 +164,10 @@ impl OverrideRule {
     }
     fn apply(&self, scheme: &mut Scheme) {
         if let Some(d) = self.dtype {
+            // Another dtype takes its full range: `bits` narrows the configured dtype only.
+            if d != scheme.dtype {
+                scheme.bits = None;
+            }
             scheme.dtype = d;
         }
         if let Some(s) = self.symmetric {
@@ -836,9 +840,12 @@ impl Plan {
                     | QuantDtype::Int16
                     | QuantDtype::Int4
                     | QuantDtype::Float8e4m3fn
-                    | QuantDtype::Float8e5m2 => QuantDtype::Int16,
+                    | QuantDtype::Float8e5m2
+                    | QuantDtype::Ternary
+                    | QuantDtype::Binary => QuantDtype::Int16,
                 };
                 a.scheme.reduce_range = false;
+                a.scheme.bits = None;
                 a.params = params_for_range(a.range.0, a.range.1, &a.scheme);
             }
             plan.activations.insert(t.clone(), a);

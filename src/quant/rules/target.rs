@@ -52,12 +52,14 @@ impl Target {
             symmetric: true,
             narrow_range: true,
             reduce_range: false,
+            bits: None,
         };
         let u8_activations = Scheme {
             dtype: QuantDtype::Uint8,
             symmetric: false,
             narrow_range: false,
             reduce_range: false,
+            bits: None,
         };
         match self {
             Target::Generic | Target::Openvino | Target::Onnxruntime => TargetRules {
@@ -78,6 +80,7 @@ impl Target {
                     symmetric: true,
                     narrow_range: false,
                     reduce_range: false,
+                    bits: None,
                 },
                 weights: s8_weights,
                 per_channel_weights: true,
