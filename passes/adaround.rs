@@ -668,6 +668,6 @@ mod tests {
         assert_eq!(o.beta(0), None);
         assert_eq!(o.beta(199), None);
         assert_eq!(o.beta(200), Some(20.0));
-        assert!((o.beta(999).unwrap() - 2.018).abs() < 1e-3);
+        assert!((o.beta(999).unwrap() - 2.0225).abs() < 1e-4);
     }
 }
