@@ -90,7 +90,7 @@ impl Pass for Gptq {
         };
         // With a Loop tract cannot run, the layers of the part it runs (calib::control_flow).
         let runnable = crate::calib::control_flow::runnable(ctx.control_flow.as_ref(), model)?;
-        let notes = apply_measured(&runnable, plan, source, ctx.gptq_layer_inputs.take())?;
+        let notes = apply_measured(&runnable, plan, source, ctx.layer_inputs.take())?;
         eprintln!("onnxq: gptq took {:.1} s", started.elapsed().as_secs_f64());
         Ok(notes)
     }
@@ -164,21 +164,23 @@ enum WeightOrder {
     ColumnMajor,
 }
 
+/// A layer whose weight rounding is fitted to its inputs (by gptq or adaround): its input, its
+/// weight and how the weight's rows (output channels) and columns sit in it.
 #[derive(Clone, Debug, PartialEq)]
-struct Target {
-    label: String,
+pub(crate) struct Target {
+    pub(crate) label: String,
     input: String,
-    weight: String,
+    pub(crate) weight: String,
     reader: Reader,
     order: WeightOrder,
     /// Output rows and columns per group.
-    rows_per_group: usize,
-    columns: usize,
-    groups: usize,
+    pub(crate) rows_per_group: usize,
+    pub(crate) columns: usize,
+    pub(crate) groups: usize,
 }
 
 impl Target {
-    fn flat_index(&self, row: usize, column: usize) -> usize {
+    pub(crate) fn flat_index(&self, row: usize, column: usize) -> usize {
         match self.order {
             WeightOrder::RowMajor => row * self.columns + column,
             WeightOrder::ColumnMajor => column * self.rows_per_group * self.groups + row,
@@ -277,9 +279,9 @@ fn find_targets(graph: &Graph, plan: &Plan) -> Result<Vec<std::result::Result<Ta
             let n = &graph.nodes[ix];
             let wq = &plan.weights[weight];
             match wq.consumers.len() {
-                // GPTQ rounds onto a uniform integer grid; FP8's is not one.
+                // The rounding is chosen on a uniform integer grid; FP8's is not one.
                 _ if wq.scheme.dtype.float8().is_some() => Err(format!(
-                    "weight '{weight}' is {}: GPTQ rounds onto an integer grid",
+                    "weight '{weight}' is {}: the rounding is chosen on an integer grid",
                     wq.scheme.dtype
                 )),
                 // Ternary and binary codes follow their threshold rule: nothing to round.
@@ -300,8 +302,8 @@ fn find_targets(graph: &Graph, plan: &Plan) -> Result<Vec<std::result::Result<Ta
 
 /// One layer's `H` per group (`columns × columns`) and the number of input vectors seen.
 pub struct Gram {
-    per_group: Vec<Array2<f64>>,
-    rows: u64,
+    pub(crate) per_group: Vec<Array2<f64>>,
+    pub(crate) rows: u64,
 }
 
 impl Gram {
@@ -474,7 +476,7 @@ type TargetShare = (std::result::Result<u64, String>, Option<Contribution>);
 pub type Grams = Vec<Option<std::result::Result<Gram, String>>>;
 
 /// The layer statistics calibration's run measured for gptq, handed over in
-/// [`Context::gptq_layer_inputs`]: the layers, each with its `H` or why it is not measured.
+/// [`Context::layer_inputs`]: the layers, each with its `H` or why it is not measured.
 pub struct Measured {
     layers: Vec<(Target, std::result::Result<Gram, String>)>,
 }
@@ -633,6 +635,7 @@ fn gram_matrices(
     model: &Model,
     source: &DataSource,
     targets: Vec<Target>,
+    progress_label: &'static str,
 ) -> Result<Vec<std::result::Result<Gram, String>>> {
     let rider = LayerInputs::new(targets, source);
     let shapes = source.sample_shapes()?;
@@ -645,8 +648,7 @@ fn gram_matrices(
     let runner = Runner::new(model, &shapes, &extra)?;
     let total = source.len();
     let parallel = Parallelism::for_samples(runner.sample_bytes()?);
-    let progress =
-        crate::calib::stats::Progress::new("gptq: measuring layer inputs", total as u64, &parallel.describe());
+    let progress = crate::calib::stats::Progress::new(progress_label, total as u64, &parallel.describe());
     let mut sum = rider.empty();
     if total > 0 {
         ride(&runner, source, &rider, 0..1, parallel.samples, &mut sum, &progress)?;
@@ -733,7 +735,7 @@ fn inverse_factor(h: &Array2<f64>) -> Option<Array2<f64>> {
 }
 
 /// `(w̃ − w) H (w̃ − w)ᵀ` of one row.
-fn output_error(delta: &[f64], h: &Array2<f64>) -> f64 {
+pub(crate) fn output_error(delta: &[f64], h: &Array2<f64>) -> f64 {
     let n = delta.len();
     let mut e = 0.0;
     for i in 0..n {
@@ -851,18 +853,76 @@ pub fn apply_measured(
     source: &DataSource,
     measured: Option<Measured>,
 ) -> Result<Vec<String>> {
+    let layers = measure_layers(model, plan, source, measured, "gptq")?;
+    let mut notes = layers.skipped.clone();
+    let mut rounded = Vec::new();
+    for (t, gram) in &layers.measured {
+        let (weights, nearest, qrange) = layer_weights(&model.graph, plan, t)?;
+        let (values, note) = round_layer(t, gram, &weights, &nearest, qrange);
+        if let Some(values) = values {
+            record_rounding(plan, t, values);
+            rounded.push(note);
+        } else {
+            notes.push(note);
+        }
+    }
+    let mut out = vec![
+        format!(
+            "gptq: {} weights rounded, {} kept nearest rounding",
+            rounded.len(),
+            notes.len()
+        ),
+        layers.provenance("gptq"),
+    ];
+    out.extend(rounded);
+    out.extend(notes);
+    Ok(out)
+}
+
+/// The layers a rounding pass fits ([`measure_layers`]): each with its `H`, the notes of those
+/// it leaves at nearest rounding, and where the statistics came from.
+pub(crate) struct Layers {
+    pub(crate) measured: Vec<(Target, Gram)>,
+    /// "nearest rounding LAYER: why", in graph order of the layers.
+    pub(crate) skipped: Vec<String>,
+    from_calibration: usize,
+    targets: usize,
+}
+
+impl Layers {
+    /// The note on where the layer inputs came from.
+    pub(crate) fn provenance(&self, pass: &str) -> String {
+        format!(
+            "layer inputs of {} layers from calibration's run of the model, {} from {pass}'s own run",
+            self.from_calibration,
+            self.targets - self.from_calibration
+        )
+    }
+}
+
+/// The layers whose weights the plan quantizes and whose rounding can be fitted, each with the
+/// `H` of its inputs: taken from what calibration's run measured (`measured`) where it measured
+/// that very layer, the rest from a run of the model over `source` (labelled `pass` in the
+/// progress line and errors). Shared by gptq and adaround.
+pub(crate) fn measure_layers(
+    model: &Model,
+    plan: &Plan,
+    source: &DataSource,
+    measured: Option<Measured>,
+    pass: &'static str,
+) -> Result<Layers> {
     if source.is_empty() {
-        return Err(Error::Graph(
-            "gptq needs calibration data (`calibration: {data: …}`): it fits the rounding to the layers' inputs".into(),
-        ));
+        return Err(Error::Graph(format!(
+            "{pass} needs calibration data (`calibration: {{data: …}}`): it fits the rounding to the layers' inputs"
+        )));
     }
     let graph = &model.graph;
-    let mut notes = Vec::new();
+    let mut skipped = Vec::new();
     let mut targets = Vec::new();
     for f in find_targets(graph, plan)? {
         match f {
             Ok(t) => targets.push(t),
-            Err((label, reason)) => notes.push(format!("nearest rounding {label}: {reason}")),
+            Err((label, reason)) => skipped.push(format!("nearest rounding {label}: {reason}")),
         }
     }
     // What calibration measured, and the rest measured now.
@@ -876,61 +936,53 @@ pub fn apply_measured(
         .map(|(t, _)| t.clone())
         .collect();
     if !unmeasured.is_empty() {
-        let mut measuring = gram_matrices(model, source, unmeasured)?.into_iter();
+        let label = if pass == "adaround" {
+            "adaround: measuring layer inputs"
+        } else {
+            "gptq: measuring layer inputs"
+        };
+        let mut measuring = gram_matrices(model, source, unmeasured, label)?.into_iter();
         for g in grams.iter_mut().filter(|g| g.is_none()) {
             *g = measuring.next();
         }
     }
-    let grams: Vec<std::result::Result<Gram, String>> = grams
-        .into_iter()
-        .zip(&targets)
-        .map(|(g, t)| g.ok_or_else(|| missing(t)))
-        .collect::<Result<_>>()?;
-    let mut rounded = Vec::new();
-    for (t, gram) in targets.iter().zip(&grams) {
-        let gram = match gram {
-            Ok(g) => g,
-            Err(reason) => {
-                notes.push(reason.clone());
-                continue;
-            }
-        };
-        let wt = &graph.constants[&t.weight].tensor;
-        let weights = tensor::values_f32(wt)
-            .ok_or_else(|| Error::Graph(format!("weight '{}' is not a float tensor", t.weight)))?;
-        let wq = &plan.weights[&t.weight];
-        let nearest = params::quantize_weights_blocked(&weights, &wt.dims, wq.axis, wq.block_size, &wq.scheme)?;
-        let (values, note) = round_layer(t, gram, &weights, &nearest, wq.scheme.qrange());
-        if let Some(values) = values {
-            plan.rounded.insert(
-                t.weight.clone(),
-                RoundedWeight {
-                    scheme: wq.scheme,
-                    axis: wq.axis,
-                    block_size: wq.block_size,
-                    values,
-                },
-            );
-            rounded.push(note);
-        } else {
-            notes.push(note);
+    let count = targets.len();
+    let mut layers = Vec::new();
+    for (g, t) in grams.into_iter().zip(targets) {
+        match g.ok_or_else(|| missing(&t))? {
+            Ok(gram) => layers.push((t, gram)),
+            Err(reason) => skipped.push(reason),
         }
     }
-    let mut out = vec![
-        format!(
-            "gptq: {} weights rounded, {} kept nearest rounding",
-            rounded.len(),
-            notes.len()
-        ),
-        format!(
-            "layer inputs of {} layers from calibration's run of the model, {} from gptq's own run",
-            from_calibration,
-            targets.len() - from_calibration
-        ),
-    ];
-    out.extend(rounded);
-    out.extend(notes);
-    Ok(out)
+    Ok(Layers {
+        measured: layers,
+        skipped,
+        from_calibration,
+        targets: count,
+    })
+}
+
+/// A layer's float weight, its nearest rounding on the plan's grid and the grid's integer range.
+pub(crate) fn layer_weights(graph: &Graph, plan: &Plan, t: &Target) -> Result<(Vec<f32>, QuantizedTensor, (i32, i32))> {
+    let wt = &graph.constants[&t.weight].tensor;
+    let weights =
+        tensor::values_f32(wt).ok_or_else(|| Error::Graph(format!("weight '{}' is not a float tensor", t.weight)))?;
+    let wq = &plan.weights[&t.weight];
+    let nearest = params::quantize_weights_blocked(&weights, &wt.dims, wq.axis, wq.block_size, &wq.scheme)?;
+    Ok((weights, nearest, wq.scheme.qrange()))
+}
+
+/// Records the grid points chosen for `t`'s weight in the plan (`Plan::rounded`), which
+/// `materialize` and `correct_bias` read.
+pub(crate) fn record_rounding(plan: &mut Plan, t: &Target, values: Vec<i32>) {
+    let wq = &plan.weights[&t.weight];
+    let rounded = RoundedWeight {
+        scheme: wq.scheme,
+        axis: wq.axis,
+        block_size: wq.block_size,
+        values,
+    };
+    plan.rounded.insert(t.weight.clone(), rounded);
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! same trait in `pipeline::stages`; `pipeline` runs both.
 
 mod absorb_bias;
+pub mod adaround;
 pub mod correct_bias;
 mod eliminate_identity;
 mod equalize;
@@ -75,14 +76,16 @@ pub struct Context {
     pub calibration: Option<DataSource>,
     /// Activation statistics of the float model after the graph passes (`calibrate`).
     pub stats: Option<CalibrationStats>,
-    /// Whether `gptq` is the first pass after `calibrate` (set by the pass manager, `pipeline::run`):
+    /// Whether the first pass after `calibrate` is one that fits roundings to the layers' inputs
+    /// ([`MEASURES_LAYER_INPUTS`]: gptq, adaround; set by the pass manager, `pipeline::run`):
     /// the stages between change only the plan, so calibration's run of the float model sees
-    /// the layer inputs gptq would and measures them for it, instead of gptq running the model
-    /// over the data again.
-    pub gptq_follows_calibration: bool,
-    /// gptq's layer statistics, measured by `calibrate` when `gptq_follows_calibration` (and the
-    /// statistics were not reused from a file); `gptq` takes them.
-    pub gptq_layer_inputs: Option<gptq::Measured>,
+    /// the layer inputs that pass would and measures them for it, instead of the pass running
+    /// the model over the data again.
+    pub layer_inputs_follow_calibration: bool,
+    /// The layers' input statistics (`H`), measured by `calibrate` when
+    /// `layer_inputs_follow_calibration` (and the statistics were not reused from a file); the
+    /// first of gptq and adaround takes them.
+    pub layer_inputs: Option<gptq::Measured>,
     /// How the plan is built (`plan`), so a plan pass can re-plan after changing the graph.
     pub plan_options: Option<PlanOptions>,
     /// What gets Q/DQ with which parameters (`plan`, then the plan passes and mixed precision).
@@ -150,7 +153,12 @@ pub const NAMES: &[&str] = &[
     "absorb_bias",
     "correct_bias",
     "gptq",
+    "adaround",
 ];
+
+/// The plan passes that fit weight roundings to the layers' inputs (the `H` of
+/// [`gptq::LayerInputs`]), which calibration's run can measure for the first of them.
+pub const MEASURES_LAYER_INPUTS: &[&str] = &["gptq", "adaround"];
 
 /// What a pass does and its options with their defaults, for `onnxq passes`.
 pub fn describe(name: &str) -> Option<(&'static str, &'static str)> {
@@ -176,6 +184,10 @@ pub fn describe(name: &str) -> Option<(&'static str, &'static str)> {
             "GPTQ (Frantar et al. 2023): chooses each weight's rounding to minimise the layer's output error on the calibration data, on the plan's grid (list it before correct_bias, which then removes the mean shift left)",
             "none",
         ),
+        "adaround" => (
+            "AdaRound (Nagel et al. 2020): learns each weight's rounding (down or up) on the plan's grid by minimising the layer's output reconstruction error on the calibration inputs, with a rectified-sigmoid relaxation and an annealed rounding regulariser (list it before correct_bias)",
+            "iterations (1000); learning_rate (0.01); regularization (0.01); warmup (0.2); beta_start (20); beta_end (2)",
+        ),
         _ => return None,
     })
 }
@@ -188,6 +200,7 @@ pub fn create(name: &str) -> Option<Box<dyn Pass>> {
         "absorb_bias" => Box::new(absorb_bias::AbsorbBias::default()),
         "correct_bias" => Box::new(correct_bias::CorrectBias::default()),
         "gptq" => Box::new(gptq::Gptq),
+        "adaround" => Box::new(adaround::AdaRound::default()),
         _ => return None,
     })
 }

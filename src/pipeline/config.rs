@@ -936,7 +936,8 @@ impl Config {
                     format!("unknown pass `{name}`{hint}; valid passes: {}", known.join(", ")),
                 ));
             }
-            let pass = crate::pipeline::create_pass(spec).map_err(|m| Error::config(path, format!("passes: {m}")))?;
+            let pass = crate::pipeline::create_pass(spec)
+                .map_err(|m| Error::config(path, format!("passes: {}", explain_yaml_error(&m))))?;
             match pass.phase() {
                 Phase::Plan => {
                     first_plan_pass.get_or_insert(pass.name());

@@ -145,7 +145,7 @@ pub fn create_pass(spec: &PassSpec) -> std::result::Result<Box<dyn Pass>, String
 /// the steps that ran before it. Stops after `debug.stop_after`.
 pub fn run(model: &mut Model, steps: &[Box<dyn Pass>], ctx: &mut Context, debug: &DebugOptions) -> Result<()> {
     let names = step_names(steps);
-    ctx.gptq_follows_calibration = gptq_follows_calibration(&names, debug.stop_after.as_deref());
+    ctx.layer_inputs_follow_calibration = layer_inputs_follow_calibration(&names, debug.stop_after.as_deref());
     for (i, step) in steps.iter().enumerate() {
         let name = step.name();
         let wants_dump = debug.dump_after.as_deref().is_some_and(|d| d == "all" || d == name);
@@ -197,10 +197,11 @@ pub fn run(model: &mut Model, steps: &[Box<dyn Pass>], ctx: &mut Context, debug:
     Ok(())
 }
 
-/// Whether `gptq` is the first pass after `calibrate` among the steps that run (`names`, up to
+/// Whether a pass that fits roundings to the layers' inputs (`passes::MEASURES_LAYER_INPUTS`:
+/// gptq, adaround) is the first pass after `calibrate` among the steps that run (`names`, up to
 /// `stop_after`): the stages between them (plan, mixed precision) change only the plan,
-/// so the float model gptq measures is the one calibration runs.
-fn gptq_follows_calibration(names: &[&str], stop_after: Option<&str>) -> bool {
+/// so the float model that pass measures is the one calibration runs.
+fn layer_inputs_follow_calibration(names: &[&str], stop_after: Option<&str>) -> bool {
     let end = stop_after
         .and_then(|s| names.iter().position(|n| *n == s))
         .map_or(names.len(), |i| i + 1);
@@ -211,7 +212,7 @@ fn gptq_follows_calibration(names: &[&str], stop_after: Option<&str>) -> bool {
     names[calibrate + 1..]
         .iter()
         .find(|n| crate::passes::NAMES.contains(n))
-        .is_some_and(|n| *n == "gptq")
+        .is_some_and(|n| crate::passes::MEASURES_LAYER_INPUTS.contains(n))
 }
 
 /// The graph dump followed by what the stages produced so far (statistics, plan).

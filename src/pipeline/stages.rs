@@ -98,9 +98,9 @@ impl Pass for Calibrate {
         let stats = match &ctx.calibration {
             Some(source) => {
                 let runnable = crate::calib::control_flow::runnable(ctx.control_flow.as_ref(), model)?;
-                // gptq's layer statistics in the same run of the model, when it asks next.
+                // The layer statistics gptq or adaround fit to, in the same run of the model, when one asks next.
                 let layer_inputs = ctx
-                    .gptq_follows_calibration
+                    .layer_inputs_follow_calibration
                     .then(|| LayerInputs::before_plan(&runnable, source))
                     .transpose()?;
                 let (stats, measured) = calibration_stats(
@@ -110,7 +110,7 @@ impl Pass for Calibrate {
                     self.observe_every_tensor,
                     layer_inputs,
                 )?;
-                ctx.gptq_layer_inputs = measured;
+                ctx.layer_inputs = measured;
                 stats
             }
             None => self.data_free_stats(model, &ctx.batchnorm_records)?,
