@@ -9,17 +9,13 @@
 mod common;
 
 use common::*;
-use onnxq::calib::observers::Method;
 use onnxq::calib::source::DataSource;
 use onnxq::calib::stats::{collect, CalibrationStats};
 use onnxq::ir::Model;
 use onnxq::passes::adaround;
-use onnxq::quant::materialize::materialize;
 use onnxq::quant::params::QuantDtype;
-use onnxq::quant::plan::{build_plan, Overrides, Plan, PlanOptions};
-use onnxq::quant::rules::Target;
-use onnxq::runtime::{to_f32_vec, Runner};
-use tract_onnx::prelude::{DatumType, IntoTValue, Tensor};
+use onnxq::quant::plan::Plan;
+use tract_onnx::prelude::Tensor;
 
 const SHAPE: [usize; 4] = [1, 4, 16, 16];
 
@@ -64,70 +60,13 @@ fn net() -> Model {
     Model::from_proto(model(g, 17)).unwrap()
 }
 
-/// `n` seeded samples, smooth in space (3×3 box blur of uniform noise, plus a per-channel offset).
 fn samples(n: usize, seed: u64) -> Vec<Tensor> {
-    let (c, h, w) = (SHAPE[1], SHAPE[2], SHAPE[3]);
-    (0..n)
-        .map(|i| {
-            let noise = seeded(c * h * w, seed * 1000 + i as u64);
-            let mut v = vec![0f32; c * h * w];
-            for ch in 0..c {
-                for y in 0..h {
-                    for x in 0..w {
-                        let mut s = 0.0;
-                        for yy in y.saturating_sub(1)..(y + 2).min(h) {
-                            for xx in x.saturating_sub(1)..(x + 2).min(w) {
-                                s += noise[(ch * h + yy) * w + xx];
-                            }
-                        }
-                        v[(ch * h + y) * w + x] = s / 3.0 + 0.25 * ch as f32;
-                    }
-                }
-            }
-            Tensor::from_shape(&SHAPE, &v).unwrap()
-        })
-        .collect()
+    smooth_samples(SHAPE, n, seed)
 }
 
 /// Per-tensor int4 weights, minmax ranges.
 fn int4_plan(model: &Model, stats: &CalibrationStats) -> Plan {
-    let mut rules = Target::Generic.rules();
-    rules.per_channel_weights = false;
-    rules.weights.dtype = QuantDtype::Int4;
-    let options = PlanOptions {
-        target: Target::Generic,
-        rules,
-        method: Method::MinMax,
-        overrides: Overrides::default(),
-    };
-    build_plan(model, stats, &options).unwrap()
-}
-
-/// Mean squared error of `y` of `quantized` (a QDQ model) against `float` on `eval`.
-fn mse_against(float: &Model, quantized: &Model, eval: &[Tensor]) -> f64 {
-    let lowered = onnxq::verify::lower::lower_all_qdq(quantized).unwrap();
-    let run = |m: &Model| -> Vec<Vec<f32>> {
-        let runner = Runner::new(m, &[("x".into(), DatumType::F32, SHAPE.to_vec())], &[]).unwrap();
-        let y = runner.outputs.iter().position(|o| o == "y").unwrap();
-        eval.iter()
-            .map(|x| to_f32_vec(&runner.run(vec![x.clone().into_tvalue()]).unwrap()[y]).unwrap())
-            .collect()
-    };
-    let (want, got) = (run(float), run(&lowered));
-    let (mut sq, mut n) = (0f64, 0usize);
-    for (w, g) in want.iter().zip(&got) {
-        for (a, b) in w.iter().zip(g) {
-            sq += (*a as f64 - *b as f64).powi(2);
-            n += 1;
-        }
-    }
-    sq / n as f64
-}
-
-fn plan_mse(float: &Model, plan: &Plan, eval: &[Tensor]) -> f64 {
-    let mut q = float.clone();
-    materialize(&mut q, plan).unwrap();
-    mse_against(float, &q, eval)
+    per_tensor_minmax_plan(model, stats, QuantDtype::Int4)
 }
 
 fn setup(calibration: usize, seed: u64) -> (tempfile::TempDir, Model, DataSource, CalibrationStats) {
@@ -173,7 +112,10 @@ fn adaround_rounds_up_or_down_on_the_plans_grid_with_a_lower_output_error() {
             );
         }
     }
-    let (e_nearest, e_ours) = (plan_mse(&m, &nearest, &eval), plan_mse(&m, &rounded, &eval));
+    let (e_nearest, e_ours) = (
+        plan_output_mse(&m, &nearest, &eval),
+        plan_output_mse(&m, &rounded, &eval),
+    );
     println!("held-out output mse: nearest {e_nearest:.4e}, adaround {e_ours:.4e}");
     assert!(
         e_ours < 0.8 * e_nearest,
@@ -207,46 +149,21 @@ fn adaround_is_the_same_on_one_thread_and_two() {
 // ---------------------------------------------------------------------------------------------
 // The `onnxq` binary end to end.
 
-/// A folder with the net as `net.onnx`, 16 calibration samples, and `q.yaml` with int4
+/// A folder with the net as `model.onnx`, 16 calibration samples, and `q.yaml` with int4
 /// per-tensor weights running `passes`.
 fn job_dir(passes: &str) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("net.onnx");
-    std::fs::write(&model, encode(&net().to_proto().unwrap())).unwrap();
-    let calib = write_x_calibration(dir.path(), &samples(16, 5));
-    let config = dir.path().join("q.yaml");
-    let yaml = format!(
-        "calibration: {{data: {:?}}}\nweights: {{dtype: int4, granularity: per_tensor}}\nguard: false\npasses: {passes}\n",
-        calib.to_str().unwrap()
-    );
-    std::fs::write(&config, yaml).unwrap();
-    (dir, model, config)
+    job_folder(&net().to_proto().unwrap(), &samples(16, 5), |_| {
+        format!("weights: {{dtype: int4, granularity: per_tensor}}\nguard: false\npasses: {passes}\n")
+    })
 }
 
 fn job(model: &std::path::Path, config: &std::path::Path, threads: &str) -> std::process::Output {
-    let dir = config.parent().unwrap();
-    std::process::Command::new(env!("CARGO_BIN_EXE_onnxq"))
-        .args([
-            model.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-            "-o",
-            dir.join("out.onnx").to_str().unwrap(),
-            "--report",
-            dir.join("report.json").to_str().unwrap(),
-        ])
-        .env("RAYON_NUM_THREADS", threads)
-        .output()
-        .unwrap()
+    main_job(model, config, &[], Some(threads))
 }
 
 /// Runs the job; the written model's bytes and the report.
 fn run_job(model: &std::path::Path, config: &std::path::Path, threads: &str) -> (Vec<u8>, serde_json::Value) {
-    let o = job(model, config, threads);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let dir = config.parent().unwrap();
-    let report = serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
-    (std::fs::read(dir.join("out.onnx")).unwrap(), report)
+    main_job_ok(model, config, &[], Some(threads))
 }
 
 #[test]
@@ -288,8 +205,8 @@ fn fold_batchnorm_then_adaround_end_to_end() {
         onnxq::onnx::load_model(&path).unwrap()
     };
     let (e_ours, e_nearest) = (
-        mse_against(&float, &load(&ours), &eval),
-        mse_against(&float, &load(&nearest), &eval),
+        qdq_output_mse(&float, &load(&ours), &eval),
+        qdq_output_mse(&float, &load(&nearest), &eval),
     );
     println!("held-out output mse: nearest {e_nearest:.4e}, adaround {e_ours:.4e}");
     assert!(

@@ -40,26 +40,16 @@ fn mlp() -> ModelProto {
 /// Writes the model, 16 calibration samples and the config; runs the main job with verify on
 /// the same data; returns (dir guard, written model, report, stderr).
 fn quantize(config: &str) -> (tempfile::TempDir, ModelProto, serde_json::Value, String) {
-    let (dir, path) = write_temp(&mlp(), "mlp.onnx");
     let samples: Vec<tract_onnx::prelude::Tensor> = (0..16)
         .map(|i| tract_onnx::prelude::Tensor::from_shape::<f32>(&[1, 8], &seeded(8, 100 + i)).unwrap())
         .collect();
-    let data = write_x_calibration(dir.path(), &samples);
-    let cfg = dir.path().join("q.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "calibration: {{data: {d:?}}}\nverify: {{data: {d:?}}}\n{config}",
-            d = s(&data)
-        ),
-    )
-    .unwrap();
-    let (out, report) = (dir.path().join("out.onnx"), dir.path().join("r.json"));
-    let run = onnxq(&[s(&path), "--config", s(&cfg), "-o", s(&out), "--report", s(&report)]);
+    let (dir, model, cfg) = job_folder(&mlp(), &samples, |data| format!("verify: {{data: {data}}}\n{config}"));
+    let run = main_job(&model, &cfg, &[], None);
     let stderr = String::from_utf8_lossy(&run.stderr).to_string();
     assert_eq!(run.status.code(), Some(0), "{stderr}");
+    let out = dir.path().join("out.onnx");
     let written = onnxq::onnx::decode_model(&out, &std::fs::read(&out).unwrap()).unwrap();
-    let report = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let report = serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap()).unwrap();
     (dir, written, report, stderr)
 }
 

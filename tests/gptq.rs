@@ -8,18 +8,15 @@
 mod common;
 
 use common::*;
-use onnxq::calib::observers::Method;
 use onnxq::calib::source::DataSource;
 use onnxq::calib::stats::{collect, collect_riding, CalibrationStats};
 use onnxq::ir::Model;
 use onnxq::passes::gptq;
 use onnxq::passes::Context;
 use onnxq::pipeline::{run_pipeline, DebugOptions, PassSpec};
-use onnxq::quant::materialize::materialize;
-use onnxq::quant::plan::{build_plan, Overrides, Plan, PlanOptions};
-use onnxq::quant::rules::Target;
-use onnxq::runtime::{to_f32_vec, Runner};
-use tract_onnx::prelude::{DatumType, IntoTValue, Tensor};
+use onnxq::quant::params::QuantDtype;
+use onnxq::quant::plan::Plan;
+use tract_onnx::prelude::Tensor;
 
 const SHAPE: [usize; 4] = [1, 4, 16, 16];
 
@@ -70,42 +67,12 @@ fn net() -> Model {
     Model::from_proto(model(g, 17)).unwrap()
 }
 
-/// `n` seeded samples, smooth in space (3×3 box blur of uniform noise, plus a per-channel offset):
-/// neighbouring taps are strongly correlated, as in images.
 fn samples(n: usize, seed: u64) -> Vec<Tensor> {
-    let (c, h, w) = (SHAPE[1], SHAPE[2], SHAPE[3]);
-    (0..n)
-        .map(|i| {
-            let noise = seeded(c * h * w, seed * 1000 + i as u64);
-            let mut v = vec![0f32; c * h * w];
-            for ch in 0..c {
-                for y in 0..h {
-                    for x in 0..w {
-                        let mut s = 0.0;
-                        for yy in y.saturating_sub(1)..(y + 2).min(h) {
-                            for xx in x.saturating_sub(1)..(x + 2).min(w) {
-                                s += noise[(ch * h + yy) * w + xx];
-                            }
-                        }
-                        v[(ch * h + y) * w + x] = s / 3.0 + 0.25 * ch as f32;
-                    }
-                }
-            }
-            Tensor::from_shape(&SHAPE, &v).unwrap()
-        })
-        .collect()
+    smooth_samples(SHAPE, n, seed)
 }
 
 fn per_tensor_plan(model: &Model, stats: &CalibrationStats) -> Plan {
-    let mut rules = Target::Generic.rules();
-    rules.per_channel_weights = false;
-    let options = PlanOptions {
-        target: Target::Generic,
-        rules,
-        method: Method::MinMax,
-        overrides: Overrides::default(),
-    };
-    build_plan(model, stats, &options).unwrap()
+    per_tensor_minmax_plan(model, stats, QuantDtype::Int8)
 }
 
 /// The plan, with `gptq`'s roundings when `rounding`, and its notes.
@@ -117,29 +84,6 @@ fn planned(model: &Model, source: &DataSource, stats: &CalibrationStats, roundin
         vec![]
     };
     (plan, notes)
-}
-
-/// Mean squared error of `y` against the float model on `eval`.
-fn output_mse(float: &Model, plan: &Plan, eval: &[Tensor]) -> f64 {
-    let mut q = float.clone();
-    materialize(&mut q, plan).unwrap();
-    let lowered = onnxq::verify::lower::lower_all_qdq(&q).unwrap();
-    let run = |m: &Model| -> Vec<Vec<f32>> {
-        let runner = Runner::new(m, &[("x".into(), DatumType::F32, SHAPE.to_vec())], &[]).unwrap();
-        let y = runner.outputs.iter().position(|o| o == "y").unwrap();
-        eval.iter()
-            .map(|x| to_f32_vec(&runner.run(vec![x.clone().into_tvalue()]).unwrap()[y]).unwrap())
-            .collect()
-    };
-    let (want, got) = (run(float), run(&lowered));
-    let (mut sq, mut n) = (0f64, 0usize);
-    for (w, g) in want.iter().zip(&got) {
-        for (a, b) in w.iter().zip(g) {
-            sq += (*a as f64 - *b as f64).powi(2);
-            n += 1;
-        }
-    }
-    sq / n as f64
 }
 
 #[test]
@@ -187,7 +131,10 @@ fn gptq_rounds_on_the_plans_grid_with_a_lower_output_error() {
     }
 
     // Held-out data: the output error is lower.
-    let (e_nearest, e_gptq) = (output_mse(&m, &nearest, &eval), output_mse(&m, &rounded, &eval));
+    let (e_nearest, e_gptq) = (
+        plan_output_mse(&m, &nearest, &eval),
+        plan_output_mse(&m, &rounded, &eval),
+    );
     println!("output mse: nearest {e_nearest:.3e}, gptq {e_gptq:.3e}");
     assert!(e_gptq < 0.9 * e_nearest, "nearest {e_nearest:.3e}, gptq {e_gptq:.3e}");
 }
@@ -232,41 +179,19 @@ fn gptq_without_calibration_data_is_an_error() {
 // The pipeline end to end (the `onnxq` binary): plan passes run in the order listed, dump what
 // they change, and `--stop-after` stops the job at any step.
 
-/// A folder with the net as `net.onnx`, 16 calibration samples, and `q.yaml` running `passes`.
+/// A folder with the net as `model.onnx`, 16 calibration samples, and `q.yaml` running `passes`.
 fn job_dir(passes: &str) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("net.onnx");
-    std::fs::write(&model, encode(&net().to_proto().unwrap())).unwrap();
-    let calib = write_x_calibration(dir.path(), &samples(16, 5));
-    let config = dir.path().join("q.yaml");
-    let yaml = format!(
-        "calibration: {{data: {:?}}}\nweights: {{granularity: per_tensor}}\npasses: {passes}\n",
-        calib.to_str().unwrap()
-    );
-    std::fs::write(&config, yaml).unwrap();
-    (dir, model, config)
+    job_folder(&net().to_proto().unwrap(), &samples(16, 5), |_| {
+        format!(
+            "weights: {{granularity: per_tensor}}
+passes: {passes}
+"
+        )
+    })
 }
 
 fn run_job(model: &std::path::Path, config: &std::path::Path, extra: &[&str]) -> (Vec<u8>, serde_json::Value) {
-    let dir = config.parent().unwrap();
-    let (out, report) = (dir.join("out.onnx"), dir.join("report.json"));
-    let mut args = vec![
-        model.to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_onnxq"))
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let report = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    (std::fs::read(&out).unwrap(), report)
+    main_job_ok(model, config, extra, None)
 }
 
 #[test]

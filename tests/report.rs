@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 
 /// x [1, 4] → MatMul w1 → `h<&>` (a name HTML must escape) → Relu → MatMul w2 → y.
@@ -26,37 +24,13 @@ fn mlp() -> onnxq::proto::ModelProto {
 
 #[test]
 fn the_html_report_is_self_contained_escaped_and_shows_every_layer_of_the_json_one() {
-    let (dir, path) = write_temp(&mlp(), "mlp.onnx");
     let samples: Vec<tract_onnx::prelude::Tensor> = (0..12)
         .map(|i| tract_onnx::prelude::Tensor::from_shape::<f32>(&[1, 4], &seeded(4, 50 + i)).unwrap())
         .collect();
-    let data = write_x_calibration(dir.path(), &samples);
-    let cfg = dir.path().join("q.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "calibration: {{data: {d:?}}}\nverify: {{data: {d:?}}}\n",
-            d = data.to_str().unwrap()
-        ),
-    )
-    .unwrap();
-    let (out, json, html) = (
-        dir.path().join("o.onnx"),
-        dir.path().join("r.json"),
-        dir.path().join("r.html"),
-    );
-    let run = Command::new(env!("CARGO_BIN_EXE_onnxq"))
-        .args([
-            path.to_str().unwrap(),
-            "--config",
-            cfg.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .args(["--report", json.to_str().unwrap(), "--html", html.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert_eq!(run.status.code(), Some(0), "{}", String::from_utf8_lossy(&run.stderr));
+    let (dir, model, config) = job_folder(&mlp(), &samples, |data| format!("verify: {{data: {data}}}\n"));
+    let html = dir.path().join("report.html");
+    main_job_ok(&model, &config, &["--html", html.to_str().unwrap()], None);
+    let json = dir.path().join("report.json");
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let page = std::fs::read_to_string(&html).unwrap();
 

@@ -76,6 +76,32 @@ pub fn seeded(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// `n` seeded samples of `shape` (N, C, H, W), smooth in space (3×3 box blur of uniform noise,
+/// plus a per-channel offset): neighbouring taps are strongly correlated, as in images.
+pub fn smooth_samples(shape: [usize; 4], n: usize, seed: u64) -> Vec<tract_onnx::prelude::Tensor> {
+    let (c, h, w) = (shape[1], shape[2], shape[3]);
+    (0..n)
+        .map(|i| {
+            let noise = seeded(c * h * w, seed * 1000 + i as u64);
+            let mut v = vec![0f32; c * h * w];
+            for ch in 0..c {
+                for y in 0..h {
+                    for x in 0..w {
+                        let mut s = 0.0;
+                        for yy in y.saturating_sub(1)..(y + 2).min(h) {
+                            for xx in x.saturating_sub(1)..(x + 2).min(w) {
+                                s += noise[(ch * h + yy) * w + xx];
+                            }
+                        }
+                        v[(ch * h + y) * w + x] = s / 3.0 + 0.25 * ch as f32;
+                    }
+                }
+            }
+            tract_onnx::prelude::Tensor::from_shape(&shape, &v).unwrap()
+        })
+        .collect()
+}
+
 /// A seeded weight whose output channel `c` (axis 0) is scaled by `(c + 1) / channels`: every
 /// channel has its own range, so per-channel scales differ visibly, and with one per-tensor scale
 /// the small channels lose the most.
@@ -308,4 +334,105 @@ pub fn step_names(report: &serde_json::Value) -> Vec<String> {
         .iter()
         .map(|p| p["pass"].as_str().unwrap().to_string())
         .collect()
+}
+
+/// A per-tensor minmax plan of `model` with weights of `dtype` (the generic target otherwise).
+pub fn per_tensor_minmax_plan(
+    model: &onnxq::ir::Model,
+    stats: &onnxq::calib::stats::CalibrationStats,
+    dtype: onnxq::quant::params::QuantDtype,
+) -> onnxq::quant::plan::Plan {
+    use onnxq::quant::plan::{build_plan, Overrides, PlanOptions};
+    use onnxq::quant::rules::Target;
+    let mut rules = Target::Generic.rules();
+    rules.per_channel_weights = false;
+    rules.weights.dtype = dtype;
+    let options = PlanOptions {
+        target: Target::Generic,
+        rules,
+        method: onnxq::calib::observers::Method::MinMax,
+        overrides: Overrides::default(),
+    };
+    build_plan(model, stats, &options).unwrap()
+}
+
+/// Mean squared error of output `y` of `quantized` (a QDQ model, run lowered) against `float`
+/// on `eval`, the samples of input `x`.
+pub fn qdq_output_mse(
+    float: &onnxq::ir::Model,
+    quantized: &onnxq::ir::Model,
+    eval: &[tract_onnx::prelude::Tensor],
+) -> f64 {
+    use tract_onnx::prelude::{DatumType, IntoTValue};
+    let lowered = onnxq::verify::lower::lower_all_qdq(quantized).unwrap();
+    let run = |m: &onnxq::ir::Model| -> Vec<Vec<f32>> {
+        let shape = eval[0].shape().to_vec();
+        let runner = onnxq::runtime::Runner::new(m, &[("x".into(), DatumType::F32, shape)], &[]).unwrap();
+        let y = runner.outputs.iter().position(|o| o == "y").unwrap();
+        eval.iter()
+            .map(|x| onnxq::runtime::to_f32_vec(&runner.run(vec![x.clone().into_tvalue()]).unwrap()[y]).unwrap())
+            .collect()
+    };
+    let (want, got) = (run(float), run(&lowered));
+    let (mut sq, mut n) = (0f64, 0usize);
+    for (w, g) in want.iter().zip(&got) {
+        for (a, b) in w.iter().zip(g) {
+            sq += (*a as f64 - *b as f64).powi(2);
+            n += 1;
+        }
+    }
+    sq / n as f64
+}
+
+/// `qdq_output_mse` of the model `plan` quantizes.
+pub fn plan_output_mse(
+    float: &onnxq::ir::Model,
+    plan: &onnxq::quant::plan::Plan,
+    eval: &[tract_onnx::prelude::Tensor],
+) -> f64 {
+    let mut q = float.clone();
+    onnxq::quant::materialize::materialize(&mut q, plan).unwrap();
+    qdq_output_mse(float, &q, eval)
+}
+
+/// A folder for a run of the `onnxq` binary: `m` as `model.onnx`, `samples` as the calibration
+/// data of input `x`, and `q.yaml`: `calibration: {data: …}` then `config(data)`, given the
+/// samples' path quoted (for `verify: {data: …}`). Returns (folder guard, model, config).
+pub fn job_folder(
+    m: &ModelProto,
+    samples: &[tract_onnx::prelude::Tensor],
+    config: impl FnOnce(&str) -> String,
+) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model.onnx");
+    std::fs::write(&model, encode(m)).unwrap();
+    let data = format!("{:?}", write_x_calibration(dir.path(), samples).to_str().unwrap());
+    let path = dir.path().join("q.yaml");
+    std::fs::write(&path, format!("calibration: {{data: {data}}}\n{}", config(&data))).unwrap();
+    (dir, model, path)
+}
+
+/// The `onnxq` main job on `model` with `config`, writing `out.onnx` and `report.json` beside
+/// the config, with `extra` arguments and `threads` worker threads when given.
+pub fn main_job(model: &Path, config: &Path, extra: &[&str], threads: Option<&str>) -> std::process::Output {
+    let dir = config.parent().unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_onnxq"));
+    command
+        .args([model.to_str().unwrap(), "--config", config.to_str().unwrap()])
+        .args(["-o", dir.join("out.onnx").to_str().unwrap()])
+        .args(["--report", dir.join("report.json").to_str().unwrap()])
+        .args(extra);
+    if let Some(threads) = threads {
+        command.env("RAYON_NUM_THREADS", threads);
+    }
+    command.output().unwrap()
+}
+
+/// `main_job`, required to succeed: the written model's bytes and the report.
+pub fn main_job_ok(model: &Path, config: &Path, extra: &[&str], threads: Option<&str>) -> (Vec<u8>, serde_json::Value) {
+    let o = main_job(model, config, extra, threads);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let dir = config.parent().unwrap();
+    let report = serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    (std::fs::read(dir.join("out.onnx")).unwrap(), report)
 }
