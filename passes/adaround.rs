@@ -155,17 +155,13 @@ impl Pass for AdaRound {
     }
 
     fn run(&self, model: &mut Model, ctx: &mut Context) -> Result<Vec<String>> {
-        let started = std::time::Instant::now();
-        let (Some(plan), Some(source)) = (ctx.plan.as_mut(), ctx.calibration.as_ref()) else {
-            return Err(Error::Graph(
-                "adaround needs calibration data (`calibration: {data: …}`) and a plan: it learns the rounding from the layers' inputs"
-                    .into(),
-            ));
-        };
-        let runnable = crate::calib::control_flow::runnable(ctx.control_flow.as_ref(), model)?;
-        let notes = apply_measured(&runnable, plan, source, ctx.layer_inputs.take(), &self.options)?;
-        eprintln!("onnxq: adaround took {:.1} s", started.elapsed().as_secs_f64());
-        Ok(notes)
+        gptq::learn_from_layer_inputs(
+            "adaround",
+            "it learns the rounding from the layers' inputs",
+            model,
+            ctx,
+            |model, plan, source, measured| apply_measured(model, plan, source, measured, &self.options),
+        )
     }
 }
 

@@ -81,19 +81,36 @@ impl Pass for Gptq {
     }
 
     fn run(&self, model: &mut Model, ctx: &mut Context) -> Result<Vec<String>> {
-        let started = std::time::Instant::now();
-        let (Some(plan), Some(source)) = (ctx.plan.as_mut(), ctx.calibration.as_ref()) else {
-            return Err(Error::Graph(
-                "gptq needs calibration data (`calibration: {data: …}`) and a plan: it fits the rounding to the layers' inputs"
-                    .into(),
-            ));
-        };
-        // With a Loop tract cannot run, the layers of the part it runs (calib::control_flow).
-        let runnable = crate::calib::control_flow::runnable(ctx.control_flow.as_ref(), model)?;
-        let notes = apply_measured(&runnable, plan, source, ctx.layer_inputs.take())?;
-        eprintln!("onnxq: gptq took {:.1} s", started.elapsed().as_secs_f64());
-        Ok(notes)
+        learn_from_layer_inputs(
+            "gptq",
+            "it fits the rounding to the layers' inputs",
+            model,
+            ctx,
+            apply_measured,
+        )
     }
+}
+
+/// Runs a pass that learns from the layers' inputs (gptq, adaround): `learn` gets the part of
+/// the model tract runs (with a Loop tract cannot run, calib::control_flow), the plan, the
+/// calibration data and the layer inputs calibration's run measured, when it did. Timed.
+pub(crate) fn learn_from_layer_inputs(
+    pass: &str,
+    why: &str,
+    model: &Model,
+    ctx: &mut Context,
+    learn: impl FnOnce(&Model, &mut Plan, &DataSource, Option<Measured>) -> Result<Vec<String>>,
+) -> Result<Vec<String>> {
+    let started = std::time::Instant::now();
+    let (Some(plan), Some(source)) = (ctx.plan.as_mut(), ctx.calibration.as_ref()) else {
+        return Err(Error::Graph(format!(
+            "{pass} needs calibration data (`calibration: {{data: …}}`) and a plan: {why}"
+        )));
+    };
+    let runnable = crate::calib::control_flow::runnable(ctx.control_flow.as_ref(), model)?;
+    let notes = learn(&runnable, plan, source, ctx.layer_inputs.take())?;
+    eprintln!("onnxq: {pass} took {:.1} s", started.elapsed().as_secs_f64());
+    Ok(notes)
 }
 
 /// How a layer's input vectors are read from its input tensor.
