@@ -251,6 +251,7 @@ pub fn sensitivity(
     config_path: &Path,
     stats_path: Option<&Path>,
     report: Option<&Path>,
+    html: Option<&Path>,
 ) -> Result<()> {
     let config = Config::load(config_path)?;
     if config.calibration.is_none() || !config.quantize {
@@ -312,29 +313,34 @@ pub fn sensitivity(
     );
     print!("{table}");
     eprintln!("onnxq: sensitivity took {:.1} s", started.elapsed().as_secs_f64());
+    let report_json = serde_json::json!({
+        "onnxq_version": env!("CARGO_PKG_VERSION"),
+        "model": model_path,
+        "config": config_path,
+        "samples": probe.samples(),
+        "outputs": probe.output_names,
+        "all_int8_db": probe.sqnr_db(&all_int8),
+        "layers": layers,
+    });
     if let Some(path) = report {
-        let report = serde_json::json!({
-            "onnxq_version": env!("CARGO_PKG_VERSION"),
-            "model": model_path,
-            "config": config_path,
-            "samples": probe.samples(),
-            "outputs": probe.output_names,
-            "all_int8_db": probe.sqnr_db(&all_int8),
-            "layers": layers,
-        });
-        onnx::write_atomic(
-            path,
-            serde_json::to_string_pretty(&report)
-                .expect("report serialises")
-                .as_bytes(),
-        )?;
+        let text = serde_json::to_string_pretty(&report_json).expect("report serialises");
+        onnx::write_atomic(path, text.as_bytes())?;
+    }
+    if let Some(path) = html {
+        onnx::write_atomic(path, crate::report::render_sensitivity(&report_json)?.as_bytes())?;
     }
     Ok(())
 }
 
 /// `onnxq calibrate`: the pipeline through `calibrate` (statistics saved to `stats_path`), then
 /// the ranges every method gives.
-pub fn calibrate(model_path: &Path, config_path: &Path, stats_path: &Path, report: Option<&Path>) -> Result<()> {
+pub fn calibrate(
+    model_path: &Path,
+    config_path: &Path,
+    stats_path: &Path,
+    report: Option<&Path>,
+    html: Option<&Path>,
+) -> Result<()> {
     let config = Config::load(config_path)?;
     let calibration = config
         .calibration
@@ -366,7 +372,7 @@ pub fn calibrate(model_path: &Path, config_path: &Path, stats_path: &Path, repor
         ranges.len(),
         started.elapsed().as_secs_f64()
     );
-    if let Some(report_path) = report {
+    if report.is_some() || html.is_some() {
         let all: serde_json::Map<String, serde_json::Value> = MethodName::ALL
             .iter()
             .map(|&name| {
@@ -376,7 +382,7 @@ pub fn calibrate(model_path: &Path, config_path: &Path, stats_path: &Path, repor
                 )
             })
             .collect();
-        let report = serde_json::json!({
+        let report_json = serde_json::json!({
             "onnxq_version": env!("CARGO_PKG_VERSION"),
             "model": model_path,
             "config": config_path,
@@ -386,12 +392,16 @@ pub fn calibrate(model_path: &Path, config_path: &Path, stats_path: &Path, repor
             "ranges": ranges,
             "ranges_by_method": all,
         });
-        onnx::write_atomic(
-            report_path,
-            serde_json::to_string_pretty(&report)
-                .expect("report serialises")
-                .as_bytes(),
-        )?;
+        if let Some(path) = report {
+            let text = serde_json::to_string_pretty(&report_json).expect("report serialises");
+            onnx::write_atomic(path, text.as_bytes())?;
+        }
+        if let Some(path) = html {
+            onnx::write_atomic(
+                path,
+                crate::report::render_calibration(&report_json, &collected)?.as_bytes(),
+            )?;
+        }
     }
     Ok(())
 }

@@ -124,6 +124,10 @@ enum Command {
         /// Write a JSON report: per tensor, the range each method chooses and what it clips.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Write the report as one self-contained HTML page: every tensor's ranges, the
+        /// histograms of the most clipped ones.
+        #[arg(long, value_name = "REPORT.html")]
+        html: Option<PathBuf>,
     },
     /// Run a float model and a quantized (QDQ) model side by side in tract on held-out data:
     /// per output SQNR, cosine, max abs error, top-1 agreement; per layer SQNR and the first
@@ -161,6 +165,9 @@ enum Command {
         /// Write the table as JSON.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Write the ranking as one self-contained HTML page (a chart and the table).
+        #[arg(long, value_name = "REPORT.html")]
+        html: Option<PathBuf>,
     },
     /// Check a QDQ model (onnxq's or another tool's) against a target backend's Q/DQ rules;
     /// each finding names the node, the rule and the fix. Exit code 3 when a rule is broken.
@@ -269,7 +276,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             config,
             stats,
             report,
-        }) => onnxq::job::calibrate(&model, &config, &stats, report.as_deref()),
+            html,
+        }) => onnxq::job::calibrate(&model, &config, &stats, report.as_deref(), html.as_deref()),
         Some(Command::MergeStats { inputs, output }) => {
             let parts = inputs
                 .iter()
@@ -328,7 +336,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             config,
             stats,
             report,
-        }) => onnxq::job::sensitivity(&model, &config, stats.as_deref(), report.as_deref()),
+            html,
+        }) => onnxq::job::sensitivity(&model, &config, stats.as_deref(), report.as_deref(), html.as_deref()),
         Some(Command::Lint { model, target, json }) => {
             let target: onnxq::quant::rules::Target = serde_yaml::from_value(serde_yaml::Value::String(target.clone()))
                 .map_err(|_| {

@@ -8,6 +8,10 @@
 //! - the accuracy guard's (or mixed precision's) sensitivity ranking and what it raised, the
 //!   plan (what was quantized, what stayed float and why), the passes and the timings.
 //!
+//! `onnxq calibrate --html` draws the calibration alone (each tensor's observed span, the range
+//! every method chooses, the histograms of the tensors the chosen method clips most), and
+//! `onnxq sensitivity --html` its ranking.
+//!
 //! The page is a view of the same JSON `--report` writes (one source of truth), plus the
 //! calibration histograms, which the JSON does not carry. Charts are drawn by plotters' SVG
 //! backend; a chart never labels every layer (its axis has a few ticks, the marked layers are
@@ -59,7 +63,7 @@ pub fn render(report: &Value, stats: Option<&CalibrationStats>) -> Result<String
         let first_drop = verification["first_drop"].as_str();
         page.layer_chart(&layers, floor, first_drop)?;
         if let Some(stats) = stats {
-            page.histograms(&layers, report, stats)?;
+            page.worst_histograms(&layers, report, stats)?;
         }
     }
     page.guard(&report["quantization"])?;
@@ -68,6 +72,129 @@ pub fn render(report: &Value, stats: Option<&CalibrationStats>) -> Result<String
         page.layer_table(&layers, verification["thresholds"]["layer_floor_db"].as_f64());
     }
     page.passes(report);
+    Ok(page.finish())
+}
+
+/// The page of an `onnxq calibrate` report: the ranges of the chosen method and of every other,
+/// and the histograms of the tensors the chosen method clips most.
+pub fn render_calibration(report: &Value, stats: &CalibrationStats) -> Result<String> {
+    let mut page = Page::default();
+    let model = report["model"].as_str().unwrap_or("model");
+    page.title = format!("onnxq calibration: {model}");
+    page.section("summary", "Summary");
+    let method = report["method"]
+        .as_str()
+        .map_or_else(|| report["method"].to_string(), str::to_string);
+    page.key_values(&[
+        ("model", model.to_string()),
+        ("config", report["config"].as_str().unwrap_or("").to_string()),
+        ("statistics", report["stats"].as_str().unwrap_or("").to_string()),
+        ("onnxq", report["onnxq_version"].as_str().unwrap_or("").to_string()),
+        ("samples", report["samples"].to_string()),
+        ("method", method),
+    ]);
+    let ranges: Vec<&Value> = report["ranges"]
+        .as_array()
+        .map(|r| r.iter().collect())
+        .unwrap_or_default();
+    let clipped = |r: &Value| r["clipped_values"].as_f64().unwrap_or(0.0);
+    // Most clipped: the largest share of the observed span cut off (a long tail), then of the values.
+    let span_cut = |r: &Value| r["clipped_range"].as_f64().unwrap_or(0.0);
+    let mut most_clipped: Vec<&Value> = ranges.iter().copied().filter(|r| clipped(r) > 0.0).collect();
+    most_clipped.sort_by(|a, b| {
+        span_cut(b)
+            .total_cmp(&span_cut(a))
+            .then(clipped(b).total_cmp(&clipped(a)))
+    });
+    page.para(&format!(
+        "The chosen method clips values of {} of the {} tensors.",
+        most_clipped.len(),
+        ranges.len()
+    ));
+    let anchor = |t: &str| format!("tensor-{}", ranges.iter().position(|r| r["tensor"] == t).unwrap_or(0));
+    let shown: Vec<(String, f64, f64, String)> = most_clipped
+        .iter()
+        .filter(|r| r["tensor"].as_str().is_some_and(|t| stats.tensors.contains_key(t)))
+        .take(WORST)
+        .map(|r| {
+            let t = r["tensor"].as_str().unwrap_or("");
+            let caption = format!(
+                "(<a href=\"#{}\">its row</a>; {:.1}% of the observed span cut off)",
+                anchor(t),
+                span_cut(r) * 100.0
+            );
+            (
+                t.to_string(),
+                r["chosen"][0].as_f64().unwrap_or(0.0),
+                r["chosen"][1].as_f64().unwrap_or(0.0),
+                caption,
+            )
+        })
+        .collect();
+    page.histograms("Calibration histograms of the most clipped tensors", &shown, stats)?;
+    page.section("ranges", "Ranges per tensor");
+    let by_method = report["ranges_by_method"].as_object();
+    let methods: Vec<&String> = by_method.map(|m| m.keys().collect()).unwrap_or_default();
+    let pair = |v: &Value| {
+        format!(
+            "[{}, {}]",
+            num(v[0].as_f64().unwrap_or(0.0)),
+            num(v[1].as_f64().unwrap_or(0.0))
+        )
+    };
+    let rows: Vec<_> = ranges
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let t = r["tensor"].as_str().unwrap_or("");
+            let mut cells = vec![
+                t.to_string(),
+                pair(&r["observed"]),
+                pair(&r["chosen"]),
+                format!("{:.3}%", clipped(r) * 100.0),
+            ];
+            for m in &methods {
+                let range = by_method
+                    .and_then(|b| b[m.as_str()].as_array())
+                    .and_then(|rs| rs.iter().find(|x| x["tensor"] == t))
+                    .map_or(String::new(), |x| pair(&x["chosen"]));
+                cells.push(range);
+            }
+            (Some(format!("tensor-{i}")), false, cells)
+        })
+        .collect();
+    let mut headers = vec!["tensor", "observed", "chosen", "values clipped"];
+    headers.extend(methods.iter().map(|m| m.as_str()));
+    page.table("num", &headers, &rows);
+    Ok(page.finish())
+}
+
+/// The page of an `onnxq sensitivity` report: the ranking as a chart and a table.
+pub fn render_sensitivity(report: &Value) -> Result<String> {
+    let mut page = Page::default();
+    let model = report["model"].as_str().unwrap_or("model");
+    page.title = format!("onnxq sensitivity: {model}");
+    page.section("summary", "Summary");
+    let outputs: Vec<&str> = report["outputs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    page.key_values(&[
+        ("model", model.to_string()),
+        ("config", report["config"].as_str().unwrap_or("").to_string()),
+        ("onnxq", report["onnxq_version"].as_str().unwrap_or("").to_string()),
+        ("samples", report["samples"].to_string()),
+        ("outputs compared", outputs.join(", ")),
+        ("all layers int8", fmt_db(report["all_int8_db"].as_f64())),
+    ]);
+    let verdict = format!(
+        "With every layer int8 the output is at {} on {} calibration samples; the layers (or groups) whose noise reaches the output, noisiest first:",
+        fmt_db(report["all_int8_db"].as_f64()),
+        report["samples"]
+    );
+    page.ranking("Sensitivity ranking", &verdict, &report["layers"], &Value::Null)?;
     Ok(page.finish())
 }
 
@@ -143,11 +270,24 @@ fn fmt_db(v: Option<f64>) -> String {
 struct Page {
     title: String,
     body: String,
+    /// (id, title) of each section, for the navigation line.
+    sections: Vec<(String, String)>,
 }
 
 impl Page {
     fn section(&mut self, id: &str, title: &str) {
+        self.sections.push((id.to_string(), title.to_string()));
         let _ = writeln!(self.body, "<h2 id=\"{}\">{}</h2>", escape(id), escape(title));
+    }
+
+    /// A two-column table of the non-empty values.
+    fn key_values(&mut self, rows: &[(&str, String)]) {
+        let table: Vec<_> = rows
+            .iter()
+            .filter(|(_, v)| !v.is_empty() && v != "null")
+            .map(|(k, v)| (None, false, vec![k.to_string(), v.clone()]))
+            .collect();
+        self.table("kv", &["", ""], &table);
     }
 
     fn para(&mut self, text: &str) {
@@ -203,12 +343,7 @@ impl Page {
                 ),
             ));
         }
-        let table: Vec<_> = rows
-            .into_iter()
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(k, v)| (None, false, vec![k.to_string(), v]))
-            .collect();
-        self.table("kv", &["", ""], &table);
+        self.key_values(&rows);
         let v = &report["verification"];
         if let Some(outputs) = v["outputs"].as_array() {
             let passed = v["passed"].as_bool().unwrap_or(false);
@@ -355,7 +490,8 @@ impl Page {
         Ok(())
     }
 
-    fn histograms(&mut self, layers: &[Layer], report: &Value, stats: &CalibrationStats) -> Result<()> {
+    /// The histograms of the quantized tensors read by the worst layers.
+    fn worst_histograms(&mut self, layers: &[Layer], report: &Value, stats: &CalibrationStats) -> Result<()> {
         let activations = &report["quantization"]["plan"]["activations"];
         // Each quantized tensor with the worst of the layers that read it (or of its own
         // layer): where its quantization shows.
@@ -398,28 +534,52 @@ impl Page {
             .take(WORST)
             .map(|(t, l)| (l, t))
             .collect();
+        let shown: Vec<(String, f64, f64, String)> = shown
+            .into_iter()
+            .map(|(layer, t)| {
+                let range = &activations[t]["range"];
+                let caption = format!(
+                    "(its worst layer <a href=\"#{}\">#{}</a> {}, {})",
+                    layer.anchor(),
+                    layer.index,
+                    escape(&layer.name),
+                    fmt_db(layer.sqnr_db)
+                );
+                (
+                    t.to_string(),
+                    range[0].as_f64().unwrap_or(0.0),
+                    range[1].as_f64().unwrap_or(0.0),
+                    caption,
+                )
+            })
+            .collect();
+        self.histograms("Calibration histograms of the worst quantized tensors", &shown, stats)
+    }
+
+    /// A section with the calibration histogram of each `(tensor, lo, hi, caption)`: the range
+    /// chosen, the share it clips; `caption` is HTML this module made.
+    fn histograms(
+        &mut self,
+        title: &str,
+        shown: &[(String, f64, f64, String)],
+        stats: &CalibrationStats,
+    ) -> Result<()> {
         if shown.is_empty() {
             return Ok(());
         }
-        self.section("histograms", "Calibration histograms of the worst quantized tensors");
-        self.para("Counts on a log scale; the shaded band is the range the plan chose, values outside it are clipped.");
-        for (layer, tensor) in shown {
+        self.section("histograms", title);
+        self.para("Counts on a log scale; the shaded band is the range chosen, values outside it are clipped.");
+        for (tensor, lo, hi, caption) in shown {
             let s = &stats.tensors[tensor];
-            let range = &activations[tensor]["range"];
-            let (lo, hi) = (range[0].as_f64().unwrap_or(0.0), range[1].as_f64().unwrap_or(0.0));
-            let clipped = s.clipped_fraction(lo as f32, hi as f32);
+            let clipped = s.clipped_fraction(*lo as f32, *hi as f32);
             let Some(bars) = bars(&s.histogram) else { continue };
-            let svg = histogram_svg(&bars, lo, hi)?;
+            let svg = histogram_svg(&bars, *lo, *hi)?;
             let _ = writeln!(
                 self.body,
-                "<h3>{} <small>(its worst layer <a href=\"#{}\">#{}</a> {}, {}) range [{}, {}], clips {:.3}% of the values; observed [{}, {}]</small></h3><figure>{svg}</figure>",
+                "<h3>{} <small>{caption} range [{}, {}], clips {:.3}% of the values; observed [{}, {}]</small></h3><figure>{svg}</figure>",
                 escape(tensor),
-                layer.anchor(),
-                layer.index,
-                escape(&layer.name),
-                fmt_db(layer.sqnr_db),
-                num(lo),
-                num(hi),
+                num(*lo),
+                num(*hi),
                 clipped * 100.0,
                 num(s.min as f64),
                 num(s.max as f64)
@@ -436,15 +596,22 @@ impl Page {
         } else {
             return Ok(());
         };
+        let units = if g["units"].is_array() {
+            &g["units"]
+        } else {
+            &g["sensitivity"]
+        };
+        self.ranking(title, g["verdict"].as_str().unwrap_or(""), units, &g["raised"])
+    }
+
+    /// A sensitivity ranking (`units`: noisiest first) as a chart and a table, and the layers
+    /// `raised` with why.
+    fn ranking(&mut self, title: &str, verdict: &str, units: &Value, raised: &Value) -> Result<()> {
         self.section("sensitivity", title);
-        if let Some(v) = g["verdict"].as_str() {
-            self.para(v);
+        if !verdict.is_empty() {
+            self.para(verdict);
         }
-        let units: Vec<&Value> = g["units"]
-            .as_array()
-            .or_else(|| g["sensitivity"].as_array())
-            .map(|u| u.iter().collect())
-            .unwrap_or_default();
+        let units: Vec<&Value> = units.as_array().map(|u| u.iter().collect()).unwrap_or_default();
         if !units.is_empty() {
             let shown: Vec<(String, f64)> = units
                 .iter()
@@ -491,7 +658,7 @@ impl Page {
                 &rows,
             );
         }
-        let raised: Vec<_> = g["raised"]
+        let raised: Vec<_> = raised
             .as_array()
             .into_iter()
             .flatten()
@@ -600,10 +767,16 @@ impl Page {
     }
 
     fn finish(self) -> String {
+        let nav: Vec<String> = self
+            .sections
+            .iter()
+            .map(|(id, title)| format!("<a href=\"#{}\">{}</a>", escape(id), escape(&title.to_lowercase())))
+            .collect();
         format!(
-            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title>\n<style>{STYLE}</style></head>\n<body><h1>{}</h1>\n<nav><a href=\"#summary\">summary</a> · <a href=\"#layers-chart\">layers</a> · <a href=\"#histograms\">histograms</a> · <a href=\"#sensitivity\">sensitivity</a> · <a href=\"#plan\">plan</a> · <a href=\"#layers\">layer table</a> · <a href=\"#passes\">passes</a></nav>\n{}</body></html>\n",
+            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title>\n<style>{STYLE}</style></head>\n<body><h1>{}</h1>\n<nav>{}</nav>\n{}</body></html>\n",
             escape(&self.title),
             escape(&self.title),
+            nav.join(" · "),
             self.body
         )
     }
@@ -612,7 +785,8 @@ impl Page {
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1000px;color:#222}\
 h1{font-size:1.4em;word-break:break-all}h2{margin-top:2em;border-bottom:1px solid #ddd}h3{font-size:1em}\
 small{font-weight:normal;color:#555}table{border-collapse:collapse;margin:.5em 0;font-size:.9em}\
-td,th{border:1px solid #ddd;padding:2px 6px;text-align:left;word-break:break-all}\
+td,th{border:1px solid #ddd;padding:2px 6px;text-align:left;word-break:break-all}th{word-break:normal}\
+table.num{display:block;overflow-x:auto;max-width:100%}\
 table.num td:not(:nth-child(2)){white-space:nowrap}tr.bad{background:#fde8e8}tr:target{background:#fff3c4}\
 figure{margin:0}svg{max-width:100%;height:auto}td:nth-child(2){min-width:12em}ul.marks{font-size:.9em}";
 
