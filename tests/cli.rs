@@ -497,3 +497,22 @@ fn external_data_models_quantize_like_inline_ones() {
         assert_eq!(data(&a).is_some(), !extra.is_empty());
     }
 }
+
+#[cfg(unix)]
+#[test]
+fn printing_to_a_closed_pipe_ends_quietly_not_in_a_panic() {
+    // `onnxq dump M | head`: the reader is gone before onnxq writes.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_onnxq"))
+        .args(["dump", repo("models/crepe_tiny.onnx").to_str().unwrap()])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+    // Ended by SIGPIPE, as `cat` is, not by an exit code of its own.
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+}
