@@ -187,11 +187,11 @@ pub fn render_sensitivity(report: &Value) -> Result<String> {
         ("onnxq", report["onnxq_version"].as_str().unwrap_or("").to_string()),
         ("samples", report["samples"].to_string()),
         ("outputs compared", outputs.join(", ")),
-        ("all layers int8", fmt_db(report["all_int8_db"].as_f64())),
+        ("all layers int8", fmt_db(db_of(&report["all_int8_db"]))),
     ]);
     let verdict = format!(
         "With every layer int8 the output is at {} on {} calibration samples; the layers (or groups) whose noise reaches the output, noisiest first:",
-        fmt_db(report["all_int8_db"].as_f64()),
+        fmt_db(db_of(&report["all_int8_db"])),
         report["samples"]
     );
     page.ranking("Sensitivity ranking", &verdict, &report["layers"], &Value::Null)?;
@@ -220,7 +220,7 @@ impl Layer {
                 index,
                 name: r["name"].as_str().unwrap_or("").to_string(),
                 op: r["op_type"].as_str().unwrap_or("").to_string(),
-                sqnr_db: r["sqnr_db"].as_f64().filter(|v| v.is_finite()),
+                sqnr_db: db_of(&r["sqnr_db"]),
                 cosine: r["cosine"].as_f64(),
                 max_abs_err: r["max_abs_err"].as_f64(),
             })
@@ -260,6 +260,12 @@ fn num(v: f64) -> String {
     } else {
         format!("{v:.3e}")
     }
+}
+
+/// A JSON SQNR, None for identical tensors (written as ±f64::MAX: JSON has no infinity, see
+/// `verify`).
+fn db_of(v: &Value) -> Option<f64> {
+    v.as_f64().filter(|v| v.abs() < f64::MAX)
 }
 
 fn fmt_db(v: Option<f64>) -> String {
@@ -363,7 +369,7 @@ impl Page {
                         false,
                         vec![
                             o["name"].as_str().unwrap_or("").to_string(),
-                            fmt_db(o["sqnr_db"].as_f64().filter(|v| v.is_finite())),
+                            fmt_db(db_of(&o["sqnr_db"])),
                             o["cosine"].as_f64().map_or(String::new(), |c| format!("{c:.6}")),
                             o["max_abs_err"].as_f64().map_or(String::new(), num),
                             top1,
@@ -637,10 +643,12 @@ impl Page {
                             u["layer"].as_str().unwrap_or("").to_string(),
                             u["op_type"].as_str().unwrap_or("").to_string(),
                             format!("{:.1}%", u["share"].as_f64().unwrap_or(0.0) * 100.0),
-                            fmt_db(u["only_this_int8_db"].as_f64()),
-                            u["only_this_int16_db"]
-                                .as_f64()
-                                .map_or(String::new(), |v| format!("{v:.2} dB")),
+                            fmt_db(db_of(&u["only_this_int8_db"])),
+                            if u["only_this_int16_db"].is_number() {
+                                fmt_db(db_of(&u["only_this_int16_db"]))
+                            } else {
+                                String::new()
+                            },
                         ],
                     )
                 })
@@ -900,6 +908,14 @@ fn share_svg(units: &[(String, f64)]) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_identical_tensor_reads_identical_not_a_308_digit_number() {
+        // verify writes +∞ as f64::MAX (JSON has no infinity).
+        let identical = serde_json::json!(f64::MAX);
+        assert_eq!(fmt_db(db_of(&identical)), "identical");
+        assert_eq!(fmt_db(db_of(&serde_json::json!(21.625))), "21.62 dB");
+    }
 
     #[test]
     fn escapes_markup() {
