@@ -2,6 +2,10 @@
 //! target backend accepts and fuses, and explains each finding with the node, the rule and the
 //! fix. The main job lints its own output for its target: a finding there is onnxq's bug.
 //!
+//! Every graph is read: the main graph, then the bodies of If, Loop and Scan nodes (findings
+//! name the node holding them, `If 'x' then_branch / Conv 'y'`), each with the constants of the
+//! enclosing graphs it reads.
+//!
 //! Rules, by target (each stated on the graph's structure, never on names):
 //! - `tensorrt` (TensorRT 10's explicit quantization; its documented Q/DQ requirements):
 //!   - `zero-point`: every zero point is 0 — TensorRT quantizes symmetrically only;
@@ -73,13 +77,41 @@ pub fn has_rules(target: Target) -> bool {
     target == Target::Tensorrt
 }
 
-/// The findings for `target`, in topological order of the nodes.
+/// The findings for `target`, in topological order of the nodes, each graph's after the graph
+/// holding it (If, Loop and Scan bodies included).
 pub fn lint(model: &Model, target: Target) -> crate::Result<Vec<Finding>> {
-    let g = &model.graph;
     let mut findings = Vec::new();
     if !has_rules(target) {
         return Ok(findings);
     }
+    each_graph(&model.graph, "", &mut |g, scope| lint_graph(g, scope, &mut findings))?;
+    Ok(findings)
+}
+
+/// Calls `visit` on `g` and then on every subgraph of its nodes, depth first, with the scope
+/// that names where a node stands (`If 'cond' then_branch / `; "" in the main graph). A
+/// subgraph gets the constants of the enclosing graphs it reads, so a DequantizeLinear of an
+/// outer weight is seen as one.
+fn each_graph(g: &Graph, scope: &str, visit: &mut dyn FnMut(&Graph, &str) -> crate::Result<()>) -> crate::Result<()> {
+    visit(g, scope)?;
+    for ix in g.topological_order()? {
+        let n = &g.nodes[ix];
+        for a in &n.attributes {
+            for body in a.g.iter().chain(a.graphs.iter()) {
+                let mut inner = Graph::from_proto(body.clone())?;
+                for outer in &n.implicit_inputs {
+                    if let Some(c) = g.constants.get(outer) {
+                        inner.constants.entry(outer.clone()).or_insert_with(|| c.clone());
+                    }
+                }
+                each_graph(&inner, &format!("{scope}{} {} / ", n.label(), a.name()), visit)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn lint_graph(g: &Graph, scope: &str, findings: &mut Vec<Finding>) -> crate::Result<()> {
     let producers = Producers::of(g);
     for ix in g.topological_order()? {
         let n = &g.nodes[ix];
@@ -89,7 +121,7 @@ pub fn lint(model: &Model, target: Target) -> crate::Result<Vec<Finding>> {
         let mut found = |rule, message: String, fix| {
             findings.push(Finding {
                 rule,
-                node: n.label(),
+                node: format!("{scope}{}", n.label()),
                 message,
                 fix,
             })
@@ -160,7 +192,7 @@ pub fn lint(model: &Model, target: Target) -> crate::Result<Vec<Finding>> {
             _ => {}
         }
     }
-    Ok(findings)
+    Ok(())
 }
 
 /// A node's first input or output ("" when it has none: a malformed node matches nothing).
@@ -233,10 +265,14 @@ fn wrong_weight_axis(g: &Graph, producers: &Producers, n: &Node) -> Option<Strin
 /// any) dequantized too, and exactly one reader of the output, a QuantizeLinear. With the reason
 /// for every other one.
 pub fn integer_layers(model: &Model) -> crate::Result<Vec<(String, Result<(), String>)>> {
-    let g = &model.graph;
+    let mut out = Vec::new();
+    each_graph(&model.graph, "", &mut |g, scope| integer_layers_of(g, scope, &mut out))?;
+    Ok(out)
+}
+
+fn integer_layers_of(g: &Graph, scope: &str, out: &mut Vec<(String, Result<(), String>)>) -> crate::Result<()> {
     let eight_bit = [DataType::Int8 as i32, DataType::Uint8 as i32];
     let producers = Producers::of(g);
-    let mut out = Vec::new();
     for ix in g.topological_order()? {
         let n = &g.nodes[ix];
         if !n.is_default_domain() || !["Conv", "ConvTranspose", "Gemm", "MatMul"].contains(&n.op_type.as_str()) {
@@ -287,7 +323,7 @@ pub fn integer_layers(model: &Model) -> crate::Result<Vec<(String, Result<(), St
                 Some(_) => Ok(()),
             }
         })();
-        out.push((n.label(), verdict));
+        out.push((format!("{scope}{}", n.label()), verdict));
     }
-    Ok(out)
+    Ok(())
 }

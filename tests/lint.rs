@@ -156,3 +156,84 @@ fn what_onnxq_writes_for_tensorrt_passes_and_its_generic_output_does_not() {
     let o = onnxq_cli(&["lint", generic.to_str().unwrap(), "--target", "tensorflow"]);
     assert_eq!(o.status.code(), Some(1));
 }
+
+/// An If whose then branch holds a QDQ Conv: the data's Q/DQ (uint8, zero point 128) inside the
+/// branch, the weight's DequantizeLinear inside it too but its int8 weight, scale and zero point
+/// constants of the main graph; the else branch is float.
+fn qdq_conv_inside_an_if() -> Model {
+    let then_branch = graph(
+        vec![
+            node("QuantizeLinear", "qx", &["x", "sx", "zx"], &["xq"]),
+            node("DequantizeLinear", "dqx", &["xq", "sx", "zx"], &["xd"]),
+            node("DequantizeLinear", "dqw", &["wq", "sw", "zw"], &["wd"]),
+            node("Conv", "conv", &["xd", "wd"], &["c"]),
+            node("QuantizeLinear", "qc", &["c", "sc", "zc"], &["cq"]),
+            node("DequantizeLinear", "dqc", &["cq", "sc", "zc"], &["t"]),
+        ],
+        vec![
+            tensor_f32("sx", &[], &[0.02]),
+            int_tensor("zx", DataType::Uint8, &[], &[128]),
+            tensor_f32("sc", &[], &[0.05]),
+            int_tensor("zc", DataType::Uint8, &[], &[128]),
+        ],
+        vec![],
+        vec![f32_info("t", &[1, 2, 4, 4])],
+    );
+    let else_branch = graph(
+        vec![node("Identity", "id", &["x"], &["e"])],
+        vec![],
+        vec![],
+        vec![f32_info("e", &[1, 2, 4, 4])],
+    );
+    let g = graph(
+        vec![with_attr(
+            with_attr(
+                node("If", "branch", &["cond"], &["y"]),
+                attr_graph("then_branch", then_branch),
+            ),
+            attr_graph("else_branch", else_branch),
+        )],
+        vec![
+            int_tensor("wq", DataType::Int8, &[2, 2, 1, 1], &[1, -2, 3, -4]),
+            tensor_f32("sw", &[], &[0.1]),
+            int_tensor("zw", DataType::Int8, &[], &[0]),
+        ],
+        vec![f32_info("x", &[1, 2, 4, 4]), value_info("cond", DataType::Bool, &[])],
+        vec![f32_info("y", &[1, 2, 4, 4])],
+    );
+    Model::from_proto(model(g, 13)).unwrap()
+}
+
+#[test]
+fn lint_reads_the_bodies_of_if_branches_with_the_outer_constants_they_use() {
+    let m = qdq_conv_inside_an_if();
+    let findings = lint(&m, Target::Tensorrt).unwrap();
+    let got: Vec<(&str, &str)> = findings.iter().map(|f| (f.rule, f.node.as_str())).collect();
+    let inside = |n: &str| format!("If 'branch' then_branch / {n}");
+    let (qx, dqx, conv, qc, dqc) = (
+        inside("QuantizeLinear 'qx'"),
+        inside("DequantizeLinear 'dqx'"),
+        inside("Conv 'conv'"),
+        inside("QuantizeLinear 'qc'"),
+        inside("DequantizeLinear 'dqc'"),
+    );
+    // The weight's DequantizeLinear reads int8 constants of the main graph with zero point 0:
+    // no finding (without the outer constants it would be taken for a uint8 activation).
+    assert_eq!(
+        got,
+        [
+            ("zero-point", qx.as_str()),
+            ("type", qx.as_str()),
+            ("zero-point", dqx.as_str()),
+            ("type", dqx.as_str()),
+            ("weighted-output", conv.as_str()),
+            ("zero-point", qc.as_str()),
+            ("type", qc.as_str()),
+            ("zero-point", dqc.as_str()),
+            ("type", dqc.as_str()),
+        ],
+        "{findings:#?}"
+    );
+    // ONNX Runtime runs the branch's Conv as an integer kernel: all its Q/DQ are in its graph.
+    assert_eq!(integer_layers(&m).unwrap(), [(conv, Ok(()))]);
+}
