@@ -139,6 +139,65 @@ impl Runner {
         }
     }
 
+    /// The nodes of the plan (by tract node id) whose values depend on the inputs at `changed`
+    /// (indices into the inputs `run` takes): what a run whose inputs differ from a recorded
+    /// one's only there must compute again ([`Runner::run_reusing`]).
+    pub fn dependents(&self, changed: &[usize]) -> Result<Vec<bool>> {
+        let mut dependent = vec![false; self.model.nodes().len()];
+        for &i in changed {
+            let outlet = self.model.input_outlets().map_err(tract_error)?[i];
+            dependent[outlet.node] = true;
+        }
+        for &n in self.plan.order_without_consts() {
+            if self.model.node(n).inputs.iter().any(|i| dependent[i.node]) {
+                dependent[n] = true;
+            }
+        }
+        Ok(dependent)
+    }
+
+    /// Runs one sample and keeps every node's values, for runs of variants of the same sample
+    /// ([`Runner::run_reusing`]). Holding them costs [`Runner::recording_bytes`].
+    pub fn run_recording(&self, inputs: Vec<TValue>) -> Result<(TVec<TValue>, Recording)> {
+        let mut values: Vec<Option<TVec<TValue>>> = vec![None; self.model.nodes().len()];
+        let mut state = SimpleState::new(&self.plan).map_err(tract_error)?;
+        let outputs = state
+            .run_plan_with_eval(inputs.into(), |ctx, op_state, node, node_inputs| {
+                let v = tract_onnx::tract_core::plan::eval(ctx, op_state, node, node_inputs)?;
+                values[node.id] = Some(v.clone());
+                TractResult::Ok(v)
+            })
+            .map_err(tract_error)?;
+        Ok((outputs, Recording(values)))
+    }
+
+    /// Runs one sample whose inputs equal the recorded run's except where `dependent` (from
+    /// [`Runner::dependents`]) says: every other node hands on its recorded values instead of
+    /// computing them again. The results are those of [`Runner::run`], bit for bit (the same
+    /// kernels on the same values).
+    pub fn run_reusing(&self, inputs: Vec<TValue>, recording: &Recording, dependent: &[bool]) -> Result<TVec<TValue>> {
+        let mut state = SimpleState::new(&self.plan).map_err(tract_error)?;
+        state
+            .run_plan_with_eval(inputs.into(), |ctx, op_state, node, node_inputs| {
+                if let (false, Some(v)) = (dependent[node.id], &recording.0[node.id]) {
+                    return TractResult::Ok(v.clone());
+                }
+                tract_onnx::tract_core::plan::eval(ctx, op_state, node, node_inputs)
+            })
+            .map_err(tract_error)
+    }
+
+    /// The bytes a [`Recording`] holds: every node's outputs of one sample.
+    pub fn recording_bytes(&self) -> Result<u64> {
+        let mut sum = 0u64;
+        for &n in self.plan.order_without_consts() {
+            for o in &self.model.node(n).outputs {
+                sum += o.fact.mem_size().to_i64().map_err(|e| tract_error(e.into()))?.max(0) as u64;
+            }
+        }
+        Ok(sum)
+    }
+
     fn visiting(&self) -> Result<&Visiting> {
         if let Some(v) = self.visiting.get() {
             return Ok(v);
@@ -324,6 +383,10 @@ pub fn tensor_ranks(
 /// A plan for `Runner::run_visiting` over the same optimised model as `Runner::plan`: it
 /// computes every model output but keeps to the end of the run only those no node reads (sinks,
 /// which tract never flushes anyway), so the others are dropped after their last reader.
+/// Every node's values of one run (by tract node id), kept for [`Runner::run_reusing`]. The
+/// values are shared (`Arc`), so no op of a later run writes into them in place.
+pub struct Recording(Vec<Option<TVec<TValue>>>);
+
 struct Visiting {
     plan: Arc<TypedRunnableModel>,
     /// Per node: `(output slot, index into Runner::outputs)` of each returned tensor it

@@ -206,3 +206,56 @@ fn tensor_ranks_come_from_tracts_analysis_without_value_infos() {
     let ranks = onnxq::runtime::tensor_ranks(&m, &[("x".into(), DatumType::F32, vec![1, 2, 4, 4])]).unwrap();
     assert_eq!((ranks["x"], ranks["c"], ranks["f"], ranks["y"]), (4, 4, 2, 2));
 }
+
+/// x → Conv → Relu → (× y) → Add(·, Relu) and Relu → Sigmoid: with y changed, a run reusing a
+/// recorded one computes again only what y reaches, and returns what a whole run returns.
+#[test]
+fn a_run_reusing_a_recorded_one_recomputes_only_what_the_changed_input_reaches() {
+    use common::{conv_weight, f32_info, graph, model, node, write_temp};
+    use tract_onnx::prelude::{IntoTValue, Tensor};
+    let g = graph(
+        vec![
+            node("Conv", "conv", &["x", "w"], &["c"]),
+            node("Relu", "relu", &["c"], &["r"]),
+            node("Mul", "mul", &["r", "y"], &["m"]),
+            node("Add", "add", &["m", "r"], &["out"]),
+            node("Sigmoid", "sigmoid", &["r"], &["side"]),
+        ],
+        vec![conv_weight("w", &[4, 3, 3, 3], 7)],
+        vec![f32_info("x", &[1, 3, 8, 8]), f32_info("y", &[1])],
+        vec![f32_info("out", &[1, 4, 6, 6]), f32_info("side", &[1, 4, 6, 6])],
+    );
+    let (_dir, path) = write_temp(&model(g, 13), "two_inputs.onnx");
+    let m = onnx::load_model(&path).unwrap();
+    let shapes = vec![
+        ("x".to_string(), DatumType::F32, vec![1, 3, 8, 8]),
+        ("y".to_string(), DatumType::F32, vec![1]),
+    ];
+    let runner = Runner::new(&m, &shapes, &[]).unwrap();
+    let x = Tensor::from_shape(&[1, 3, 8, 8], &common::seeded(192, 3))
+        .unwrap()
+        .into_tvalue();
+    let y = |v: f32| Tensor::from_shape(&[1], &[v]).unwrap().into_tvalue();
+    let (recorded_outputs, recording) = runner.run_recording(vec![x.clone(), y(1.0)]).unwrap();
+    let whole = runner.run(vec![x.clone(), y(1.0)]).unwrap();
+    assert_eq!(recorded_outputs, whole, "recording changes nothing");
+
+    let dependent = runner.dependents(&[1]).unwrap();
+    let count = dependent.iter().filter(|&&d| d).count();
+    assert!(count >= 2, "y and what it multiplies reach the output: {count} nodes");
+    assert!(
+        count < dependent.len() - 2,
+        "the conv and relu do not depend on y: {count} of {}",
+        dependent.len()
+    );
+    let reused = runner
+        .run_reusing(vec![x.clone(), y(-2.5)], &recording, &dependent)
+        .unwrap();
+    let whole = runner.run(vec![x.clone(), y(-2.5)]).unwrap();
+    assert_eq!(reused, whole, "bit for bit what a whole run returns");
+    assert_ne!(reused[0], recorded_outputs[0], "the changed input reached the output");
+    assert_eq!(reused[1], recorded_outputs[1], "the side output does not depend on y");
+    // Reusing leaves the recording as it was.
+    let again = runner.run_reusing(vec![x, y(1.0)], &recording, &dependent).unwrap();
+    assert_eq!(again, recorded_outputs);
+}

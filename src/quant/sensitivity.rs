@@ -152,24 +152,14 @@ pub fn measure_units(
         _ => crate::quant::probe::sum_samples(&variants.sample_noise(&only(&order))?),
     };
     let all_int8 = &all_int8;
-    let mut runs = 1;
-    let done = if bisection.min_share <= 0.0 {
+    let done: Vec<(Vec<String>, Noise)> = if bisection.min_share <= 0.0 {
         // Every layer alone: no noise inferred by subtraction (mixed precision's search, where
         // noise that does not add up would mislead the whole assignment).
-        let mut done = Vec::with_capacity(order.len());
-        for layer in order {
-            runs += 1;
-            let noise = crate::quant::probe::sum_samples(&variants.sample_noise(&only(std::slice::from_ref(&layer)))?);
-            if runs % 16 == 0 {
-                eprintln!(
-                    "onnxq: sensitivity: {runs} runs, {:.1} s",
-                    started.elapsed().as_secs_f64()
-                );
-            }
-            done.push((vec![layer], noise));
-        }
-        done
+        let plans: Vec<Plan> = order.iter().map(|l| only(std::slice::from_ref(l))).collect();
+        let noises = variants.noises(&plans, "sensitivity, every layer alone")?;
+        order.into_iter().map(|l| vec![l]).zip(noises).collect()
     } else {
+        let mut runs = 1;
         bisect(order, all_int8.clone(), all_int8, bisection, |half| {
             runs += 1;
             let noise = crate::quant::probe::sum_samples(&variants.sample_noise(&only(half))?);
@@ -181,17 +171,23 @@ pub fn measure_units(
         })?
     };
     let int16: Vec<Option<Noise>> = if with_int16 {
-        // Only units that carry enough noise to be worth raising.
-        done.iter()
-            .map(|(layers, noise)| {
-                if share_of(noise, all_int8) < bisection.min_share {
-                    return Ok(None);
-                }
-                let int16 =
-                    only(layers).with_precisions(&layers.iter().map(|l| (l.clone(), Precision::Int16)).collect());
-                Ok(Some(crate::quant::probe::sum_samples(&variants.sample_noise(&int16)?)))
+        // Only units that carry enough noise to be worth raising, measured together.
+        let worth: Vec<usize> = (0..done.len())
+            .filter(|&i| share_of(&done[i].1, all_int8) >= bisection.min_share)
+            .collect();
+        let plans: Vec<Plan> = worth
+            .iter()
+            .map(|&i| {
+                let layers = &done[i].0;
+                only(layers).with_precisions(&layers.iter().map(|l| (l.clone(), Precision::Int16)).collect())
             })
-            .collect::<Result<_>>()?
+            .collect();
+        let mut noises = variants.noises(&plans, "sensitivity at int16")?.into_iter();
+        let mut int16 = vec![None; done.len()];
+        for i in worth {
+            int16[i] = noises.next();
+        }
+        int16
     } else {
         vec![None; done.len()]
     };
