@@ -144,9 +144,9 @@ impl Runner {
     /// one's only there must compute again ([`Runner::run_reusing`]).
     pub fn dependents(&self, changed: &[usize]) -> Result<Vec<bool>> {
         let mut dependent = vec![false; self.model.nodes().len()];
+        let sources = self.model.input_outlets().map_err(tract_error)?;
         for &i in changed {
-            let outlet = self.model.input_outlets().map_err(tract_error)?[i];
-            dependent[outlet.node] = true;
+            dependent[sources[i].node] = true;
         }
         for &n in self.plan.order_without_consts() {
             if self.model.node(n).inputs.iter().any(|i| dependent[i.node]) {
@@ -185,17 +185,6 @@ impl Runner {
                 tract_onnx::tract_core::plan::eval(ctx, op_state, node, node_inputs)
             })
             .map_err(tract_error)
-    }
-
-    /// The bytes a [`Recording`] holds: every node's outputs of one sample.
-    pub fn recording_bytes(&self) -> Result<u64> {
-        let mut sum = 0u64;
-        for &n in self.plan.order_without_consts() {
-            for o in &self.model.node(n).outputs {
-                sum += o.fact.mem_size().to_i64().map_err(|e| tract_error(e.into()))?.max(0) as u64;
-            }
-        }
-        Ok(sum)
     }
 
     fn visiting(&self) -> Result<&Visiting> {
@@ -380,13 +369,13 @@ pub fn tensor_ranks(
     Ok(ranks)
 }
 
-/// A plan for `Runner::run_visiting` over the same optimised model as `Runner::plan`: it
-/// computes every model output but keeps to the end of the run only those no node reads (sinks,
-/// which tract never flushes anyway), so the others are dropped after their last reader.
 /// Every node's values of one run (by tract node id), kept for [`Runner::run_reusing`]. The
 /// values are shared (`Arc`), so no op of a later run writes into them in place.
 pub struct Recording(Vec<Option<TVec<TValue>>>);
 
+/// A plan for `Runner::run_visiting` over the same optimised model as `Runner::plan`: it
+/// computes every model output but keeps to the end of the run only those no node reads (sinks,
+/// which tract never flushes anyway), so the others are dropped after their last reader.
 struct Visiting {
     plan: Arc<TypedRunnableModel>,
     /// Per node: `(output slot, index into Runner::outputs)` of each returned tensor it

@@ -15,6 +15,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use tract_onnx::prelude::{TypedFact, TypedModel};
+
 use super::Runner;
 use crate::error::{tract_error, Error, Result};
 
@@ -274,14 +276,7 @@ impl Runner {
                 readers_left[i.node] += 1;
             }
         }
-        let bytes = |node: usize| -> Result<u64> {
-            let mut sum = 0u64;
-            for o in &model.node(node).outputs {
-                let size = o.fact.mem_size().to_i64().map_err(|e| tract_error(e.into()))?;
-                sum += size.max(0) as u64;
-            }
-            Ok(sum)
-        };
+        let bytes = |node: usize| output_bytes(model, node);
         let (mut live, mut peak) = (0u64, 0u64);
         for &n in order {
             live += bytes(n)?;
@@ -303,11 +298,33 @@ impl Runner {
     pub fn returned_bytes(&self) -> Result<u64> {
         let mut sum = 0u64;
         for outlet in self.model.output_outlets().map_err(tract_error)? {
-            let fact = self.model.outlet_fact(*outlet).map_err(tract_error)?;
-            sum += fact.mem_size().to_i64().map_err(|e| tract_error(e.into()))?.max(0) as u64;
+            sum += fact_bytes(self.model.outlet_fact(*outlet).map_err(tract_error)?)?;
         }
         Ok(sum)
     }
+
+    /// The bytes a [`super::Recording`] holds: every node's outputs of one sample.
+    pub fn recording_bytes(&self) -> Result<u64> {
+        let mut sum = 0u64;
+        for &n in self.plan.order_without_consts() {
+            sum += output_bytes(&self.model, n)?;
+        }
+        Ok(sum)
+    }
+}
+
+/// The bytes of a tensor of `fact` (its shape × element size, packed inputs by their buffer).
+fn fact_bytes(fact: &TypedFact) -> Result<u64> {
+    Ok(fact.mem_size().to_i64().map_err(|e| tract_error(e.into()))?.max(0) as u64)
+}
+
+/// The bytes of every output of `node`.
+fn output_bytes(model: &TypedModel, node: usize) -> Result<u64> {
+    let mut sum = 0u64;
+    for o in &model.node(node).outputs {
+        sum += fact_bytes(&o.fact)?;
+    }
+    Ok(sum)
 }
 
 #[cfg(test)]
