@@ -697,12 +697,13 @@ fn conv_taps(conv: &ops::Conv, kernel: &[usize], shape: Option<&[usize]>) -> Opt
     Some(taps)
 }
 
-/// `W̃ − W` for a weight as the plan quantizes it (with `gptq`'s rounding where it chose one).
+/// `W̃ − W` for a weight as the plan quantizes it (with `gptq`'s rounding where it chose one, or
+/// its codebook's entries).
 fn weight_error(graph: &Graph, plan: &Plan, weight: &str) -> Result<Vec<f64>> {
     let t = &graph.constants[weight].tensor;
     let w = tensor::values_f32(t).ok_or_else(|| Error::Graph(format!("weight '{weight}' is not a float tensor")))?;
-    let q = plan.quantized_weight(graph, weight)?;
-    Ok(q.dequantized()
+    Ok(plan
+        .dequantized_weight(graph, weight)?
         .iter()
         .zip(&w)
         .map(|(&a, &b)| a as f64 - b as f64)

@@ -296,6 +296,9 @@ fn find_targets(graph: &Graph, plan: &Plan) -> Result<Vec<std::result::Result<Ta
             let n = &graph.nodes[ix];
             let wq = &plan.weights[weight];
             match wq.consumers.len() {
+                _ if wq.codebook.is_some() => Err(format!(
+                    "weight '{weight}' is a codebook: its values are clustered, not rounded onto a grid"
+                )),
                 // The rounding is chosen on a uniform integer grid; FP8's is not one.
                 _ if wq.scheme.dtype.float8().is_some() => Err(format!(
                     "weight '{weight}' is {}: the rounding is chosen on an integer grid",

@@ -369,6 +369,109 @@ fn ternary_and_binary_weights_are_int4_sign_codes_times_their_channel_magnitude(
     }
 }
 
+/// The table and per-element indices of a codebook weight as written (uint4 or uint8 indices,
+/// int32 per-channel offsets), decoded the way the Gather computes it.
+fn decoded_codebook(m: &ModelProto, w: &str) -> (Vec<f32>, Vec<usize>, Vec<f32>) {
+    let table = onnxq::ir::tensor::values_f32(initializer(m, &format!("{w}::codebook"))).unwrap();
+    let indices = initializer(m, &format!("{w}::indices"));
+    let idx: Vec<usize> = if indices.data_type == Some(DataType::Uint4 as i32) {
+        nibbles(indices, false).iter().map(|&v| v as usize).collect()
+    } else {
+        assert_eq!(indices.data_type, Some(DataType::Uint8 as i32));
+        indices.raw_data.as_ref().unwrap().iter().map(|&v| v as usize).collect()
+    };
+    let g = m.graph.as_ref().unwrap();
+    let gather = g
+        .node
+        .iter()
+        .find(|n| n.op_type() == "Gather" && n.input[0] == format!("{w}::codebook"))
+        .unwrap_or_else(|| panic!("no Gather of {w}'s codebook"));
+    assert_eq!(gather.output[0], format!("{w}::decoded"));
+    let offsets: Vec<usize> = match g.initializer.iter().find(|t| t.name() == format!("{w}::offsets")) {
+        Some(o) => o
+            .raw_data
+            .as_ref()
+            .unwrap()
+            .chunks(4)
+            .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as usize)
+            .collect(),
+        None => vec![0],
+    };
+    // MatMul weights [K, N]: the channel (and so the offset) is the column.
+    let cols = offsets.len();
+    let entries: Vec<usize> = idx
+        .iter()
+        .enumerate()
+        .map(|(i, &k)| k + offsets[if cols > 1 { i % cols } else { 0 }])
+        .collect();
+    let values = entries.iter().map(|&e| table[e]).collect();
+    (table, entries, values)
+}
+
+#[test]
+fn codebook_weights_are_kmeans_tables_read_through_a_gather() {
+    let float = mlp();
+    // w1 is [8, 8], w2 [8, 4]: at 5 bits w1 is a uint8 codebook and w2 stays float.
+    for (bits, per_channel) in [(3u32, false), (2, true), (5, false)] {
+        let (_dir, m, report, stderr) = quantize(&format!(
+            "weights: {{codebook: {{bits: {bits}, per_channel: {per_channel}}}}}\npasses: []\n"
+        ));
+        assert_eq!(opset(&m), if bits <= 4 { 21 } else { 13 }, "{stderr}");
+        let k = 1usize << bits;
+        for w in ["w1", "w2"] {
+            let original = onnxq::ir::tensor::values_f32(initializer(&float, w)).unwrap();
+            let cols = if per_channel { original.len() / 8 } else { 1 };
+            // Tables of 4-byte entries, 4- or 8-bit indices, int32 offsets per channel.
+            let index_bytes = if bits <= 4 { original.len() / 2 } else { original.len() };
+            let stored = cols * k * 4 + index_bytes + if per_channel { 4 * cols } else { 0 };
+            if stored >= 4 * original.len() {
+                initializer(&m, w);
+                let why = report["quantization"]["plan"]["kept_float"][w].as_str().unwrap();
+                assert!(why.contains("no smaller than the float weight"), "{w}: {why}");
+                continue;
+            }
+            let (table, entries, decoded) = decoded_codebook(&m, w);
+            assert_eq!(table.len(), k * cols, "{w}");
+            assert!(
+                !m.graph.as_ref().unwrap().initializer.iter().any(|t| t.name() == w),
+                "the float weight goes"
+            );
+            // k-means: every weight reads the entry of its own table nearest to it, and every
+            // used entry is the mean of the weights reading it (Lloyd's fixed point).
+            for (i, (&x, &e)) in original.iter().zip(&entries).enumerate() {
+                let c = if per_channel { i % cols } else { 0 };
+                let own = &table[c * k..(c + 1) * k];
+                let best = own.iter().map(|&t| (t - x).abs()).fold(f32::INFINITY, f32::min);
+                assert!((decoded[i] - x).abs() <= best + 1e-6, "{w}[{i}]: {x} → {}", decoded[i]);
+                assert!(e / k == c, "{w}[{i}] reads another channel's table");
+            }
+            for (e, &entry) in table.iter().enumerate() {
+                let members: Vec<f64> = original
+                    .iter()
+                    .zip(&entries)
+                    .filter(|(_, &f)| f == e)
+                    .map(|(&x, _)| x as f64)
+                    .collect();
+                if !members.is_empty() {
+                    let mean = members.iter().sum::<f64>() / members.len() as f64;
+                    assert!(
+                        (entry as f64 - mean).abs() <= 1e-5 * (1.0 + mean.abs()),
+                        "{w} entry {e}: {entry} vs {mean}"
+                    );
+                }
+            }
+        }
+        let notes = report["passes"].to_string();
+        assert!(notes.contains("weight SQNR") && notes.contains("on disk"), "{notes}");
+        assert!(report["quantization"]["guard_off"]
+            .as_str()
+            .unwrap()
+            .contains("weights.codebook"));
+        let sqnr = output_sqnr(&report);
+        assert!(sqnr.is_finite() && sqnr > 5.0, "{bits} bits: {sqnr} dB");
+    }
+}
+
 fn config_error(config: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let cfg: PathBuf = dir.path().join("q.yaml");
@@ -434,6 +537,24 @@ fn formats_that_cannot_be_written_are_config_errors() {
         (
             "weights: {dtype: binary}\nmixed_precision: {target_sqnr_db: 30}\n",
             "weights.dtype: binary",
+        ),
+        ("weights: {codebook: {bits: 9}}\n", "in 2..8"),
+        (
+            "weights: {codebook: {bits: 4, per_chanel: true}}\n",
+            "did you mean `per_channel`?",
+        ),
+        ("weights: {dtype: int4, codebook: {bits: 4}}\n", "keep one"),
+        (
+            "weights: {granularity: per_channel, codebook: {bits: 4}}\n",
+            "per_channel: true",
+        ),
+        (
+            "target: tensorrt\nweights: {codebook: {bits: 4}}\n",
+            "no codebook weights",
+        ),
+        (
+            "weights: {codebook: {bits: 4}}\nmixed_precision: {target_sqnr_db: 30}\n",
+            "weights.codebook",
         ),
     ] {
         let err = config_error(&format!("{data}{config}"));

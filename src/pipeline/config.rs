@@ -143,6 +143,8 @@ pub struct WeightsConfig {
     pub reduce_range: Option<bool>,
     /// An integer range of 2..16 bits inside the dtype (7 in int8: −63..63 symmetric).
     pub bits: Option<u32>,
+    /// K-means clustering instead of a grid: `{bits: 2..8, per_channel: false}`.
+    pub codebook: Option<crate::quant::codebook::CodebookSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -377,6 +379,10 @@ impl Config {
         }
         if self.weights.granularity == Some(Granularity::PerBlock) {
             rules.weight_block_size = self.weights.block_size;
+        }
+        if let Some(c) = self.weights.codebook {
+            rules.weight_codebook = Some(c);
+            rules.per_channel_weights = c.per_channel;
         }
         match self.activations.dtype {
             Some(ActivationDtype::Quant(d)) => rules.activations.dtype = d,
@@ -643,6 +649,9 @@ impl Config {
         if self.weights.granularity == Some(Granularity::PerBlock) {
             used.push("weights.granularity: per_block".into());
         }
+        if self.weights.codebook.is_some() {
+            used.push("weights.codebook".into());
+        }
         match self.activations.dtype {
             Some(ActivationDtype::Float) => used.push("activations.dtype: float".into()),
             Some(ActivationDtype::Quant(d)) if new(d) => used.push(format!("activations.dtype: {}", dtype_key(d))),
@@ -671,6 +680,9 @@ impl Config {
         if rules.weight_block_size.is_some() {
             needs.push((21, "weights.granularity: per_block".into()));
         }
+        if let Some(c) = rules.weight_codebook {
+            needs.push((c.min_opset(), format!("weights.codebook: {{bits: {}}}", c.bits)));
+        }
         for (i, o) in self.overrides.iter().enumerate() {
             if let Some(d) = o.dtype {
                 needs.push((d.min_opset(), format!("overrides[{i}].dtype: {}", dtype_key(d))));
@@ -697,6 +709,31 @@ impl Config {
             }
             (true, Some(0)) => return err("weights.block_size must be positive".into()),
             _ => {}
+        }
+        if let Some(c) = self.weights.codebook {
+            if !(2..=8).contains(&c.bits) {
+                return err(format!(
+                    "weights.codebook.bits must be in 2..8 (2^bits entries per table), got {}",
+                    c.bits
+                ));
+            }
+            let w = &self.weights;
+            for (set, key) in [
+                (w.dtype.is_some(), "dtype"),
+                (w.granularity.is_some(), "granularity"),
+                (w.bits.is_some(), "bits"),
+                (w.symmetric.is_some(), "symmetric"),
+                (w.reduce_range.is_some(), "reduce_range"),
+            ] {
+                if set {
+                    return err(format!(
+                        "weights.{key} sets a grid, and `weights.codebook` replaces the grid with a table of values: keep one (a codebook is per tensor, or per channel with `codebook: {{per_channel: true}}`)"
+                    ));
+                }
+            }
+            if self.target == Target::Tensorrt {
+                return err("target tensorrt has no codebook weights (a Gather of a table is not a weight TensorRT quantizes): choose another target, or int4/int8 weights".into());
+            }
         }
         let weights = self.weights.dtype.unwrap_or(self.target.rules().weights.dtype);
         if per_block && !crate::quant::plan::blockable(weights) {
@@ -877,6 +914,12 @@ impl Config {
                     (
                         false,
                         "no calibration data: gptq fits roundings to the layers' inputs".to_string(),
+                    )
+                } else if name == "gptq" && self.weights.codebook.is_some() {
+                    (
+                        false,
+                        "`weights.codebook`: the weights are clustered into tables, not rounded onto a grid"
+                            .to_string(),
                     )
                 } else {
                     (true, what.to_string())

@@ -9,6 +9,8 @@
 //! - A bias `b` becomes int32 with scale `s_in·s_w[c]` (zero point 0) behind `b::dq`, unless it
 //!   would overflow int32, in which case it stays float and the notes say so.
 //!
+//! - A codebook weight (`quant::codebook`) is read through `w::indices → Cast → (Add offsets) →
+//!   Gather(w::codebook)` instead of a DequantizeLinear, and gets no int32 bias.
 //! - 4-bit weights are packed two per byte, low nibble first; FP8 weights are their codes; all
 //!   in `raw_data` (OpenVINO misreads FP8 held in `int32_data`). A blocked weight's
 //!   DequantizeLinear carries `block_size` and block-shaped scales and zero points.
@@ -32,8 +34,14 @@ pub fn required_opset(plan: &Plan) -> i64 {
         .activations
         .values()
         .map(|a| a.scheme.dtype)
-        .chain(plan.weights.values().map(|w| w.scheme.dtype))
+        .chain(
+            plan.weights
+                .values()
+                .filter(|w| w.codebook.is_none())
+                .map(|w| w.scheme.dtype),
+        )
         .map(QuantDtype::min_opset)
+        .chain(plan.weights.values().filter_map(|w| w.codebook).map(|c| c.min_opset()))
         .max()
         .unwrap_or(10);
     let layout = if plan.weights.values().any(|w| w.block_size.is_some()) {
@@ -148,6 +156,64 @@ impl Builder<'_> {
 }
 
 impl Builder<'_> {
+    /// Writes a weight as its K-means table ([`crate::quant::codebook`]): indices → Cast →
+    /// (Add offsets) → Gather. Adds a note with its SQNR and size; returns (float, stored) bytes.
+    fn codebook_weight(
+        &mut self,
+        plan: &Plan,
+        w: &str,
+        wq: &crate::quant::plan::WeightQuant,
+        spec: crate::quant::codebook::CodebookSpec,
+        notes: &mut Vec<String>,
+    ) -> Result<(u64, u64)> {
+        use crate::proto::tensor_proto::DataType;
+        let codebook = plan.codebook(&self.model.graph, w)?;
+        let original = tensor::values_f32(&self.model.graph.constants[w].tensor)
+            .ok_or_else(|| Error::internal(format!("codebook weight '{w}' is not a float tensor")))?;
+        let (float, stored) = (4 * original.len() as u64, codebook.stored_bytes());
+        notes.push(format!(
+            "weight '{w}': {} entries{}, weight SQNR {:.1} dB, {} → {} bytes",
+            spec.entries(),
+            if wq.axis.is_some() { " per channel" } else { "" },
+            codebook.sqnr_db(&original),
+            float,
+            stored
+        ));
+        let (indices, table, offsets) = codebook.to_protos(
+            &format!("{w}::indices"),
+            &format!("{w}::codebook"),
+            &format!("{w}::offsets"),
+        );
+        let mut indices = indices;
+        if tensor::on_disk(&self.model.graph.constants[w].tensor).is_some() {
+            tensor::spill(&mut indices).map_err(|e| Error::io(std::env::temp_dir(), e))?;
+        }
+        let indices = self.constant(indices, format!("{w}::indices"))?;
+        let table = self.constant(table, format!("{w}::codebook"))?;
+        let order = self.order_of_consumers(&wq.consumers).saturating_sub(3);
+        let cast = self.name(format!("{w}::indices_int32"))?;
+        let mut node = Node::new(&cast, "Cast", vec![indices], &cast, order);
+        node.attributes
+            .push(crate::ir::attribute::int("to", DataType::Int32 as i64));
+        self.model.graph.nodes.add_node(node);
+        let mut entries = cast;
+        if let Some(offsets) = offsets {
+            let offsets = self.constant(offsets, format!("{w}::offsets"))?;
+            let shifted = self.name(format!("{w}::entries"))?;
+            self.model
+                .graph
+                .nodes
+                .add_node(Node::new(&shifted, "Add", vec![entries, offsets], &shifted, order + 1));
+            entries = shifted;
+        }
+        let decoded = self.name(format!("{w}::decoded"))?;
+        let mut gather = Node::new(&decoded, "Gather", vec![table, entries], &decoded, order + 2);
+        gather.attributes.push(axis_attr(0));
+        self.model.graph.nodes.add_node(gather);
+        self.rewire(&wq.consumers, &decoded)?;
+        Ok((float, stored))
+    }
+
     /// Runs a layer in float16: its float inputs are cast to float16 (constants are stored as
     /// float16 instead), it writes `<output>::float16`, and a Cast back to float writes the
     /// original output name, so nothing downstream changes. Returns the float32 constants it
@@ -277,7 +343,14 @@ pub fn materialize(model: &mut Model, plan: &Plan) -> Result<Vec<String>> {
     }
 
     let mut weight_scales: BTreeMap<&str, Vec<f32>> = BTreeMap::new();
+    let mut codebook_bytes = (0u64, 0u64);
     for (w, wq) in &plan.weights {
+        if let Some(spec) = wq.codebook {
+            let (float, stored) = b.codebook_weight(plan, w, wq, spec, &mut notes)?;
+            codebook_bytes.0 += float;
+            codebook_bytes.1 += stored;
+            continue;
+        }
         let quantized = plan.quantized_weight(&b.model.graph, w)?;
         let (data, scale, zero_point) = quantized.to_protos(
             &format!("{w}::quantized"),
@@ -310,6 +383,17 @@ pub fn materialize(model: &mut Model, plan: &Plan) -> Result<Vec<String>> {
         }
         b.model.graph.nodes.add_node(node);
         b.rewire(&wq.consumers, &dq)?;
+    }
+
+    if codebook_bytes.0 > 0 {
+        notes.insert(
+            0,
+            format!(
+                "codebook weights: {:.2} MB on disk instead of {:.2} MB as float",
+                codebook_bytes.1 as f64 / 1e6,
+                codebook_bytes.0 as f64 / 1e6
+            ),
+        );
     }
 
     for (bias, bq) in &plan.biases {

@@ -41,6 +41,10 @@ pub struct WeightQuant {
     /// Blocks of this many elements along `axis` (ONNX 21's `block_size`), each its own scale.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_size: Option<usize>,
+    /// Clustered into a K-means table instead of a grid (`scheme` then unused; `axis` is the
+    /// channel axis of per-channel tables).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codebook: Option<crate::quant::codebook::CodebookSpec>,
     pub consumers: Vec<InputRef>,
 }
 
@@ -431,6 +435,10 @@ impl<'a> Walk<'a> {
             .options
             .overrides
             .weight(n, w, rules.weights, rules.per_channel_weights);
+        // An override's dtype or granularity puts the weight on a grid.
+        let codebook = rules
+            .weight_codebook
+            .filter(|_| scheme == rules.weights && per_channel == rules.per_channel_weights);
         let mut axis = (weight.axis)(n, rank).filter(|&a| per_channel && a < rank && rank > 1);
         let dims = &self.g.constants[w].tensor.dims;
         // Blocks run along the reduction axis. Per-channel instead: an override's granularity or
@@ -452,10 +460,28 @@ impl<'a> Walk<'a> {
         if self.options.overrides.tensor(w).is_some() {
             return;
         }
+        // A codebook no smaller than the float weight (small tensors, or a table per channel of
+        // few weights: depthwise convolutions) leaves the weight float.
+        if let Some(c) = codebook {
+            let elements = dims.iter().product::<i64>().max(0) as u64;
+            let tables = axis.map_or(1, |a| dims[a].max(1) as u64);
+            let stored = c.stored_bytes(elements, tables);
+            if stored >= 4 * elements {
+                self.plan.kept_float.entry(w.clone()).or_insert_with(|| {
+                    format!(
+                        "its codebook ({tables} table(s) of {} entries and the indices: {stored} bytes) would be no smaller than the float weight ({} bytes)",
+                        c.entries(),
+                        4 * elements
+                    )
+                });
+                return;
+            }
+        }
         let entry = self.plan.weights.entry(w.clone()).or_insert(WeightQuant {
             scheme,
             axis,
             block_size: block,
+            codebook,
             consumers: vec![],
         });
         if entry.axis != axis || entry.block_size != block {
@@ -464,6 +490,10 @@ impl<'a> Walk<'a> {
             entry.block_size = None;
         }
         entry.consumers.push((key.to_string(), weight.slot));
+        // A codebook has no weight scale to make an int32 bias's.
+        if entry.codebook.is_some() {
+            return;
+        }
         let Some(bias) = rule.int32_bias(rules) else { return };
         let Some(b) = n.inputs.get(bias.slot).filter(|t| self.is_float_constant(t)) else {
             return;
@@ -726,15 +756,33 @@ pub fn float16_possible(model: &Model, plan: &Plan, key: &str) -> std::result::R
     Ok(())
 }
 
+/// A weight constant's float values and dims.
+fn weight_values<'g>(graph: &'g crate::ir::Graph, weight: &str) -> Result<(Vec<f32>, &'g [i64])> {
+    let t = &graph
+        .constants
+        .get(weight)
+        .ok_or_else(|| Error::Graph(format!("weight '{weight}' is not a constant")))?
+        .tensor;
+    let values = crate::ir::tensor::values_f32(t)
+        .ok_or_else(|| Error::Graph(format!("weight '{weight}' is not a float tensor")))?;
+    Ok((values, &t.dims))
+}
+
 impl Plan {
     /// Tensors with Q/DQ, weights, biases: counts for the summary.
     pub fn summary(&self) -> String {
         let per_channel = self.weights.values().filter(|w| w.axis.is_some()).count();
+        let codebooks = self.weights.values().filter(|w| w.codebook.is_some()).count();
         format!(
-            "{} activations, {} weights ({} per-channel), {} int32 biases quantized; {} tensors kept float",
+            "{} activations, {} weights ({} per-channel{}), {} int32 biases quantized; {} tensors kept float",
             self.activations.len(),
             self.weights.len(),
             per_channel,
+            if codebooks > 0 {
+                format!(", {codebooks} codebooks")
+            } else {
+                String::new()
+            },
             self.biases.len(),
             self.kept_float.len()
         )
@@ -766,14 +814,8 @@ impl Plan {
             .weights
             .get(weight)
             .ok_or_else(|| Error::Graph(format!("the plan does not quantize weight '{weight}'")))?;
-        let t = &graph
-            .constants
-            .get(weight)
-            .ok_or_else(|| Error::Graph(format!("weight '{weight}' is not a constant")))?
-            .tensor;
-        let values = crate::ir::tensor::values_f32(t)
-            .ok_or_else(|| Error::Graph(format!("weight '{weight}' is not a float tensor")))?;
-        let mut q = params::quantize_weights_blocked(&values, &t.dims, wq.axis, wq.block_size, &wq.scheme)?;
+        let (values, dims) = weight_values(graph, weight)?;
+        let mut q = params::quantize_weights_blocked(&values, dims, wq.axis, wq.block_size, &wq.scheme)?;
         if let Some(r) = self.rounded.get(weight) {
             if r.scheme == wq.scheme
                 && r.axis == wq.axis
@@ -784,6 +826,26 @@ impl Plan {
             }
         }
         Ok(q)
+    }
+
+    /// A weight's values as the quantized model computes them: its codebook's entries, or its
+    /// grid points ([`Plan::quantized_weight`]).
+    pub fn dequantized_weight(&self, graph: &crate::ir::Graph, weight: &str) -> Result<Vec<f32>> {
+        match self.weights.get(weight).is_some_and(|w| w.codebook.is_some()) {
+            true => Ok(self.codebook(graph, weight)?.dequantized()),
+            false => Ok(self.quantized_weight(graph, weight)?.dequantized()),
+        }
+    }
+
+    /// A codebook weight clustered as this plan says ([`crate::quant::codebook::cluster`]).
+    pub fn codebook(&self, graph: &crate::ir::Graph, weight: &str) -> Result<crate::quant::codebook::Codebook> {
+        let (wq, spec) = self
+            .weights
+            .get(weight)
+            .and_then(|w| w.codebook.map(|c| (w, c)))
+            .ok_or_else(|| Error::internal(format!("the plan has no codebook for weight '{weight}'")))?;
+        let (values, dims) = weight_values(graph, weight)?;
+        crate::quant::codebook::cluster(&values, dims, wq.axis, spec)
     }
 
     /// The layers: every op that reads a quantized activation or weight, by key, sorted.

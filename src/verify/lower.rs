@@ -24,6 +24,9 @@
 //! - DequantizeLinear of a constant (quantized weights and biases of any integer or FP8 type,
 //!   per tensor, per axis or blocked) that tract cannot run is folded into an f32 constant
 //!   holding `f32(q − zp) · s`.
+//! - A codebook weight (indices → Cast → Add of per-channel offsets → Gather of a float table,
+//!   all constants: `quant::codebook`) is folded into the f32 constant it computes: tract has
+//!   no uint4 tensors.
 //! - int8/uint8 Q/DQ that tract runs are left untouched by [`lower_for_tract`];
 //!   [`lower_all_qdq`] rewrites them too, so that tract runs no quantized kernel at all.
 //!
@@ -66,9 +69,176 @@ pub fn lower_all_qdq(model: &Model) -> Result<Model> {
 /// per rewritten node, for reports.
 pub fn lower_with_notes(model: &Model, all: bool) -> Result<(Model, Vec<String>)> {
     let mut lowered = model.clone();
+    fold_codebooks(&mut lowered.graph)?;
     let mut notes = Lowering::new(&lowered.graph, model.opset("").unwrap_or(0), all).run(&mut lowered.graph)?;
     notes.extend(widen_float16_layers(&mut lowered.graph)?);
     Ok((lowered, notes))
+}
+
+/// Folds each Gather of a float constant table at constant integer indices (through Casts and
+/// Adds of constants, as `quant::codebook` writes them) into the f32 constant it computes, and
+/// drops what only it read.
+fn fold_codebooks(graph: &mut Graph) -> Result<()> {
+    let producers: HashMap<String, NodeIndex> = graph
+        .nodes
+        .node_indices()
+        .flat_map(|ix| graph.nodes[ix].outputs.iter().map(move |o| (o.clone(), ix)))
+        .collect();
+    let mut folded = Vec::new();
+    for ix in graph.nodes.node_indices() {
+        let n = &graph.nodes[ix];
+        if n.op_type != "Gather" || !is_qdq_domain(&n.domain) || n.inputs.len() != 2 {
+            continue;
+        }
+        let axis = n.attr_int("axis").unwrap_or(0);
+        let Some(table) = graph.constants.get(&n.inputs[0]).and_then(|c| {
+            (c.tensor.dims.len() == 1 && c.tensor.data_type() == DataType::Float as i32)
+                .then(|| values_f32(&c.tensor))
+                .flatten()
+        }) else {
+            continue;
+        };
+        let Some((indices, dims)) = constant_indices(graph, &producers, &n.inputs[1], 0) else {
+            continue;
+        };
+        if axis != 0 {
+            continue;
+        }
+        let k = table.len() as i64;
+        let Some(values) = indices
+            .iter()
+            .map(|&i| {
+                let i = if i < 0 { i + k } else { i };
+                (0..k).contains(&i).then(|| table[i as usize])
+            })
+            .collect::<Option<Vec<f32>>>()
+        else {
+            return Err(Error::Graph(format!(
+                "Gather '{}' reads its table out of range",
+                n.outputs[0]
+            )));
+        };
+        folded.push((ix, tensor_f32(&n.outputs[0], &dims, &values)));
+    }
+    if folded.is_empty() {
+        return Ok(());
+    }
+    for (ix, t) in folded {
+        graph.nodes.remove_node(ix);
+        graph.value_info.retain(|v| v.name() != t.name());
+        graph.constants.insert(
+            t.name().to_string(),
+            Constant {
+                tensor: t,
+                origin: ConstantOrigin::Created,
+            },
+        );
+    }
+    // The Casts and Adds that fed them, then the constants only those read.
+    let read = remove_unread(graph, |n| {
+        matches!(n.op_type.as_str(), "Cast" | "Add") && is_qdq_domain(&n.domain)
+    });
+    graph.constants.retain(|name, _| read.contains(name));
+    graph.rebuild_edges()?;
+    graph.check()
+}
+
+/// Removes the nodes `removable` accepts whose outputs nothing reads (a graph output counts),
+/// until none is left; returns the tensors still read.
+fn remove_unread(graph: &mut Graph, removable: impl Fn(&Node) -> bool) -> BTreeSet<String> {
+    loop {
+        let read: BTreeSet<String> = graph
+            .nodes
+            .node_weights()
+            .flat_map(|n| n.inputs.iter().chain(&n.implicit_inputs).cloned())
+            .chain(graph.outputs.iter().map(|o| o.name().to_string()))
+            .collect();
+        let unread: Vec<NodeIndex> = graph
+            .nodes
+            .node_indices()
+            .filter(|&ix| {
+                let n = &graph.nodes[ix];
+                removable(n) && n.outputs.iter().all(|o| !read.contains(o))
+            })
+            .collect();
+        if unread.is_empty() {
+            return read;
+        }
+        for ix in unread {
+            graph.nodes.remove_node(ix);
+        }
+    }
+}
+
+/// The values and dims of an integer tensor computed from constants by Casts to an integer type
+/// and Adds of two same-rank tensors (one broadcast where its dims are 1).
+fn constant_indices(
+    graph: &Graph,
+    producers: &HashMap<String, NodeIndex>,
+    name: &str,
+    depth: usize,
+) -> Option<(Vec<i64>, Vec<i64>)> {
+    if let Some(c) = graph.constants.get(name) {
+        let dt = dtype_of(c.tensor.data_type());
+        let integer = matches!(
+            dt,
+            DataType::Int4
+                | DataType::Uint4
+                | DataType::Int8
+                | DataType::Uint8
+                | DataType::Int16
+                | DataType::Uint16
+                | DataType::Int32
+                | DataType::Int64
+        );
+        return integer
+            .then(|| int_values(&c.tensor).map(|v| (v, c.tensor.dims.clone())))
+            .flatten();
+    }
+    if depth > 4 {
+        return None;
+    }
+    let n = &graph.nodes[*producers.get(name)?];
+    match n.op_type.as_str() {
+        "Cast" => {
+            let to = n.attr_int("to")?;
+            (to == DataType::Int32 as i64 || to == DataType::Int64 as i64)
+                .then(|| constant_indices(graph, producers, &n.inputs[0], depth + 1))
+                .flatten()
+        }
+        "Add" if n.inputs.len() == 2 => {
+            let (a, a_dims) = constant_indices(graph, producers, &n.inputs[0], depth + 1)?;
+            let (b, b_dims) = constant_indices(graph, producers, &n.inputs[1], depth + 1)?;
+            let ((x, x_dims), (y, y_dims)) = if b.len() <= a.len() {
+                ((a, a_dims), (b, b_dims))
+            } else {
+                ((b, b_dims), (a, a_dims))
+            };
+            if x_dims.len() != y_dims.len() || x_dims.iter().zip(&y_dims).any(|(&d, &e)| e != 1 && e != d) {
+                return None;
+            }
+            // Element i of x at multi-index m reads y at m with y's 1-long axes held at 0.
+            let mut strides = vec![1i64; y_dims.len()];
+            for d in (0..y_dims.len().saturating_sub(1)).rev() {
+                strides[d] = strides[d + 1] * y_dims[d + 1];
+            }
+            let values = (0..x.len())
+                .map(|i| {
+                    let (mut rest, mut j) = (i as i64, 0i64);
+                    for d in (0..x_dims.len()).rev() {
+                        let m = rest % x_dims[d].max(1);
+                        rest /= x_dims[d].max(1);
+                        if y_dims[d] != 1 {
+                            j += m * strides[d];
+                        }
+                    }
+                    x[i] + y[j as usize]
+                })
+                .collect();
+            Some((values, x_dims))
+        }
+        _ => None,
+    }
 }
 
 /// Ops a float16 layer can be (see `quant::plan::float16_possible`).
@@ -240,23 +410,7 @@ pub fn skip_float16_rounding(graph: &mut Graph) -> Result<usize> {
         }
     }
     // Casts to float16 nothing reads any more.
-    let read: BTreeSet<String> = graph
-        .nodes
-        .node_weights()
-        .flat_map(|n| n.inputs.iter().chain(&n.implicit_inputs).cloned())
-        .chain(graph_outputs)
-        .collect();
-    let unread: Vec<NodeIndex> = graph
-        .nodes
-        .node_indices()
-        .filter(|&ix| {
-            let n = &graph.nodes[ix];
-            is_cast_to(n, DataType::Float16) && !read.contains(&n.outputs[0])
-        })
-        .collect();
-    for ix in unread {
-        graph.nodes.remove_node(ix);
-    }
+    remove_unread(graph, |n| is_cast_to(n, DataType::Float16));
     graph.rebuild_edges()?;
     graph.check()?;
     Ok(removed.len() + kept)

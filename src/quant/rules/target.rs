@@ -28,6 +28,8 @@ pub struct TargetRules {
     pub per_channel_weights: bool,
     /// Weights in blocks of this many elements along their reduction axis (opset 21).
     pub weight_block_size: Option<usize>,
+    /// Weights as K-means codebooks instead of a grid ([`crate::quant::codebook`]).
+    pub weight_codebook: Option<crate::quant::codebook::CodebookSpec>,
     /// Q/DQ on activations (false: weight-only quantization).
     pub quantize_activations: bool,
     /// Bias as int32 with scale s_in·s_w (false: bias stays float).
@@ -67,6 +69,7 @@ impl Target {
                 weights: s8_weights,
                 per_channel_weights: true,
                 weight_block_size: None,
+                weight_codebook: None,
                 quantize_activations: true,
                 int32_bias: true,
                 quantize_joins: true,
@@ -85,6 +88,7 @@ impl Target {
                 weights: s8_weights,
                 per_channel_weights: true,
                 weight_block_size: None,
+                weight_codebook: None,
                 quantize_activations: true,
                 int32_bias: false,
                 quantize_joins: true,
