@@ -472,6 +472,22 @@ fn codebook_weights_are_kmeans_tables_read_through_a_gather() {
     }
 }
 
+#[test]
+fn an_override_pins_one_layer_to_a_codebook_and_another_back_to_the_grid() {
+    // The grid for all but mm2, a codebook for mm2 only.
+    let (_dir, m, _report, stderr) = quantize("overrides: [{node: mm2, codebook: {bits: 3}}]\npasses: []\n");
+    assert_eq!(opset(&m), 21, "{stderr}");
+    dq_of(&m, "w1");
+    let (table, _, _) = decoded_codebook(&m, "w2");
+    assert_eq!(table.len(), 8);
+    // A codebook for all but mm1, which an override's dtype puts back on an int8 grid.
+    let (_dir, m, _report, stderr) =
+        quantize("weights: {codebook: {bits: 3}}\noverrides: [{node: mm1, dtype: int8}]\npasses: []\n");
+    assert_eq!(opset(&m), 21, "{stderr}");
+    assert_eq!(initializer(&m, "w1::quantized").data_type, Some(DataType::Int8 as i32));
+    decoded_codebook(&m, "w2");
+}
+
 fn config_error(config: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let cfg: PathBuf = dir.path().join("q.yaml");
@@ -550,6 +566,16 @@ fn formats_that_cannot_be_written_are_config_errors() {
         ),
         (
             "target: tensorrt\nweights: {codebook: {bits: 4}}\n",
+            "no codebook weights",
+        ),
+        ("overrides: [{node: a, codebook: {bits: 1}}]\n", "in 2..8"),
+        ("overrides: [{node: a, dtype: int4, codebook: {bits: 4}}]\n", "keep one"),
+        (
+            "overrides: [{tensor: w.*, codebook: {bits: 4}}]\n",
+            "match the layer with `node:`",
+        ),
+        (
+            "target: tensorrt\noverrides: [{node: a, codebook: {bits: 4}}]\n",
             "no codebook weights",
         ),
         (

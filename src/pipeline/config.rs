@@ -213,6 +213,8 @@ pub struct Override {
     pub dtype: Option<crate::quant::params::QuantDtype>,
     /// Weights of the match: per_channel or per_tensor.
     pub granularity: Option<Granularity>,
+    /// Weights of the match as a K-means codebook (as `weights.codebook`).
+    pub codebook: Option<crate::quant::codebook::CodebookSpec>,
     pub symmetric: Option<bool>,
     /// Tensor rules: use this range `[lo, hi]` instead of the calibrated one.
     pub range: Option<[f32; 2]>,
@@ -443,6 +445,7 @@ impl Config {
                     dtype: o.dtype,
                     symmetric: o.symmetric,
                     per_channel: o.granularity.map(|g| g != Granularity::PerTensor),
+                    codebook: o.codebook,
                     range: o.range.map(|[lo, hi]| (lo, hi)),
                     precision: o.precision,
                 })
@@ -518,12 +521,13 @@ impl Config {
                 || o.granularity.is_some()
                 || o.symmetric.is_some()
                 || o.range.is_some()
-                || o.precision.is_some();
+                || o.precision.is_some()
+                || o.codebook.is_some();
             if o.exclude && settings {
-                return Err(Error::config(path, format!("overrides[{i}]: `exclude: true` keeps the match float; it cannot also set dtype, granularity, symmetric, range or precision")));
+                return Err(Error::config(path, format!("overrides[{i}]: `exclude: true` keeps the match float; it cannot also set dtype, granularity, codebook, symmetric, range or precision")));
             }
             if !o.exclude && !settings {
-                return Err(Error::config(path, format!("overrides[{i}]: say what it does (`exclude: true`, `dtype`, `granularity`, `symmetric`, `range` or `precision`)")));
+                return Err(Error::config(path, format!("overrides[{i}]: say what it does (`exclude: true`, `dtype`, `granularity`, `codebook`, `symmetric`, `range` or `precision`)")));
             }
             if o.precision.is_some() && o.tensor.is_some() {
                 return Err(Error::config(
@@ -661,6 +665,9 @@ impl Config {
             if let Some(d) = o.dtype.filter(|&d| new(d)) {
                 used.push(format!("overrides[{i}].dtype: {}", dtype_key(d)));
             }
+            if o.codebook.is_some() {
+                used.push(format!("overrides[{i}].codebook"));
+            }
         }
         used
     }
@@ -686,6 +693,9 @@ impl Config {
         for (i, o) in self.overrides.iter().enumerate() {
             if let Some(d) = o.dtype {
                 needs.push((d.min_opset(), format!("overrides[{i}].dtype: {}", dtype_key(d))));
+            }
+            if let Some(c) = o.codebook {
+                needs.push((c.min_opset(), format!("overrides[{i}].codebook: {{bits: {}}}", c.bits)));
             }
         }
         needs.into_iter().filter(|(v, _)| *v > 13).max_by_key(|(v, _)| *v)
@@ -836,6 +846,24 @@ impl Config {
             }
         }
         for (i, o) in self.overrides.iter().enumerate() {
+            if let Some(c) = o.codebook {
+                if !(2..=8).contains(&c.bits) {
+                    return err(format!("overrides[{i}].codebook.bits must be in 2..8, got {}", c.bits));
+                }
+                if o.dtype.is_some() || o.granularity.is_some() || o.symmetric.is_some() {
+                    return err(format!(
+                        "overrides[{i}]: `dtype`, `granularity` and `symmetric` set a grid, and `codebook` replaces it: keep one"
+                    ));
+                }
+                if o.tensor.is_some() {
+                    return err(format!(
+                        "overrides[{i}]: a codebook is a weight format, and a `tensor:` rule may match an activation: match the layer with `node:` or `op_type:`"
+                    ));
+                }
+                if self.target == Target::Tensorrt {
+                    return err(format!("overrides[{i}]: target tensorrt has no codebook weights"));
+                }
+            }
             if o.granularity == Some(Granularity::PerBlock) {
                 return err(format!(
                     "overrides[{i}]: per_block is set for all weights by `weights.granularity`"

@@ -13,6 +13,7 @@ use crate::calib::observers::Method;
 use crate::calib::stats::CalibrationStats;
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Model, Node};
+use crate::quant::codebook::CodebookSpec;
 use crate::quant::params::{self, params_for_range, QParams, QuantDtype, Scheme};
 use crate::quant::rules::{self, OpRole, Rule, Target, TargetRules, WeightRule, SENTINEL_MAGNITUDE};
 
@@ -139,6 +140,8 @@ pub struct OverrideRule {
     pub symmetric: Option<bool>,
     /// Weights only: per-channel (true) or per-tensor (false).
     pub per_channel: Option<bool>,
+    /// Weights only: a K-means codebook instead of a grid.
+    pub codebook: Option<crate::quant::codebook::CodebookSpec>,
     /// Activations only (tensor rules): a fixed range instead of the calibrated one.
     pub range: Option<(f32, f32)>,
     /// Node and op_type rules: the layer's precision (mixed precision); wins over the
@@ -196,8 +199,11 @@ impl Overrides {
             .find(|r| r.exclude && r.matches_tensor(t))
             .map(|r| format!("excluded by override (tensor `{}`)", r.pattern))
     }
-    /// A weight's scheme and granularity after the rules matching its node or its name.
-    fn weight(&self, n: &Node, weight: &str, mut scheme: Scheme, mut per_channel: bool) -> (Scheme, bool) {
+    /// A weight's scheme, granularity and codebook (from `rules`) after the rules matching its
+    /// node or its name: a rule's `codebook` sets one, its `dtype` or granularity a grid.
+    fn weight(&self, n: &Node, weight: &str, rules: &TargetRules) -> (Scheme, bool, Option<CodebookSpec>) {
+        let (mut scheme, mut per_channel, mut codebook) =
+            (rules.weights, rules.per_channel_weights, rules.weight_codebook);
         for r in self
             .rules
             .iter()
@@ -205,8 +211,15 @@ impl Overrides {
         {
             r.apply(&mut scheme);
             per_channel = r.per_channel.unwrap_or(per_channel);
+            if r.dtype.is_some() || r.per_channel.is_some() {
+                codebook = None;
+            }
+            if let Some(c) = r.codebook {
+                codebook = Some(c);
+                per_channel = c.per_channel;
+            }
         }
-        (scheme, per_channel)
+        (scheme, per_channel, codebook)
     }
     /// Whether a rule matching this weight sets its granularity.
     fn sets_granularity(&self, n: &Node, weight: &str) -> bool {
@@ -431,14 +444,7 @@ impl<'a> Walk<'a> {
         };
         let rank = self.g.constants[w].tensor.dims.len();
         let rules = &self.options.rules;
-        let (scheme, per_channel) = self
-            .options
-            .overrides
-            .weight(n, w, rules.weights, rules.per_channel_weights);
-        // An override's dtype or granularity puts the weight on a grid.
-        let codebook = rules
-            .weight_codebook
-            .filter(|_| scheme == rules.weights && per_channel == rules.per_channel_weights);
+        let (scheme, per_channel, codebook) = self.options.overrides.weight(n, w, rules);
         let mut axis = (weight.axis)(n, rank).filter(|&a| per_channel && a < rank && rank > 1);
         let dims = &self.g.constants[w].tensor.dims;
         // Blocks run along the reduction axis. Per-channel instead: an override's granularity or
