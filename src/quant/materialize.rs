@@ -160,14 +160,13 @@ impl Builder<'_> {
     /// (Add offsets) → Gather. Adds a note with its SQNR and size; returns (float, stored) bytes.
     fn codebook_weight(
         &mut self,
-        plan: &Plan,
+        codebook: crate::quant::codebook::Codebook,
         w: &str,
         wq: &crate::quant::plan::WeightQuant,
         spec: crate::quant::codebook::CodebookSpec,
         notes: &mut Vec<String>,
     ) -> Result<(u64, u64)> {
         use crate::proto::tensor_proto::DataType;
-        let codebook = plan.codebook(&self.model.graph, w)?;
         let original = tensor::values_f32(&self.model.graph.constants[w].tensor)
             .ok_or_else(|| Error::internal(format!("codebook weight '{w}' is not a float tensor")))?;
         let (float, stored) = (4 * original.len() as u64, codebook.stored_bytes());
@@ -344,9 +343,24 @@ pub fn materialize(model: &mut Model, plan: &Plan) -> Result<Vec<String>> {
 
     let mut weight_scales: BTreeMap<&str, Vec<f32>> = BTreeMap::new();
     let mut codebook_bytes = (0u64, 0u64);
+    // Clustered weight by weight in parallel: a table per tensor is one sequential k-means.
+    let mut codebooks = {
+        use rayon::prelude::*;
+        let graph = &b.model.graph;
+        plan.weights
+            .iter()
+            .filter(|(_, wq)| wq.codebook.is_some())
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|(w, _)| Ok((w.as_str(), plan.codebook(graph, w)?)))
+            .collect::<Result<BTreeMap<&str, _>>>()?
+    };
     for (w, wq) in &plan.weights {
         if let Some(spec) = wq.codebook {
-            let (float, stored) = b.codebook_weight(plan, w, wq, spec, &mut notes)?;
+            let codebook = codebooks
+                .remove(w.as_str())
+                .ok_or_else(|| Error::internal(format!("no codebook made for weight '{w}'")))?;
+            let (float, stored) = b.codebook_weight(codebook, w, wq, spec, &mut notes)?;
             codebook_bytes.0 += float;
             codebook_bytes.1 += stored;
             continue;
