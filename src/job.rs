@@ -195,8 +195,16 @@ fn check_opset_reachable(config: &Config, model: &crate::ir::Model) -> Result<()
     let Some((needed, key)) = config.required_opset().filter(|_| config.quantize) else {
         return Ok(());
     };
-    if model.opset("").is_some_and(|v| v >= needed) {
+    let current = model.opset("").unwrap_or(1);
+    if current >= needed {
         return Ok(());
+    }
+    // Calibration inlines the If branches the data takes; the ones it does not take keep the
+    // model's opset, which onnxq does not convert (yet).
+    if model.graph.nodes.node_weights().any(|n| n.op_type == "If") {
+        return Err(Error::Graph(format!(
+            "`{key}` needs opset {needed}, and this model is at opset {current} with If nodes, whose branches onnxq cannot raise to another opset yet: choose a format of opset {current} or less (e.g. int8, or an 8-bit codebook), or convert the model to opset {needed} first"
+        )));
     }
     let mut trial = model.clone();
     crate::onnx::opset::upgrade_opset(&mut trial, needed)

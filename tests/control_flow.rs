@@ -360,3 +360,20 @@ fn a_plan_pass_that_re_plans_keeps_q_dq_inside_the_branches() {
         "no Q/DQ of the outer `h` inside the branch: {then:?}"
     );
 }
+
+#[test]
+fn a_format_needing_a_newer_opset_than_an_if_model_has_is_refused_before_any_work() {
+    for config in ["weights: {dtype: int4}\n", "weights: {codebook: {bits: 4}}\n"] {
+        let (_dir, output, result) = quantize(&if_model(), Some(&[16000, 16000]), config);
+        let err = result.unwrap_err().to_string();
+        assert!(
+            err.contains("needs opset 21") && err.contains("opset 17 with If nodes"),
+            "{config}: {err}"
+        );
+        assert!(!output.exists(), "nothing written");
+    }
+    // An 8-bit codebook needs no newer opset: written with the If intact.
+    let (_dir, output, result) = quantize(&if_model(), Some(&[16000, 16000]), "weights: {codebook: {bits: 8}}\n");
+    result.unwrap();
+    assert_eq!(ops(&load(&output), "If"), 1);
+}
