@@ -20,11 +20,22 @@
 //!     `cos(ỹ, y)`, the weight scales fixed;
 //!
 //! where `S` is the plan's scale and `f` runs over `steps` evenly spaced factors in `[low,
-//! high]` (the paper's α = 0.5, β = 2, 100 steps) with the factor 1 always among them, so a
-//! channel or the layer never ends worse on the samples than with the plan's scale (a layer
-//! whose final cosine is not above the plan's keeps the plan's scales). The zero point is kept:
-//! scaling both ends of an asymmetric range `[lo, hi]` by `f` scales its step by `f` and leaves
-//! `z = qmin − lo/S` where it is, and a symmetric scheme's zero point is fixed anyway.
+//! high]` with the factor 1 always among them, so a channel or the layer never ends worse on
+//! the samples than with the plan's scale (a layer whose final cosine is not above the plan's
+//! keeps the plan's scales). The paper's range is α = 0.5, β = 2 (`high: 2`); the default
+//! `high` is 1, measured: on ppocr_mobile_v2_cls (int8, the default recipe with easyquant
+//! before gptq) the weight search over [0.5, 2] chose coarser grids for most channels
+//! (factors 1.0–1.9, fitting the rounding noise of the samples) and lost 2.5 dB in ONNX
+//! Runtime, over [0.5, 1] it gained 0.6 dB. The zero point is kept: scaling both ends of an
+//! asymmetric range `[lo, hi]` by `f` scales its step by `f` and leaves `z = qmin − lo/S` where
+//! it is, and a symmetric scheme's zero point is fixed anyway.
+//!
+//! With `bias_corrected` (the default), the quantized output is compared as `correct_bias`
+//! (listed after the pass, as in the default recipe) will leave it: each channel's mean shift
+//! of the weight rounding, `α·(w̃_r − w_r)·E[x]` over the samples, is subtracted from `ỹ_r`, so
+//! the weight search does not pay for choosing scales whose rounding merely cancels a mean
+//! shift that the bias correction removes anyway. `search: weights` or `activations` runs one
+//! of the two searches only.
 //!
 //! Where the scales go: the weights' into `Plan::scaled` (honoured by `Plan::quantized_weight`
 //! while the plan quantizes the weight under the same scheme and axis, as gptq's roundings are),
@@ -41,12 +52,15 @@
 //! or by an Add keeps the plan's scale, and the layer's weight scales are still searched on it.
 //! The bias is the float one (its int32 rounding is far below the weights').
 //!
-//! Cost and memory. The cosine of a candidate is a matrix product `rows × d × M` over `M`
-//! input vectors, so a layer costs about `2·rounds·steps` products; `M` is at most `vectors`
-//! (an evenly spaced subset of each sample's vectors, the offset moving with the sample, as
-//! gptq's). What is held: per layer only its `M` input vectors (`d·M` floats per group),
-//! gathered for as many layers at a time as fit in [`GATHER_BYTES`] in one run of the float
-//! model over the samples (more runs when they do not), never a whole activation.
+//! Cost and memory. A candidate's cosine is a matrix product over `M` input vectors: the
+//! activation step costs `steps` products `rows × d × M` (and quantizing `d × M` inputs) a
+//! round; the weight step, with the inputs fixed, `steps` products `rows × d × min(d, M)`
+//! (from the quantized inputs' moments `X̃X̃ᵀ`, `X̃Yᵀ`, `X̃·1` in f64 when a row is shorter than
+//! `M`). `M` is at most about `vectors` (an evenly spaced subset of each sample's vectors, the
+//! offset moving with the sample, as gptq's). What is held: per layer only its `M` input
+//! vectors (`d·M` floats per group), gathered for as many layers at a time as fit in
+//! [`GATHER_BYTES`] in one run of the float model over the samples (more runs when they do
+//! not), never a whole activation; the float outputs are recomputed from them.
 //!
 //! Skipped, with a note: FP8, ternary and binary weights (not a uniform integer grid), blocked
 //! weights, shared weights, layers mixed precision raised, weights per channel along another
@@ -88,6 +102,21 @@ pub struct Options {
     pub high: f64,
     /// Input vectors per layer the cosine is measured on, at most (spread over the samples).
     pub vectors: usize,
+    /// Compare the outputs as `correct_bias` (listed after the pass) leaves them: without the
+    /// mean shift `(w̃ − w)·E[x]` of the weight rounding.
+    pub bias_corrected: bool,
+    /// What is searched: `both` (the paper's alternation), `weights` or `activations` only.
+    pub search: Search,
+}
+
+/// The scales [`Options::search`] searches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Search {
+    #[default]
+    Both,
+    Weights,
+    Activations,
 }
 
 impl Default for Options {
@@ -97,8 +126,10 @@ impl Default for Options {
             samples: 50,
             steps: 100,
             low: 0.5,
-            high: 2.0,
-            vectors: 2048,
+            high: 1.0,
+            vectors: 512,
+            bias_corrected: true,
+            search: Search::Both,
         }
     }
 }
@@ -602,54 +633,182 @@ impl Problem {
         }
     }
 
-    /// Per output row, `(Σ ỹ·y, Σ ỹ²)` of the quantized weights `wq` on the quantized inputs `xq`.
-    fn row_sums(&self, wq: &[Array2<f32>], xq: &[Array2<f32>], y: &[Array2<f32>]) -> Vec<(f64, f64)> {
+    /// Per output row, `(Σ ỹ·y, Σ ỹ²)` of the quantized weights `wq` on the quantized inputs `xq`
+    /// (with the mean shift of the weight rounding removed when `ctx` models it).
+    fn row_sums(&self, ctx: &Sums, wq: &[Array2<f32>], xq: &[Array2<f32>]) -> Vec<(f64, f64)> {
         let mut out = Vec::with_capacity(self.bias.len());
         for (g, (w, x)) in wq.iter().zip(xq).enumerate() {
             let yq = self.output(g, w, &x.view());
-            for (a, b) in yq.rows().into_iter().zip(y[g].rows()) {
-                let (mut dot, mut norm) = (0f64, 0f64);
+            let shifts = ctx.shifts(self, g, w);
+            for (r, (a, b)) in yq.rows().into_iter().zip(ctx.y[g].rows()).enumerate() {
+                let (mut dot, mut norm, mut sum) = (0f64, 0f64, 0f64);
                 for (&u, &v) in a.iter().zip(b.iter()) {
                     dot += u as f64 * v as f64;
                     norm += u as f64 * u as f64;
+                    sum += u as f64;
                 }
-                out.push((dot, norm));
+                out.push(ctx.corrected(g * w.nrows() + r, shifts[r], dot, norm, sum));
             }
         }
         out
     }
 }
 
-/// The whole output's cosine from its row sums.
-fn total_cosine(sums: &[(f64, f64)], yy: &[f64]) -> f64 {
-    let dot: f64 = sums.iter().map(|s| s.0).sum();
-    let norm: f64 = sums.iter().map(|s| s.1).sum();
-    cosine(dot, norm, yy.iter().sum())
+/// What the cosines are measured against: the float outputs and their per-row sums, and when
+/// the bias correction is modelled, the inputs' float means.
+struct Sums {
+    y: Vec<Array2<f32>>,
+    /// Per output row: `Σ y²`, `Σ y`.
+    yy: Vec<f64>,
+    sy: Vec<f64>,
+    /// Per group, the mean float input vector `E[x]` (None: no correction modelled).
+    mean: Option<Vec<Vec<f64>>>,
+    vectors: f64,
+}
+
+impl Sums {
+    fn new(problem: &Problem, corrected: bool) -> Sums {
+        let y = problem.float_outputs();
+        let rows = |f: fn(f32) -> f64| -> Vec<f64> {
+            y.iter()
+                .flat_map(|g| g.rows().into_iter().map(|r| r.iter().map(|&v| f(v)).sum::<f64>()).collect::<Vec<_>>())
+                .collect()
+        };
+        let (yy, sy) = (rows(|v| v as f64 * v as f64), rows(|v| v as f64));
+        let vectors = problem.inputs.first().map_or(0, |x| x.ncols()) as f64;
+        let mean = corrected.then(|| {
+            problem
+                .inputs
+                .iter()
+                .map(|x| {
+                    x.rows()
+                        .into_iter()
+                        .map(|r| r.iter().map(|&v| v as f64).sum::<f64>() / vectors.max(1.0))
+                        .collect()
+                })
+                .collect()
+        });
+        Sums {
+            y,
+            yy,
+            sy,
+            mean,
+            vectors,
+        }
+    }
+
+    /// Per row of group `g`, the mean output shift `α·(w̃ − w)·E[x]` of the quantized weight
+    /// `wq`, which `correct_bias` removes (zero when not modelled).
+    fn shifts(&self, problem: &Problem, g: usize, wq: &Array2<f32>) -> Vec<f64> {
+        let Some(mean) = &self.mean else {
+            return vec![0.0; wq.nrows()];
+        };
+        wq.rows()
+            .into_iter()
+            .zip(problem.weights[g].rows())
+            .map(|(q, w)| {
+                let d: f64 = q
+                    .iter()
+                    .zip(w.iter())
+                    .zip(&mean[g])
+                    .map(|((&a, &b), &m)| (a as f64 - b as f64) * m)
+                    .sum();
+                problem.alpha as f64 * d
+            })
+            .collect()
+    }
+
+    /// Row `row`'s `(Σ ỹ'·y, Σ ỹ'²)` for `ỹ' = ỹ − c` from the sums of `ỹ`.
+    fn corrected(&self, row: usize, c: f64, dot: f64, norm: f64, sum: f64) -> (f64, f64) {
+        (
+            dot - c * self.sy[row],
+            (norm - 2.0 * c * sum + self.vectors * c * c).max(0.0),
+        )
+    }
+
+    fn row_cosine(&self, row: usize, s: (f64, f64)) -> f64 {
+        cosine(s.0, s.1, self.yy[row])
+    }
+
+    /// The whole output's cosine from its row sums.
+    fn total(&self, sums: &[(f64, f64)]) -> f64 {
+        let dot: f64 = sums.iter().map(|s| s.0).sum();
+        let norm: f64 = sums.iter().map(|s| s.1).sum();
+        cosine(dot, norm, self.yy.iter().sum())
+    }
+}
+
+/// The quantized inputs' second moments per group, for the weight step: with `X̃` fixed, a
+/// candidate's row sums are `Σ ỹ·y = α·w̃·(X̃yᵀ) + b·Σy`, `Σ ỹ² = α²·w̃ H w̃ᵀ + 2αb·w̃·m + M·b²`,
+/// `Σ ỹ = α·w̃·m + M·b` with `H = X̃X̃ᵀ`, `m = X̃·1`: `d²` a row instead of `d·M` (f64).
+struct Moments {
+    h: Vec<Array2<f64>>,
+    /// `X̃·Yᵀ` (`d × rows`).
+    xy: Vec<Array2<f64>>,
+    m: Vec<Vec<f64>>,
+}
+
+impl Moments {
+    fn new(xq: &[Array2<f32>], y: &[Array2<f32>]) -> Moments {
+        let (mut h, mut xy, mut m) = (Vec::new(), Vec::new(), Vec::new());
+        for (x, y) in xq.iter().zip(y) {
+            let x = x.mapv(|v| v as f64);
+            let y = y.mapv(|v| v as f64);
+            let mut hg = Array2::<f64>::zeros((x.nrows(), x.nrows()));
+            general_mat_mul(1.0, &x, &x.t(), 0.0, &mut hg);
+            let mut xyg = Array2::<f64>::zeros((x.nrows(), y.nrows()));
+            general_mat_mul(1.0, &x, &y.t(), 0.0, &mut xyg);
+            m.push(x.rows().into_iter().map(|r| r.sum()).collect());
+            h.push(hg);
+            xy.push(xyg);
+        }
+        Moments { h, xy, m }
+    }
+
+    /// [`Problem::row_sums`] of the quantized weights `wq`, from the moments.
+    fn row_sums(&self, problem: &Problem, ctx: &Sums, wq: &[Array2<f32>]) -> Vec<(f64, f64)> {
+        let alpha = problem.alpha as f64;
+        let mut out = Vec::with_capacity(problem.bias.len());
+        for (g, w) in wq.iter().enumerate() {
+            let w64 = w.mapv(|v| v as f64);
+            let mut wh = Array2::<f64>::zeros(w64.dim());
+            general_mat_mul(1.0, &w64, &self.h[g], 0.0, &mut wh);
+            let shifts = ctx.shifts(problem, g, w);
+            for r in 0..w64.nrows() {
+                let row = g * w64.nrows() + r;
+                let b = problem.bias[row] as f64;
+                let wr = w64.row(r);
+                let quad: f64 = wh.row(r).iter().zip(wr.iter()).map(|(a, b)| a * b).sum();
+                let wm: f64 = wr.iter().zip(&self.m[g]).map(|(a, b)| a * b).sum();
+                let wxy: f64 = wr.iter().zip(self.xy[g].column(r).iter()).map(|(a, b)| a * b).sum();
+                let dot = alpha * wxy + b * ctx.sy[row];
+                let norm = alpha * alpha * quad + 2.0 * alpha * b * wm + ctx.vectors * b * b;
+                let sum = alpha * wm + ctx.vectors * b;
+                out.push(ctx.corrected(row, shifts[r], dot, norm, sum));
+            }
+        }
+        out
+    }
 }
 
 /// EasyQuant's alternating search on one layer (module docs): `factors` ascending with 1 at
-/// `one`. The same result whatever the thread count: each candidate is computed by one task.
-pub fn search(problem: &Problem, factors: &[f32], one: usize, rounds: usize) -> Choice {
+/// `one`; `corrected`: the outputs are compared with the mean shift of the weight rounding
+/// removed, as `correct_bias` listed after the pass leaves them. The same result whatever the
+/// thread count: each candidate is computed by one task.
+pub fn search(problem: &Problem, factors: &[f32], one: usize, rounds: usize, corrected: bool, what: Search) -> Choice {
     let groups = problem.weights.len();
-    let y = problem.float_outputs();
-    let yy: Vec<f64> = y
-        .iter()
-        .flat_map(|g| {
-            g.rows()
-                .into_iter()
-                .map(|r| r.iter().map(|&v| v as f64 * v as f64).sum::<f64>())
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let ctx = Sums::new(problem, corrected);
     let per_row = problem.weight_params.len() > 1;
     let mut weight = vec![one; problem.weight_params.len()];
     let mut input = one;
-    let evaluate = |weight: &[usize], input: usize| {
-        let wq: Vec<Array2<f32>> = (0..groups)
+    let quantized_weights = |weight: &[usize]| -> Vec<Array2<f32>> {
+        (0..groups)
             .map(|g| problem.quantized_weight(g, |r| factors[weight[if per_row { r } else { 0 }]]))
-            .collect();
+            .collect()
+    };
+    let evaluate = |weight: &[usize], input: usize| {
         let xq = problem.quantized_inputs(factors[input]);
-        total_cosine(&problem.row_sums(&wq, &xq, &y), &yy)
+        ctx.total(&problem.row_sums(&ctx, &quantized_weights(weight), &xq))
     };
     let cosine_plan = evaluate(&weight, input);
     let (mut best, mut best_state) = (cosine_plan, (weight.clone(), input));
@@ -657,45 +816,54 @@ pub fn search(problem: &Problem, factors: &[f32], one: usize, rounds: usize) -> 
     for _ in 0..rounds {
         done += 1;
         // (a) the weight scales, the input's fixed.
+        // From the inputs' moments when a row is shorter than the vectors (`d² < d·M`), else
+        // directly.
         let xq = problem.quantized_inputs(factors[input]);
-        let sums: Vec<Vec<(f64, f64)>> = (0..factors.len())
-            .into_par_iter()
-            .map(|k| {
-                let wq: Vec<Array2<f32>> = (0..groups)
-                    .map(|g| problem.quantized_weight(g, |_| factors[k]))
-                    .collect();
-                problem.row_sums(&wq, &xq, &y)
-            })
-            .collect();
-        if per_row {
+        let by_moments = problem.weights[0].ncols() < ctx.vectors as usize;
+        let moments = (what != Search::Activations && by_moments).then(|| Moments::new(&xq, &ctx.y));
+        let sums: Vec<Vec<(f64, f64)>> = if what == Search::Activations {
+            Vec::new()
+        } else {
+            (0..factors.len())
+                .into_par_iter()
+                .map(|k| {
+                    let wq: Vec<Array2<f32>> = (0..groups).map(|g| problem.quantized_weight(g, |_| factors[k])).collect();
+                    match &moments {
+                        Some(moments) => moments.row_sums(problem, &ctx, &wq),
+                        None => problem.row_sums(&ctx, &wq, &xq),
+                    }
+                })
+                .collect()
+        };
+        drop(moments);
+        if sums.is_empty() {
+        } else if per_row {
             for (r, w) in weight.iter_mut().enumerate() {
-                let cos = |k: usize| cosine(sums[k][r].0, sums[k][r].1, yy[r]);
-                let mut top = cos(*w);
-                for k in 0..factors.len() {
-                    let c = cos(k);
+                let mut top = ctx.row_cosine(r, sums[*w][r]);
+                for (k, s) in sums.iter().enumerate() {
+                    let c = ctx.row_cosine(r, s[r]);
                     if c > top {
                         (top, *w) = (c, k);
                     }
                 }
             }
         } else {
-            let mut top = total_cosine(&sums[weight[0]], &yy);
+            let mut top = ctx.total(&sums[weight[0]]);
             for (k, s) in sums.iter().enumerate() {
-                let c = total_cosine(s, &yy);
+                let c = ctx.total(s);
                 if c > top {
                     (top, weight[0]) = (c, k);
                 }
             }
         }
         // (b) the input's scale, the weights' fixed.
-        let mut cos = evaluate(&weight, input);
-        if problem.search_input && problem.input.is_some() {
-            let wq: Vec<Array2<f32>> = (0..groups)
-                .map(|g| problem.quantized_weight(g, |r| factors[weight[if per_row { r } else { 0 }]]))
-                .collect();
+        let wq = quantized_weights(&weight);
+        let mut cos = ctx.total(&problem.row_sums(&ctx, &wq, &xq));
+        drop(xq);
+        if problem.search_input && problem.input.is_some() && what != Search::Weights {
             let cosines: Vec<f64> = (0..factors.len())
                 .into_par_iter()
-                .map(|k| total_cosine(&problem.row_sums(&wq, &problem.quantized_inputs(factors[k]), &y), &yy))
+                .map(|k| ctx.total(&problem.row_sums(&ctx, &wq, &problem.quantized_inputs(factors[k]))))
                 .collect();
             for (k, &c) in cosines.iter().enumerate() {
                 if c > cos {
@@ -796,7 +964,7 @@ pub fn apply(model: &Model, plan: &mut Plan, source: &DataSource, options: &Opti
                 search_input: l.input_kept.is_none(),
             };
             let vectors = problem.inputs.first().map_or(0, |x| x.ncols());
-            let choice = search(&problem, &factors, one, options.rounds);
+            let choice = search(&problem, &factors, one, options.rounds, options.bias_corrected, options.search);
             let (note, improved) = record(plan, l, &choice, &factors, one, &grid.params, vectors);
             if improved {
                 changed.push(note);
@@ -909,16 +1077,20 @@ mod tests {
 
     #[test]
     fn the_factors_hold_one_exactly() {
-        let (f, one) = Options::default().factors();
+        let paper = Options {
+            high: 2.0,
+            ..Options::default()
+        };
+        let (f, one) = paper.factors();
         assert_eq!(f.len(), 100);
         assert_eq!(f[one], 1.0);
         assert_eq!((f[0], f[99]), (0.5, 2.0));
-        let (f, one) = Options {
-            steps: 10,
-            ..Options::default()
-        }
-        .factors();
-        assert_eq!(f.len(), 11);
+        let (f, one) = Options::default().factors();
+        assert_eq!((f.len(), one, f[0]), (100, 99, 0.5));
+        assert_eq!(f[one], 1.0);
+        // 0.5 + 1.5·i/7 misses 1: it is added.
+        let (f, one) = Options { steps: 8, ..paper }.factors();
+        assert_eq!(f.len(), 9);
         assert_eq!(f[one], 1.0);
         assert!(f.windows(2).all(|w| w[0] < w[1]));
     }

@@ -10,7 +10,7 @@ use common::*;
 use onnxq::calib::source::DataSource;
 use onnxq::calib::stats::{collect, CalibrationStats};
 use onnxq::ir::Model;
-use onnxq::passes::easyquant::{self, Options, Problem};
+use onnxq::passes::easyquant::{self, Options, Problem, Search};
 use onnxq::quant::params::{QParams, QuantDtype};
 use onnxq::quant::plan::Plan;
 use tract_onnx::prelude::tract_ndarray::Array2;
@@ -20,6 +20,8 @@ use tract_onnx::prelude::Tensor;
 fn tenths() -> (Vec<f32>, usize) {
     let (f, one) = Options {
         steps: 16,
+        low: 0.5,
+        high: 2.0,
         ..Options::default()
     }
     .factors();
@@ -52,7 +54,9 @@ fn each_channel_takes_the_scale_that_puts_its_weights_on_the_grid() {
         input: None,
         search_input: false,
     };
-    let choice = easyquant::search(&problem, &factors, one, 3);
+    let choice = easyquant::search(&problem, &factors, one, 3, false, Search::Both);
+    // The weights are exact there: removing their mean shift changes nothing.
+    assert_eq!(easyquant::search(&problem, &factors, one, 3, true, Search::Both).weight, choice.weight);
     assert_eq!(
         choice.weight.iter().map(|&k| factors[k]).collect::<Vec<_>>(),
         [0.8, 0.7],
@@ -83,7 +87,7 @@ fn the_input_takes_the_scale_that_puts_its_values_on_the_grid() {
         input: Some((p(0.125), QuantDtype::Uint8)),
         search_input: true,
     };
-    let choice = easyquant::search(&problem, &factors, one, 3);
+    let choice = easyquant::search(&problem, &factors, one, 3, false, Search::Both);
     assert_eq!(factors[choice.input], 0.8, "{choice:?}");
     assert!(choice.cosine > 1.0 - 1e-9, "{choice:?}");
     assert!(choice.cosine_plan < 0.999, "{choice:?}");
@@ -96,6 +100,8 @@ fn the_input_takes_the_scale_that_puts_its_values_on_the_grid() {
         &factors,
         one,
         3,
+        false,
+        Search::Both,
     );
     assert_eq!(fixed.input, one);
     assert!((fixed.cosine - choice.cosine_plan).abs() < 1e-12, "{fixed:?}");
