@@ -671,7 +671,12 @@ impl Sums {
         let y = problem.float_outputs();
         let rows = |f: fn(f32) -> f64| -> Vec<f64> {
             y.iter()
-                .flat_map(|g| g.rows().into_iter().map(|r| r.iter().map(|&v| f(v)).sum::<f64>()).collect::<Vec<_>>())
+                .flat_map(|g| {
+                    g.rows()
+                        .into_iter()
+                        .map(|r| r.iter().map(|&v| f(v)).sum::<f64>())
+                        .collect::<Vec<_>>()
+                })
                 .collect()
         };
         let (yy, sy) = (rows(|v| v as f64 * v as f64), rows(|v| v as f64));
@@ -774,7 +779,7 @@ impl Moments {
             let mut wh = Array2::<f64>::zeros(w64.dim());
             general_mat_mul(1.0, &w64, &self.h[g], 0.0, &mut wh);
             let shifts = ctx.shifts(problem, g, w);
-            for r in 0..w64.nrows() {
+            for (r, &shift) in shifts.iter().enumerate() {
                 let row = g * w64.nrows() + r;
                 let b = problem.bias[row] as f64;
                 let wr = w64.row(r);
@@ -784,7 +789,7 @@ impl Moments {
                 let dot = alpha * wxy + b * ctx.sy[row];
                 let norm = alpha * alpha * quad + 2.0 * alpha * b * wm + ctx.vectors * b * b;
                 let sum = alpha * wm + ctx.vectors * b;
-                out.push(ctx.corrected(row, shifts[r], dot, norm, sum));
+                out.push(ctx.corrected(row, shift, dot, norm, sum));
             }
         }
         out
@@ -827,7 +832,9 @@ pub fn search(problem: &Problem, factors: &[f32], one: usize, rounds: usize, cor
             (0..factors.len())
                 .into_par_iter()
                 .map(|k| {
-                    let wq: Vec<Array2<f32>> = (0..groups).map(|g| problem.quantized_weight(g, |_| factors[k])).collect();
+                    let wq: Vec<Array2<f32>> = (0..groups)
+                        .map(|g| problem.quantized_weight(g, |_| factors[k]))
+                        .collect();
                     match &moments {
                         Some(moments) => moments.row_sums(problem, &ctx, &wq),
                         None => problem.row_sums(&ctx, &wq, &xq),
@@ -964,7 +971,14 @@ pub fn apply(model: &Model, plan: &mut Plan, source: &DataSource, options: &Opti
                 search_input: l.input_kept.is_none(),
             };
             let vectors = problem.inputs.first().map_or(0, |x| x.ncols());
-            let choice = search(&problem, &factors, one, options.rounds, options.bias_corrected, options.search);
+            let choice = search(
+                &problem,
+                &factors,
+                one,
+                options.rounds,
+                options.bias_corrected,
+                options.search,
+            );
             let (note, improved) = record(plan, l, &choice, &factors, one, &grid.params, vectors);
             if improved {
                 changed.push(note);

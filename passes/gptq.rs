@@ -16,7 +16,8 @@
 //! and a column whose input is always zero is rounded to nearest.
 //!
 //! The grid is the plan's: scales and zero points come from [`params::quantize_weights`] on the
-//! float weight, exactly as without this pass; only which grid point each weight takes changes.
+//! float weight (or are those `easyquant` chose, `Plan::weight_grid`), exactly as without this
+//! pass; only which grid point each weight takes changes.
 //! The float model is untouched: the choice is kept in the plan (`Plan::rounded`), which
 //! `materialize` and `correct_bias` read. So `correct_bias`, which runs after this, removes
 //! what mean shift is left.
@@ -382,8 +383,7 @@ fn contribution(
     sample: usize,
 ) -> std::result::Result<Contribution, String> {
     let mut products = Vec::new();
-    let rows;
-    match &t.reader {
+    let rows = match &t.reader {
         Reader::Rows { features } => {
             let count = t.reader.vectors(shape)?;
             let picked: Vec<usize> = picked(step, count, sample).collect();
@@ -396,7 +396,7 @@ fn contribution(
                 let x = ArrayView2::from_shape((chunk.len(), *features), &x[..]).map_err(|e| e.to_string())?;
                 products.push((0, x.t().dot(&x)));
             }
-            rows = picked.len() as u64;
+            picked.len() as u64
         }
         Reader::Conv(window) => {
             let picked: Vec<usize> = picked(step, window.output_dims(shape)?.iter().product(), sample).collect();
@@ -405,9 +405,9 @@ fn contribution(
                 products.push((g, xt.dot(&xt.t())));
                 Ok(())
             })?;
-            rows = (shape[0] * picked.len()) as u64;
+            (shape[0] * picked.len()) as u64
         }
-    }
+    };
     Ok(Contribution { products, rows })
 }
 

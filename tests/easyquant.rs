@@ -56,7 +56,10 @@ fn each_channel_takes_the_scale_that_puts_its_weights_on_the_grid() {
     };
     let choice = easyquant::search(&problem, &factors, one, 3, false, Search::Both);
     // The weights are exact there: removing their mean shift changes nothing.
-    assert_eq!(easyquant::search(&problem, &factors, one, 3, true, Search::Both).weight, choice.weight);
+    assert_eq!(
+        easyquant::search(&problem, &factors, one, 3, true, Search::Both).weight,
+        choice.weight
+    );
     assert_eq!(
         choice.weight.iter().map(|&k| factors[k]).collect::<Vec<_>>(),
         [0.8, 0.7],
