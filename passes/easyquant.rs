@@ -24,9 +24,9 @@
 //! the samples than with the plan's scale (a layer whose final cosine is not above the plan's
 //! keeps the plan's scales). The paper's range is α = 0.5, β = 2 (`high: 2`); the default
 //! `high` is 1, measured: on ppocr_mobile_v2_cls (int8, the default recipe with easyquant
-//! before gptq) the weight search over [0.5, 2] chose coarser grids for most channels
-//! (factors 1.0–1.9, fitting the rounding noise of the samples) and lost 2.5 dB in ONNX
-//! Runtime, over [0.5, 1] it gained 0.6 dB. The zero point is kept: scaling both ends of an
+//! before gptq, `search: weights`) the weight search over [0.5, 2] chose coarser grids for most
+//! channels (factors 1.0–1.9, fitting the rounding noise of the samples) and lost 2.5 dB in ONNX
+//! Runtime, over [0.5, 1] it gained 0.6 dB (README, "EasyQuant"). The zero point is kept: scaling both ends of an
 //! asymmetric range `[lo, hi]` by `f` scales its step by `f` and leaves `z = qmin − lo/S` where
 //! it is, and a symmetric scheme's zero point is fixed anyway.
 //!
