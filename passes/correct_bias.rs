@@ -108,8 +108,8 @@ impl Pass for CorrectBias {
     }
 
     /// Corrects the biases against the current plan, then re-plans (same statistics) so the
-    /// biases it created get int32 quantization too; roundings chosen earlier (`gptq`) and the
-    /// layers' precisions (`mixed_precision`) are kept.
+    /// biases it created get int32 quantization too; roundings and scales chosen earlier (`gptq`,
+    /// `easyquant`) and the layers' precisions (`mixed_precision`) are kept.
     fn run(&self, model: &mut Model, ctx: &mut Context) -> Result<Vec<String>> {
         let (Some(plan), Some(stats), Some(options)) =
             (ctx.plan.as_mut(), ctx.stats.as_ref(), ctx.plan_options.as_ref())
@@ -117,10 +117,9 @@ impl Pass for CorrectBias {
             return Err(Error::internal("correct_bias ran before the plan"));
         };
         let notes = apply(model, plan, Some(stats), self.options.mode, &ctx.batchnorm_records)?;
-        let rounded = std::mem::take(&mut plan.rounded);
         let precisions = std::mem::take(&mut plan.precisions);
-        *plan = crate::quant::plan::build_plan(model, stats, options)?;
-        plan.rounded = rounded;
+        let before = std::mem::replace(plan, crate::quant::plan::build_plan(model, stats, options)?);
+        plan.keep_choices(&before);
         if !precisions.is_empty() {
             *plan = plan.with_precisions(&precisions);
         }

@@ -16,7 +16,8 @@
 //! and a column whose input is always zero is rounded to nearest.
 //!
 //! The grid is the plan's: scales and zero points come from [`params::quantize_weights`] on the
-//! float weight, exactly as without this pass; only which grid point each weight takes changes.
+//! float weight (or are those `easyquant` chose, `Plan::weight_grid`), exactly as without this
+//! pass; only which grid point each weight takes changes.
 //! The float model is untouched: the choice is kept in the plan (`Plan::rounded`), which
 //! `materialize` and `correct_bias` read. So `correct_bias`, which runs after this, removes
 //! what mean shift is left.
@@ -115,7 +116,7 @@ pub(crate) fn learn_from_layer_inputs(
 
 /// How a layer's input vectors are read from its input tensor.
 #[derive(Clone, Debug, PartialEq)]
-enum Reader {
+pub(crate) enum Reader {
     /// Conv: im2col patches per group.
     Conv(ConvWindow),
     /// Gemm (transA = 0) and MatMul: the input's last axis holds the `d` features.
@@ -124,7 +125,7 @@ enum Reader {
 
 /// A Conv's sliding window (explicit pads).
 #[derive(Clone, Debug, PartialEq)]
-struct ConvWindow {
+pub(crate) struct ConvWindow {
     group: usize,
     channels_per_group: usize,
     kernel: Vec<usize>,
@@ -136,7 +137,7 @@ struct ConvWindow {
 
 impl ConvWindow {
     /// The output's spatial dims for an input of `shape` (checked against the layer).
-    fn output_dims(&self, shape: &[usize]) -> std::result::Result<Vec<usize>, String> {
+    pub(crate) fn output_dims(&self, shape: &[usize]) -> std::result::Result<Vec<usize>, String> {
         let rank = self.kernel.len();
         let channels = self.group * self.channels_per_group;
         if shape.len() != rank + 2 || shape[1] != channels {
@@ -159,7 +160,7 @@ impl ConvWindow {
 
 impl Reader {
     /// How many input vectors one tensor of `shape` gives.
-    fn vectors(&self, shape: &[usize]) -> std::result::Result<usize, String> {
+    pub(crate) fn vectors(&self, shape: &[usize]) -> std::result::Result<usize, String> {
         match self {
             Reader::Rows { features } => {
                 if shape.last() != Some(features) {
@@ -186,9 +187,9 @@ enum WeightOrder {
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Target {
     pub(crate) label: String,
-    input: String,
+    pub(crate) input: String,
     pub(crate) weight: String,
-    reader: Reader,
+    pub(crate) reader: Reader,
     order: WeightOrder,
     /// Output rows and columns per group.
     pub(crate) rows_per_group: usize,
@@ -197,6 +198,14 @@ pub(crate) struct Target {
 }
 
 impl Target {
+    /// The weight's axis holding the output rows (per-channel parameters run along it).
+    pub(crate) fn output_axis(&self) -> usize {
+        match self.order {
+            WeightOrder::RowMajor => 0,
+            WeightOrder::ColumnMajor => 1,
+        }
+    }
+
     pub(crate) fn flat_index(&self, row: usize, column: usize) -> usize {
         match self.order {
             WeightOrder::RowMajor => row * self.columns + column,
@@ -205,7 +214,7 @@ impl Target {
     }
 }
 
-fn read_target(graph: &Graph, n: &Node, weight: &str) -> std::result::Result<Target, String> {
+pub(crate) fn read_target(graph: &Graph, n: &Node, weight: &str) -> std::result::Result<Target, String> {
     let wt = &graph.constants[weight].tensor;
     let dims: Vec<usize> = wt.dims.iter().map(|&d| d.max(0) as usize).collect();
     if tensor::element_count(wt) != dims.iter().product::<usize>() as u64 {
@@ -354,7 +363,7 @@ fn step_for(t: &Target, vectors: u64) -> usize {
 
 /// The vectors of sample `sample` that are added: indices `i` with `(i + sample) % step == 0`
 /// (the offset moves with the sample, so that every position is seen across samples).
-fn picked(step: usize, count: usize, sample: usize) -> impl Iterator<Item = usize> {
+pub(crate) fn picked(step: usize, count: usize, sample: usize) -> impl Iterator<Item = usize> {
     let first = (step - sample % step) % step;
     (first..count).step_by(step)
 }
@@ -377,8 +386,7 @@ fn contribution(
     sample: usize,
 ) -> std::result::Result<Contribution, String> {
     let mut products = Vec::new();
-    let rows;
-    match &t.reader {
+    let rows = match &t.reader {
         Reader::Rows { features } => {
             let count = t.reader.vectors(shape)?;
             let picked: Vec<usize> = picked(step, count, sample).collect();
@@ -391,77 +399,93 @@ fn contribution(
                 let x = ArrayView2::from_shape((chunk.len(), *features), &x[..]).map_err(|e| e.to_string())?;
                 products.push((0, x.t().dot(&x)));
             }
-            rows = picked.len() as u64;
+            picked.len() as u64
         }
         Reader::Conv(window) => {
-            let ConvWindow {
-                channels_per_group,
-                kernel,
-                strides,
-                dilations,
-                pads_begin,
-                ..
-            } = window;
-            let rank = kernel.len();
-            let out_dims = window.output_dims(shape)?;
-            let spatial = &shape[2..];
-            let positions: usize = out_dims.iter().product();
-            let taps: usize = kernel.iter().product();
-            let in_size: usize = spatial.iter().product();
-            let channels = shape[1];
-            // Where in an input plane tap `tap` of output position `p` reads; None in the padding.
-            let tap_offset = |p: usize, tap: usize| -> Option<usize> {
-                let (mut p, mut tap) = (p, tap);
-                let mut offset = 0;
-                for a in (0..rank).rev() {
-                    let (o, k) = (p % out_dims[a], tap % kernel[a]);
-                    p /= out_dims[a];
-                    tap /= kernel[a];
-                    let i = (o * strides[a] + k * dilations[a]) as isize - pads_begin[a] as isize;
-                    if i < 0 || i as usize >= spatial[a] {
-                        return None;
-                    }
-                    let stride: usize = spatial[a + 1..].iter().product();
-                    offset += i as usize * stride;
-                }
-                Some(offset)
-            };
-            let picked: Vec<usize> = picked(step, positions, sample).collect();
-            // The chunk's patches transposed, one row per column of the weight (c·taps + k) and
-            // one element per position, so that filling it reads each input plane in order; one
-            // buffer for every chunk and group (a fresh zeroed matrix each time cost more than
-            // the products on efficientnet_lite1). `xᵀ·x` is the same sum either way.
-            let mut xt = vec![0f32; t.columns * picked.len().min(PATCH_CHUNK)];
-            for batch in 0..shape[0] {
-                let image = &values[batch * channels * in_size..][..channels * in_size];
-                for chunk in picked.chunks(PATCH_CHUNK) {
-                    let count = chunk.len();
-                    // Tap-major: offsets[k·count + r], None in the padding.
-                    let offsets: Vec<Option<usize>> = (0..taps)
-                        .flat_map(|k| chunk.iter().map(move |&p| (p, k)))
-                        .map(|(p, k)| tap_offset(p, k))
-                        .collect();
-                    let xt = &mut xt[..t.columns * count];
-                    for g in 0..t.groups {
-                        for c in 0..*channels_per_group {
-                            let plane = &image[(g * channels_per_group + c) * in_size..][..in_size];
-                            for k in 0..taps {
-                                let row = &mut xt[(c * taps + k) * count..][..count];
-                                for (x, o) in row.iter_mut().zip(&offsets[k * count..][..count]) {
-                                    *x = o.map_or(0.0, |o| plane[o]);
-                                }
-                            }
-                        }
-                        let xt = ArrayView2::from_shape((t.columns, count), &*xt).map_err(|e| e.to_string())?;
-                        // f32 products within a chunk (a relative error of ~1e-4), f64 across chunks.
-                        products.push((g, xt.dot(&xt.t())));
-                    }
-                }
+            let picked: Vec<usize> = picked(step, window.output_dims(shape)?.iter().product(), sample).collect();
+            // f32 products within a chunk (a relative error of ~1e-4), f64 across chunks.
+            conv_patches(t, window, &picked, values, shape, |g, xt| {
+                products.push((g, xt.dot(&xt.t())));
+                Ok(())
+            })?;
+            (shape[0] * picked.len()) as u64
+        }
+    };
+    Ok(Contribution { products, rows })
+}
+
+/// The im2col patches of a Conv's input at the output positions `picked` (of every batch entry
+/// in turn), a chunk of at most [`PATCH_CHUNK`] positions and one group at a time: `each(group,
+/// xt)` gets the chunk transposed, one row per column of the weight (`c·taps + k`) and one
+/// element per position, zero in the padding. The buffer is reused between calls.
+pub(crate) fn conv_patches(
+    t: &Target,
+    window: &ConvWindow,
+    picked: &[usize],
+    values: &[f32],
+    shape: &[usize],
+    mut each: impl FnMut(usize, ArrayView2<f32>) -> std::result::Result<(), String>,
+) -> std::result::Result<(), String> {
+    let ConvWindow {
+        channels_per_group,
+        kernel,
+        strides,
+        dilations,
+        pads_begin,
+        ..
+    } = window;
+    let rank = kernel.len();
+    let out_dims = window.output_dims(shape)?;
+    let spatial = &shape[2..];
+    let taps: usize = kernel.iter().product();
+    let in_size: usize = spatial.iter().product();
+    let channels = shape[1];
+    // Where in an input plane tap `tap` of output position `p` reads; None in the padding.
+    let tap_offset = |p: usize, tap: usize| -> Option<usize> {
+        let (mut p, mut tap) = (p, tap);
+        let mut offset = 0;
+        for a in (0..rank).rev() {
+            let (o, k) = (p % out_dims[a], tap % kernel[a]);
+            p /= out_dims[a];
+            tap /= kernel[a];
+            let i = (o * strides[a] + k * dilations[a]) as isize - pads_begin[a] as isize;
+            if i < 0 || i as usize >= spatial[a] {
+                return None;
             }
-            rows = (shape[0] * picked.len()) as u64;
+            let stride: usize = spatial[a + 1..].iter().product();
+            offset += i as usize * stride;
+        }
+        Some(offset)
+    };
+    // One buffer for every chunk and group (a fresh zeroed matrix each time cost more than
+    // the products on efficientnet_lite1).
+    let mut xt = vec![0f32; t.columns * picked.len().min(PATCH_CHUNK)];
+    for batch in 0..shape[0] {
+        let image = &values[batch * channels * in_size..][..channels * in_size];
+        for chunk in picked.chunks(PATCH_CHUNK) {
+            let count = chunk.len();
+            // Tap-major: offsets[k·count + r], None in the padding.
+            let offsets: Vec<Option<usize>> = (0..taps)
+                .flat_map(|k| chunk.iter().map(move |&p| (p, k)))
+                .map(|(p, k)| tap_offset(p, k))
+                .collect();
+            let xt = &mut xt[..t.columns * count];
+            for g in 0..t.groups {
+                for c in 0..*channels_per_group {
+                    let plane = &image[(g * channels_per_group + c) * in_size..][..in_size];
+                    for k in 0..taps {
+                        let row = &mut xt[(c * taps + k) * count..][..count];
+                        for (x, o) in row.iter_mut().zip(&offsets[k * count..][..count]) {
+                            *x = o.map_or(0.0, |o| plane[o]);
+                        }
+                    }
+                }
+                let xt = ArrayView2::from_shape((t.columns, count), &*xt).map_err(|e| e.to_string())?;
+                each(g, xt)?;
+            }
         }
     }
-    Ok(Contribution { products, rows })
+    Ok(())
 }
 
 /// gptq's layer statistics as a calibration [`Rider`]: every target's `H`, from the layer
@@ -988,7 +1012,7 @@ pub(crate) fn layer_weights(graph: &Graph, plan: &Plan, t: &Target) -> Result<(V
     let weights =
         tensor::values_f32(wt).ok_or_else(|| Error::Graph(format!("weight '{}' is not a float tensor", t.weight)))?;
     let wq = &plan.weights[&t.weight];
-    let nearest = params::quantize_weights_blocked(&weights, &wt.dims, wq.axis, wq.block_size, &wq.scheme)?;
+    let nearest = plan.weight_grid(graph, &t.weight)?;
     Ok((weights, nearest, wq.scheme.qrange()))
 }
 

@@ -331,7 +331,7 @@ fn passes_lists_every_pass_with_its_options() {
     let text = String::from_utf8_lossy(&out.stdout);
     for name in onnxq::passes::NAMES {
         let phase = match *name {
-            "gptq" | "adaround" | "correct_bias" => "plan pass",
+            "easyquant" | "gptq" | "adaround" | "correct_bias" => "plan pass",
             _ => "graph pass",
         };
         let line = format!("{name} ({phase})");

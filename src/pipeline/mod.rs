@@ -199,8 +199,9 @@ pub fn run(model: &mut Model, steps: &[Box<dyn Pass>], ctx: &mut Context, debug:
 
 /// Whether a pass that fits roundings to the layers' inputs (`passes::MEASURES_LAYER_INPUTS`:
 /// gptq, adaround) is the first pass after `calibrate` among the steps that run (`names`, up to
-/// `stop_after`): the stages between them (plan, mixed precision) change only the plan,
-/// so the float model that pass measures is the one calibration runs.
+/// `stop_after`), not counting the passes that change only scales
+/// (`passes::CHANGES_ONLY_SCALES`: easyquant): the stages between them (plan, mixed precision)
+/// change only the plan, so the float model that pass measures is the one calibration runs.
 fn layer_inputs_follow_calibration(names: &[&str], stop_after: Option<&str>) -> bool {
     let end = stop_after
         .and_then(|s| names.iter().position(|n| *n == s))
@@ -211,7 +212,7 @@ fn layer_inputs_follow_calibration(names: &[&str], stop_after: Option<&str>) -> 
     };
     names[calibrate + 1..]
         .iter()
-        .find(|n| crate::passes::NAMES.contains(n))
+        .find(|n| crate::passes::NAMES.contains(n) && !crate::passes::CHANGES_ONLY_SCALES.contains(n))
         .is_some_and(|n| crate::passes::MEASURES_LAYER_INPUTS.contains(n))
 }
 

@@ -71,6 +71,20 @@ pub struct Plan {
     /// Weights whose grid points were chosen by the `gptq` pass rather than nearest rounding.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub rounded: BTreeMap<String, RoundedWeight>,
+    /// Weights whose per-channel (or per-tensor) scales were chosen by the `easyquant` pass
+    /// rather than from the weight's range.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub scaled: BTreeMap<String, ScaledWeight>,
+}
+
+/// The parameters chosen for a weight under a scheme and axis (one per output channel, or one);
+/// used only while the plan quantizes the weight the same way, like [`RoundedWeight`].
+#[derive(Clone, Debug, Serialize)]
+pub struct ScaledWeight {
+    pub scheme: Scheme,
+    pub axis: Option<usize>,
+    #[serde(skip)]
+    pub params: Vec<QParams>,
 }
 
 /// The integer values chosen for a weight under a scheme and axis; used only while the plan
@@ -813,22 +827,44 @@ impl Plan {
         Ok(out)
     }
 
-    /// A weight quantized as this plan says: the grid of [`params::quantize_weights`], at the
-    /// grid points `gptq` chose when it rounded this weight under the same scheme and axis.
+    /// A weight quantized as this plan says: the grid of [`params::quantize_weights`] (or the
+    /// scales `easyquant` chose, [`Plan::weight_grid`]), at the grid points `gptq` chose when it
+    /// rounded this weight under the same scheme and axis.
     pub fn quantized_weight(&self, graph: &crate::ir::Graph, weight: &str) -> Result<params::QuantizedTensor> {
-        let wq = self
-            .weights
-            .get(weight)
-            .ok_or_else(|| Error::Graph(format!("the plan does not quantize weight '{weight}'")))?;
-        let (values, dims) = weight_values(graph, weight)?;
-        let mut q = params::quantize_weights_blocked(&values, dims, wq.axis, wq.block_size, &wq.scheme)?;
+        let mut q = self.weight_grid(graph, weight)?;
         if let Some(r) = self.rounded.get(weight) {
+            let wq = &self.weights[weight];
             if r.scheme == wq.scheme
                 && r.axis == wq.axis
                 && r.block_size == wq.block_size
                 && r.values.len() == q.values.len()
             {
                 q.values.clone_from(&r.values);
+            }
+        }
+        Ok(q)
+    }
+
+    /// A weight on the plan's grid, rounded to nearest: the parameters of
+    /// [`params::quantize_weights`], or those `easyquant` chose for it under the same scheme
+    /// and axis (unblocked).
+    pub fn weight_grid(&self, graph: &crate::ir::Graph, weight: &str) -> Result<params::QuantizedTensor> {
+        let wq = self
+            .weights
+            .get(weight)
+            .ok_or_else(|| Error::Graph(format!("the plan does not quantize weight '{weight}'")))?;
+        let (values, dims) = weight_values(graph, weight)?;
+        let mut q = params::quantize_weights_blocked(&values, dims, wq.axis, wq.block_size, &wq.scheme)?;
+        if let Some(s) = self.scaled.get(weight) {
+            if s.scheme == wq.scheme && s.axis == wq.axis && wq.block_size.is_none() && s.params.len() == q.params.len()
+            {
+                q.params.clone_from(&s.params);
+                let (qmin, qmax) = wq.scheme.qrange();
+                q.values = values
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &x)| params::quantize(x, q.params_of(i), wq.scheme.dtype).clamp(qmin, qmax))
+                    .collect();
             }
         }
         Ok(q)
@@ -852,6 +888,23 @@ impl Plan {
             .ok_or_else(|| Error::internal(format!("the plan has no codebook for weight '{weight}'")))?;
         let (values, dims) = weight_values(graph, weight)?;
         crate::quant::codebook::cluster(&values, dims, wq.axis, spec)
+    }
+
+    /// Keeps what plan passes chose in `from` (a plan of the same model built again from the
+    /// same statistics, as `correct_bias` does): roundings, searched weight scales, and the
+    /// parameters of every activation quantized under the same scheme over the same range.
+    pub fn keep_choices(&mut self, from: &Plan) {
+        self.rounded.clone_from(&from.rounded);
+        self.scaled.clone_from(&from.scaled);
+        for (t, a) in &mut self.activations {
+            if let Some(old) = from
+                .activations
+                .get(t)
+                .filter(|o| o.scheme == a.scheme && o.range == a.range)
+            {
+                a.params = old.params;
+            }
+        }
     }
 
     /// The layers: every op that reads a quantized activation or weight, by key, sorted.
@@ -892,6 +945,7 @@ impl Plan {
         let mut plan = Plan {
             kept_float: self.kept_float.clone(),
             rounded: self.rounded.clone(),
+            scaled: self.scaled.clone(),
             ..Plan::default()
         };
         for (t, a) in &self.activations {
