@@ -188,7 +188,7 @@ pub fn describe(name: &str) -> Option<(&'static str, &'static str)> {
         ),
         "easyquant" => (
             "EasyQuant (Wu et al. 2020): searches each output channel's weight scale and then the layer's input scale over [low·S, high·S] of the plan's scale S, alternately, maximising the cosine of the quantized layer's output with the float one on the calibration samples (list it before gptq, adaround and correct_bias)",
-            "rounds (3); samples (50); steps (100); low (0.5); high (1.0: the paper's 2 coarsened weights and lost 2.5 dB on ppocr_mobile_v2_cls); vectors (512); bias_corrected (true); search: both|weights|activations (both)",
+            "rounds (3); samples (50); steps (100); low (0.5); high (1.0; the paper's 2 measured worse: README \"EasyQuant\"); vectors (512); bias_corrected (true); search: both|weights|activations (both)",
         ),
         "gptq" => (
             "GPTQ (Frantar et al. 2023): chooses each weight's rounding to minimise the layer's output error on the calibration data, on the plan's grid (list it before correct_bias, which then removes the mean shift left)",

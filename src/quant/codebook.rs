@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::proto::tensor_proto::DataType;
 use crate::proto::TensorProto;
-use crate::quant::params::channel_layout;
+use crate::quant::params::weight_layout;
 
 /// Lloyd's iterations stop here at the latest (they usually stop far earlier, when no boundary
 /// moves).
@@ -106,23 +106,7 @@ pub fn cluster(values: &[f32], dims: &[i64], axis: Option<usize>, spec: Codebook
     if !(2..=8).contains(&spec.bits) {
         return Err(Error::internal(format!("a codebook of {} bits", spec.bits)));
     }
-    let count = dims.iter().try_fold(1usize, |acc, &d| {
-        usize::try_from(d).ok().and_then(|d| acc.checked_mul(d))
-    });
-    if count != Some(values.len()) {
-        return Err(Error::Graph(format!(
-            "weight of shape {dims:?} has {} values",
-            values.len()
-        )));
-    }
-    let layout = match axis {
-        None => (1, 1, values.len()),
-        Some(a) => channel_layout(dims, a).ok_or_else(|| {
-            Error::Graph(format!(
-                "per-channel axis {a} is out of range for weight of shape {dims:?}"
-            ))
-        })?,
-    };
+    let layout = weight_layout(values, dims, axis)?;
     let (outer, channels, inner) = layout;
     let k = spec.entries();
     let tables: Vec<(Vec<f32>, Vec<u8>)> = (0..channels)

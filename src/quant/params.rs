@@ -366,6 +366,28 @@ pub fn dequantize_as(q: i32, p: QParams, dtype: QuantDtype) -> f32 {
     }
 }
 
+/// (outer, channels, inner) of a weight's `values` of shape `dims` split along `axis` (one
+/// channel when None), or an error when the values do not fill the shape or the axis is not one.
+pub(crate) fn weight_layout(values: &[f32], dims: &[i64], axis: Option<usize>) -> Result<(usize, usize, usize)> {
+    let count = dims.iter().try_fold(1usize, |acc, &d| {
+        usize::try_from(d).ok().and_then(|d| acc.checked_mul(d))
+    });
+    if count != Some(values.len()) {
+        return Err(Error::Graph(format!(
+            "weight of shape {dims:?} has {} values",
+            values.len()
+        )));
+    }
+    match axis {
+        None => Ok((1, 1, values.len())),
+        Some(a) => channel_layout(dims, a).ok_or_else(|| {
+            Error::Graph(format!(
+                "per-channel axis {a} is out of range for weight of shape {dims:?}"
+            ))
+        }),
+    }
+}
+
 /// (outer, channels, inner) of a tensor split along `axis`; element i is in channel
 /// `(i / inner) % channels`.
 pub(crate) fn channel_layout(dims: &[i64], axis: usize) -> Option<(usize, usize, usize)> {

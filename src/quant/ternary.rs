@@ -22,7 +22,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::quant::params::{channel_layout, QParams, QuantDtype, QuantizedTensor, MIN_RANGE};
+use crate::quant::params::{weight_layout, QParams, QuantDtype, QuantizedTensor, MIN_RANGE};
 
 /// TWN's threshold factor: Δ = 0.7 · mean|w|.
 pub const TWN_THRESHOLD: f64 = 0.7;
@@ -77,23 +77,7 @@ pub fn quantize(values: &[f32], dims: &[i64], axis: Option<usize>, dtype: QuantD
         return Err(Error::internal(format!("{dtype} weights are not ternary or binary")));
     }
     let finite = |v: f32| if v.is_finite() { v as f64 } else { 0.0 };
-    let count = dims.iter().try_fold(1usize, |acc, &d| {
-        usize::try_from(d).ok().and_then(|d| acc.checked_mul(d))
-    });
-    if count != Some(values.len()) {
-        return Err(Error::Graph(format!(
-            "weight of shape {dims:?} has {} values",
-            values.len()
-        )));
-    }
-    let (outer, channels, inner) = match axis {
-        None => (1, 1, values.len()),
-        Some(a) => channel_layout(dims, a).ok_or_else(|| {
-            Error::Graph(format!(
-                "per-channel axis {a} is out of range for weight of shape {dims:?}"
-            ))
-        })?,
-    };
+    let (outer, channels, inner) = weight_layout(values, dims, axis)?;
     // Element (o, c, j) is at (o·channels + c)·inner + j.
     let per_channel: Vec<(Vec<i32>, f64)> = (0..channels)
         .into_par_iter()
