@@ -37,6 +37,8 @@ pub struct MainJob {
     pub stats: Option<PathBuf>,
     /// Print the plan and write nothing.
     pub dry_run: bool,
+    /// The engine to calibrate in, over the config's `engine:`.
+    pub engine: Option<crate::runtime::Engine>,
 }
 
 /// The main job: `onnxq MODEL --config quant.yaml` (see the README): the pipeline's steps
@@ -44,7 +46,11 @@ pub struct MainJob {
 /// verification), then the model and the report are written.
 pub fn main_job(args: MainJob) -> Result<()> {
     // The config first: a bad config fails before any model or data is read.
-    let config = Config::load(&args.config)?;
+    let mut config = Config::load(&args.config)?;
+    if let Some(engine) = args.engine {
+        config.engine = engine;
+    }
+    config.engine.check_available()?;
     let files = JobFiles {
         config: args.config.clone(),
         stats: args.stats.clone(),
@@ -144,6 +150,7 @@ pub fn main_job(args: MainJob) -> Result<()> {
         let quantization = ctx.plan.as_ref().map(|plan| {
             serde_json::json!({
                 "target": config.target,
+                "engine": config.engine,
                 "method": ctx.plan_options.as_ref().map(|o| &o.method),
                 "data_free": ctx.calibration.is_none(),
                 "calibration_samples": ctx.stats.as_ref().map(|s| s.samples),

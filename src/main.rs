@@ -83,6 +83,10 @@ struct MainArgs {
     /// why) and write nothing.
     #[arg(long)]
     dry_run: bool,
+    /// The engine calibration runs the float model in [default: the config's `engine:`, else
+    /// tract]; onnxruntime loads ONNX Runtime from ORT_DYLIB_PATH or python3's onnxruntime package.
+    #[arg(long, value_enum)]
+    engine: Option<onnxq::runtime::Engine>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -432,6 +436,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 stop_after: m.stop_after,
                 stats: m.stats,
                 dry_run: m.dry_run,
+                engine: m.engine,
             })
         }
     }

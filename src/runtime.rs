@@ -30,7 +30,87 @@ use crate::error::{tract_error, Error, Result};
 use crate::ir::Model;
 
 pub mod memory;
+pub mod onnxruntime;
 pub mod step;
+
+/// The engine that runs the float model for calibration: tract, embedded (the default), or
+/// ONNX Runtime, loaded at run time (`runtime::onnxruntime`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    #[default]
+    Tract,
+    Onnxruntime,
+}
+
+impl Engine {
+    /// Its name as users write it (`engine:`, `--engine`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Tract => "tract",
+            Engine::Onnxruntime => "onnxruntime",
+        }
+    }
+
+    /// Fails now, with the reason, when this engine cannot be loaded.
+    pub fn check_available(self) -> Result<()> {
+        match self {
+            Engine::Tract => Ok(()),
+            Engine::Onnxruntime => onnxruntime::check_available(),
+        }
+    }
+}
+
+/// A model ready to run samples in the chosen engine, returning its outputs and the requested
+/// intermediates.
+pub enum EngineRunner {
+    Tract(Runner),
+    Onnxruntime(onnxruntime::OrtRunner),
+}
+
+impl EngineRunner {
+    /// [`Runner::new`] in `engine`.
+    pub fn new(
+        engine: Engine,
+        model: &Model,
+        inputs: &[(String, DatumType, Vec<usize>)],
+        extra_outputs: &[String],
+    ) -> Result<EngineRunner> {
+        Ok(match engine {
+            Engine::Tract => EngineRunner::Tract(Runner::new(model, inputs, extra_outputs)?),
+            Engine::Onnxruntime => {
+                EngineRunner::Onnxruntime(onnxruntime::OrtRunner::new(model, inputs, extra_outputs)?)
+            }
+        })
+    }
+
+    pub fn engine(&self) -> Engine {
+        match self {
+            EngineRunner::Tract(_) => Engine::Tract,
+            EngineRunner::Onnxruntime(_) => Engine::Onnxruntime,
+        }
+    }
+
+    /// [`Runner::run_visiting`]: each input, then each returned tensor, by ONNX name.
+    pub fn run_visiting(&self, inputs: Vec<TValue>, visit: impl FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
+        match self {
+            EngineRunner::Tract(r) => r.run_visiting(inputs, visit),
+            EngineRunner::Onnxruntime(r) => r.run_visiting(inputs, visit),
+        }
+    }
+
+    /// How many samples to run at once. tract: as many as fit the memory budget, one per core;
+    /// ONNX Runtime: one per session (`OrtRunner::samples_at_once`).
+    pub fn parallelism(&self) -> Result<memory::Parallelism> {
+        match self {
+            EngineRunner::Tract(r) => Ok(memory::Parallelism::for_samples(r.sample_bytes()?)),
+            EngineRunner::Onnxruntime(_) => Ok(memory::Parallelism {
+                samples: onnxruntime::OrtRunner::samples_at_once(),
+                fits: true,
+            }),
+        }
+    }
+}
 
 pub struct Runner {
     plan: Arc<TypedRunnableModel>,

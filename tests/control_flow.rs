@@ -162,6 +162,7 @@ fn quantize(
         stop_after: None,
         stats: None,
         dry_run: false,
+        engine: None,
     })
     .map(|()| serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap());
     (dir, output, result)

@@ -257,7 +257,15 @@ fn gptq_uses_what_calibration_measured_not_the_data_again() {
     let other = calibration_source(&m, &write_x_calibration(other_dir.path(), &samples(16, 8)));
     let stats = collect(&m, &first, first.fingerprints().unwrap()).unwrap();
     let rider = gptq::LayerInputs::before_plan(&m, &first).unwrap();
-    let (ridden_stats, sum) = collect_riding(&m, &first, first.fingerprints().unwrap(), &|_| true, &rider).unwrap();
+    let (ridden_stats, sum) = collect_riding(
+        &m,
+        &first,
+        first.fingerprints().unwrap(),
+        &|_| true,
+        &rider,
+        onnxq::runtime::Engine::Tract,
+    )
+    .unwrap();
     assert_eq!(
         serde_json::to_string(&ridden_stats).unwrap(),
         serde_json::to_string(&stats).unwrap(),

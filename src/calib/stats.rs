@@ -1,7 +1,9 @@
-//! Collecting activation statistics: the float model runs in tract over the calibration
-//! samples, in parallel over one shared plan; each tensor is observed as tract produces it and
-//! dropped after its last reader (`Runner::run_visiting`), so memory grows neither with the
-//! number of samples nor with the number of tensors of a sample. Per-sample statistics are
+//! Collecting activation statistics: the float model runs over the calibration samples in the
+//! chosen engine. In tract (the default) samples run in parallel over one shared plan, and each
+//! tensor is observed as tract produces it and dropped after its last reader
+//! (`Runner::run_visiting`), so memory grows neither with the number of samples nor with the
+//! number of tensors of a sample; ONNX Runtime returns a sample's observed tensors together
+//! (`runtime::onnxruntime`). Per-sample statistics are
 //! merged in sample order as soon as a sample and all before it are done, so the result is the
 //! same whatever the thread count. Statistics are keyed by tensor name, carry a fingerprint of
 //! the graph, the weights and the data they were taken on, and can be saved, reused and merged.
@@ -19,8 +21,8 @@ use crate::calib::source::DataSource;
 use crate::error::{Error, Result};
 use crate::ir::tensor::Fnv64;
 use crate::ir::Model;
-use crate::runtime::memory::{run_in_order, Parallelism};
-use crate::runtime::Runner;
+use crate::runtime::memory::run_in_order;
+use crate::runtime::{Engine, EngineRunner, Runner};
 
 /// Bumped when the file layout changes.
 pub const STATS_FORMAT: u32 = 1;
@@ -131,7 +133,7 @@ impl Rider for () {
 /// Observes one sample: runs it and returns the statistics of each float tensor (by index
 /// into `names`), and the rider's share, dropping the tensors as it goes.
 fn observe_sample<R: Rider>(
-    runner: &Runner,
+    runner: &EngineRunner,
     source: &DataSource,
     slots: &HashMap<&str, usize>,
     rider: (&R, &std::collections::HashSet<String>),
@@ -228,7 +230,7 @@ where
 
 /// Runs the model over every sample and gathers the statistics of every float tensor.
 pub fn collect(model: &Model, source: &DataSource, data_fingerprints: Vec<String>) -> Result<CalibrationStats> {
-    collect_observing(model, source, data_fingerprints, &|_| true)
+    collect_observing(model, source, data_fingerprints, &|_| true, Engine::Tract)
 }
 
 /// [`collect`] for the tensors `wanted` accepts only: observing a tensor costs more than
@@ -238,8 +240,9 @@ pub fn collect_observing(
     source: &DataSource,
     data_fingerprints: Vec<String>,
     wanted: &dyn Fn(&str) -> bool,
+    engine: Engine,
 ) -> Result<CalibrationStats> {
-    Ok(collect_riding(model, source, data_fingerprints, wanted, &())?.0)
+    Ok(collect_riding(model, source, data_fingerprints, wanted, &(), engine)?.0)
 }
 
 /// [`collect_observing`], with `rider` reading the tensors it asks for in the same run of the
@@ -250,6 +253,7 @@ pub fn collect_riding<R: Rider>(
     data_fingerprints: Vec<String>,
     wanted: &dyn Fn(&str) -> bool,
     rider: &R,
+    engine: Engine,
 ) -> Result<(CalibrationStats, R::Sum)>
 where
     R::Sum: Send,
@@ -266,10 +270,14 @@ where
             .into_iter()
             .filter(|n| !inputs.contains(n) && !slots.contains_key(n.as_str())),
     );
-    let runner = Runner::new(model, &source.sample_shapes()?, &node_outputs)?;
+    let runner = EngineRunner::new(engine, model, &source.sample_shapes()?, &node_outputs)?;
     let total = source.len();
-    let parallel = Parallelism::for_samples(runner.sample_bytes()?);
-    let progress = Progress::new("calibrating", total as u64, &parallel.describe());
+    let parallel = runner.parallelism()?;
+    let progress = Progress::new(
+        "calibrating",
+        total as u64,
+        &format!("{}, {}", engine.name(), parallel.describe()),
+    );
     let mut sum = rider.empty();
     let merged = observe_all(
         total,

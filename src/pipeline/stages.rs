@@ -34,6 +34,7 @@ pub struct Calibrate {
     verify_data: Option<PathBuf>,
     overrides: Overrides,
     keep_float_model: bool,
+    engine: crate::runtime::Engine,
 }
 
 impl Calibrate {
@@ -46,6 +47,7 @@ impl Calibrate {
             verify_data: config.verify.as_ref().map(|v| v.data.clone()),
             overrides: config.overrides(),
             keep_float_model: config.verify.is_some() || config.guard_settings().is_some(),
+            engine: config.engine,
         }
     }
 }
@@ -109,6 +111,7 @@ impl Pass for Calibrate {
                     self.stats_path.as_deref(),
                     self.observe_every_tensor,
                     layer_inputs,
+                    self.engine,
                 )?;
                 ctx.layer_inputs = measured;
                 stats
@@ -160,6 +163,7 @@ fn calibration_stats(
     stats_path: Option<&Path>,
     every_tensor: bool,
     layer_inputs: Option<LayerInputs>,
+    engine: crate::runtime::Engine,
 ) -> Result<(CalibrationStats, Option<crate::passes::gptq::Measured>)> {
     if source.len() < FEW_SAMPLES {
         eprintln!(
@@ -188,20 +192,21 @@ fn calibration_stats(
     let wanted = |t: &str| every_tensor || candidates.contains(t);
     let (s, measured) = match layer_inputs {
         Some(rider) => {
-            let (s, sum) = stats::collect_riding(model, source, fingerprint.data.clone(), &wanted, &rider)?;
+            let (s, sum) = stats::collect_riding(model, source, fingerprint.data.clone(), &wanted, &rider, engine)?;
             (s, Some(rider.measured(sum)?))
         }
         None => (
-            stats::collect_observing(model, source, fingerprint.data.clone(), &wanted)?,
+            stats::collect_observing(model, source, fingerprint.data.clone(), &wanted, engine)?,
             None,
         ),
     };
     let secs = t.elapsed().as_secs_f64();
     eprintln!(
-        "onnxq: calibrated {} tensors on {} samples in {secs:.2} s ({:.1} samples/s)",
+        "onnxq: calibrated {} tensors on {} samples in {secs:.2} s ({:.1} samples/s, {})",
         s.tensors.len(),
         s.samples,
-        s.samples as f64 / secs.max(1e-9)
+        s.samples as f64 / secs.max(1e-9),
+        engine.name()
     );
     if let Some(path) = stats_path {
         s.save(path)?;
