@@ -83,8 +83,9 @@ struct MainArgs {
     /// why) and write nothing.
     #[arg(long)]
     dry_run: bool,
-    /// The engine calibration runs the float model in [default: the config's `engine:`, else
-    /// tract]; onnxruntime loads ONNX Runtime from ORT_DYLIB_PATH or python3's onnxruntime package.
+    /// The engine calibration and verification run the models in [default: the config's
+    /// `engine:`, else tract]; onnxruntime loads ONNX Runtime from ORT_DYLIB_PATH or python3's
+    /// onnxruntime package, and verifies the written model as it is.
     #[arg(long, value_enum)]
     engine: Option<onnxq::runtime::Engine>,
 }
@@ -154,6 +155,10 @@ enum Command {
         /// Write the report as one self-contained HTML page (written even when verification fails).
         #[arg(long, value_name = "REPORT.html")]
         html: Option<PathBuf>,
+        /// The engine both models run in: tract (Q/DQ lowered to exact float arithmetic, per
+        /// layer) or onnxruntime (the written model as it is, outputs only).
+        #[arg(long, value_enum, default_value = "tract")]
+        engine: onnxq::runtime::Engine,
     },
     /// Per-layer sensitivity: for each layer the plan quantizes, the output SQNR with only that
     /// layer quantized (int8, and int16 activations) and with every layer but that one, measured
@@ -311,7 +316,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             min_cosine,
             report,
             html,
+            engine,
         }) => {
+            engine.check_available()?;
             let float_model = onnx::load_model(&float)?;
             let quant_model = onnx::load_model(&quantized)?;
             let data_config = onnxq::calib::config::CalibrationConfig::of_file(data);
@@ -319,6 +326,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             let options = onnxq::verify::VerifyOptions {
                 min_sqnr_db,
                 min_cosine,
+                engine,
                 ..Default::default()
             };
             let result = onnxq::verify::verify(&float_model, &quant_model, &source, &options)?;

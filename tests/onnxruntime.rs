@@ -204,3 +204,67 @@ fn the_main_job_calibrates_in_onnxruntime_and_says_so() {
     );
     assert!(!ort_bytes.is_empty() && !tract_bytes.is_empty());
 }
+
+#[test]
+#[ignore = "needs the ONNX Runtime library: ORT_DYLIB_PATH or python3's onnxruntime package (CI runs it)"]
+fn verification_in_onnxruntime_runs_the_written_model_and_agrees_with_tract_s() {
+    let dir = tempfile::tempdir().unwrap();
+    let (quant, tract_report, ort_report) = (
+        dir.path().join("q.onnx"),
+        dir.path().join("t.json"),
+        dir.path().join("o.json"),
+    );
+    let eval = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/crepe_tiny.eval.npz");
+    let cfg = config_for(
+        dir.path(),
+        "models/crepe_tiny.calib.npz",
+        &format!("verify: {{data: {eval:?}}}\nguard: false\n"),
+    );
+    let out = onnxq(
+        &[
+            "models/crepe_tiny.onnx",
+            "--config",
+            &cfg,
+            "-o",
+            quant.to_str().unwrap(),
+            "--report",
+            tract_report.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = onnxq(
+        &[
+            "verify",
+            "models/crepe_tiny.onnx",
+            quant.to_str().unwrap(),
+            "--data",
+            eval.to_str().unwrap(),
+            "--engine",
+            "onnxruntime",
+            "--report",
+            ort_report.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("in onnxruntime: passed"), "{stdout}");
+    let read = |p: &Path| -> serde_json::Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
+    let (t, o) = (read(&tract_report)["verification"].clone(), read(&ort_report));
+    assert_eq!(o["engine"], "onnxruntime");
+    assert_eq!(t["engine"], "tract");
+    assert_eq!(
+        o["lowering"].as_array().unwrap().len(),
+        0,
+        "ONNX Runtime runs the Q/DQ as written"
+    );
+    let sqnr = |v: &serde_json::Value| v["outputs"][0]["sqnr_db"].as_f64().unwrap();
+    // The same model measured by two engines whose int8 kernels round differently.
+    assert!(
+        (sqnr(&t) - sqnr(&o)).abs() < 1.0,
+        "tract {} dB, onnxruntime {} dB",
+        sqnr(&t),
+        sqnr(&o)
+    );
+}

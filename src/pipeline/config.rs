@@ -30,8 +30,8 @@ pub struct Config {
     /// The backend the model is for: `generic` (default), `tensorrt`, `openvino`, `onnxruntime`.
     #[serde(default)]
     pub target: crate::quant::rules::Target,
-    /// The engine calibration runs the float model in: `tract` (embedded, the default) or
-    /// `onnxruntime` (loaded at run time; `--engine` overrides).
+    /// The engine calibration and verification run the models in: `tract` (embedded, the
+    /// default) or `onnxruntime` (loaded at run time; `--engine` overrides).
     #[serde(default)]
     pub engine: crate::runtime::Engine,
     /// Weight quantization, where the target allows a choice.

@@ -557,6 +557,7 @@ impl Verify {
             options: VerifyOptions {
                 min_sqnr_db: v.min_sqnr_db,
                 min_cosine: v.min_cosine,
+                engine: config.engine,
                 ..Default::default()
             },
         })

@@ -58,6 +58,9 @@ impl OrtRunner {
                 Session::builder(environment)
                     .and_then(|b| Ok(b.with_intra_threads((cores / count).max(1))?))
                     .and_then(|b| Ok(b.with_deterministic_compute(true)?))
+                    // int4 DequantizeLinear → MatMul fuses into MatMulNBits, which by default
+                    // quantizes its input on the fly; 0 keeps the graph's float maths.
+                    .and_then(|b| Ok(b.with_config_entry("session.qdq_matmulnbits_accuracy_level", "0")?))
                     .and_then(|mut b| b.commit_from_memory(&bytes))
                     .map(Mutex::new)
                     .map_err(ort_error)

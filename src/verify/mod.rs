@@ -53,8 +53,9 @@ use crate::calib::stats::Progress;
 use crate::error::{tract_error, Error, Result};
 use crate::ir::Model;
 use crate::runtime::memory::{run_samples, Parallelism};
+use crate::runtime::onnxruntime::OrtRunner;
 use crate::runtime::step::Stepping;
-use crate::runtime::{to_f32_vec, Runner};
+use crate::runtime::{to_f32_vec, Engine, Runner};
 use metrics::{FloatSums, FloatTotals, IntegerTotals};
 
 pub use lower::{lower_all_qdq, lower_for_tract, lower_with_notes};
@@ -89,6 +90,9 @@ pub struct VerifyOptions {
     /// check that, and to measure what the lockstep saves. Not part of the report.
     #[serde(skip)]
     pub hold_samples: bool,
+    /// The engine both models run in. ONNX Runtime runs the written quantized model as it is
+    /// (no lowering, its own integer kernels, exact maths for MatMulNBits), outputs only.
+    pub engine: Engine,
 }
 
 impl Default for VerifyOptions {
@@ -102,6 +106,7 @@ impl Default for VerifyOptions {
             per_layer: true,
             tract_quantized_kernels: false,
             hold_samples: false,
+            engine: Engine::Tract,
         }
     }
 }
@@ -125,6 +130,8 @@ pub struct VerifyReport {
     pub layers_note: Option<String>,
     /// Nodes of the quantized model rewritten for tract (see [`lower_for_tract`]).
     pub lowering: Vec<String>,
+    /// The engine both models ran in.
+    pub engine: Engine,
 }
 
 /// A threshold that did not hold.
@@ -313,19 +320,13 @@ pub fn verify(float: &Model, quant: &Model, data: &DataSource, options: &VerifyO
     if data.is_empty() {
         return Err(Error::Usage("verification needs at least one sample".into()));
     }
+    if options.engine == Engine::Onnxruntime {
+        return verify_in_onnxruntime(float, quant, data, options);
+    }
     let (lowered, lowering) = lower_with_notes(quant, !options.tract_quantized_kernels)?;
     let shapes = data.sample_shapes()?;
 
-    let output_names: Vec<String> = float.graph.outputs.iter().map(|o| o.name().to_string()).collect();
-    let quant_outputs: Vec<String> = lowered.graph.outputs.iter().map(|o| o.name().to_string()).collect();
-    for name in &output_names {
-        if !quant_outputs.contains(name) {
-            return Err(Error::Verification(format!(
-                "the quantized model has no output '{name}' (its outputs: {})",
-                quant_outputs.join(", ")
-            )));
-        }
-    }
+    let output_names = shared_outputs(float, &lowered)?;
 
     let mut layers = if options.per_layer {
         matched_layers(float, quant, &lowered)?
@@ -415,29 +416,166 @@ pub fn verify(float: &Model, quant: &Model, data: &DataSource, options: &VerifyO
         values
     };
     run_samples(data.len(), parallel.samples, run_and_count, |i, values| {
-        for (k, value) in values.into_iter().enumerate() {
-            if let Err(m) = totals[k].add(value) {
-                if k < output_names.len() {
-                    return Err(Error::Verification(format!(
-                        "output '{}', {}: {m}",
-                        tracked[k].0,
-                        data.sample_label(i)
-                    )));
-                }
-            }
-        }
-        Ok(())
+        add_sample(&mut totals, values, &tracked, output_names.len(), || {
+            data.sample_label(i)
+        })
     })?;
     progress.finish();
 
+    build_report(
+        Compared {
+            samples: data.len(),
+            output_names: &output_names,
+            tracked: &tracked,
+            totals: &totals,
+            layers: &layers,
+            layers_note,
+            lowering,
+            engine: Engine::Tract,
+        },
+        options,
+    )
+}
+
+/// [`verify`] in ONNX Runtime: both models as they are (the quantized one with its own Q/DQ and
+/// integer kernels, what users deploy), outputs only: intermediates requested as outputs would
+/// stop the fusions (QLinearConv, MatMulNBits, ...) whose rounding is what is measured.
+fn verify_in_onnxruntime(
+    float: &Model,
+    quant: &Model,
+    data: &DataSource,
+    options: &VerifyOptions,
+) -> Result<VerifyReport> {
+    let output_names = shared_outputs(float, quant)?;
+    let shapes = data.sample_shapes()?;
+    let (float_runner, quant_runner) = (
+        OrtRunner::new(float, &shapes, &[])?,
+        OrtRunner::new(quant, &shapes, &[])?,
+    );
+    let tracked: Vec<(String, String)> = output_names.iter().map(|n| (n.clone(), n.clone())).collect();
+    let slot = |runner: &OrtRunner, name: &str| {
+        runner
+            .outputs
+            .iter()
+            .position(|o| o == name)
+            .ok_or_else(|| Error::internal(format!("ONNX Runtime was asked for no output '{name}'")))
+    };
+    let slots: Vec<(usize, usize)> = output_names
+        .iter()
+        .map(|n| Ok((slot(&float_runner, n)?, slot(&quant_runner, n)?)))
+        .collect::<Result<_>>()?;
+    let parallel = OrtRunner::samples_at_once();
+    let progress = Progress::new(
+        "verifying",
+        data.len() as u64,
+        &format!("onnxruntime, {parallel} samples at a time"),
+    );
+    let run_sample = |i: usize| -> Result<Vec<SampleValue>> {
+        let inputs: Vec<TValue> = data.sample(i)?;
+        let label = |which: &str, e: Error| match e {
+            Error::Runtime(m) => Error::Runtime(format!("{} ({which} model): {m}", data.sample_label(i))),
+            other => other,
+        };
+        let f = float_runner.run(inputs.clone()).map_err(|e| label("float", e))?;
+        let q = quant_runner.run(inputs).map_err(|e| label("quantized", e))?;
+        progress.advance(1);
+        slots.iter().map(|&(fs, qs)| compare_tensors(&f[fs], &q[qs])).collect()
+    };
+    let mut totals: Vec<Totals> = vec![Totals::default(); tracked.len()];
+    run_samples(data.len(), parallel, run_sample, |i, values| {
+        add_sample(&mut totals, values, &tracked, output_names.len(), || {
+            data.sample_label(i)
+        })
+    })?;
+    progress.finish();
+    build_report(
+        Compared {
+            samples: data.len(),
+            output_names: &output_names,
+            tracked: &tracked,
+            totals: &totals,
+            layers: &[],
+            layers_note: Some(
+                "per-layer comparison not run: ONNX Runtime runs the written model as it is, outputs only".into(),
+            ),
+            lowering: Vec::new(),
+            engine: Engine::Onnxruntime,
+        },
+        options,
+    )
+}
+
+/// The float model's outputs, each of which the quantized model must have.
+fn shared_outputs(float: &Model, quant: &Model) -> Result<Vec<String>> {
+    let output_names: Vec<String> = float.graph.outputs.iter().map(|o| o.name().to_string()).collect();
+    let quant_outputs: Vec<String> = quant.graph.outputs.iter().map(|o| o.name().to_string()).collect();
+    for name in &output_names {
+        if !quant_outputs.contains(name) {
+            return Err(Error::Verification(format!(
+                "the quantized model has no output '{name}' (its outputs: {})",
+                quant_outputs.join(", ")
+            )));
+        }
+    }
+    Ok(output_names)
+}
+
+/// Adds one sample's compared values to the totals of each tracked pair; a mismatch is an error
+/// on an output (the first `outputs` pairs), and leaves a layer out.
+fn add_sample(
+    totals: &mut [Totals],
+    values: Vec<SampleValue>,
+    tracked: &[(String, String)],
+    outputs: usize,
+    sample: impl Fn() -> String,
+) -> Result<()> {
+    for (k, value) in values.into_iter().enumerate() {
+        if let Err(m) = totals[k].add(value) {
+            if k < outputs {
+                return Err(Error::Verification(format!(
+                    "output '{}', {}: {m}",
+                    tracked[k].0,
+                    sample()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What a comparison run measured, for [`build_report`].
+struct Compared<'a> {
+    samples: usize,
+    output_names: &'a [String],
+    /// The compared pairs (float model's tensor, quantized model's): the outputs, then layers.
+    tracked: &'a [(String, String)],
+    totals: &'a [Totals],
+    layers: &'a [Layer],
+    layers_note: Option<String>,
+    lowering: Vec<String>,
+    engine: Engine,
+}
+
+/// The report of a comparison: each output's metrics against the thresholds, each layer's.
+fn build_report(c: Compared<'_>, options: &VerifyOptions) -> Result<VerifyReport> {
+    let Compared {
+        samples,
+        output_names,
+        tracked,
+        totals,
+        layers,
+        layers_note,
+        lowering,
+        engine,
+    } = c;
     let by_pair: HashMap<(&str, &str), &Totals> = tracked
         .iter()
         .map(|(f, q)| (f.as_str(), q.as_str()))
-        .zip(&totals)
+        .zip(totals)
         .collect();
     let mut outputs = Vec::new();
     let mut failures = Vec::new();
-    for name in &output_names {
+    for name in output_names {
         let t = by_pair[&(name.as_str(), name.as_str())];
         let comparison = match &t.kind {
             Kind::Float(ft) => Comparison::Float(FloatMetrics::of(ft)),
@@ -480,7 +618,7 @@ pub fn verify(float: &Model, quant: &Model, data: &DataSource, options: &VerifyO
 
     let mut layer_reports = Vec::new();
     let mut layers_skipped = Vec::new();
-    for layer in &layers {
+    for layer in layers {
         let t = by_pair[&(layer.name.as_str(), layer.quantized.as_str())];
         let name = layer.name.clone();
         match &t.kind {
@@ -513,7 +651,7 @@ pub fn verify(float: &Model, quant: &Model, data: &DataSource, options: &VerifyO
         .map(|l| l.name.clone());
 
     Ok(VerifyReport {
-        samples: data.len(),
+        samples,
         passed: failures.is_empty(),
         thresholds: options.clone(),
         failures,
@@ -523,6 +661,7 @@ pub fn verify(float: &Model, quant: &Model, data: &DataSource, options: &VerifyO
         layers_skipped,
         layers_note,
         lowering,
+        engine,
     })
 }
 
@@ -953,9 +1092,10 @@ impl fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "verification on {} sample{}: {}",
+            "verification on {} sample{} in {}: {}",
             self.samples,
             if self.samples == 1 { "" } else { "s" },
+            self.engine.name(),
             if self.passed() { "passed" } else { "FAILED" }
         )?;
         if !self.lowering.is_empty() {
