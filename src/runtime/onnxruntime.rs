@@ -7,10 +7,14 @@
 //! with its share of the cores as ORT's intra-op threads (deterministic kernels on): observing
 //! a sample's tensors costs as much as computing them (measured on ppocr_v3_det at 416²: ~25 ms
 //! a run, ~40 ms observing it), so one sample runs while the one before is observed, or both
-//! run. (The binding's `run` takes a session mutably: a session runs one sample at a time.) ORT has no per-node hook: the intermediates a caller asks for
-//! are added as graph outputs (as ONNX Runtime's own calibrators do), so a run holds its
-//! sample's requested tensors until it returns, and they are shown to the caller and dropped
-//! one by one after.
+//! run. (The binding's `run` takes a session mutably: a session runs one sample at a time.)
+//!
+//! ORT has no per-node hook: the intermediates a caller asks for are added as graph outputs (as
+//! ONNX Runtime's own calibrators do). So that a sample's requested tensors are not all held at
+//! once, the graph runs as consecutive segments (`SEGMENT_TENSORS` requested tensors each), each
+//! a session of its own whose outputs are the requested tensors it produces and what later
+//! segments or the graph outputs read; after each segment its requested tensors are shown to
+//! the caller and dropped, and what is carried is dropped after its last reader.
 
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
@@ -28,7 +32,10 @@ pub const MINIMUM_MINOR_VERSION: u32 = ort::MINOR_VERSION;
 
 /// A model loaded in ONNX Runtime, returning its graph outputs and the requested intermediates.
 pub struct OrtRunner {
-    sessions: Vec<Mutex<Session>>,
+    /// The graph's consecutive segments, in order.
+    segments: Vec<Segment>,
+    /// One session per segment for each sample that runs at once.
+    sessions: Vec<Mutex<Vec<Session>>>,
     /// The names the samples' inputs are fed as, in the order `run` takes them.
     input_names: Vec<String>,
     /// Names of the tensors `run` returns, in order: the graph outputs, then the intermediates.
@@ -50,24 +57,26 @@ impl OrtRunner {
                 outputs.push(e.clone());
             }
         }
-        let bytes = model_bytes(model, &outputs)?;
-        let cores = rayon::current_num_threads();
+        let proto = model_proto(model)?;
+        let graph = proto
+            .graph
+            .as_ref()
+            .ok_or_else(|| Error::internal("a model without a graph"))?;
+        let segments = Segment::split(graph, &outputs[model.graph.outputs.len()..], &outputs);
+        let types = carried_types(environment, &proto, &segments)?;
         let count = Self::samples_at_once();
-        let sessions = (0..count)
-            .map(|_| {
-                Session::builder(environment)
-                    .and_then(|b| Ok(b.with_intra_threads((cores / count).max(1))?))
-                    .and_then(|b| Ok(b.with_deterministic_compute(true)?))
-                    // int4 DequantizeLinear → MatMul fuses into MatMulNBits, which by default
-                    // quantizes its input on the fly; 0 keeps the graph's float maths.
-                    .and_then(|b| Ok(b.with_config_entry("session.qdq_matmulnbits_accuracy_level", "0")?))
-                    .and_then(|mut b| b.commit_from_memory(&bytes))
-                    .map(Mutex::new)
-                    .map_err(ort_error)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        drop(bytes);
+        let threads = (rayon::current_num_threads() / count).max(1);
+        let mut sessions = Vec::with_capacity(count);
+        for _ in 0..count {
+            let mut slot = Vec::with_capacity(segments.len());
+            for segment in &segments {
+                let bytes = prost::Message::encode_to_vec(&segment.model(&proto, &types)?);
+                slot.push(session(environment, threads, &bytes)?);
+            }
+            sessions.push(Mutex::new(slot));
+        }
         Ok(OrtRunner {
+            segments,
             sessions,
             input_names: inputs.iter().map(|(n, _, _)| n.clone()).collect(),
             outputs,
@@ -76,21 +85,60 @@ impl OrtRunner {
 
     /// Runs one sample; the tensors come back in `outputs` order.
     pub fn run(&self, inputs: Vec<TValue>) -> Result<Vec<Tensor>> {
-        let mut fed: Vec<(String, DynValue)> = Vec::with_capacity(inputs.len());
+        let mut returned: std::collections::HashMap<String, Tensor> = std::collections::HashMap::new();
+        self.run_segments(inputs, |name, t| {
+            returned.insert(name.to_string(), t);
+            Ok(())
+        })?;
+        self.outputs
+            .iter()
+            .map(|name| {
+                returned
+                    .remove(name)
+                    .ok_or_else(|| Error::internal(format!("ONNX Runtime returned no tensor '{name}'")))
+            })
+            .collect()
+    }
+
+    /// Runs one sample segment by segment and hands `take` each tensor of `outputs` as its
+    /// segment returns it; what later segments read is carried until its last reader has run.
+    fn run_segments(&self, inputs: Vec<TValue>, mut take: impl FnMut(&str, Tensor) -> Result<()>) -> Result<()> {
+        let mut carried: std::collections::HashMap<String, DynValue> = std::collections::HashMap::new();
         for (name, value) in self.input_names.iter().zip(&inputs) {
-            fed.push((name.clone(), to_ort(value).map_err(|e| input_error(name, e))?));
+            carried.insert(name.clone(), to_ort(value).map_err(|e| input_error(name, e))?);
         }
         drop(inputs);
-        let mut session = self.free_session()?;
-        let mut returned = session.run(fed).map_err(ort_error)?;
-        let mut values = Vec::with_capacity(self.outputs.len());
-        for name in &self.outputs {
-            let value = returned
-                .remove(name.as_str())
-                .ok_or_else(|| Error::internal(format!("ONNX Runtime returned no tensor '{name}'")))?;
-            values.push(to_tract(&value).map_err(|e| Error::Runtime(format!("ONNX Runtime's tensor '{name}': {e}")))?);
+        let mut sessions = self.free_sessions()?;
+        for (segment, session) in self.segments.iter().zip(sessions.iter_mut()) {
+            let mut fed: Vec<(String, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(segment.inputs.len());
+            for n in &segment.inputs {
+                let value = carried
+                    .get(n)
+                    .ok_or_else(|| Error::internal(format!("no tensor '{n}' carried to its segment")))?;
+                fed.push((n.clone(), value.into()));
+            }
+            let mut returned = session.run(fed).map_err(ort_error)?;
+            let mut kept = Vec::new();
+            for (name, keep) in &segment.outputs {
+                let value = returned
+                    .remove(name.as_str())
+                    .ok_or_else(|| Error::internal(format!("ONNX Runtime returned no tensor '{name}'")))?;
+                if self.outputs.contains(name) {
+                    let t =
+                        to_tract(&value).map_err(|e| Error::Runtime(format!("ONNX Runtime's tensor '{name}': {e}")))?;
+                    take(name, t)?;
+                }
+                if *keep {
+                    kept.push((name.clone(), value));
+                }
+            }
+            drop(returned);
+            carried.extend(kept);
+            for name in &segment.last_read {
+                carried.remove(name);
+            }
         }
-        Ok(values)
+        Ok(())
     }
 
     /// How many samples run at once, each in a session of its own.
@@ -98,8 +146,8 @@ impl OrtRunner {
         rayon::current_num_threads().clamp(1, 2)
     }
 
-    /// A session no other sample runs in, else (more threads than sessions) the first to free up.
-    fn free_session(&self) -> Result<std::sync::MutexGuard<'_, Session>> {
+    /// Sessions no other sample runs in, else (more threads than sessions) the first to free up.
+    fn free_sessions(&self) -> Result<std::sync::MutexGuard<'_, Vec<Session>>> {
         for s in &self.sessions {
             if let Ok(guard) = s.try_lock() {
                 return Ok(guard);
@@ -117,11 +165,233 @@ impl OrtRunner {
         for (name, value) in self.input_names.iter().zip(&inputs) {
             visit(name, value)?;
         }
-        for (name, value) in self.outputs.iter().zip(self.run(inputs)?) {
-            visit(name, &value)?;
-        }
-        Ok(())
+        self.run_segments(inputs, |name, t| visit(name, &t))
     }
+}
+
+/// Requested tensors per segment: a segment returns this many of them at most, besides what it
+/// carries on (ppocr_v3_det's 166 observed tensors run as 6 segments).
+const SEGMENT_TENSORS: usize = 32;
+
+/// A consecutive run of the graph's nodes (in the protobuf's topological order), loaded as a
+/// session of its own.
+struct Segment {
+    /// Its nodes: `graph.node[nodes]`.
+    nodes: std::ops::Range<usize>,
+    /// What it is fed: graph inputs and earlier segments' outputs, in first-read order.
+    inputs: Vec<String>,
+    /// What it returns, in node order, and whether a later segment reads it (carried on).
+    outputs: Vec<(String, bool)>,
+    /// Its inputs no later segment reads: dropped after it.
+    last_read: Vec<String>,
+}
+
+impl Segment {
+    /// Cuts `graph` into segments of about `SEGMENT_TENSORS` of the `requested` tensors each
+    /// (one segment for a graph with subgraphs, whose outer-scope reads are not followed).
+    /// `returned`: every tensor the runner returns (graph outputs and `requested`).
+    fn split(graph: &crate::proto::GraphProto, requested: &[String], returned: &[String]) -> Vec<Segment> {
+        use std::collections::HashSet;
+        let requested: HashSet<&str> = requested.iter().map(String::as_str).collect();
+        let returned: HashSet<&str> = returned.iter().map(String::as_str).collect();
+        let has_subgraphs = graph
+            .node
+            .iter()
+            .any(|n| n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()));
+        let mut cuts = vec![0];
+        if !has_subgraphs {
+            let mut in_segment = 0;
+            for (i, node) in graph.node.iter().enumerate() {
+                in_segment += node.output.iter().filter(|o| requested.contains(o.as_str())).count();
+                if in_segment >= SEGMENT_TENSORS && i + 1 < graph.node.len() {
+                    cuts.push(i + 1);
+                    in_segment = 0;
+                }
+            }
+        }
+        cuts.push(graph.node.len());
+        let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
+        let ranges: Vec<std::ops::Range<usize>> = cuts.windows(2).map(|w| w[0]..w[1]).collect();
+        // Each segment's inputs: what its nodes read that they do not produce.
+        let inputs: Vec<Vec<String>> = ranges
+            .iter()
+            .map(|r| {
+                let nodes = &graph.node[r.clone()];
+                let produced: HashSet<&str> = nodes.iter().flat_map(|n| n.output.iter().map(String::as_str)).collect();
+                let mut read: Vec<String> = Vec::new();
+                for name in nodes.iter().flat_map(|n| &n.input) {
+                    let fresh = !name.is_empty()
+                        && !produced.contains(name.as_str())
+                        && !initializers.contains(name.as_str())
+                        && !read.contains(name);
+                    if fresh {
+                        read.push(name.clone());
+                    }
+                }
+                read
+            })
+            .collect();
+        let mut segments = Vec::with_capacity(ranges.len());
+        for (k, range) in ranges.iter().enumerate() {
+            let read_later = |name: &str| inputs[k + 1..].iter().any(|i| i.iter().any(|n| n == name));
+            let mut outputs = Vec::new();
+            for name in graph.node[range.clone()].iter().flat_map(|n| &n.output) {
+                let keep = read_later(name);
+                if !name.is_empty() && (keep || returned.contains(name.as_str())) {
+                    outputs.push((name.clone(), keep));
+                }
+            }
+            let last_read = inputs[k].iter().filter(|n| !read_later(n)).cloned().collect();
+            segments.push(Segment {
+                nodes: range.clone(),
+                inputs: inputs[k].clone(),
+                outputs,
+                last_read,
+            });
+        }
+        segments
+    }
+
+    /// The segment as a model of its own: its nodes, the initializers they read, its inputs
+    /// typed (graph inputs as declared, carried tensors from `types`), its outputs by name.
+    fn model(
+        &self,
+        proto: &crate::proto::ModelProto,
+        types: &std::collections::HashMap<String, i32>,
+    ) -> Result<crate::proto::ModelProto> {
+        use crate::proto::type_proto::{Tensor as TensorType, Value};
+        use crate::proto::{TypeProto, ValueInfoProto};
+        let graph = proto
+            .graph
+            .as_ref()
+            .ok_or_else(|| Error::internal("a model without a graph"))?;
+        let nodes = &graph.node[self.nodes.clone()];
+        let read: std::collections::HashSet<&str> =
+            nodes.iter().flat_map(|n| n.input.iter().map(String::as_str)).collect();
+        let mut inputs = Vec::with_capacity(self.inputs.len());
+        for name in &self.inputs {
+            match graph.input.iter().find(|i| i.name() == name) {
+                Some(declared) => inputs.push(declared.clone()),
+                None => {
+                    let elem_type = *types
+                        .get(name)
+                        .ok_or_else(|| Error::internal(format!("no element type for carried tensor '{name}'")))?;
+                    inputs.push(ValueInfoProto {
+                        name: Some(name.clone()),
+                        r#type: Some(TypeProto {
+                            value: Some(Value::TensorType(TensorType {
+                                elem_type: Some(elem_type),
+                                shape: None,
+                            })),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        let g = crate::proto::GraphProto {
+            name: graph.name.clone(),
+            node: nodes.to_vec(),
+            initializer: graph
+                .initializer
+                .iter()
+                .filter(|t| read.contains(t.name()))
+                .cloned()
+                .collect(),
+            input: inputs,
+            output: self
+                .outputs
+                .iter()
+                .map(|(name, _)| ValueInfoProto {
+                    name: Some(name.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        Ok(crate::proto::ModelProto {
+            ir_version: proto.ir_version,
+            opset_import: proto.opset_import.clone(),
+            functions: proto.functions.clone(),
+            graph: Some(g),
+            ..Default::default()
+        })
+    }
+}
+
+/// The ONNX element type of each tensor carried from one segment to a later one, from a session
+/// of the whole model returning them (loaded, never run). Empty for a single segment.
+fn carried_types(
+    environment: &Environment,
+    proto: &crate::proto::ModelProto,
+    segments: &[Segment],
+) -> Result<std::collections::HashMap<String, i32>> {
+    let graph = proto
+        .graph
+        .as_ref()
+        .ok_or_else(|| Error::internal("a model without a graph"))?;
+    let mut carried: Vec<String> = Vec::new();
+    for segment in segments.iter().skip(1) {
+        for name in &segment.inputs {
+            if !graph.input.iter().any(|i| i.name() == name) && !carried.contains(name) {
+                carried.push(name.clone());
+            }
+        }
+    }
+    if carried.is_empty() {
+        return Ok(Default::default());
+    }
+    let mut whole = proto.clone();
+    add_outputs(&mut whole, &carried);
+    let typing = session(environment, 1, &prost::Message::encode_to_vec(&whole))?;
+    let mut types = std::collections::HashMap::new();
+    for outlet in typing.outputs() {
+        if let ValueType::Tensor { ty, .. } = outlet.dtype() {
+            if let Some(code) = onnx_type(*ty) {
+                types.insert(outlet.name().to_string(), code);
+            }
+        }
+    }
+    Ok(types)
+}
+
+/// A session of `bytes` with `threads` intra-op threads.
+fn session(environment: &Environment, threads: usize, bytes: &[u8]) -> Result<Session> {
+    Session::builder(environment)
+        .and_then(|b| Ok(b.with_intra_threads(threads)?))
+        .and_then(|b| Ok(b.with_deterministic_compute(true)?))
+        // No arena: each of the sessions would keep its own peak of a sample's tensors.
+        .and_then(|b| Ok(b.with_memory_pattern(false)?))
+        .and_then(|b| Ok(b.with_execution_providers([ort::ep::CPU::default().with_arena_allocator(false).build()])?))
+        // int4 DequantizeLinear → MatMul fuses into MatMulNBits, which by default quantizes its
+        // input on the fly; 0 keeps the graph's float maths.
+        .and_then(|b| Ok(b.with_config_entry("session.qdq_matmulnbits_accuracy_level", "0")?))
+        .and_then(|mut b| b.commit_from_memory(bytes))
+        .map_err(ort_error)
+}
+
+/// The ONNX `TensorProto.DataType` code of an ORT element type.
+fn onnx_type(ty: TensorElementType) -> Option<i32> {
+    use crate::proto::tensor_proto::DataType;
+    let t = match ty {
+        TensorElementType::Float32 => DataType::Float,
+        TensorElementType::Uint8 => DataType::Uint8,
+        TensorElementType::Int8 => DataType::Int8,
+        TensorElementType::Uint16 => DataType::Uint16,
+        TensorElementType::Int16 => DataType::Int16,
+        TensorElementType::Int32 => DataType::Int32,
+        TensorElementType::Int64 => DataType::Int64,
+        TensorElementType::String => DataType::String,
+        TensorElementType::Bool => DataType::Bool,
+        TensorElementType::Float16 => DataType::Float16,
+        TensorElementType::Float64 => DataType::Double,
+        TensorElementType::Uint32 => DataType::Uint32,
+        TensorElementType::Uint64 => DataType::Uint64,
+        TensorElementType::Bfloat16 => DataType::Bfloat16,
+        _ => return None,
+    };
+    Some(t as i32)
 }
 
 /// Fails, with the reason, when the library cannot be found or loaded.
@@ -193,21 +463,25 @@ pub fn library_path() -> std::result::Result<PathBuf, String> {
         .ok_or_else(|| format!("{how}; {} holds no {prefix}{suffix}", folder.display()))
 }
 
-/// The model's protobuf with `outputs` as its outputs (the intermediates by name only: ORT
-/// infers their types) and every weight kept on disk read in (the session loads from memory).
-fn model_bytes(model: &Model, outputs: &[String]) -> Result<Vec<u8>> {
-    use crate::proto::tensor_proto::DataLocation;
-    use crate::proto::ValueInfoProto;
-    let mut proto = model.to_proto()?;
+/// Adds `names` to the model's outputs, by name only (ORT infers their types).
+fn add_outputs(proto: &mut crate::proto::ModelProto, names: &[String]) {
     if let Some(g) = proto.graph.as_mut() {
-        for name in outputs {
+        for name in names {
             if !g.output.iter().any(|o| o.name() == name) {
-                g.output.push(ValueInfoProto {
+                g.output.push(crate::proto::ValueInfoProto {
                     name: Some(name.clone()),
                     ..Default::default()
                 });
             }
         }
+    }
+}
+
+/// The model's protobuf with every weight kept on disk read in (sessions load from memory).
+fn model_proto(model: &Model) -> Result<crate::proto::ModelProto> {
+    use crate::proto::tensor_proto::DataLocation;
+    let mut proto = model.to_proto()?;
+    if let Some(g) = proto.graph.as_mut() {
         for t in &mut g.initializer {
             if crate::ir::tensor::on_disk(t).is_some() {
                 let mut bytes = Vec::new();
@@ -219,7 +493,7 @@ fn model_bytes(model: &Model, outputs: &[String]) -> Result<Vec<u8>> {
             }
         }
     }
-    Ok(prost::Message::encode_to_vec(&proto))
+    Ok(proto)
 }
 
 fn ort_error<R>(e: ort::Error<R>) -> Error {
@@ -284,5 +558,94 @@ fn to_tract(v: &DynValue) -> std::result::Result<Tensor, String> {
         TensorElementType::Uint16 => copy!(u16),
         TensorElementType::Bool => copy!(bool),
         other => Err(format!("onnxq reads no {other:?} tensors from ONNX Runtime")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{GraphProto, NodeProto, TensorProto, ValueInfoProto};
+
+    fn node(inputs: &[&str], output: &str) -> NodeProto {
+        NodeProto {
+            op_type: Some("Add".into()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.to_string()],
+            ..Default::default()
+        }
+    }
+
+    /// x → t0 → … → t{n-1} → y, each node adding weight w, node 1 also reading x (a skip from
+    /// the input); every t requested.
+    fn chain(n: usize) -> (GraphProto, Vec<String>) {
+        let mut nodes = vec![node(&["x", "w"], "t0"), node(&["t0", "x"], "t1")];
+        for i in 2..n {
+            nodes.push(node(&[&format!("t{}", i - 1), "w"], &format!("t{i}")));
+        }
+        nodes.push(node(&[&format!("t{}", n - 1), "t0"], "y"));
+        let value = |name: &str| ValueInfoProto {
+            name: Some(name.into()),
+            ..Default::default()
+        };
+        let graph = GraphProto {
+            node: nodes,
+            input: vec![value("x")],
+            output: vec![value("y")],
+            initializer: vec![TensorProto {
+                name: Some("w".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        (graph, (0..n).map(|i| format!("t{i}")).collect())
+    }
+
+    #[test]
+    fn segments_carry_what_later_ones_read_and_drop_it_after_its_last_reader() {
+        let (graph, requested) = chain(2 * SEGMENT_TENSORS + 5);
+        let mut returned = vec!["y".to_string()];
+        returned.extend(requested.iter().cloned());
+        let segments = Segment::split(&graph, &requested, &returned);
+        assert_eq!(segments.len(), 3);
+        // Consecutive and covering every node once.
+        assert_eq!(segments[0].nodes.start, 0);
+        for w in segments.windows(2) {
+            assert_eq!(w[0].nodes.end, w[1].nodes.start);
+        }
+        assert_eq!(segments[2].nodes.end, graph.node.len());
+        // Every requested tensor and the graph output is returned exactly once, by its producer.
+        let mut all: Vec<&str> = segments
+            .iter()
+            .flat_map(|s| s.outputs.iter().map(|(n, _)| n.as_str()))
+            .collect();
+        all.sort();
+        let mut expected: Vec<&str> = returned.iter().map(String::as_str).collect();
+        expected.sort();
+        assert_eq!(all, expected);
+        // t0 (read by the last node) is carried to the end; the weight is never an input.
+        assert!(segments[0].outputs.contains(&("t0".to_string(), true)));
+        assert!(segments[2].inputs.contains(&"t0".to_string()));
+        assert!(segments.iter().all(|s| !s.inputs.contains(&"w".to_string())));
+        // x is read by the first segment only, and dropped after it; the chain's carried tensor
+        // is dropped after the segment that reads it.
+        assert_eq!(segments[0].inputs, vec!["x".to_string()]);
+        assert_eq!(segments[0].last_read, vec!["x".to_string()]);
+        let carried = &segments[1].inputs;
+        assert_eq!(carried.len(), 1, "{carried:?}");
+        assert_eq!(segments[1].last_read, *carried);
+        assert!(segments[2].last_read.contains(&"t0".to_string()));
+    }
+
+    #[test]
+    fn a_graph_with_subgraphs_runs_as_one_segment() {
+        let (mut graph, requested) = chain(3 * SEGMENT_TENSORS);
+        graph.node[5].attribute.push(crate::proto::AttributeProto {
+            name: Some("then_branch".into()),
+            g: Some(GraphProto::default()),
+            ..Default::default()
+        });
+        let segments = Segment::split(&graph, &requested, &requested);
+        assert_eq!(segments.len(), 1);
+        assert_eq!(segments[0].nodes, 0..graph.node.len());
     }
 }
