@@ -231,6 +231,17 @@ impl Segment {
                 read
             })
             .collect();
+        // One segment is the whole graph: every input and initializer, read where they may be
+        // (subgraphs read them from the outer scope too).
+        let inputs = match inputs.len() {
+            1 => vec![graph
+                .input
+                .iter()
+                .map(|i| i.name().to_string())
+                .filter(|n| !initializers.contains(n.as_str()))
+                .collect()],
+            _ => inputs,
+        };
         let mut segments = Vec::with_capacity(ranges.len());
         for (k, range) in ranges.iter().enumerate() {
             let read_later = |name: &str| inputs[k + 1..].iter().any(|i| i.iter().any(|n| n == name));
@@ -266,6 +277,7 @@ impl Segment {
             .as_ref()
             .ok_or_else(|| Error::internal("a model without a graph"))?;
         let nodes = &graph.node[self.nodes.clone()];
+        let whole = self.nodes == (0..graph.node.len());
         let read: std::collections::HashSet<&str> =
             nodes.iter().flat_map(|n| n.input.iter().map(String::as_str)).collect();
         let mut inputs = Vec::with_capacity(self.inputs.len());
@@ -296,7 +308,7 @@ impl Segment {
             initializer: graph
                 .initializer
                 .iter()
-                .filter(|t| read.contains(t.name()))
+                .filter(|t| whole || read.contains(t.name()))
                 .cloned()
                 .collect(),
             input: inputs,
@@ -647,5 +659,10 @@ mod tests {
         let segments = Segment::split(&graph, &requested, &requested);
         assert_eq!(segments.len(), 1);
         assert_eq!(segments[0].nodes, 0..graph.node.len());
+        assert_eq!(
+            segments[0].inputs,
+            vec!["x".to_string()],
+            "every graph input, none of the initializers"
+        );
     }
 }
