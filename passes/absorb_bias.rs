@@ -95,11 +95,7 @@ impl Pass for AbsorbBias {
     }
 
     fn configure(&mut self, options: &serde_yaml::Value) -> std::result::Result<(), String> {
-        self.options = if options.is_null() {
-            Options::default()
-        } else {
-            serde_yaml::from_value(options.clone()).map_err(|e| format!("pass `absorb_bias`: bad options: {e}"))?
-        };
+        self.options = super::parse_options("absorb_bias", options)?;
         if !(self.options.sigmas.is_finite() && self.options.sigmas >= 0.0) {
             return Err(format!(
                 "pass `absorb_bias`: sigmas must be a non-negative number, not {}",

@@ -95,11 +95,7 @@ impl Pass for CorrectBias {
     }
 
     fn configure(&mut self, options: &serde_yaml::Value) -> std::result::Result<(), String> {
-        self.options = if options.is_null() {
-            Options::default()
-        } else {
-            serde_yaml::from_value(options.clone()).map_err(|e| format!("pass `correct_bias`: bad options: {e}"))?
-        };
+        self.options = super::parse_options("correct_bias", options)?;
         Ok(())
     }
 

@@ -195,11 +195,7 @@ impl Pass for EasyQuant {
     }
 
     fn configure(&mut self, options: &serde_yaml::Value) -> std::result::Result<(), String> {
-        let o: Options = if options.is_null() {
-            Options::default()
-        } else {
-            serde_yaml::from_value(options.clone()).map_err(|e| format!("pass `easyquant`: bad options: {e}"))?
-        };
+        let o: Options = super::parse_options("easyquant", options)?;
         o.check()?;
         self.options = o;
         Ok(())

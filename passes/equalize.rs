@@ -142,12 +142,7 @@ impl Pass for Equalize {
     }
 
     fn configure(&mut self, options: &serde_yaml::Value) -> std::result::Result<(), String> {
-        if options.is_null() {
-            self.options = Options::default();
-            return Ok(());
-        }
-        let o: Options =
-            serde_yaml::from_value(options.clone()).map_err(|e| format!("pass `equalize`: bad options: {e}"))?;
+        let o: Options = super::parse_options("equalize", options)?;
         if !(o.tolerance.is_finite() && o.tolerance > 0.0) {
             return Err(format!(
                 "pass `equalize`: tolerance must be a positive number, not {}",

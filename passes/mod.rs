@@ -166,6 +166,17 @@ pub const MEASURES_LAYER_INPUTS: &[&str] = &["gptq", "adaround"];
 /// which calibration's measurement of the layer inputs looks through (easyquant).
 pub const CHANGES_ONLY_SCALES: &[&str] = &["easyquant"];
 
+/// A pass's options from its YAML (`passes: [{name: {option: value}}]`); none given: the defaults.
+pub(crate) fn parse_options<O: serde::de::DeserializeOwned + Default>(
+    pass: &str,
+    options: &serde_yaml::Value,
+) -> std::result::Result<O, String> {
+    if options.is_null() {
+        return Ok(O::default());
+    }
+    serde_yaml::from_value(options.clone()).map_err(|e| format!("pass `{pass}`: bad options: {e}"))
+}
+
 /// What a pass does and its options with their defaults, for `onnxq passes`.
 pub fn describe(name: &str) -> Option<(&'static str, &'static str)> {
     Some(match name {
