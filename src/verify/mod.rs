@@ -385,10 +385,7 @@ pub fn verify(float: &Model, quant: &Model, data: &DataSource, options: &VerifyO
     }
     let run_sample = |i: usize| -> Result<Vec<SampleValue>> {
         let inputs: Vec<TValue> = data.sample(i)?;
-        let label = |which: &str, e: Error| match e {
-            Error::Runtime(m) => Error::Runtime(format!("{} ({which} model): {m}", data.sample_label(i))),
-            other => other,
-        };
+        let label = |which: &str, e: Error| sample_error(data, i, which, e);
         if options.hold_samples {
             let f = float_runner.run(inputs.clone()).map_err(|e| label("float", e))?;
             let q = quant_runner.run(inputs).map_err(|e| label("quantized", e))?;
@@ -409,18 +406,14 @@ pub fn verify(float: &Model, quant: &Model, data: &DataSource, options: &VerifyO
     }
     let parallel = Parallelism::for_samples(per_sample);
     let progress = Progress::new("verifying", data.len() as u64, &parallel.describe());
-    let mut totals: Vec<Totals> = vec![Totals::default(); tracked.len()];
-    let run_and_count = |i: usize| {
-        let values = run_sample(i);
-        progress.advance(1);
-        values
-    };
-    run_samples(data.len(), parallel.samples, run_and_count, |i, values| {
-        add_sample(&mut totals, values, &tracked, output_names.len(), || {
-            data.sample_label(i)
-        })
-    })?;
-    progress.finish();
+    let totals = compare_samples(
+        data,
+        parallel.samples,
+        &progress,
+        &tracked,
+        output_names.len(),
+        run_sample,
+    )?;
 
     build_report(
         Compared {
@@ -472,22 +465,12 @@ fn verify_in_onnxruntime(
     );
     let run_sample = |i: usize| -> Result<Vec<SampleValue>> {
         let inputs: Vec<TValue> = data.sample(i)?;
-        let label = |which: &str, e: Error| match e {
-            Error::Runtime(m) => Error::Runtime(format!("{} ({which} model): {m}", data.sample_label(i))),
-            other => other,
-        };
+        let label = |which: &str, e: Error| sample_error(data, i, which, e);
         let f = float_runner.run(inputs.clone()).map_err(|e| label("float", e))?;
         let q = quant_runner.run(inputs).map_err(|e| label("quantized", e))?;
-        progress.advance(1);
         slots.iter().map(|&(fs, qs)| compare_tensors(&f[fs], &q[qs])).collect()
     };
-    let mut totals: Vec<Totals> = vec![Totals::default(); tracked.len()];
-    run_samples(data.len(), parallel, run_sample, |i, values| {
-        add_sample(&mut totals, values, &tracked, output_names.len(), || {
-            data.sample_label(i)
-        })
-    })?;
-    progress.finish();
+    let totals = compare_samples(data, parallel, &progress, &tracked, output_names.len(), run_sample)?;
     build_report(
         Compared {
             samples: data.len(),
@@ -520,27 +503,47 @@ fn shared_outputs(float: &Model, quant: &Model) -> Result<Vec<String>> {
     Ok(output_names)
 }
 
-/// Adds one sample's compared values to the totals of each tracked pair; a mismatch is an error
-/// on an output (the first `outputs` pairs), and leaves a layer out.
-fn add_sample(
-    totals: &mut [Totals],
-    values: Vec<SampleValue>,
+/// A run error of sample `i` of `data` in the `which` model, saying which.
+fn sample_error(data: &DataSource, i: usize, which: &str, e: Error) -> Error {
+    match e {
+        Error::Runtime(m) => Error::Runtime(format!("{} ({which} model): {m}", data.sample_label(i))),
+        other => other,
+    }
+}
+
+/// Runs `run_sample` (each tracked pair's values of one sample) over every sample of `data`,
+/// `parallel` at once, advancing `progress`, and sums each pair's values in sample order. A
+/// mismatch is an error on an output (the first `outputs` pairs), and leaves a layer out.
+fn compare_samples(
+    data: &DataSource,
+    parallel: usize,
+    progress: &Progress,
     tracked: &[(String, String)],
     outputs: usize,
-    sample: impl Fn() -> String,
-) -> Result<()> {
-    for (k, value) in values.into_iter().enumerate() {
-        if let Err(m) = totals[k].add(value) {
-            if k < outputs {
-                return Err(Error::Verification(format!(
-                    "output '{}', {}: {m}",
-                    tracked[k].0,
-                    sample()
-                )));
+    run_sample: impl Fn(usize) -> Result<Vec<SampleValue>> + Sync,
+) -> Result<Vec<Totals>> {
+    let mut totals: Vec<Totals> = vec![Totals::default(); tracked.len()];
+    let run_and_count = |i: usize| {
+        let values = run_sample(i);
+        progress.advance(1);
+        values
+    };
+    run_samples(data.len(), parallel, run_and_count, |i, values| {
+        for (k, value) in values.into_iter().enumerate() {
+            if let Err(m) = totals[k].add(value) {
+                if k < outputs {
+                    return Err(Error::Verification(format!(
+                        "output '{}', {}: {m}",
+                        tracked[k].0,
+                        data.sample_label(i)
+                    )));
+                }
             }
         }
-    }
-    Ok(())
+        Ok(())
+    })?;
+    progress.finish();
+    Ok(totals)
 }
 
 /// What a comparison run measured, for [`build_report`].
