@@ -119,16 +119,16 @@ impl OrtRunner {
             }
             let mut returned = session.run(fed).map_err(ort_error)?;
             let mut kept = Vec::new();
-            for (name, keep) in &segment.outputs {
+            for Returned { name, shown, carried } in &segment.outputs {
                 let value = returned
                     .remove(name.as_str())
                     .ok_or_else(|| Error::internal(format!("ONNX Runtime returned no tensor '{name}'")))?;
-                if self.outputs.contains(name) {
+                if *shown {
                     let t =
                         to_tract(&value).map_err(|e| Error::Runtime(format!("ONNX Runtime's tensor '{name}': {e}")))?;
                     take(name, t)?;
                 }
-                if *keep {
+                if *carried {
                     kept.push((name.clone(), value));
                 }
             }
@@ -180,10 +180,20 @@ struct Segment {
     nodes: std::ops::Range<usize>,
     /// What it is fed: graph inputs and earlier segments' outputs, in first-read order.
     inputs: Vec<String>,
-    /// What it returns, in node order, and whether a later segment reads it (carried on).
-    outputs: Vec<(String, bool)>,
+    /// What it returns, in node order.
+    outputs: Vec<Returned>,
     /// Its inputs no later segment reads: dropped after it.
     last_read: Vec<String>,
+}
+
+/// A tensor a segment returns.
+#[derive(Debug, PartialEq)]
+struct Returned {
+    name: String,
+    /// One the runner returns: shown to the caller.
+    shown: bool,
+    /// Read by a later segment: carried on.
+    carried: bool,
 }
 
 impl Segment {
@@ -247,9 +257,13 @@ impl Segment {
             let read_later = |name: &str| inputs[k + 1..].iter().any(|i| i.iter().any(|n| n == name));
             let mut outputs = Vec::new();
             for name in graph.node[range.clone()].iter().flat_map(|n| &n.output) {
-                let keep = read_later(name);
-                if !name.is_empty() && (keep || returned.contains(name.as_str())) {
-                    outputs.push((name.clone(), keep));
+                let (shown, carried) = (returned.contains(name.as_str()), read_later(name));
+                if !name.is_empty() && (shown || carried) {
+                    outputs.push(Returned {
+                        name: name.clone(),
+                        shown,
+                        carried,
+                    });
                 }
             }
             let last_read = inputs[k].iter().filter(|n| !read_later(n)).cloned().collect();
@@ -315,8 +329,8 @@ impl Segment {
             output: self
                 .outputs
                 .iter()
-                .map(|(name, _)| ValueInfoProto {
-                    name: Some(name.clone()),
+                .map(|r| ValueInfoProto {
+                    name: Some(r.name.clone()),
                     ..Default::default()
                 })
                 .collect(),
@@ -628,14 +642,18 @@ mod tests {
         // Every requested tensor and the graph output is returned exactly once, by its producer.
         let mut all: Vec<&str> = segments
             .iter()
-            .flat_map(|s| s.outputs.iter().map(|(n, _)| n.as_str()))
+            .flat_map(|s| s.outputs.iter().map(|r| r.name.as_str()))
             .collect();
         all.sort();
         let mut expected: Vec<&str> = returned.iter().map(String::as_str).collect();
         expected.sort();
         assert_eq!(all, expected);
         // t0 (read by the last node) is carried to the end; the weight is never an input.
-        assert!(segments[0].outputs.contains(&("t0".to_string(), true)));
+        assert!(segments[0].outputs.contains(&Returned {
+            name: "t0".into(),
+            shown: true,
+            carried: true
+        }));
         assert!(segments[2].inputs.contains(&"t0".to_string()));
         assert!(segments.iter().all(|s| !s.inputs.contains(&"w".to_string())));
         // x is read by the first segment only, and dropped after it; the chain's carried tensor
