@@ -163,18 +163,10 @@ fn setup(calibration: usize, seed: u64) -> (tempfile::TempDir, Model, DataSource
 
 /// Per-channel weights of `bits` bits in int8, uint8 activations of `bits` bits, minmax ranges.
 fn plan(model: &Model, stats: &CalibrationStats, bits: u32) -> Plan {
-    use onnxq::quant::plan::{build_plan, Overrides, PlanOptions};
-    use onnxq::quant::rules::Target;
-    let mut rules = Target::Generic.rules();
-    rules.weights.bits = Some(bits);
-    rules.activations.bits = Some(bits);
-    let options = PlanOptions {
-        target: Target::Generic,
-        rules,
-        method: onnxq::calib::observers::Method::MinMax,
-        overrides: Overrides::default(),
-    };
-    build_plan(model, stats, &options).unwrap()
+    minmax_plan(model, stats, |rules| {
+        rules.weights.bits = Some(bits);
+        rules.activations.bits = Some(bits);
+    })
 }
 
 /// The cosine of output `y` of the model `plan` quantizes with the float one's, over `eval`.

@@ -342,11 +342,22 @@ pub fn per_tensor_minmax_plan(
     stats: &onnxq::calib::stats::CalibrationStats,
     dtype: onnxq::quant::params::QuantDtype,
 ) -> onnxq::quant::plan::Plan {
+    minmax_plan(model, stats, |rules| {
+        rules.per_channel_weights = false;
+        rules.weights.dtype = dtype;
+    })
+}
+
+/// The generic target's plan with min/max ranges, its rules changed by `edit`.
+pub fn minmax_plan(
+    model: &onnxq::ir::Model,
+    stats: &onnxq::calib::stats::CalibrationStats,
+    edit: impl FnOnce(&mut onnxq::quant::rules::TargetRules),
+) -> onnxq::quant::plan::Plan {
     use onnxq::quant::plan::{build_plan, Overrides, PlanOptions};
     use onnxq::quant::rules::Target;
     let mut rules = Target::Generic.rules();
-    rules.per_channel_weights = false;
-    rules.weights.dtype = dtype;
+    edit(&mut rules);
     let options = PlanOptions {
         target: Target::Generic,
         rules,
