@@ -300,7 +300,12 @@ pub fn sensitivity(
         .mixed_precision
         .as_ref()
         .map_or(crate::pipeline::config::DEFAULT_MIXED_SAMPLES, |m| m.samples);
-    let probe = crate::quant::probe::Probe::new(&model, source, samples.min(crate::quant::mixed::RANKING_SAMPLES))?;
+    let probe = crate::quant::probe::Probe::new(
+        &model,
+        source,
+        samples.min(crate::quant::mixed::RANKING_SAMPLES),
+        config.engine,
+    )?;
     let with_int16 = config.target != crate::quant::rules::Target::Tensorrt;
     eprintln!(
         "onnxq: measuring {} layers on {} samples (noise bisection, at most {} runs)",

@@ -162,7 +162,8 @@ enum Command {
     },
     /// Per-layer sensitivity: for each layer the plan quantizes, the output SQNR with only that
     /// layer quantized (int8, and int16 activations) and with every layer but that one, measured
-    /// in tract on calibration samples; ranked, most sensitive first.
+    /// in the config's engine (tract unless `engine:` says otherwise) on calibration samples;
+    /// ranked, most sensitive first.
     Sensitivity {
         model: PathBuf,
         /// The YAML configuration (passes, calibration, target, overrides, mixed_precision.samples).

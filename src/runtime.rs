@@ -91,6 +91,22 @@ impl EngineRunner {
         }
     }
 
+    /// Runs one sample; the tensors come back in [`EngineRunner::outputs`] order.
+    pub fn run(&self, inputs: Vec<TValue>) -> Result<Vec<TValue>> {
+        Ok(match self {
+            EngineRunner::Tract(r) => r.run(inputs)?.into_iter().collect(),
+            EngineRunner::Onnxruntime(r) => r.run(inputs)?.into_iter().map(Tensor::into_tvalue).collect(),
+        })
+    }
+
+    /// Names of the tensors `run` returns: the graph outputs, then the requested intermediates.
+    pub fn outputs(&self) -> &[String] {
+        match self {
+            EngineRunner::Tract(r) => &r.outputs,
+            EngineRunner::Onnxruntime(r) => &r.outputs,
+        }
+    }
+
     /// [`Runner::run_visiting`]: each input, then each returned tensor, by ONNX name.
     pub fn run_visiting(&self, inputs: Vec<TValue>, visit: impl FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
         match self {

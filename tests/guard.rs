@@ -85,7 +85,7 @@ fn switched_variants_compute_the_float_model_when_off_and_the_corrected_plan_whe
     let source = ctx.calibration.as_ref().unwrap();
     let nothing = plan.restricted_to(&BTreeSet::new());
 
-    let probe = Probe::against(float, &prepared, source, 4).unwrap();
+    let probe = Probe::against(float, &prepared, source, 4, onnxq::runtime::Engine::Tract).unwrap();
     // What a reference with the corrected biases would count as noise with nothing quantized.
     let shift = probe.noise(&nothing).unwrap();
     assert!(shift.iter().all(|&n| n > 0.0), "{shift:?}");
@@ -100,7 +100,7 @@ fn switched_variants_compute_the_float_model_when_off_and_the_corrected_plan_whe
         .graph
         .constants
         .insert("b2".into(), prepared.graph.constants["b2"].clone());
-    let b2_alone = Probe::against(float, &only_b2, source, 4)
+    let b2_alone = Probe::against(float, &only_b2, source, 4, onnxq::runtime::Engine::Tract)
         .unwrap()
         .noise(&nothing)
         .unwrap();

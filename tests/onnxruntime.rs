@@ -3,6 +3,8 @@
 //! with `ORT_DYLIB_PATH` set to the library of its venv): calibration in ONNX Runtime gives the
 //! ranges tract gives, the same whatever the thread count, and the main job runs end to end.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -10,6 +12,7 @@ use onnxq::calib::data::InputSpec;
 use onnxq::calib::source::DataSource;
 use onnxq::calib::stats::{collect_observing, CalibrationStats};
 use onnxq::pipeline::config::Config;
+use onnxq::quant::probe::Probe;
 use onnxq::runtime::Engine;
 
 const MODEL: &str = "models/ppocr_mobile_v2_cls.onnx";
@@ -192,6 +195,10 @@ fn the_main_job_calibrates_in_onnxruntime_and_says_so() {
     };
     let (err, ort_report, ort_bytes) = run("onnxruntime");
     assert!(err.contains("samples/s, onnxruntime)"), "{err}");
+    assert!(
+        err.contains("samples in onnxruntime"),
+        "the guard measures in it too: {err}"
+    );
     assert_eq!(ort_report["quantization"]["engine"], "onnxruntime");
     let (_, tract_report, tract_bytes) = run("");
     assert_eq!(tract_report["quantization"]["engine"], "tract");
@@ -266,5 +273,54 @@ fn verification_in_onnxruntime_runs_the_written_model_and_agrees_with_tract_s() 
         "tract {} dB, onnxruntime {} dB",
         sqnr(&t),
         sqnr(&o)
+    );
+}
+
+#[test]
+#[ignore = "needs the ONNX Runtime library: ORT_DYLIB_PATH or python3's onnxruntime package (CI runs it)"]
+fn the_guard_s_probe_in_onnxruntime_measures_what_onnxruntime_runs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = onnxq::onnx::load_model(&root.join("models/crepe_tiny.onnx")).unwrap();
+    let calib = root.join("models/crepe_tiny.calib.npz");
+    let yaml = format!("calibration: {{data: {:?}}}\n", calib.to_str().unwrap());
+    let config = Config::parse(&yaml, Path::new("q.yaml")).unwrap();
+    let source = DataSource::open(config.calibration.as_ref().unwrap(), &InputSpec::of_graph(&model.graph)).unwrap();
+    let stats = collect_observing(
+        &model,
+        &source,
+        source.fingerprints().unwrap(),
+        &|_| true,
+        Engine::Tract,
+    )
+    .unwrap();
+    let plan = common::minmax_plan(&model, &stats, |_| {});
+    let in_ort = Probe::new(&model, &source, 4, Engine::Onnxruntime).unwrap();
+    assert_eq!(in_ort.engine(), Engine::Onnxruntime);
+    // The written Q/DQ model, run as it is by ONNX Runtime's kernels.
+    let written = in_ort.sqnr_db(&in_ort.noise(&plan).unwrap());
+    // The switched model (float fake-quant) in ONNX Runtime: every layer on, and every one off.
+    let none = plan.restricted_to(&Default::default());
+    let switched = in_ort
+        .variants(&plan)
+        .unwrap()
+        .noises(&[plan.clone(), none], "test")
+        .unwrap();
+    let (all_on, all_off) = (in_ort.sqnr_db(&switched[0]), in_ort.sqnr_db(&switched[1]));
+    assert!(written > 20.0, "{written} dB");
+    assert!(
+        (all_on - written).abs() < 0.05,
+        "switched model {all_on} dB, written model {written} dB in ONNX Runtime"
+    );
+    assert!(
+        all_off > 100.0,
+        "every switch off computes the float model: {all_off} dB"
+    );
+    // tract measures the same model within its float arithmetic's reach.
+    let in_tract = Probe::new(&model, &source, 4, Engine::Tract).unwrap();
+    let tract = in_tract.sqnr_db(&in_tract.noise(&plan).unwrap());
+    eprintln!("written {written} dB, switched {all_on} dB (off: {all_off} dB) in ONNX Runtime; tract {tract} dB");
+    assert!(
+        (tract - written).abs() < 0.5,
+        "tract {tract} dB, ONNX Runtime {written} dB"
     );
 }

@@ -1721,7 +1721,7 @@ fn a_search_can_measure_float16_layers_without_their_activation_rounding() {
     assert_eq!(casts_to_half(&lowered), 0, "every activation rounding went");
 
     let data = open_data(&float, &calib);
-    let probe = onnxq::quant::probe::Probe::new(&float, &data, 4).unwrap();
+    let probe = onnxq::quant::probe::Probe::new(&float, &data, 4, onnxq::runtime::Engine::Tract).unwrap();
     let total = |n: Vec<Vec<f64>>| onnxq::quant::probe::sum_samples(&n)[0];
     let exact = total(probe.sample_noise(&mixed).unwrap());
     let unrounded = total(probe.sample_noise_unrounded(&mixed).unwrap());

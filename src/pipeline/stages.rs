@@ -284,6 +284,7 @@ impl Pass for Plan {
 pub struct MixedPrecision {
     goal: crate::quant::mixed::Goal,
     samples: usize,
+    engine: crate::runtime::Engine,
 }
 
 impl MixedPrecision {
@@ -292,6 +293,7 @@ impl MixedPrecision {
         Some(MixedPrecision {
             goal: config.mixed_precision_goal()?,
             samples: config.mixed_precision.as_ref()?.samples,
+            engine: config.engine,
         })
     }
 }
@@ -312,11 +314,12 @@ impl Pass for MixedPrecision {
         let started = Instant::now();
         let (model, plan_measured) = measurable(model, ctx.control_flow.as_ref(), plan)?;
         let (model, plan_measured) = (model.as_ref(), &plan_measured);
-        let probe = crate::quant::probe::Probe::new(model, source, self.samples)?;
+        let probe = crate::quant::probe::Probe::new(model, source, self.samples, self.engine)?;
         eprintln!(
-            "onnxq: mixed precision: measuring {} layers on {} samples",
+            "onnxq: mixed precision: measuring {} layers on {} samples in {}",
             plan.layers().len(),
-            probe.samples()
+            probe.samples(),
+            probe.engine().name()
         );
         let assignment = crate::quant::mixed::assign(
             model,
@@ -369,6 +372,7 @@ const GUARD_WEIGHT_COPIES: u64 = 5;
 /// output the most, measured on a few calibration samples, within the configured budget.
 pub struct Guard {
     settings: crate::quant::guard::GuardSettings,
+    engine: crate::runtime::Engine,
 }
 
 impl Guard {
@@ -376,6 +380,7 @@ impl Guard {
     pub fn new(config: &Config) -> Option<Guard> {
         Some(Guard {
             settings: config.guard_settings()?,
+            engine: config.engine,
         })
     }
 }
@@ -425,11 +430,13 @@ impl Pass for Guard {
         let started = Instant::now();
         let (measured, plan_measured) = measurable(model, ctx.control_flow.as_ref(), plan)?;
         let reference = crate::calib::control_flow::runnable(ctx.control_flow.as_ref(), float)?;
-        let probe = crate::quant::probe::Probe::against(&reference, &measured, source, self.settings.samples)?;
+        let probe =
+            crate::quant::probe::Probe::against(&reference, &measured, source, self.settings.samples, self.engine)?;
         eprintln!(
-            "onnxq: guard: measuring {} layers on {} samples",
+            "onnxq: guard: measuring {} layers on {} samples in {}",
             plan_measured.layers().len(),
-            probe.samples()
+            probe.samples(),
+            probe.engine().name()
         );
         // int16 Q/DQ need opset 21; the opset cannot be raised under inlined If branches.
         let mut settings = self.settings.clone();

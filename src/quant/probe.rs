@@ -1,10 +1,12 @@
-//! Output noise of quantized variants of one float model, measured in tract on a fixed set of
-//! samples: the measuring instrument of the mixed-precision search (`quant::mixed`).
+//! Output noise of quantized variants of one float model, measured in the job's engine (tract
+//! or ONNX Runtime) on a fixed set of samples: the measuring instrument of the mixed-precision
+//! search (`quant::mixed`) and the guard.
 //!
 //! The float model runs once; its outputs are kept. Each variant (a plan applied to the model,
 //! which is the float model, or the float model with the plan passes' corrected biases: see
-//! [`Probe::against`]) is materialised, lowered to float fake-quant arithmetic like `verify`
-//! does, and run on the same samples; its noise is Σ(f − q)² per float output, summed in sample order, so the
+//! [`Probe::against`]) is materialised and run on the same samples: in tract lowered to float
+//! fake-quant arithmetic like `verify` does, in ONNX Runtime as written (its Q/DQ kernels, as
+//! users deploy it); its noise is Σ(f − q)² per float output, summed in sample order, so the
 //! figures do not depend on the thread count.
 //!
 //! Memory: a run keeps only the model outputs (tract drops every other tensor after its last
@@ -20,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::ir::Model;
 use crate::quant::plan::Plan;
 use crate::runtime::memory::{on_threads, Parallelism};
-use crate::runtime::{to_f32_vec, Runner};
+use crate::runtime::{to_f32_vec, Engine, EngineRunner};
 use crate::verify::lower::lower_all_qdq;
 use crate::verify::metrics::sqnr_from_sums;
 
@@ -32,6 +34,7 @@ pub struct Probe<'a> {
     model: &'a Model,
     data: &'a DataSource,
     samples: usize,
+    engine: Engine,
     shapes: Vec<(String, DatumType, Vec<usize>)>,
     /// Indices of the float outputs (integer outputs are not compared).
     compared: Vec<usize>,
@@ -58,15 +61,21 @@ const RESAMPLES: usize = 1000;
 const LOWER_PERCENTILE: f64 = 10.0;
 
 impl<'a> Probe<'a> {
-    /// Runs the float model on the first `samples` samples of `data`.
-    pub fn new(float: &'a Model, data: &'a DataSource, samples: usize) -> Result<Probe<'a>> {
-        Probe::against(float, float, data, samples)
+    /// Runs the float model on the first `samples` samples of `data` in `engine`.
+    pub fn new(float: &'a Model, data: &'a DataSource, samples: usize, engine: Engine) -> Result<Probe<'a>> {
+        Probe::against(float, float, data, samples, engine)
     }
 
     /// A probe whose variants are plans applied to `model`, measured against the outputs of
     /// `float`: the same graph, whose biases the plan passes changed in `model` (bias correction
     /// corrects what quantization shifts, so against the float model itself it adds noise).
-    pub fn against(float: &'a Model, model: &'a Model, data: &'a DataSource, samples: usize) -> Result<Probe<'a>> {
+    pub fn against(
+        float: &'a Model,
+        model: &'a Model,
+        data: &'a DataSource,
+        samples: usize,
+        engine: Engine,
+    ) -> Result<Probe<'a>> {
         let samples = samples.min(data.len());
         if samples == 0 {
             return Err(Error::Usage(
@@ -74,20 +83,21 @@ impl<'a> Probe<'a> {
             ));
         }
         let shapes = data.sample_shapes()?;
-        let runner = Runner::new(float, &shapes, &[])?;
-        let parallel = Parallelism::for_samples(runner.sample_bytes()?).samples;
+        let runner = EngineRunner::new(engine, float, &shapes, &[])?;
+        let parallel = runner.parallelism()?.samples;
         let outputs = on_threads(parallel, || {
-            runner.run_all(
-                samples,
-                |i| data.sample(i),
-                |_, outs| {
-                    outs.iter()
+            (0..samples)
+                .into_par_iter()
+                .map(|i| {
+                    runner
+                        .run(data.sample(i)?)?
+                        .iter()
                         .map(|v| Ok((v.datum_type(), to_f32_vec(v)?)))
                         .collect::<Result<Vec<_>>>()
-                },
-            )
+                })
+                .collect::<Result<Vec<_>>>()
         })??;
-        let compared: Vec<usize> = (0..runner.outputs.len())
+        let compared: Vec<usize> = (0..runner.outputs().len())
             .filter(|&k| outputs[0][k].0.is_float())
             .collect();
         if compared.is_empty() {
@@ -116,8 +126,9 @@ impl<'a> Probe<'a> {
             model,
             data,
             samples,
+            engine,
             shapes,
-            output_names: compared.iter().map(|&k| runner.outputs[k].clone()).collect(),
+            output_names: compared.iter().map(|&k| runner.outputs()[k].clone()).collect(),
             compared,
             float_outputs,
             signal,
@@ -130,6 +141,11 @@ impl<'a> Probe<'a> {
         self.samples
     }
 
+    /// The engine the variants run in.
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
     /// The same probe on its first `samples` samples (the float outputs are copied, not rerun).
     pub fn first(&self, samples: usize) -> Probe<'a> {
         let samples = samples.clamp(1, self.samples);
@@ -139,6 +155,7 @@ impl<'a> Probe<'a> {
             model: self.model,
             data: self.data,
             samples,
+            engine: self.engine,
             shapes: self.shapes.clone(),
             compared: self.compared.clone(),
             output_names: self.output_names.clone(),
@@ -160,8 +177,8 @@ impl<'a> Probe<'a> {
     }
 
     /// [`Probe::sample_noise`] without the float16 rounding of activations
-    /// (`verify::lower::skip_float16_rounding`): a search's estimate, much faster once layers are
-    /// float16; the same as exact when the plan has none.
+    /// (`verify::lower::skip_float16_rounding`): a search's estimate, much faster in tract once
+    /// layers are float16; the same as exact when the plan has none, and in ONNX Runtime.
     pub fn sample_noise_unrounded(&self, plan: &Plan) -> Result<SampleNoise> {
         self.sample_noise_of_written(plan, true)
     }
@@ -169,31 +186,35 @@ impl<'a> Probe<'a> {
     fn sample_noise_of_written(&self, plan: &Plan, unrounded: bool) -> Result<SampleNoise> {
         let mut model = self.model.clone();
         crate::quant::materialize::materialize(&mut model, plan)?;
-        let mut lowered = lower_all_qdq(&model)?;
-        if unrounded {
-            crate::verify::lower::skip_float16_rounding(&mut lowered.graph)?;
-        }
-        let runner = Runner::new(&lowered, &self.shapes, &[])?;
+        let runner = match self.engine {
+            Engine::Tract => {
+                let mut lowered = lower_all_qdq(&model)?;
+                if unrounded {
+                    crate::verify::lower::skip_float16_rounding(&mut lowered.graph)?;
+                }
+                EngineRunner::new(Engine::Tract, &lowered, &self.shapes, &[])?
+            }
+            Engine::Onnxruntime => EngineRunner::new(Engine::Onnxruntime, &model, &self.shapes, &[])?,
+        };
         self.noise_of(&runner, &[])
     }
 
     /// Each sample's noise of `runner`'s model, fed each sample followed by `extra`.
-    fn noise_of(&self, runner: &Runner, extra: &[TValue]) -> Result<SampleNoise> {
+    fn noise_of(&self, runner: &EngineRunner, extra: &[TValue]) -> Result<SampleNoise> {
         on_threads(self.parallel, || {
-            runner.run_all(
-                self.samples,
-                |i| {
+            (0..self.samples)
+                .into_par_iter()
+                .map(|i| {
                     let mut inputs = self.data.sample(i)?;
                     inputs.extend(extra.iter().cloned());
-                    Ok(inputs)
-                },
-                |i, outs| self.compare(i, runner, &outs),
-            )
+                    self.compare(i, runner.outputs(), &runner.run(inputs)?)
+                })
+                .collect()
         })?
     }
 
-    /// Σ(f − q)² per compared output of sample `i`, `outs` being what `runner` returned.
-    fn compare(&self, i: usize, runner: &Runner, outs: &[TValue]) -> Result<Vec<f64>> {
+    /// Σ(f − q)² per compared output of sample `i`, `outs` being the tensors named `names`.
+    fn compare(&self, i: usize, names: &[String], outs: &[TValue]) -> Result<Vec<f64>> {
         self.compared
             .iter()
             .zip(&self.float_outputs[i])
@@ -202,7 +223,7 @@ impl<'a> Probe<'a> {
                 if q.len() != f.len() {
                     return Err(Error::Runtime(format!(
                         "output '{}' has {} values in the quantized model, {} in the float one",
-                        runner.outputs[k],
+                        names[k],
                         q.len(),
                         f.len()
                     )));
@@ -219,7 +240,7 @@ impl<'a> Probe<'a> {
         let switched = crate::quant::switched::build(self.float, self.model, base, &ranks)?;
         let mut shapes = self.shapes.clone();
         shapes.extend(switched.extra_inputs.iter().cloned());
-        let runner = Runner::new(&switched.model, &shapes, &[])?;
+        let runner = EngineRunner::new(self.engine, &switched.model, &shapes, &[])?;
         Ok(Variants {
             probe: self,
             switched,
@@ -279,7 +300,7 @@ impl<'a> Probe<'a> {
 pub struct Variants<'p, 'a> {
     pub probe: &'p Probe<'a>,
     switched: crate::quant::switched::SwitchedModel,
-    runner: Runner,
+    runner: EngineRunner,
 }
 
 impl Variants<'_, '_> {
@@ -293,29 +314,41 @@ impl Variants<'_, '_> {
     /// as each variant, computing again only the nodes the variant's switches reach: a layer's
     /// variant reuses everything upstream of the layer (on ppocr_v3_rec's 80 layers alone,
     /// about half of each run). When keeping a sample's values would cost parallelism under the
-    /// memory budget, each variant runs whole instead (the same figures, bit for bit). `label`
+    /// memory budget, and in ONNX Runtime, each variant runs whole instead (the same figures,
+    /// bit for bit, in tract). `label`
     /// names the work on the progress line, printed as the samples finish.
     pub fn noises(&self, plans: &[Plan], label: &str) -> Result<Vec<Noise>> {
         let Some(first) = plans.first() else {
             return Ok(vec![]);
         };
         let probe = self.probe;
-        let runner = &self.runner;
+        let names = self.runner.outputs();
         let off = self.switched.inputs_for(&first.restricted_to(&Default::default()));
         let extras: Vec<Vec<TValue>> = plans.iter().map(|p| self.switched.inputs_for(p)).collect();
-        let data_inputs = probe.shapes.len();
-        let dependents: Vec<Vec<bool>> = extras
-            .iter()
-            .map(|extra| {
-                let changed: Vec<usize> = (0..extra.len())
-                    .filter(|&j| extra[j] != off[j])
-                    .map(|j| data_inputs + j)
-                    .collect();
-                runner.dependents(&changed)
-            })
-            .collect::<Result<_>>()?;
-        let recording = runner.sample_bytes()? + runner.recording_bytes()?;
-        let reuse = Parallelism::for_samples(recording).samples >= probe.parallel;
+        // tract computes again only what a variant's switches reach; ONNX Runtime, which has no
+        // per-node hook, runs each variant whole.
+        let reusing = match &self.runner {
+            EngineRunner::Tract(runner) => {
+                let recording = runner.sample_bytes()? + runner.recording_bytes()?;
+                if Parallelism::for_samples(recording).samples >= probe.parallel {
+                    let data_inputs = probe.shapes.len();
+                    let dependents: Vec<Vec<bool>> = extras
+                        .iter()
+                        .map(|extra| {
+                            let changed: Vec<usize> = (0..extra.len())
+                                .filter(|&j| extra[j] != off[j])
+                                .map(|j| data_inputs + j)
+                                .collect();
+                            runner.dependents(&changed)
+                        })
+                        .collect::<Result<_>>()?;
+                    Some((runner, dependents))
+                } else {
+                    None
+                }
+            }
+            EngineRunner::Onnxruntime(_) => None,
+        };
         let started = std::time::Instant::now();
         let done = std::sync::atomic::AtomicUsize::new(0);
         let per_sample: Vec<Vec<Vec<f64>>> = on_threads(probe.parallel, || {
@@ -328,17 +361,17 @@ impl Variants<'_, '_> {
                         v.extend(extra.iter().cloned());
                         v
                     };
-                    let noises = if reuse {
+                    let noises = if let Some((runner, dependents)) = &reusing {
                         let (_, recorded) = runner.run_recording(inputs(&off))?;
                         extras
                             .iter()
-                            .zip(&dependents)
-                            .map(|(e, d)| probe.compare(i, runner, &runner.run_reusing(inputs(e), &recorded, d)?))
+                            .zip(dependents)
+                            .map(|(e, d)| probe.compare(i, names, &runner.run_reusing(inputs(e), &recorded, d)?))
                             .collect::<Result<Vec<_>>>()?
                     } else {
                         extras
                             .iter()
-                            .map(|e| probe.compare(i, runner, &runner.run(inputs(e))?))
+                            .map(|e| probe.compare(i, names, &self.runner.run(inputs(e))?))
                             .collect::<Result<Vec<_>>>()?
                     };
                     let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
