@@ -50,7 +50,7 @@ pub fn main_job(args: MainJob) -> Result<()> {
     if let Some(engine) = args.engine {
         config.engine = engine;
     }
-    config.engine.check_available()?;
+    let providers = config.engine.start(&config.providers)?;
     let files = JobFiles {
         config: args.config.clone(),
         stats: args.stats.clone(),
@@ -151,6 +151,7 @@ pub fn main_job(args: MainJob) -> Result<()> {
             serde_json::json!({
                 "target": config.target,
                 "engine": config.engine,
+                "engine_providers": providers,
                 "method": ctx.plan_options.as_ref().map(|o| &o.method),
                 "data_free": ctx.calibration.is_none(),
                 "calibration_samples": ctx.stats.as_ref().map(|s| s.samples),
@@ -269,6 +270,7 @@ pub fn sensitivity(
     html: Option<&Path>,
 ) -> Result<()> {
     let config = Config::load(config_path)?;
+    config.engine.start(&config.providers)?;
     if config.calibration.is_none() || !config.quantize {
         return Err(Error::config(
             config_path,
@@ -362,6 +364,7 @@ pub fn calibrate(
     html: Option<&Path>,
 ) -> Result<()> {
     let config = Config::load(config_path)?;
+    config.engine.start(&config.providers)?;
     let calibration = config
         .calibration
         .clone()

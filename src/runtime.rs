@@ -59,6 +59,16 @@ impl Engine {
             Engine::Onnxruntime => onnxruntime::check_available(),
         }
     }
+
+    /// Loads the engine for a job that asked for `providers` (ONNX Runtime's, in order; tract
+    /// has none) and returns the providers it runs on, said on stderr when they are not all
+    /// the ones asked for (`onnxruntime::use_providers`); fails now when it cannot run.
+    pub fn start(self, providers: &[onnxruntime::Provider]) -> Result<Vec<onnxruntime::Provider>> {
+        match self {
+            Engine::Tract => Ok(Vec::new()),
+            Engine::Onnxruntime => onnxruntime::use_providers(providers),
+        }
+    }
 }
 
 /// A model ready to run samples in the chosen engine, returning its outputs and the requested

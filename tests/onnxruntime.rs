@@ -324,3 +324,49 @@ fn the_guard_s_probe_in_onnxruntime_measures_what_onnxruntime_runs() {
         "tract {tract} dB, ONNX Runtime {written} dB"
     );
 }
+
+#[test]
+#[ignore = "needs the ONNX Runtime library: ORT_DYLIB_PATH or python3's onnxruntime package (CI runs it)"]
+fn a_provider_the_library_lacks_is_said_and_cpu_runs_when_listed() {
+    // CI's and this machine's onnxruntime wheel is the CPU build: it has no CUDA provider.
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("r.json");
+    let out_model = dir.path().join("o.onnx");
+    let run = |providers: &str| {
+        let cfg = config_for(
+            dir.path(),
+            "models/crepe_tiny.calib.npz",
+            &format!("engine: {{onnxruntime: {{providers: {providers}}}}}\nguard: false\npasses: []\n"),
+        );
+        onnxq(
+            &[
+                "models/crepe_tiny.onnx",
+                "--config",
+                &cfg,
+                "-o",
+                out_model.to_str().unwrap(),
+                "--report",
+                report.to_str().unwrap(),
+            ],
+            &[],
+        )
+    };
+    let out = run("[cuda]");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cuda: this ONNX Runtime") && err.contains("onnxruntime-gpu") && err.contains("add `cpu`"),
+        "{err}"
+    );
+    assert!(!out_model.exists(), "nothing written");
+    let out = run("[cuda, cpu]");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("not using cuda") && err.contains("running on cpu"),
+        "{err}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(report["quantization"]["engine"], "onnxruntime");
+    assert_eq!(report["quantization"]["engine_providers"], serde_json::json!(["cpu"]));
+}

@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use crate::calib::config::CalibrationConfig;
 use crate::error::{Error, Result};
+use crate::runtime::onnxruntime::Provider;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,10 +31,16 @@ pub struct Config {
     /// The backend the model is for: `generic` (default), `tensorrt`, `openvino`, `onnxruntime`.
     #[serde(default)]
     pub target: crate::quant::rules::Target,
-    /// The engine calibration and verification run the models in: `tract` (embedded, the
-    /// default) or `onnxruntime` (loaded at run time; `--engine` overrides).
-    #[serde(default)]
+    /// `engine:` as written: `tract`, `onnxruntime`, or `{onnxruntime: {providers: [...]}}`.
+    #[serde(default, rename = "engine", deserialize_with = "deserialize_engine")]
+    engine_setting: (crate::runtime::Engine, Vec<Provider>),
+    /// The engine calibration, the guard and verification run the models in: tract (embedded,
+    /// the default) or ONNX Runtime (loaded at run time; `--engine` overrides).
+    #[serde(skip)]
     pub engine: crate::runtime::Engine,
+    /// ONNX Runtime's execution providers, in order of preference (empty: its CPU provider).
+    #[serde(skip)]
+    pub providers: Vec<Provider>,
     /// Weight quantization, where the target allows a choice.
     #[serde(default)]
     pub weights: WeightsConfig,
@@ -314,6 +321,40 @@ fn deserialize_passes<'de, D: serde::Deserializer<'de>>(
         .map(Some)
 }
 
+/// `engine:`: an engine's name, or `{onnxruntime: {providers: [cuda, cpu]}}`.
+fn deserialize_engine<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<(crate::runtime::Engine, Vec<Provider>), D::Error> {
+    use crate::runtime::Engine;
+    use serde::de::Error as _;
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct OnnxruntimeOptions {
+        providers: Vec<Provider>,
+    }
+    match serde_yaml::Value::deserialize(d)? {
+        serde_yaml::Value::Mapping(map) if map.len() == 1 => {
+            let (name, options) = map.into_iter().next().expect("one entry");
+            match serde_yaml::from_value::<Engine>(name).map_err(D::Error::custom)? {
+                Engine::Onnxruntime => {
+                    let options: OnnxruntimeOptions = serde_yaml::from_value(options).map_err(D::Error::custom)?;
+                    if options.providers.is_empty() {
+                        return Err(D::Error::custom(
+                            "`providers: []` names none: list them in order of preference, e.g. `[cuda, cpu]`",
+                        ));
+                    }
+                    Ok((Engine::Onnxruntime, options.providers))
+                }
+                Engine::Tract => Err(D::Error::custom("tract has no options: write `engine: tract`")),
+            }
+        }
+        serde_yaml::Value::Mapping(_) => Err(D::Error::custom(
+            "an engine with options is a one-key map: `engine: {onnxruntime: {providers: [cuda, cpu]}}`",
+        )),
+        name => Ok((serde_yaml::from_value(name).map_err(D::Error::custom)?, Vec::new())),
+    }
+}
+
 impl Config {
     /// The names of the configured passes, in order.
     pub fn pass_names(&self) -> Vec<String> {
@@ -476,6 +517,7 @@ impl Config {
     }
 
     fn validate(&mut self, path: &Path) -> Result<()> {
+        (self.engine, self.providers) = self.engine_setting.clone();
         if let Some(c) = self.calibration.as_mut() {
             c.validate(path)?;
         }
@@ -1117,6 +1159,30 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config> {
         Config::parse(text, Path::new("q.yaml"))
+    }
+
+    #[test]
+    fn engine_is_a_name_or_onnxruntime_with_its_providers() {
+        use crate::runtime::Engine;
+        let c = parse("engine: onnxruntime\n").unwrap();
+        assert_eq!((c.engine, c.providers), (Engine::Onnxruntime, vec![]));
+        let c = parse("engine: {onnxruntime: {providers: [cuda, cpu]}}\n").unwrap();
+        assert_eq!(
+            (c.engine, c.providers),
+            (Engine::Onnxruntime, vec![Provider::Cuda, Provider::Cpu])
+        );
+        assert_eq!(parse("{}").unwrap().engine, Engine::Tract);
+        let err = |yaml: &str| parse(yaml).unwrap_err().to_string();
+        let e = err("engine: {onnxruntime: {provider: [cuda]}}\n");
+        assert!(e.contains("`provider`") && e.contains("providers"), "{e}");
+        let e = err("engine: {onnxruntime: {providers: [gpu]}}\n");
+        assert!(e.contains("gpu") && e.contains("cuda") && e.contains("tensorrt"), "{e}");
+        let e = err("engine: {onnxruntime: {providers: []}}\n");
+        assert!(e.contains("names none"), "{e}");
+        let e = err("engine: {tract: {threads: 2}}\n");
+        assert!(e.contains("tract has no options"), "{e}");
+        let e = err("engine: {onnxruntime: {providers: [cpu]}, tract: {}}\n");
+        assert!(e.contains("one-key map"), "{e}");
     }
 
     #[test]

@@ -389,7 +389,7 @@ fn session(environment: &Environment, threads: usize, bytes: &[u8]) -> Result<Se
         .and_then(|b| Ok(b.with_deterministic_compute(true)?))
         // No arena: each of the sessions would keep its own peak of a sample's tensors.
         .and_then(|b| Ok(b.with_memory_pattern(false)?))
-        .and_then(|b| Ok(b.with_execution_providers([ort::ep::CPU::default().with_arena_allocator(false).build()])?))
+        .and_then(|b| Ok(b.with_execution_providers(session_providers())?))
         // int4 DequantizeLinear → MatMul fuses into MatMulNBits, which by default quantizes its
         // input on the fly; 0 keeps the graph's float maths.
         .and_then(|b| Ok(b.with_config_entry("session.qdq_matmulnbits_accuracy_level", "0")?))
@@ -423,6 +423,105 @@ fn onnx_type(ty: TensorElementType) -> Option<i32> {
 /// Fails, with the reason, when the library cannot be found or loaded.
 pub fn check_available() -> Result<()> {
     environment().map(|_| ())
+}
+
+/// An execution provider of ONNX Runtime, as users name it
+/// (`engine: {onnxruntime: {providers: [cuda, cpu]}}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Cuda,
+    Tensorrt,
+    Cpu,
+}
+
+impl Provider {
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::Cuda => "cuda",
+            Provider::Tensorrt => "tensorrt",
+            Provider::Cpu => "cpu",
+        }
+    }
+
+    /// For a session: CPU without its arena (each session would keep its own peak), the others
+    /// failing the session when they cannot start (`use_providers` has checked they can).
+    fn dispatch(self) -> ort::ep::ExecutionProviderDispatch {
+        match self {
+            Provider::Cuda => ort::ep::CUDA::default().build().error_on_failure(),
+            Provider::Tensorrt => ort::ep::TensorRT::default().build().error_on_failure(),
+            Provider::Cpu => ort::ep::CPU::default().with_arena_allocator(false).build(),
+        }
+    }
+
+    /// Why this provider cannot run here, or None when it can: in the library's build and
+    /// registering on a session (its device and its own libraries present).
+    fn unusable(self, environment: &Environment) -> Option<String> {
+        use ort::ep::ExecutionProvider as _;
+        let built = match self {
+            Provider::Cuda => ort::ep::CUDA::is_available(),
+            Provider::Tensorrt => ort::ep::TensorRT::is_available(),
+            Provider::Cpu => return None,
+        };
+        match built {
+            Ok(true) => {}
+            Ok(false) => {
+                return Some(format!(
+                    "this ONNX Runtime ({}) was built without it (the GPU build, e.g. `pip install onnxruntime-gpu`, has it)",
+                    library_path().map_or_else(|e| e, |p| p.display().to_string())
+                ))
+            }
+            Err(e) => return Some(format!("ONNX Runtime cannot list its providers: {e}")),
+        }
+        match Session::builder(environment).and_then(|b| Ok(b.with_execution_providers([self.dispatch()])?)) {
+            Ok(_) => None,
+            Err(e) => Some(format!("it does not start: {}", e.to_string().trim_end())),
+        }
+    }
+}
+
+/// The providers sessions use, in order (empty: ONNX Runtime's CPU provider).
+static PROVIDERS: std::sync::RwLock<Vec<Provider>> = std::sync::RwLock::new(Vec::new());
+
+/// Makes the sessions of this process use `requested`, in order, less those that cannot run here
+/// (each said on stderr, with the reason); returns the ones used. An error when none of them can
+/// run and `cpu` is not among them: the user asked not to fall back to it.
+pub fn use_providers(requested: &[Provider]) -> Result<Vec<Provider>> {
+    let environment = environment()?;
+    let mut used = Vec::new();
+    let mut dropped = Vec::new();
+    for &p in requested {
+        match p.unusable(environment) {
+            None => used.push(p),
+            Some(why) => dropped.push(format!("{}: {why}", p.name())),
+        }
+    }
+    if used.is_empty() && !requested.is_empty() {
+        return Err(Error::Usage(format!(
+            "engine: onnxruntime cannot use the providers asked for ({}); add `cpu` to the list to fall back to it",
+            dropped.join("; ")
+        )));
+    }
+    for d in &dropped {
+        eprintln!(
+            "onnxq: ONNX Runtime: not using {d}; running on {}",
+            used.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    *PROVIDERS
+        .write()
+        .map_err(|_| Error::internal("a thread setting ONNX Runtime's providers panicked"))? = used.clone();
+    Ok(if used.is_empty() { vec![Provider::Cpu] } else { used })
+}
+
+/// The providers a session registers: those in use, then the CPU provider (without its arena)
+/// for what they cannot run, unless it is already among them.
+fn session_providers() -> Vec<ort::ep::ExecutionProviderDispatch> {
+    let mut providers: Vec<Provider> = PROVIDERS.read().map(|p| p.clone()).unwrap_or_default();
+    if !providers.contains(&Provider::Cpu) {
+        providers.push(Provider::Cpu);
+    }
+    providers.into_iter().map(Provider::dispatch).collect()
 }
 
 /// The ONNX Runtime environment, loaded on first use; its error, when it cannot be, every time.
