@@ -155,8 +155,8 @@ enum Command {
         /// Write the report as one self-contained HTML page (written even when verification fails).
         #[arg(long, value_name = "REPORT.html")]
         html: Option<PathBuf>,
-        /// The engine both models run in: tract (Q/DQ lowered to exact float arithmetic, per
-        /// layer) or onnxruntime (the written model as it is, outputs only).
+        /// The engine both models run in: tract (Q/DQ lowered to exact float arithmetic) or
+        /// onnxruntime (the written model as it is; per layer where its fusions keep the tensors).
         #[arg(long, value_enum, default_value = "tract")]
         engine: onnxq::runtime::Engine,
     },

@@ -274,6 +274,40 @@ fn verification_in_onnxruntime_runs_the_written_model_and_agrees_with_tract_s() 
         sqnr(&t),
         sqnr(&o)
     );
+    // Layer by layer where ONNX Runtime keeps the tensors: the same layers as tract's, less
+    // those its fusions remove (named in the note), at about the same figures.
+    let layers = |v: &serde_json::Value| -> std::collections::BTreeMap<String, f64> {
+        v["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|l| Some((l["name"].as_str()?.to_string(), l["sqnr_db"].as_f64()?)))
+            .collect()
+    };
+    let (tl, ol) = (layers(&t), layers(&o));
+    let note = o["layers_note"].as_str().unwrap_or("");
+    assert!(
+        ol.len() * 2 >= tl.len() && !ol.is_empty(),
+        "{} of {} layers: {note}",
+        ol.len(),
+        tl.len()
+    );
+    let mut gaps: Vec<f64> = ol
+        .iter()
+        .map(|(name, db)| (db - tl.get(name).unwrap_or_else(|| panic!("'{name}' not among tract's"))).abs())
+        .collect();
+    gaps.sort_by(f64::total_cmp);
+    let median = gaps[gaps.len() / 2];
+    eprintln!(
+        "{} of {} layers compared in ONNX Runtime, |Δ SQNR| against tract's: median {median:.3} dB, largest {:.3} dB; {note}",
+        ol.len(),
+        tl.len(),
+        gaps[gaps.len() - 1]
+    );
+    assert!(median < 1.0, "median gap {median} dB");
+    if ol.len() < tl.len() {
+        assert!(note.contains("fusions remove their tensors"), "{note}");
+    }
 }
 
 #[test]

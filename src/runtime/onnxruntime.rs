@@ -14,7 +14,10 @@
 //! once, the graph runs as consecutive segments (`SEGMENT_TENSORS` requested tensors each), each
 //! a session of its own whose outputs are the requested tensors it produces and what later
 //! segments or the graph outputs read; after each segment its requested tensors are shown to
-//! the caller and dropped, and what is carried is dropped after its last reader.
+//! the caller and dropped, and what is carried is dropped after its last reader. In a Q/DQ
+//! model no cut falls between an op and the QuantizeLinear of its output, and a later segment
+//! computes a DequantizeLinear again rather than be fed its float output, so ONNX Runtime sees
+//! every DQ → op → Q group it fuses whole.
 
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
@@ -178,12 +181,83 @@ const SEGMENT_TENSORS: usize = 32;
 struct Segment {
     /// Its nodes: `graph.node[nodes]`.
     nodes: std::ops::Range<usize>,
+    /// DequantizeLinear nodes of earlier segments whose outputs its nodes read, computed again
+    /// here (before its nodes) from the integer tensor they read: so ONNX Runtime sees each
+    /// DQ → op it fuses (QLinearConv, MatMulNBits ...) in one session, and carries the integer
+    /// tensor instead of the float one.
+    borrowed: Vec<usize>,
     /// What it is fed: graph inputs and earlier segments' outputs, in first-read order.
     inputs: Vec<String>,
     /// What it returns, in node order.
     outputs: Vec<Returned>,
     /// Its inputs no later segment reads: dropped after it.
     last_read: Vec<String>,
+}
+
+/// Whether `node` is the standard `op` (QuantizeLinear, DequantizeLinear), or its contrib form.
+fn is_qdq(node: &crate::proto::NodeProto, op: &str) -> bool {
+    node.op_type() == op && matches!(node.domain(), "" | "ai.onnx" | "com.microsoft")
+}
+
+/// For each position in `graph.node` (0..=len), whether cutting the graph before it would carry
+/// a QuantizeLinear's float input from one segment to the next: a cut there would split an
+/// op → Q that ONNX Runtime fuses (QLinearConv, ...), and the segments would not compute what
+/// the whole model does. (DQ → op is kept whole by borrowing the DQ: `Segment::borrowed`.)
+fn quantized_spans(graph: &crate::proto::GraphProto) -> Vec<bool> {
+    let n = graph.node.len();
+    let producer: std::collections::HashMap<&str, usize> = graph
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, node)| node.output.iter().map(move |o| (o.as_str(), i)))
+        .collect();
+    // +1 at the first position a span covers, −1 after its last.
+    let mut delta = vec![0i64; n + 2];
+    for (i, node) in graph.node.iter().enumerate() {
+        if let Some(&from) = node
+            .input
+            .first()
+            .filter(|_| is_qdq(node, "QuantizeLinear"))
+            .and_then(|x| producer.get(x.as_str()))
+        {
+            if from < i {
+                delta[from + 1] += 1;
+                delta[i + 1] -= 1;
+            }
+        }
+    }
+    let mut open = 0i64;
+    (0..=n)
+        .map(|c| {
+            open += delta[c];
+            open > 0
+        })
+        .collect()
+}
+
+/// The names of the tensors ONNX Runtime keeps when it optimises `model` (its graph inputs and
+/// the outputs of the nodes of its optimised graph): those a fusion removed are not among them.
+pub fn surviving_tensors(model: &Model) -> Result<std::collections::HashSet<String>> {
+    let environment = environment()?;
+    let bytes = prost::Message::encode_to_vec(&model_proto(model)?);
+    let dir = tempfile::tempdir().map_err(|e| Error::Runtime(format!("a temporary folder: {e}")))?;
+    let path = dir.path().join("optimized.onnx");
+    Session::builder(environment)
+        .and_then(|b| Ok(b.with_optimized_model_path(&path)?))
+        .and_then(|b| Ok(b.with_execution_providers(session_providers())?))
+        .and_then(|mut b| b.commit_from_memory(&bytes))
+        .map_err(ort_error)?;
+    let written = std::fs::read(&path)
+        .map_err(|e| Error::Runtime(format!("ONNX Runtime's optimised model {}: {e}", path.display())))?;
+    let optimized: crate::proto::ModelProto = prost::Message::decode(written.as_slice())
+        .map_err(|e| Error::internal(format!("ONNX Runtime's optimised model does not decode: {e}")))?;
+    let graph = optimized.graph.unwrap_or_default();
+    Ok(graph
+        .input
+        .iter()
+        .map(|i| i.name().to_string())
+        .chain(graph.node.into_iter().flat_map(|n| n.output))
+        .collect())
 }
 
 /// A tensor a segment returns.
@@ -210,10 +284,11 @@ impl Segment {
             .any(|n| n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()));
         let mut cuts = vec![0];
         if !has_subgraphs {
+            let splits_qdq = quantized_spans(graph);
             let mut in_segment = 0;
             for (i, node) in graph.node.iter().enumerate() {
                 in_segment += node.output.iter().filter(|o| requested.contains(o.as_str())).count();
-                if in_segment >= SEGMENT_TENSORS && i + 1 < graph.node.len() {
+                if in_segment >= SEGMENT_TENSORS && i + 1 < graph.node.len() && !splits_qdq[i + 1] {
                     cuts.push(i + 1);
                     in_segment = 0;
                 }
@@ -222,11 +297,38 @@ impl Segment {
         cuts.push(graph.node.len());
         let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
         let ranges: Vec<std::ops::Range<usize>> = cuts.windows(2).map(|w| w[0]..w[1]).collect();
-        // Each segment's inputs: what its nodes read that they do not produce.
-        let inputs: Vec<Vec<String>> = ranges
+        let dequantizer: std::collections::HashMap<&str, usize> = graph
+            .node
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| is_qdq(n, "DequantizeLinear"))
+            .flat_map(|(i, n)| n.output.first().map(|o| (o.as_str(), i)))
+            .collect();
+        // The DQ nodes of earlier segments each segment reads the outputs of.
+        let borrowed: Vec<Vec<usize>> = ranges
             .iter()
             .map(|r| {
-                let nodes = &graph.node[r.clone()];
+                let mut b: Vec<usize> = graph.node[r.clone()]
+                    .iter()
+                    .flat_map(|n| &n.input)
+                    .filter_map(|name| dequantizer.get(name.as_str()).copied())
+                    .filter(|&d| d < r.start)
+                    .collect();
+                b.sort_unstable();
+                b.dedup();
+                b
+            })
+            .collect();
+        // Each segment's inputs: what its nodes (borrowed ones first) read that they do not produce.
+        let inputs: Vec<Vec<String>> = ranges
+            .iter()
+            .zip(&borrowed)
+            .map(|(r, b)| {
+                let nodes: Vec<&crate::proto::NodeProto> = b
+                    .iter()
+                    .map(|&d| &graph.node[d])
+                    .chain(&graph.node[r.clone()])
+                    .collect();
                 let produced: HashSet<&str> = nodes.iter().flat_map(|n| n.output.iter().map(String::as_str)).collect();
                 let mut read: Vec<String> = Vec::new();
                 for name in nodes.iter().flat_map(|n| &n.input) {
@@ -269,6 +371,7 @@ impl Segment {
             let last_read = inputs[k].iter().filter(|n| !read_later(n)).cloned().collect();
             segments.push(Segment {
                 nodes: range.clone(),
+                borrowed: borrowed[k].clone(),
                 inputs: inputs[k].clone(),
                 outputs,
                 last_read,
@@ -290,10 +393,15 @@ impl Segment {
             .graph
             .as_ref()
             .ok_or_else(|| Error::internal("a model without a graph"))?;
-        let nodes = &graph.node[self.nodes.clone()];
+        let nodes: Vec<crate::proto::NodeProto> = self
+            .borrowed
+            .iter()
+            .map(|&d| &graph.node[d])
+            .chain(&graph.node[self.nodes.clone()])
+            .cloned()
+            .collect();
         let whole = self.nodes == (0..graph.node.len());
-        let read: std::collections::HashSet<&str> =
-            nodes.iter().flat_map(|n| n.input.iter().map(String::as_str)).collect();
+        let read: std::collections::HashSet<String> = nodes.iter().flat_map(|n| n.input.iter().cloned()).collect();
         let mut inputs = Vec::with_capacity(self.inputs.len());
         for name in &self.inputs {
             match graph.input.iter().find(|i| i.name() == name) {
@@ -318,7 +426,7 @@ impl Segment {
         }
         let g = crate::proto::GraphProto {
             name: graph.name.clone(),
-            node: nodes.to_vec(),
+            node: nodes,
             initializer: graph
                 .initializer
                 .iter()
@@ -723,6 +831,63 @@ mod tests {
             ..Default::default()
         };
         (graph, (0..n).map(|i| format!("t{i}")).collect())
+    }
+
+    fn qdq(op: &str, input: &str, output: &str) -> NodeProto {
+        NodeProto {
+            op_type: Some(op.into()),
+            input: vec![input.into(), "s".into(), "z".into()],
+            output: vec![output.into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_later_segment_dequantizes_again_instead_of_carrying_a_dq_output() {
+        // The chain, with x quantized at the start (Q → DQ) and the DQ output read at the end.
+        let (mut graph, requested) = chain(70);
+        graph.node.insert(0, qdq("QuantizeLinear", "x", "xq"));
+        graph.node.insert(1, qdq("DequantizeLinear", "xq", "xd"));
+        let last = graph.node.len() - 1;
+        graph.node[last].input[1] = "xd".into();
+        let returned: Vec<String> = std::iter::once("y".to_string())
+            .chain(requested.iter().cloned())
+            .collect();
+        let segments = Segment::split(&graph, &requested, &returned);
+        assert!(segments.len() >= 2);
+        let end = segments.last().unwrap();
+        assert_eq!(end.borrowed, [1], "the DQ computed again where its output is read");
+        assert!(end.inputs.contains(&"xq".to_string()), "{:?}", end.inputs);
+        for s in &segments {
+            assert!(
+                !s.inputs.contains(&"xd".to_string()),
+                "a DQ output carried: {:?}",
+                s.inputs
+            );
+        }
+        assert!(segments[0].outputs.iter().any(|r| r.name == "xq" && r.carried));
+    }
+
+    #[test]
+    fn no_cut_falls_between_an_op_and_the_quantizelinear_of_its_output() {
+        // Each t_i read by a Q at the end of the graph: no position after t0 may be cut.
+        let (mut graph, requested) = chain(70);
+        for i in 0..70 {
+            graph
+                .node
+                .push(qdq("QuantizeLinear", &format!("t{i}"), &format!("q{i}")));
+        }
+        let spans = quantized_spans(&graph);
+        let n = graph.node.len();
+        assert!(!spans[0] && !spans[n], "before the first node and after the last");
+        assert!(
+            spans[1..n].iter().all(|&s| s),
+            "t0's Q is the first of the Qs at the end"
+        );
+        let returned: Vec<String> = std::iter::once("y".to_string())
+            .chain(requested.iter().cloned())
+            .collect();
+        assert_eq!(Segment::split(&graph, &requested, &returned).len(), 1);
     }
 
     #[test]
