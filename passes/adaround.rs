@@ -47,6 +47,7 @@ use crate::error::{Error, Result};
 use crate::ir::Model;
 use crate::quant::params::QuantizedTensor;
 use crate::quant::plan::Plan;
+use crate::runtime::Engine;
 
 /// The rectified sigmoid's stretch: `h = clamp(σ(v)(ζ − γ) + γ, 0, 1)`.
 const ZETA: f32 = 1.1;
@@ -156,7 +157,9 @@ impl Pass for AdaRound {
             "it learns the rounding from the layers' inputs",
             model,
             ctx,
-            |model, plan, source, measured| apply_measured(model, plan, source, measured, &self.options),
+            |model, plan, source, measured, engine| {
+                apply_measured(model, plan, source, measured, &self.options, engine)
+            },
         )
     }
 }
@@ -164,7 +167,7 @@ impl Pass for AdaRound {
 /// Learns the rounding of every weight the plan quantizes that adaround applies to, from the
 /// calibration data (module docs), and records it in `plan.rounded`. Returns one note per layer.
 pub fn apply(model: &Model, plan: &mut Plan, source: &DataSource, options: &Options) -> Result<Vec<String>> {
-    apply_measured(model, plan, source, None, options)
+    apply_measured(model, plan, source, None, options, Engine::Tract)
 }
 
 /// [`apply`], with the layer statistics calibration's run measured when it did (`measured`).
@@ -174,9 +177,10 @@ pub fn apply_measured(
     source: &DataSource,
     measured: Option<gptq::Measured>,
     options: &Options,
+    engine: Engine,
 ) -> Result<Vec<String>> {
     options.check().map_err(Error::Graph)?;
-    let layers = gptq::measure_layers(model, plan, source, measured, "adaround")?;
+    let layers = gptq::measure_layers(model, plan, source, measured, "adaround", engine)?;
     let mut notes = layers.skipped.clone();
     let mut rounded = Vec::new();
     let total = layers.measured.len();

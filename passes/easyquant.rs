@@ -81,8 +81,7 @@ use crate::error::{Error, Result};
 use crate::ir::{ops, tensor, Graph, Model};
 use crate::quant::params::{self, QParams, QuantDtype};
 use crate::quant::plan::{node_key, Plan, ScaledWeight};
-use crate::runtime::memory::Parallelism;
-use crate::runtime::Runner;
+use crate::runtime::{Engine, EngineRunner};
 
 /// Bytes of gathered input vectors held at once (layers beyond it wait for another run).
 pub const GATHER_BYTES: usize = 256 << 20;
@@ -210,7 +209,7 @@ impl Pass for EasyQuant {
         };
         // The layer inputs calibration measured for gptq (`ctx.layer_inputs`) stay for it.
         let runnable = crate::calib::control_flow::runnable(ctx.control_flow.as_ref(), model)?;
-        let notes = apply(&runnable, plan, source, &self.options)?;
+        let notes = apply_in(&runnable, plan, source, &self.options, ctx.engine)?;
         eprintln!("onnxq: easyquant took {:.1} s", started.elapsed().as_secs_f64());
         Ok(notes)
     }
@@ -483,6 +482,7 @@ fn gather(
     layers: Vec<&Layer>,
     samples: usize,
     per_sample: usize,
+    engine: Engine,
 ) -> Result<Vec<Vec<Array2<f32>>>> {
     let rider = Gather::new(layers, per_sample, source);
     let shapes = source.sample_shapes()?;
@@ -492,12 +492,12 @@ fn gather(
         .into_iter()
         .filter(|n| !input_names.contains(n))
         .collect();
-    let runner = Runner::new(model, &shapes, &extra)?;
-    let parallel = Parallelism::for_samples(runner.sample_bytes()?);
+    let runner = EngineRunner::new(engine, model, &shapes, &extra)?;
+    let parallel = runner.parallelism()?;
     let progress = crate::calib::stats::Progress::new(
         "easyquant: gathering layer inputs",
         samples as u64,
-        &parallel.describe(),
+        &format!("{}, {}", engine.name(), parallel.describe()),
     );
     let mut sum = rider.empty();
     ride(
@@ -901,6 +901,17 @@ pub fn search(problem: &Problem, factors: &[f32], one: usize, rounds: usize, cor
 /// first `options.samples` calibration samples (module docs), and records them in the plan.
 /// Returns the notes: a summary, then one per layer.
 pub fn apply(model: &Model, plan: &mut Plan, source: &DataSource, options: &Options) -> Result<Vec<String>> {
+    apply_in(model, plan, source, options, Engine::Tract)
+}
+
+/// [`apply`], the layers' inputs gathered by running the model in `engine`.
+pub fn apply_in(
+    model: &Model,
+    plan: &mut Plan,
+    source: &DataSource,
+    options: &Options,
+    engine: Engine,
+) -> Result<Vec<String>> {
     options.check().map_err(Error::Graph)?;
     if source.is_empty() {
         return Err(Error::Graph(
@@ -943,6 +954,7 @@ pub fn apply(model: &Model, plan: &mut Plan, source: &DataSource, options: &Opti
             batch.iter().map(|&i| &layers[i]).collect(),
             samples,
             per_sample,
+            engine,
         )?;
         for (&i, x) in batch.iter().zip(inputs) {
             let l = &layers[i];

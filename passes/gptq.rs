@@ -46,8 +46,7 @@ use crate::ir::tensor;
 use crate::ir::{Graph, Model, Node};
 use crate::quant::params::{self, QuantizedTensor};
 use crate::quant::plan::{Plan, RoundedWeight};
-use crate::runtime::memory::Parallelism;
-use crate::runtime::Runner;
+use crate::runtime::{Engine, EngineRunner};
 use tract_onnx::prelude::Tensor;
 
 /// Input vectors per weight column below which a layer keeps nearest rounding (module docs).
@@ -100,7 +99,7 @@ pub(crate) fn learn_from_layer_inputs(
     why: &str,
     model: &Model,
     ctx: &mut Context,
-    learn: impl FnOnce(&Model, &mut Plan, &DataSource, Option<Measured>) -> Result<Vec<String>>,
+    learn: impl FnOnce(&Model, &mut Plan, &DataSource, Option<Measured>, Engine) -> Result<Vec<String>>,
 ) -> Result<Vec<String>> {
     let started = std::time::Instant::now();
     let (Some(plan), Some(source)) = (ctx.plan.as_mut(), ctx.calibration.as_ref()) else {
@@ -109,7 +108,7 @@ pub(crate) fn learn_from_layer_inputs(
         )));
     };
     let runnable = crate::calib::control_flow::runnable(ctx.control_flow.as_ref(), model)?;
-    let notes = learn(&runnable, plan, source, ctx.layer_inputs.take())?;
+    let notes = learn(&runnable, plan, source, ctx.layer_inputs.take(), ctx.engine)?;
     eprintln!("onnxq: {pass} took {:.1} s", started.elapsed().as_secs_f64());
     Ok(notes)
 }
@@ -489,10 +488,10 @@ pub(crate) fn conv_patches(
 }
 
 /// gptq's layer statistics as a calibration [`Rider`]: every target's `H`, from the layer
-/// inputs of each sample as tract produces them. A layer whose samples give fewer than
+/// inputs of each sample as the engine produces them. A layer whose samples give fewer than
 /// [`MIN_ROWS_PER_COLUMN`] input vectors per column (known from any sample: the runner's input
 /// shapes are fixed) is not measured, and says why. Each layer input is reduced to its sample's
-/// [`Contribution`] while tract holds it (the tensor is neither copied nor held past its last
+/// [`Contribution`] while the engine holds it (the tensor is neither copied nor held past its last
 /// reader), and each layer adds its samples' contributions in sample order, so the sums do not
 /// depend on the thread count, nor on whether the samples ran for gptq alone ([`gram_matrices`])
 /// or in calibration's run of the model (`pipeline::stages::Calibrate`, when gptq is the first
@@ -680,6 +679,7 @@ fn gram_matrices(
     source: &DataSource,
     targets: Vec<Target>,
     progress_label: &'static str,
+    engine: Engine,
 ) -> Result<Vec<std::result::Result<Gram, String>>> {
     let rider = LayerInputs::new(targets, source);
     let shapes = source.sample_shapes()?;
@@ -689,10 +689,14 @@ fn gram_matrices(
         .into_iter()
         .filter(|n| !input_names.contains(n))
         .collect();
-    let runner = Runner::new(model, &shapes, &extra)?;
+    let runner = EngineRunner::new(engine, model, &shapes, &extra)?;
     let total = source.len();
-    let parallel = Parallelism::for_samples(runner.sample_bytes()?);
-    let progress = crate::calib::stats::Progress::new(progress_label, total as u64, &parallel.describe());
+    let parallel = runner.parallelism()?;
+    let progress = crate::calib::stats::Progress::new(
+        progress_label,
+        total as u64,
+        &format!("{}, {}", engine.name(), parallel.describe()),
+    );
     let mut sum = rider.empty();
     if total > 0 {
         ride(&runner, source, &rider, 0..1, parallel.samples, &mut sum, &progress)?;
@@ -886,7 +890,7 @@ fn round_layer(
 /// Chooses the rounding of every weight the plan quantizes that GPTQ applies to, from the
 /// calibration data (module docs), and records it in `plan.rounded`. Returns one note per layer.
 pub fn apply(model: &Model, plan: &mut Plan, source: &DataSource) -> Result<Vec<String>> {
-    apply_measured(model, plan, source, None)
+    apply_measured(model, plan, source, None, Engine::Tract)
 }
 
 /// [`apply`], with the layer statistics calibration's run measured on the same model and
@@ -896,8 +900,9 @@ pub fn apply_measured(
     plan: &mut Plan,
     source: &DataSource,
     measured: Option<Measured>,
+    engine: Engine,
 ) -> Result<Vec<String>> {
-    let layers = measure_layers(model, plan, source, measured, "gptq")?;
+    let layers = measure_layers(model, plan, source, measured, "gptq", engine)?;
     let mut notes = layers.skipped.clone();
     let mut rounded = Vec::new();
     for (t, gram) in &layers.measured {
@@ -954,6 +959,7 @@ pub(crate) fn measure_layers(
     source: &DataSource,
     measured: Option<Measured>,
     pass: &'static str,
+    engine: Engine,
 ) -> Result<Layers> {
     if source.is_empty() {
         return Err(Error::Graph(format!(
@@ -985,7 +991,7 @@ pub(crate) fn measure_layers(
         } else {
             "gptq: measuring layer inputs"
         };
-        let mut measuring = gram_matrices(model, source, unmeasured, label)?.into_iter();
+        let mut measuring = gram_matrices(model, source, unmeasured, label, engine)?.into_iter();
         for g in grams.iter_mut().filter(|g| g.is_none()) {
             *g = measuring.next();
         }

@@ -67,6 +67,9 @@ pub trait Pass {
 pub struct Context {
     /// One entry per step run: what it changed, for the report.
     pub pass_reports: Vec<PassReport>,
+    /// The engine the job runs models in (`engine:`): set by `calibrate`, read by the passes
+    /// that gather layer inputs (gptq, adaround, easyquant).
+    pub engine: crate::runtime::Engine,
     /// The BatchNormalization statistics `fold_batchnorm` folded away, keyed by the folded layer's
     /// output tensor, for bias absorption, analytical bias correction and data-free ranges.
     pub batchnorm_records: Vec<BatchNormRecord>,

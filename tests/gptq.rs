@@ -274,7 +274,7 @@ fn gptq_uses_what_calibration_measured_not_the_data_again() {
     let measured = rider.measured(sum).unwrap();
     let round = |source: &DataSource, measured| {
         let mut plan = per_tensor_plan(&m, &stats);
-        let notes = gptq::apply_measured(&m, &mut plan, source, measured).unwrap();
+        let notes = gptq::apply_measured(&m, &mut plan, source, measured, onnxq::runtime::Engine::Tract).unwrap();
         let rounded: Vec<(String, Vec<i32>)> = plan
             .rounded
             .keys()

@@ -404,3 +404,52 @@ fn a_provider_the_library_lacks_is_said_and_cpu_runs_when_listed() {
     assert_eq!(report["quantization"]["engine"], "onnxruntime");
     assert_eq!(report["quantization"]["engine_providers"], serde_json::json!(["cpu"]));
 }
+
+#[test]
+#[ignore = "needs the ONNX Runtime library: ORT_DYLIB_PATH or python3's onnxruntime package (CI runs it)"]
+fn easyquant_gathers_its_layer_inputs_in_the_job_s_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("r.json");
+    let eval = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/crepe_tiny.eval.npz");
+    let run = |engine: &str| {
+        let cfg = config_for(
+            dir.path(),
+            "models/crepe_tiny.calib.npz",
+            &format!("engine: {engine}\npasses: [{{easyquant: {{rounds: 1, samples: 2, steps: 10}}}}]\nguard: false\nverify: {{data: {eval:?}}}\n"),
+        );
+        let out_model = dir.path().join(format!("{engine}.onnx"));
+        let out = onnxq(
+            &[
+                "models/crepe_tiny.onnx",
+                "--config",
+                &cfg,
+                "-o",
+                out_model.to_str().unwrap(),
+                "--report",
+                report.to_str().unwrap(),
+            ],
+            &[],
+        );
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{err}");
+        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        (err, report["verification"]["outputs"][0]["sqnr_db"].as_f64().unwrap())
+    };
+    let (err, ort) = run("onnxruntime");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("easyquant: gathering layer inputs") && l.contains("(onnxruntime,")),
+        "{err}"
+    );
+    let (err, tract) = run("tract");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("easyquant: gathering layer inputs") && l.contains("(tract,")),
+        "{err}"
+    );
+    eprintln!("easyquant on crepe_tiny: {ort} dB gathering in onnxruntime, {tract} dB in tract (verified in tract)");
+    assert!(
+        ort > 15.0 && (ort - tract).abs() < 0.5,
+        "onnxruntime {ort} dB, tract {tract} dB"
+    );
+}

@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::ir::tensor::Fnv64;
 use crate::ir::Model;
 use crate::runtime::memory::run_in_order;
-use crate::runtime::{Engine, EngineRunner, Runner};
+use crate::runtime::{Engine, EngineRunner};
 
 /// Bumped when the file layout changes.
 pub const STATS_FORMAT: u32 = 1;
@@ -199,7 +199,7 @@ fn observe_all<S: Send>(
 /// `samples` for `rider` alone, at most `parallel` at once, and adds their shares to `sum` in
 /// sample order, advancing `progress` by one a sample.
 pub(crate) fn ride<R: Rider>(
-    runner: &Runner,
+    runner: &EngineRunner,
     source: &DataSource,
     rider: &R,
     samples: std::ops::Range<usize>,

@@ -60,6 +60,7 @@ impl Pass for Calibrate {
         Phase::Plan
     }
     fn run(&self, model: &mut Model, ctx: &mut Context) -> Result<Vec<String>> {
+        ctx.engine = self.engine;
         // What can fail fast first: overrides that match nothing, unreadable or mismatched data.
         check_overrides(&self.overrides, &self.config_path, model)?;
         let inputs = InputSpec::of_graph(&model.graph);
