@@ -304,6 +304,37 @@ fn a_loop_tract_cannot_run_is_cut_and_what_follows_it_stays_float() {
 }
 
 #[test]
+#[ignore = "needs the ONNX Runtime library: ORT_DYLIB_PATH or python3's onnxruntime package (CI runs it)"]
+fn onnx_runtime_verifies_the_whole_model_a_loop_tract_cannot_run_included() {
+    let (_dir, _out, report) = quantize(&loop_model(), None, "engine: onnxruntime\n");
+    let report = report.unwrap();
+    let verification = &report["verification"];
+    assert_eq!(verification["engine"], "onnxruntime");
+    // The model's own output, downstream of the Loop: measured, not the part tract runs.
+    assert_eq!(verification["outputs"][0]["name"], "y");
+    let sqnr = verification["outputs"][0]["sqnr_db"].as_f64().unwrap();
+    assert!(sqnr.is_finite() && sqnr > 0.0, "{verification}");
+    // Layer by layer too, through the Loop's output.
+    let layers: Vec<&str> = verification["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(layers, ["h", "looped", "r", "y"]);
+    let notes = report["passes"].to_string();
+    assert!(
+        notes.contains("verified the whole models in ONNX Runtime, Loop 'repeat' included"),
+        "{notes}"
+    );
+    // Calibration still saw the part tract runs.
+    assert_eq!(
+        report["control_flow"]["cut"]["calibrated_up_to"],
+        serde_json::json!(["h"])
+    );
+}
+
+#[test]
 fn inlining_then_restoring_gives_the_model_back() {
     let original = Model::from_proto(if_model()).unwrap();
     let mut flat = original.clone();

@@ -276,8 +276,9 @@ impl ControlFlow {
         }
     }
 
-    /// What verification measured and could not measure.
-    pub fn verification_note(&self) -> Option<String> {
+    /// What verification measured and could not measure; `whole`: it ran the whole models
+    /// (ONNX Runtime runs what tract cannot), not the part tract runs.
+    pub fn verification_note(&self, whole: bool) -> Option<String> {
         let list = |v: &[String]| v.iter().map(|o| format!("'{o}'")).collect::<Vec<_>>().join(", ");
         let mut parts = Vec::new();
         if !self.inlined.folded.is_empty() {
@@ -286,13 +287,19 @@ impl ControlFlow {
                 self.inlined.folded.len()
             ));
         }
-        if let Some(cut) = &self.cut {
-            parts.push(format!(
+        match &self.cut {
+            Some(cut) if whole => parts.push(format!(
+                "verified the whole models in ONNX Runtime, {} included (calibration measured the part tract runs, at {})",
+                cut.roots.values().cloned().collect::<Vec<_>>().join(", "),
+                list(&cut.outputs)
+            )),
+            Some(cut) => parts.push(format!(
                 "verified on the part tract runs, at {}; not measured: the model outputs {} (downstream of {}, which tract cannot run)",
                 list(&cut.outputs),
                 list(&cut.unmeasured),
                 cut.roots.values().cloned().collect::<Vec<_>>().join(", ")
-            ));
+            )),
+            None => {}
         }
         (!parts.is_empty()).then(|| parts.join("; "))
     }

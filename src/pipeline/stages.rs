@@ -588,8 +588,10 @@ impl Pass for Verify {
         if ctx.calibration.as_ref().map(|s| s.fingerprints()).transpose()? == Some(data.fingerprints()?) {
             eprintln!("warning: verifying on the calibration data: the figures are optimistic; use held-out data");
         }
-        // With a Loop tract cannot run, what it runs of each model (calib::control_flow).
-        let cf = ctx.control_flow.as_ref();
+        // With a Loop tract cannot run, what it runs of each model (calib::control_flow);
+        // ONNX Runtime runs the whole models.
+        let whole = self.options.engine == crate::runtime::Engine::Onnxruntime;
+        let cf = ctx.control_flow.as_ref().filter(|_| !whole);
         let runnable = |m| crate::calib::control_flow::runnable(cf, m);
         let quantized = runnable(model)?;
         let verification = crate::verify::verify(&*runnable(float)?, &quantized, data, &self.options)?;
@@ -610,7 +612,7 @@ impl Pass for Verify {
         };
         ctx.verification = Some(verification);
         let mut notes = Vec::new();
-        if let Some(note) = ctx.control_flow.as_ref().and_then(|cf| cf.verification_note()) {
+        if let Some(note) = ctx.control_flow.as_ref().and_then(|cf| cf.verification_note(whole)) {
             eprintln!("onnxq: control flow: {note}");
             notes.push(note);
         }
