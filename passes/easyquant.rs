@@ -497,7 +497,7 @@ fn gather(
     let progress = crate::calib::stats::Progress::new(
         "easyquant: gathering layer inputs",
         samples as u64,
-        &format!("{}, {}", engine.name(), parallel.describe()),
+        &runner.progress_detail(&parallel),
     );
     let mut sum = rider.empty();
     ride(

@@ -692,11 +692,7 @@ fn gram_matrices(
     let runner = EngineRunner::new(engine, model, &shapes, &extra)?;
     let total = source.len();
     let parallel = runner.parallelism()?;
-    let progress = crate::calib::stats::Progress::new(
-        progress_label,
-        total as u64,
-        &format!("{}, {}", engine.name(), parallel.describe()),
-    );
+    let progress = crate::calib::stats::Progress::new(progress_label, total as u64, &runner.progress_detail(&parallel));
     let mut sum = rider.empty();
     if total > 0 {
         ride(&runner, source, &rider, 0..1, parallel.samples, &mut sum, &progress)?;

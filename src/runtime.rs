@@ -109,6 +109,24 @@ impl EngineRunner {
         })
     }
 
+    /// [`Runner::run_all`]: `count` samples in parallel, results in sample order.
+    pub fn run_all<R: Send>(
+        &self,
+        count: usize,
+        feed: impl Fn(usize) -> Result<Vec<TValue>> + Sync,
+        observe: impl Fn(usize, Vec<TValue>) -> Result<R> + Sync,
+    ) -> Result<Vec<R>> {
+        (0..count)
+            .into_par_iter()
+            .map(|i| observe(i, self.run(feed(i)?)?))
+            .collect()
+    }
+
+    /// What the progress line says of how it runs: the engine, and `parallel`.
+    pub fn progress_detail(&self, parallel: &memory::Parallelism) -> String {
+        format!("{}, {}", self.engine().name(), parallel.describe())
+    }
+
     /// Names of the tensors `run` returns: the graph outputs, then the requested intermediates.
     pub fn outputs(&self) -> &[String] {
         match self {

@@ -27,6 +27,22 @@ fn onnxq(args: &[&str], env: &[(&str, &str)]) -> Output {
     command.output().unwrap()
 }
 
+/// The main job on crepe_tiny with the config at `cfg`, writing `model` and `report`.
+fn quantize_crepe(cfg: &str, model: &Path, report: &Path) -> Output {
+    onnxq(
+        &[
+            "models/crepe_tiny.onnx",
+            "--config",
+            cfg,
+            "-o",
+            model.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ],
+        &[],
+    )
+}
+
 fn config(dir: &Path, extra: &str) -> String {
     config_for(dir, CALIB, extra)
 }
@@ -227,18 +243,7 @@ fn verification_in_onnxruntime_runs_the_written_model_and_agrees_with_tract_s() 
         "models/crepe_tiny.calib.npz",
         &format!("verify: {{data: {eval:?}}}\nguard: false\n"),
     );
-    let out = onnxq(
-        &[
-            "models/crepe_tiny.onnx",
-            "--config",
-            &cfg,
-            "-o",
-            quant.to_str().unwrap(),
-            "--report",
-            tract_report.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let out = quantize_crepe(&cfg, &quant, &tract_report);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = onnxq(
         &[
@@ -372,18 +377,7 @@ fn a_provider_the_library_lacks_is_said_and_cpu_runs_when_listed() {
             "models/crepe_tiny.calib.npz",
             &format!("engine: {{onnxruntime: {{providers: {providers}}}}}\nguard: false\npasses: []\n"),
         );
-        onnxq(
-            &[
-                "models/crepe_tiny.onnx",
-                "--config",
-                &cfg,
-                "-o",
-                out_model.to_str().unwrap(),
-                "--report",
-                report.to_str().unwrap(),
-            ],
-            &[],
-        )
+        quantize_crepe(&cfg, &out_model, &report)
     };
     let out = run("[cuda]");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -418,18 +412,7 @@ fn easyquant_gathers_its_layer_inputs_in_the_job_s_engine() {
             &format!("engine: {engine}\npasses: [{{easyquant: {{rounds: 1, samples: 2, steps: 10}}}}]\nguard: false\nverify: {{data: {eval:?}}}\n"),
         );
         let out_model = dir.path().join(format!("{engine}.onnx"));
-        let out = onnxq(
-            &[
-                "models/crepe_tiny.onnx",
-                "--config",
-                &cfg,
-                "-o",
-                out_model.to_str().unwrap(),
-                "--report",
-                report.to_str().unwrap(),
-            ],
-            &[],
-        );
+        let out = quantize_crepe(&cfg, &out_model, &report);
         let err = String::from_utf8_lossy(&out.stderr).to_string();
         assert!(out.status.success(), "{err}");
         let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();

@@ -273,11 +273,7 @@ where
     let runner = EngineRunner::new(engine, model, &source.sample_shapes()?, &node_outputs)?;
     let total = source.len();
     let parallel = runner.parallelism()?;
-    let progress = Progress::new(
-        "calibrating",
-        total as u64,
-        &format!("{}, {}", engine.name(), parallel.describe()),
-    );
+    let progress = Progress::new("calibrating", total as u64, &runner.progress_detail(&parallel));
     let mut sum = rider.empty();
     let merged = observe_all(
         total,

@@ -86,16 +86,15 @@ impl<'a> Probe<'a> {
         let runner = EngineRunner::new(engine, float, &shapes, &[])?;
         let parallel = runner.parallelism()?.samples;
         let outputs = on_threads(parallel, || {
-            (0..samples)
-                .into_par_iter()
-                .map(|i| {
-                    runner
-                        .run(data.sample(i)?)?
-                        .iter()
+            runner.run_all(
+                samples,
+                |i| data.sample(i),
+                |_, outs| {
+                    outs.iter()
                         .map(|v| Ok((v.datum_type(), to_f32_vec(v)?)))
                         .collect::<Result<Vec<_>>>()
-                })
-                .collect::<Result<Vec<_>>>()
+                },
+            )
         })??;
         let compared: Vec<usize> = (0..runner.outputs().len())
             .filter(|&k| outputs[0][k].0.is_float())
@@ -202,14 +201,15 @@ impl<'a> Probe<'a> {
     /// Each sample's noise of `runner`'s model, fed each sample followed by `extra`.
     fn noise_of(&self, runner: &EngineRunner, extra: &[TValue]) -> Result<SampleNoise> {
         on_threads(self.parallel, || {
-            (0..self.samples)
-                .into_par_iter()
-                .map(|i| {
+            runner.run_all(
+                self.samples,
+                |i| {
                     let mut inputs = self.data.sample(i)?;
                     inputs.extend(extra.iter().cloned());
-                    self.compare(i, runner.outputs(), &runner.run(inputs)?)
-                })
-                .collect()
+                    Ok(inputs)
+                },
+                |i, outs| self.compare(i, runner.outputs(), &outs),
+            )
         })?
     }
 
